@@ -1,3 +1,4 @@
-fn main() {
-    println!("Hello, world!");
-}
+//! The `workerctl` binary: parse the command line, load the configuration,
+//! wire the parts together and run.
+
+fn main() {}

@@ -1,0 +1,303 @@
+//! workerctl's configuration: one typed value, loaded once at start from
+//! built-in defaults, then an optional TOML file, then `WORKERCTL_…`
+//! environment variables (`__` separates nesting: `WORKERCTL_DOCKER__IMAGE`).
+//!
+//! Loading fails with a message naming the offending key; nothing else in the
+//! program reads the environment for settings.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Limits;
+
+/// The instance name used when none is configured.
+pub const DEFAULT_INSTANCE: &str = "default";
+
+/// A value that must never be printed (connection strings carry passwords).
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Postgres connection string of the database holding `user_workers`.
+    pub database_url: Secret,
+    /// Scopes every container this daemon owns; instances never touch each
+    /// other's containers.
+    pub instance: String,
+    /// Devices endpoint of the core service, handed to workers.
+    pub endpoint_devices: String,
+    pub docker: DockerConfig,
+    pub reconcile: ReconcileConfig,
+    pub code_server: CodeServerConfig,
+    pub amqp: AmqpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The worker image (the dockerworker runtime).
+    pub image: String,
+    /// A Docker network name, or `host`.
+    pub network: String,
+    /// Grace period between SIGTERM and SIGKILL.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// Memory limit, e.g. "256MiB"-style byte count.
+    pub memory_bytes: i64,
+    /// CPU limit in CPUs (0.5 = half a core).
+    pub cpus: f64,
+    /// Maximum number of processes in a worker container.
+    pub pids_limit: i64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Periodic resync, catching anything a notification missed.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How many container actions run at once.
+    pub concurrency: usize,
+    /// First delay before restarting a crashed worker; doubles each time.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// The longest delay between restarts of a crashing worker.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A container that ran this long is considered healthy again.
+    #[serde(with = "humantime_serde")]
+    pub backoff_reset: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeServerConfig {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// Base URL containers use to reach it: CODE_URL is `<public_url>/<id>/source`.
+    pub public_url: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// Broker URL handed to workers (and used by `worker invoke`).
+    pub url: Secret,
+    /// The pipeline exchange.
+    pub exchange: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. "info" or "workerctl=debug".
+    pub filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: Secret::new("postgres://workerctl:workerctl@127.0.0.1:5432/workerctl"),
+            instance: DEFAULT_INSTANCE.into(),
+            endpoint_devices: "http://core/devices".into(),
+            docker: DockerConfig {
+                image: "workerctl/dockerworker:latest".into(),
+                network: "host".into(),
+                stop_timeout: Duration::from_secs(10),
+                memory_bytes: 256 * 1024 * 1024,
+                cpus: 1.0,
+                pids_limit: 128,
+            },
+            reconcile: ReconcileConfig {
+                interval: Duration::from_secs(10),
+                concurrency: 8,
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(300),
+                backoff_reset: Duration::from_secs(60),
+            },
+            code_server: CodeServerConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+                public_url: "http://127.0.0.1:3000".into(),
+            },
+            amqp: AmqpConfig {
+                url: Secret::new("amqp://workerctl:workerctl@127.0.0.1:5672/%2f"),
+                exchange: "pipeline.messages".into(),
+            },
+            log: LogConfig { format: LogFormat::Text, filter: "info".into() },
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration")]
+    Parse(#[source] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl Config {
+    /// Loads defaults → `file` (if given) → `WORKERCTL_` environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // WORKERCTL_CONFIG names the file itself (see cli.rs); it is not a setting.
+        figment = figment.merge(Env::prefixed("WORKERCTL_").ignore(&["config"]).split("__"));
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| Err(ConfigError::Invalid { key, problem: problem.into() });
+        if self.instance.is_empty()
+            || !self.instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return invalid("instance", "must be non-empty letters, digits, '-' or '_'");
+        }
+        if self.reconcile.concurrency == 0 {
+            return invalid("reconcile.concurrency", "must be at least 1");
+        }
+        if self.reconcile.interval.is_zero() {
+            return invalid("reconcile.interval", "must be longer than 0s");
+        }
+        if self.reconcile.backoff_initial > self.reconcile.backoff_max {
+            return invalid("reconcile.backoff_initial", "must not exceed reconcile.backoff_max");
+        }
+        if self.docker.image.is_empty() {
+            return invalid("docker.image", "must name an image");
+        }
+        if self.docker.network.is_empty() {
+            return invalid("docker.network", "must name a network, or be 'host'");
+        }
+        if self.docker.memory_bytes < 6 * 1024 * 1024 {
+            return invalid("docker.memory_bytes", "must be at least 6 MiB (Docker's minimum)");
+        }
+        if !(self.docker.cpus > 0.0) {
+            return invalid("docker.cpus", "must be greater than 0");
+        }
+        if self.docker.pids_limit < 1 {
+            return invalid("docker.pids_limit", "must be at least 1");
+        }
+        if reqwest::Url::parse(&self.code_server.public_url).is_err() {
+            return invalid("code_server.public_url", "must be an absolute URL like http://host:3000");
+        }
+        Ok(())
+    }
+
+    /// The container limits derived from the Docker settings.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.docker.memory_bytes,
+            nano_cpus: (self.docker.cpus * 1e9) as i64,
+            pids: self.docker.pids_limit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn example_config_in_the_repo_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("workerctl.example.toml");
+        Jail::expect_with(|_| {
+            let config = Config::load(Some(&path)).expect("example config loads");
+            assert_eq!(config.amqp.exchange, "pipeline.messages");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_file_with_double_underscore_nesting() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[docker]\nimage = \"from-file\"\n")?;
+            jail.set_env("WORKERCTL_DOCKER__IMAGE", "from-env");
+            jail.set_env("WORKERCTL_RECONCILE__INTERVAL", "250ms");
+            let config = Config::load(Some(Path::new("c.toml"))).expect("loads");
+            assert_eq!(config.docker.image, "from-env");
+            assert_eq!(config.reconcile.interval, Duration::from_millis(250));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WORKERCTL_DOCKER__STOP_TIMEOUT", "soon");
+            let err = Config::load(None).expect_err("must fail");
+            let text = format!("{:#}", anyhow::Error::from(err));
+            assert!(text.to_lowercase().contains("docker.stop_timeout"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[docker]\nimgae = \"typo\"\n")?;
+            let err = Config::load(Some(Path::new("c.toml"))).expect_err("must fail");
+            let text = format!("{:#}", anyhow::Error::from(err));
+            assert!(text.contains("imgae"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zero_concurrency_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WORKERCTL_RECONCILE__CONCURRENCY", "0");
+            let err = Config::load(None).expect_err("must fail");
+            assert!(err.to_string().contains("reconcile.concurrency"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let config = Config::default();
+        assert!(!format!("{config:?}").contains("workerctl:workerctl@"));
+    }
+}

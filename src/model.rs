@@ -1,0 +1,322 @@
+//! The vocabulary shared by every part of workerctl: worker ids and revisions,
+//! the desired state read from the store, the actual state observed in the
+//! container runtime, and the labels that tie the two together.
+//!
+//! Nothing here does I/O; these are plain values with parsing at the edges
+//! ("parse, don't validate").
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Label keys written on every managed container.
+pub mod labels {
+    /// The workerctl instance that owns the container.
+    pub const INSTANCE: &str = "workerctl.instance";
+    /// The worker the container runs.
+    pub const WORKER_ID: &str = "workerctl.worker-id";
+    /// The worker revision the container was created for.
+    pub const REVISION: &str = "workerctl.revision";
+    /// Hash of the container spec, to detect image, env or limit changes.
+    pub const SPEC_HASH: &str = "workerctl.spec-hash";
+}
+
+/// A worker's id: the primary key of `user_workers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub Uuid);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for WorkerId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(WorkerId)
+    }
+}
+
+/// A worker's code revision; the dashboard increments it on every save.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Revision(pub i32);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The value of the `status` column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Unknown,
+    Ready,
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Unknown => "unknown",
+            Status::Ready => "ready",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// One row of `user_workers` as the store reads it for a pass: everything but
+/// the code itself, whose digest and shape are computed by the database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerRow {
+    pub id: WorkerId,
+    pub name: String,
+    pub state: String,
+    pub language: String,
+    pub revision: Revision,
+    pub entrypoint: String,
+    pub status: String,
+    pub status_info: String,
+    /// Size of `source` in bytes; `None` when the column is NULL.
+    pub source_len: Option<i64>,
+    /// Whether `source` starts with the zip signature.
+    pub source_is_zip: bool,
+    /// Hex sha256 of `source`, if any.
+    pub source_sha256: Option<String>,
+}
+
+/// An enabled, well-formed worker: what should be running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredWorker {
+    pub id: WorkerId,
+    pub name: String,
+    pub revision: Revision,
+    pub entrypoint: String,
+    pub code_sha256: String,
+}
+
+/// How a row was understood: what the planner should do with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// Enabled and valid: keep a container running at this revision.
+    Run(DesiredWorker),
+    /// Disabled: no container.
+    Stop,
+    /// The row cannot be acted on; containers are left as they are and the
+    /// status says why.
+    Invalid(String),
+}
+
+/// Interprets a row. Pure; every rejection reason is a sentence a person can act on.
+pub fn intent_of(row: &WorkerRow) -> Intent {
+    match row.state.as_str() {
+        "disabled" => return Intent::Stop,
+        "enabled" => {}
+        other => {
+            return Intent::Invalid(format!(
+                "unknown state {other:?}: set state to 'enabled' or 'disabled'"
+            ));
+        }
+    }
+    if row.language != "python" {
+        return Intent::Invalid(format!(
+            "language {:?} is not supported: only 'python' workers can run",
+            row.language
+        ));
+    }
+    let Some(sha) = row.source_sha256.clone().filter(|_| row.source_len > Some(0)) else {
+        return Intent::Invalid("the worker has no code: save its code in the dashboard".into());
+    };
+    if !row.source_is_zip {
+        return Intent::Invalid(
+            "the code is not a zip archive: save the code again from the dashboard".into(),
+        );
+    }
+    Intent::Run(DesiredWorker {
+        id: row.id,
+        name: row.name.clone(),
+        revision: row.revision,
+        entrypoint: if row.entrypoint.is_empty() {
+            "main.main".into()
+        } else {
+            row.entrypoint.clone()
+        },
+        code_sha256: sha,
+    })
+}
+
+/// Everything that defines a worker's container. Two containers with equal
+/// specs are interchangeable; any difference calls for a recreate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ContainerSpec {
+    pub worker_id: WorkerId,
+    pub revision: Revision,
+    pub name: String,
+    pub image: String,
+    /// The image id the tag resolved to, so a rebuilt image rolls out.
+    pub image_id: String,
+    pub env: BTreeMap<String, String>,
+    pub network: String,
+    pub limits: Limits,
+}
+
+/// Resource limits applied to every worker container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub pids: i64,
+}
+
+impl ContainerSpec {
+    /// A short, stable digest of the spec, stored as a label.
+    pub fn hash(&self) -> String {
+        // Serialising a struct of BTreeMaps and scalars is deterministic.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(&json)[..8])
+    }
+
+    /// The labels the container carries.
+    pub fn labels(&self, instance: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::INSTANCE.to_string(), instance.to_string()),
+            (labels::WORKER_ID.to_string(), self.worker_id.to_string()),
+            (labels::REVISION.to_string(), self.revision.to_string()),
+            (labels::SPEC_HASH.to_string(), self.hash()),
+        ])
+    }
+}
+
+/// The container name of a worker, scoped by instance so that two instances
+/// holding the same worker id never fight over a name.
+pub fn container_name(instance: &str, id: WorkerId) -> String {
+    if instance == crate::config::DEFAULT_INSTANCE {
+        format!("worker-{id}")
+    } else {
+        format!("{instance}-worker-{id}")
+    }
+}
+
+/// What the runtime says about a container it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// Created but never started.
+    Created,
+    /// Exited with the given code (when known).
+    Exited(Option<i64>),
+    /// Paused, restarting, removing, dead: anything else.
+    Other(String),
+}
+
+/// A container carrying this instance's labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub name: String,
+    /// `None` when the label is missing or unreadable: an orphan.
+    pub worker_id: Option<WorkerId>,
+    pub revision: Option<Revision>,
+    pub spec_hash: Option<String>,
+    pub image_id: String,
+    pub state: RunState,
+    /// Unix seconds of creation.
+    pub created: i64,
+}
+
+impl ManagedContainer {
+    /// A short form for logs and status lines.
+    pub fn short_id(&self) -> &str {
+        self.id.get(..12).unwrap_or(&self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> WorkerRow {
+        WorkerRow {
+            id: WorkerId(Uuid::nil()),
+            name: "w".into(),
+            state: "enabled".into(),
+            language: "python".into(),
+            revision: Revision(1),
+            entrypoint: "main.main".into(),
+            status: "unknown".into(),
+            status_info: String::new(),
+            source_len: Some(10),
+            source_is_zip: true,
+            source_sha256: Some("ab".into()),
+        }
+    }
+
+    #[test]
+    fn enabled_python_zip_runs() {
+        assert!(matches!(intent_of(&row()), Intent::Run(_)));
+    }
+
+    #[test]
+    fn disabled_worker_stops() {
+        let r = WorkerRow { state: "disabled".into(), ..row() };
+        assert_eq!(intent_of(&r), Intent::Stop);
+    }
+
+    #[test]
+    fn unknown_state_is_invalid_and_says_which() {
+        let r = WorkerRow { state: "paused".into(), ..row() };
+        assert!(matches!(intent_of(&r), Intent::Invalid(m) if m.contains("\"paused\"")));
+    }
+
+    #[test]
+    fn other_language_is_invalid() {
+        let r = WorkerRow { language: "go".into(), ..row() };
+        assert!(matches!(intent_of(&r), Intent::Invalid(m) if m.contains("\"go\"")));
+    }
+
+    #[test]
+    fn empty_or_missing_source_is_invalid() {
+        let empty = WorkerRow { source_len: Some(0), ..row() };
+        let null = WorkerRow { source_len: None, source_sha256: None, ..row() };
+        assert!(matches!(intent_of(&empty), Intent::Invalid(m) if m.contains("no code")));
+        assert!(matches!(intent_of(&null), Intent::Invalid(m) if m.contains("no code")));
+    }
+
+    #[test]
+    fn non_zip_source_is_invalid() {
+        let r = WorkerRow { source_is_zip: false, ..row() };
+        assert!(matches!(intent_of(&r), Intent::Invalid(m) if m.contains("not a zip")));
+    }
+
+    #[test]
+    fn empty_entrypoint_defaults_to_main_main() {
+        let r = WorkerRow { entrypoint: String::new(), ..row() };
+        let Intent::Run(w) = intent_of(&r) else { panic!("should run") };
+        assert_eq!(w.entrypoint, "main.main");
+    }
+
+    #[test]
+    fn spec_hash_changes_with_env() {
+        let mut spec = ContainerSpec {
+            worker_id: WorkerId(Uuid::nil()),
+            revision: Revision(1),
+            name: "worker-x".into(),
+            image: "img".into(),
+            image_id: "sha256:1".into(),
+            env: BTreeMap::new(),
+            network: "host".into(),
+            limits: Limits { memory_bytes: 1, nano_cpus: 1, pids: 1 },
+        };
+        let before = spec.hash();
+        spec.env.insert("A".into(), "b".into());
+        assert_ne!(before, spec.hash());
+    }
+}

@@ -1,0 +1,93 @@
+//! The worker store boundary: everything workerctl reads from or writes to
+//! Postgres goes through [`WorkerStore`]. The reconciler sees rows as
+//! [`WorkerRow`] values and never builds SQL; `postgres.rs` is the one real
+//! implementation.
+
+pub mod postgres;
+
+use std::future::Future;
+
+use crate::model::{Revision, Status, WorkerId, WorkerRow};
+
+/// A status the reconciler wants recorded for one worker, valid only for the
+/// revision it was decided for: a write for an older revision is a no-op.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusUpdate {
+    pub id: WorkerId,
+    pub revision: Revision,
+    pub status: Status,
+    pub info: String,
+}
+
+/// What workerctl last observed of a worker's container, kept in
+/// `workerctl_observed` for the CLI and the status page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub id: WorkerId,
+    /// Revision of the container that runs, if one runs.
+    pub running_revision: Option<Revision>,
+    pub container: Option<String>,
+    /// "running", "exited (3)", "absent", …
+    pub container_state: String,
+    pub restarts: i32,
+    pub last_exit_code: Option<i64>,
+}
+
+/// A worker's code, as served to its container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Code {
+    pub revision: Revision,
+    pub source: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot reach the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot apply the database migrations")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("cannot load the workers")]
+    LoadWorkers(#[source] sqlx::Error),
+    #[error("cannot load the code of worker {id}")]
+    LoadCode {
+        id: WorkerId,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot record worker statuses")]
+    WriteStatus(#[source] sqlx::Error),
+    #[error("cannot record observed container state")]
+    WriteObserved(#[source] sqlx::Error),
+    #[error("database query failed: {what}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// The reconciler's view of Postgres. Every method is one SQL statement, so
+/// a pass makes a constant number of them whatever the worker count.
+pub trait WorkerStore: Send + Sync + 'static {
+    /// Every row of `user_workers`, without the code itself.
+    fn load_workers(&self) -> impl Future<Output = Result<Vec<WorkerRow>, StoreError>> + Send;
+
+    /// Records statuses, each only if the row is still at that revision.
+    /// Returns how many rows changed.
+    fn write_statuses(
+        &self,
+        updates: &[StatusUpdate],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Upserts observed container state.
+    fn write_observed(
+        &self,
+        observed: &[Observed],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The code of an enabled python worker; `None` if unknown or disabled.
+    fn load_code(
+        &self,
+        id: WorkerId,
+    ) -> impl Future<Output = Result<Option<Code>, StoreError>> + Send;
+}

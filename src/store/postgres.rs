@@ -1,0 +1,2 @@
+//! Postgres implementation of [`super::WorkerStore`] (sqlx), the embedded
+//! migrations, and the LISTEN/NOTIFY wake-up source.
