@@ -155,7 +155,10 @@ impl Default for Config {
                 url: Secret::new("amqp://workerctl:workerctl@127.0.0.1:5672/%2f"),
                 exchange: "pipeline.messages".into(),
             },
-            log: LogConfig { format: LogFormat::Text, filter: "info".into() },
+            log: LogConfig {
+                format: LogFormat::Text,
+                filter: "info".into(),
+            },
         }
     }
 }
@@ -178,15 +181,25 @@ impl Config {
         }
         // WORKERCTL_CONFIG names the file itself (see cli.rs); it is not a setting.
         figment = figment.merge(Env::prefixed("WORKERCTL_").ignore(&["config"]).split("__"));
-        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, problem: &str| Err(ConfigError::Invalid { key, problem: problem.into() });
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            })
+        };
         if self.instance.is_empty()
-            || !self.instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return invalid("instance", "must be non-empty letters, digits, '-' or '_'");
         }
@@ -197,7 +210,10 @@ impl Config {
             return invalid("reconcile.interval", "must be longer than 0s");
         }
         if self.reconcile.backoff_initial > self.reconcile.backoff_max {
-            return invalid("reconcile.backoff_initial", "must not exceed reconcile.backoff_max");
+            return invalid(
+                "reconcile.backoff_initial",
+                "must not exceed reconcile.backoff_max",
+            );
         }
         if self.docker.image.is_empty() {
             return invalid("docker.image", "must name an image");
@@ -206,7 +222,10 @@ impl Config {
             return invalid("docker.network", "must name a network, or be 'host'");
         }
         if self.docker.memory_bytes < 6 * 1024 * 1024 {
-            return invalid("docker.memory_bytes", "must be at least 6 MiB (Docker's minimum)");
+            return invalid(
+                "docker.memory_bytes",
+                "must be at least 6 MiB (Docker's minimum)",
+            );
         }
         if !(self.docker.cpus > 0.0) {
             return invalid("docker.cpus", "must be greater than 0");
@@ -215,7 +234,10 @@ impl Config {
             return invalid("docker.pids_limit", "must be at least 1");
         }
         if reqwest::Url::parse(&self.code_server.public_url).is_err() {
-            return invalid("code_server.public_url", "must be an absolute URL like http://host:3000");
+            return invalid(
+                "code_server.public_url",
+                "must be an absolute URL like http://host:3000",
+            );
         }
         Ok(())
     }
@@ -269,7 +291,10 @@ mod tests {
             jail.set_env("WORKERCTL_DOCKER__STOP_TIMEOUT", "soon");
             let err = Config::load(None).expect_err("must fail");
             let text = format!("{:#}", anyhow::Error::from(err));
-            assert!(text.to_lowercase().contains("docker.stop_timeout"), "{text}");
+            assert!(
+                text.to_lowercase().contains("docker.stop_timeout"),
+                "{text}"
+            );
             Ok(())
         });
     }

@@ -4,5 +4,6 @@
 
 pub mod config;
 pub mod model;
+pub mod plan;
 pub mod runtime;
 pub mod store;

@@ -132,7 +132,11 @@ pub fn intent_of(row: &WorkerRow) -> Intent {
             row.language
         ));
     }
-    let Some(sha) = row.source_sha256.clone().filter(|_| row.source_len > Some(0)) else {
+    let Some(sha) = row
+        .source_sha256
+        .clone()
+        .filter(|_| row.source_len > Some(0))
+    else {
         return Intent::Invalid("the worker has no code: save its code in the dashboard".into());
     };
     if !row.source_is_zip {
@@ -266,40 +270,64 @@ mod tests {
 
     #[test]
     fn disabled_worker_stops() {
-        let r = WorkerRow { state: "disabled".into(), ..row() };
+        let r = WorkerRow {
+            state: "disabled".into(),
+            ..row()
+        };
         assert_eq!(intent_of(&r), Intent::Stop);
     }
 
     #[test]
     fn unknown_state_is_invalid_and_says_which() {
-        let r = WorkerRow { state: "paused".into(), ..row() };
+        let r = WorkerRow {
+            state: "paused".into(),
+            ..row()
+        };
         assert!(matches!(intent_of(&r), Intent::Invalid(m) if m.contains("\"paused\"")));
     }
 
     #[test]
     fn other_language_is_invalid() {
-        let r = WorkerRow { language: "go".into(), ..row() };
+        let r = WorkerRow {
+            language: "go".into(),
+            ..row()
+        };
         assert!(matches!(intent_of(&r), Intent::Invalid(m) if m.contains("\"go\"")));
     }
 
     #[test]
     fn empty_or_missing_source_is_invalid() {
-        let empty = WorkerRow { source_len: Some(0), ..row() };
-        let null = WorkerRow { source_len: None, source_sha256: None, ..row() };
+        let empty = WorkerRow {
+            source_len: Some(0),
+            ..row()
+        };
+        let null = WorkerRow {
+            source_len: None,
+            source_sha256: None,
+            ..row()
+        };
         assert!(matches!(intent_of(&empty), Intent::Invalid(m) if m.contains("no code")));
         assert!(matches!(intent_of(&null), Intent::Invalid(m) if m.contains("no code")));
     }
 
     #[test]
     fn non_zip_source_is_invalid() {
-        let r = WorkerRow { source_is_zip: false, ..row() };
+        let r = WorkerRow {
+            source_is_zip: false,
+            ..row()
+        };
         assert!(matches!(intent_of(&r), Intent::Invalid(m) if m.contains("not a zip")));
     }
 
     #[test]
     fn empty_entrypoint_defaults_to_main_main() {
-        let r = WorkerRow { entrypoint: String::new(), ..row() };
-        let Intent::Run(w) = intent_of(&r) else { panic!("should run") };
+        let r = WorkerRow {
+            entrypoint: String::new(),
+            ..row()
+        };
+        let Intent::Run(w) = intent_of(&r) else {
+            panic!("should run")
+        };
         assert_eq!(w.entrypoint, "main.main");
     }
 
@@ -313,7 +341,11 @@ mod tests {
             image_id: "sha256:1".into(),
             env: BTreeMap::new(),
             network: "host".into(),
-            limits: Limits { memory_bytes: 1, nano_cpus: 1, pids: 1 },
+            limits: Limits {
+                memory_bytes: 1,
+                nano_cpus: 1,
+                pids: 1,
+            },
         };
         let before = spec.hash();
         spec.env.insert("A".into(), "b".into());
