@@ -1,0 +1,42 @@
+"""Command line: `python -m dockerworker [run]` (the container) or `run-once` (the local harness)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import app, harness
+from .config import DEFAULT_ENTRYPOINT
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run-once":
+        return harness.run_once(
+            harness.RunOnce(
+                code=args.code,
+                message=args.message,
+                entrypoint=args.entrypoint,
+                devices_endpoint=args.devices_endpoint,
+                worker_id=args.worker_id,
+            )
+        )
+    return app.run(os.environ)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dockerworker", description="SensorBucket user-worker runtime")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="consume the worker's queue (the container's command; the default)")
+    once = commands.add_parser("run-once", help="run one message through user code, without a broker")
+    once.add_argument("--code", required=True, help="a .py file, a directory, or a zip in the SensorBucket layout")
+    once.add_argument("--message", required=True, help="a JSON pipeline message file, or - for stdin")
+    once.add_argument("--entrypoint", default=os.environ.get("CODE_ENTRYPOINT") or DEFAULT_ENTRYPOINT)
+    once.add_argument("--devices-endpoint", default=os.environ.get("ENDPOINT_DEVICES"))
+    once.add_argument("--worker-id", default="00000000-0000-0000-0000-000000000000")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

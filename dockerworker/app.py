@@ -1,0 +1,144 @@
+"""The container's command, `python -m dockerworker run`: wiring and exit codes.
+
+Owns: the order of startup (config → health endpoint → download → load →
+consume), signal handling, and the mapping of every fatal failure to an exit
+code, so the controller can tell them apart without reading logs:
+
+    0  clean shutdown (SIGTERM/SIGINT)
+    1  unexpected internal error
+    2  configuration error (a variable missing or malformed, port in use)
+    3  code download failed (controller unreachable after retries, 4xx, bad
+       answer, sha256 mismatch)
+    4  code invalid (bad zip, unsafe member, syntax error, no entrypoint)
+    5  the broker refused the worker's exchange or queues (e.g. `worker_<id>`
+       exists with other arguments)
+
+An unreachable broker is not fatal: the worker retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+import threading
+from typing import Mapping
+
+from . import codefetch, codeload, config as config_module, logs, messaging
+from .codeload import UserCode
+from .config import Config, ConfigError
+from .health import HealthServer, Readiness
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    INTERNAL = 1
+    CONFIG = 2
+    CODE_DOWNLOAD = 3
+    CODE_INVALID = 4
+    BROKER_TOPOLOGY = 5
+
+
+def run(env: Mapping[str, str]) -> int:
+    """Run the worker until a signal; return the process exit code."""
+    logs.setup()
+    try:
+        config = config_module.load(env)
+    except ConfigError as exc:
+        logs.event("config_error", level=logging.ERROR, error=str(exc))
+        return ExitCode.CONFIG
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        return _run_configured(config, stop)
+    except Exception:
+        logging.getLogger("dockerworker").exception("internal_error")
+        return ExitCode.INTERNAL
+
+
+def _run_configured(config: Config, stop: threading.Event) -> int:
+    readiness = Readiness()
+    try:
+        health = HealthServer(readiness, config.health_port).start()
+    except OSError as exc:
+        logs.event("config_error", level=logging.ERROR, error=f"health port {config.health_port}: {exc}")
+        return ExitCode.CONFIG
+    logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
+    try:
+        code = _load_code(config, stop)
+    except _Fatal as fatal:
+        return fatal.code
+    if code is None:
+        return ExitCode.OK  # stopped while downloading
+    readiness.set(code_loaded=True)
+    return asyncio.run(_consume(config, code, readiness, stop))
+
+
+class _Fatal(Exception):
+    def __init__(self, code: ExitCode) -> None:
+        self.code = code
+
+
+def _load_code(config: Config, stop: threading.Event) -> UserCode | None:
+    assert config.code_url is not None
+    policy = codefetch.FetchPolicy(attempts=config.code_fetch_attempts, timeout_s=config.code_fetch_timeout_s)
+    try:
+        archive = codefetch.fetch(config.code_url, config.code_sha256, policy, stop)
+    except codefetch.Interrupted:
+        return None
+    except codefetch.CodeFetchError as exc:
+        logs.event("code_download_failed", level=logging.ERROR, error=str(exc), url=config.code_url)
+        raise _Fatal(ExitCode.CODE_DOWNLOAD) from exc
+    try:
+        code = codeload.load_archive(archive, config.code_dir, config.entrypoint, config.limits)
+    except codeload.CodeInvalid as exc:
+        logs.event("code_invalid", level=logging.ERROR, error=str(exc), revision=config.revision)
+        raise _Fatal(ExitCode.CODE_INVALID) from exc
+    logs.event("code_loaded", entrypoint=code.entrypoint, revision=config.revision, bytes=len(archive))
+    return code
+
+
+async def _consume(config: Config, code: UserCode, readiness: Readiness, stop: threading.Event) -> int:
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, shutdown, signum)
+    if stop.is_set():
+        return ExitCode.OK
+    consumer = asyncio.create_task(messaging.run(config, code, readiness, shutdown))
+    stopping = asyncio.create_task(shutdown.wait())
+    await asyncio.wait({consumer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    return await _finish(consumer, stopping, config.shutdown_grace_s)
+
+
+async def _finish(consumer: asyncio.Task[None], stopping: asyncio.Task[bool], grace_s: float) -> int:
+    """Give the consumer the grace period to finish, then report how it ended."""
+    stopping.cancel()
+    try:
+        # A hard cap: a `process` that never returns must not hold the exit.
+        await asyncio.wait_for(consumer, timeout=grace_s + 2.0)
+    except asyncio.TimeoutError:
+        logs.event("shutdown_timeout", level=logging.WARNING, grace_s=grace_s)
+    except messaging.TopologyError as exc:
+        logs.event("broker_topology_error", level=logging.ERROR, error=str(exc))
+        return ExitCode.BROKER_TOPOLOGY
+    logs.event("stopped")
+    return ExitCode.OK
+
+
+def _on_signal(shutdown: asyncio.Event, signum: int) -> None:
+    if not shutdown.is_set():
+        logs.event("shutdown_requested", signal=signal.Signals(signum).name)
+    shutdown.set()
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    # Before the event loop exists (download, import), a signal only sets
+    # this flag; the download's backoff sleeps wake on it.
+    def handler(signum: int, _frame: object) -> None:
+        logs.event("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
