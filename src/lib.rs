@@ -2,8 +2,16 @@
 //! worker's current revision, in line with the `user_workers` table.
 //! See ARCHITECTURE.md for the map of this crate.
 
+pub mod archive;
+pub mod cli;
 pub mod config;
+pub mod controller;
+pub mod execute;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod reconciler;
 pub mod runtime;
 pub mod store;
+pub mod worker_cli;

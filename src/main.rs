@@ -1,4 +1,211 @@
 //! The `workerctl` binary: parse the command line, load the configuration,
-//! wire the parts together and run.
+//! set up logging, wire the parts together and run. `anyhow` lives here only.
 
-fn main() {}
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use workerctl::cli::{Cli, Command};
+use workerctl::config::{Config, LogFormat};
+use workerctl::metrics::Metrics;
+use workerctl::reconciler::{PassSettings, Reconciler, error_chain};
+use workerctl::runtime::docker::DockerRuntime;
+use workerctl::store::postgres::{self, PgStore};
+use workerctl::{controller, http, worker_cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("workerctl: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    match dispatch(cli.command, config).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("workerctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> Result<ExitCode> {
+    match command {
+        Command::Run => run(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Migrate => {
+            PgStore::connect(config.database_url.expose())?
+                .migrate()
+                .await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan => plan(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Reconcile(_) => reconcile_once(config).await,
+        Command::Worker(cmd) => worker_cli::execute(cmd, &config).await,
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn reconciler(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<Reconciler<PgStore, DockerRuntime>> {
+    let store = PgStore::connect(config.database_url.expose())?;
+    let runtime = DockerRuntime::connect(&config.instance).await?;
+    Ok(Reconciler::new(
+        Arc::new(store),
+        Arc::new(runtime),
+        PassSettings::from_config(config),
+        metrics,
+    ))
+}
+
+async fn plan(config: Config) -> Result<()> {
+    let plan = reconciler(&config, Arc::default()).await?.dry_run().await?;
+    if plan.actions.is_empty() {
+        println!("nothing to do: every container is in line with the store");
+    }
+    for action in &plan.actions {
+        println!("{action}");
+    }
+    Ok(())
+}
+
+async fn reconcile_once(config: Config) -> Result<ExitCode> {
+    let report = reconciler(&config, Arc::default()).await?.pass().await?;
+    println!(
+        "{} action(s), {} failed",
+        report.actions,
+        report.failures.len()
+    );
+    for failure in &report.failures {
+        println!("failed: {failure}");
+    }
+    Ok(if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The daemon: migrations, then the HTTP server, the wake-up sources and the
+/// control loop, all under one cancellation token.
+async fn run(config: Config) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(on_signal(shutdown.clone()));
+    let store = Arc::new(PgStore::connect(config.database_url.expose())?);
+    if retry("apply migrations", &shutdown, || store.migrate())
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
+    let connect = || DockerRuntime::connect(&config.instance);
+    let Some(runtime) = retry("connect to Docker", &shutdown, connect).await else {
+        return Ok(());
+    };
+    let runtime = Arc::new(runtime);
+    let metrics = Arc::new(Metrics::new());
+    let wake = Arc::new(Notify::new());
+
+    let state = http::AppState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    };
+    let server = http::serve(config.code_server.listen, state, shutdown.clone());
+    let listen = config.code_server.listen;
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = server.await {
+            error!("HTTP server on {listen} failed: {e}; shutting down");
+            stop.cancel();
+        }
+    });
+    let url = config.database_url.expose().to_string();
+    tracker.spawn(postgres::listen(url, wake.clone(), shutdown.clone()));
+    let events_runtime = runtime.clone();
+    let (w, s) = (wake.clone(), shutdown.clone());
+    tracker.spawn(async move { events_runtime.events(w, s).await });
+
+    let reconciler = Reconciler::new(store, runtime, PassSettings::from_config(&config), metrics);
+    info!(instance = %config.instance, image = %config.docker.image, network = %config.docker.network, "workerctl running");
+    controller::run(
+        reconciler,
+        wake,
+        config.reconcile.interval,
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Retries `op` with capped exponential backoff until it succeeds, or gives
+/// up (`None`) when shutdown is requested. Used only at start-up: services
+/// may come up after the daemon.
+async fn retry<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error,
+{
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match op().await {
+            Ok(value) => return Some(value),
+            Err(e) => warn!("cannot {what}, retrying in {delay:?}: {}", error_chain(&e)),
+        }
+        tokio::select! {
+            // Both arms are cancel-safe.
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        // All arms are cancel-safe.
+        _ = term.recv() => info!("SIGTERM: finishing the actions in flight"),
+        _ = int.recv() => info!("SIGINT: finishing the actions in flight"),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+}

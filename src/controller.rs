@@ -1,0 +1,81 @@
+//! The control loop: run a pass whenever something may have changed —
+//! the periodic resync, a store notification, a Docker event, or a pending
+//! crash restart — until shutdown. Wake-ups only wake: a burst of them
+//! coalesces into one pass (a `Notify` holds at most one permit), and a
+//! wake-up during a pass causes exactly one more.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::reconciler::{Reconciler, error_chain};
+use crate::runtime::ContainerRuntime;
+use crate::store::WorkerStore;
+
+/// Delay before retrying after a pass that could not observe the world;
+/// doubled on each consecutive failure, up to the cap.
+const RETRY_INITIAL: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Runs passes until `shutdown` is cancelled. The pass in flight when it is
+/// cancelled completes; containers are left running.
+pub async fn run<S: WorkerStore, R: ContainerRuntime>(
+    mut reconciler: Reconciler<S, R>,
+    wake: Arc<Notify>,
+    resync: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = interval(resync);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut deadline: Option<Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        let at = deadline.unwrap_or_else(|| Instant::now() + resync);
+        tokio::select! {
+            // All arms are cancel-safe: cancellation, ticks, permits and
+            // sleeps lose nothing when another arm wins.
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => debug!("woken by the periodic resync"),
+            _ = wake.notified() => debug!("woken by a change"),
+            _ = sleep_until(at), if deadline.is_some() => debug!("woken for a pending restart"),
+        }
+        deadline = match reconciler.pass().await {
+            Ok(report) => {
+                failures = 0;
+                report.wake_at.map(Instant::from_std)
+            }
+            Err(e) => {
+                failures += 1;
+                let delay = retry_delay(failures);
+                error!(
+                    "pass failed, containers left as they are; retrying in {delay:?}: {}",
+                    error_chain(&e)
+                );
+                Some(Instant::now() + delay)
+            }
+        };
+    }
+    warn!("shutting down: worker containers keep running");
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_INITIAL
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+        .min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        assert_eq!(retry_delay(1), Duration::from_millis(500));
+        assert_eq!(retry_delay(2), Duration::from_secs(1));
+        assert_eq!(retry_delay(50), RETRY_MAX);
+    }
+}
