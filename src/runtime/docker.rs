@@ -1,2 +1,682 @@
 //! Docker implementation of [`super::ContainerRuntime`] (bollard), and the
 //! Docker events wake-up source.
+//!
+//! This file owns the translation between Docker API types and the model:
+//! labels ↔ [`ManagedContainer`], [`ContainerSpec`] → create body, Docker
+//! status codes → [`RuntimeError`]. It makes no decisions: what to create,
+//! stop or remove is the planner's business.
+//!
+//! **Invariant:** every Docker API call goes through [`DockerRuntime::api`],
+//! so [`DockerRuntime::api_calls`] counts all of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, EventMessage, HostConfig,
+    HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{ContainerRuntime, ImageState, RuntimeError};
+use crate::model::{ContainerSpec, ManagedContainer, Revision, RunState, WorkerId, labels};
+
+/// The events that may change what a pass decides: a worker exited, was
+/// removed, or ran out of memory.
+const WAKE_EVENTS: [&str; 3] = ["die", "destroy", "oom"];
+/// First delay before reconnecting the event stream; doubles up to the cap.
+const EVENTS_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The worker's only writable place. `exec` must be explicit: Docker mounts
+/// a tmpfs `noexec` by default, and Python may load code extracted there.
+const TMPFS_OPTIONS: &str = "rw,exec,nosuid,nodev,size=64m";
+
+/// The bollard-backed runtime; one per daemon, scoped to one `instance`.
+pub struct DockerRuntime {
+    docker: Docker,
+    instance: String,
+    calls: AtomicU64,
+}
+
+impl DockerRuntime {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket) and
+    /// negotiates the API version down to what the engine speaks.
+    pub async fn connect(instance: &str) -> Result<Self, RuntimeError> {
+        let docker = Docker::connect_with_local_defaults().map_err(RuntimeError::Connect)?;
+        Self::with_client(docker, instance).await
+    }
+
+    /// Like [`connect`](Self::connect), on a client the caller configured
+    /// (another socket or host). The version negotiation is the first call,
+    /// so an unreachable engine fails here rather than in the first pass.
+    pub async fn with_client(docker: Docker, instance: &str) -> Result<Self, RuntimeError> {
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(RuntimeError::Connect)?;
+        Ok(DockerRuntime {
+            docker,
+            instance: instance.to_string(),
+            calls: AtomicU64::new(1),
+        })
+    }
+
+    /// How many Docker API calls this runtime has made (event streams count
+    /// once per connection).
+    pub fn api_calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The instance whose containers this runtime manages.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub async fn ping(&self) -> Result<(), RuntimeError> {
+        self.api()
+            .ping()
+            .await
+            .map(drop)
+            .map_err(RuntimeError::Connect)
+    }
+
+    /// The client, counting the call about to be made.
+    fn api(&self) -> &Docker {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        &self.docker
+    }
+
+    fn instance_filter(&self) -> String {
+        format!("{}={}", labels::INSTANCE, self.instance)
+    }
+
+    /// Whether the container holding `name` belongs to this instance.
+    /// `None` when it cannot be told (the holder vanished meanwhile, say).
+    async fn name_is_ours(&self, name: &str) -> Option<bool> {
+        let holder = self.api().inspect_container(name, None).await.ok()?;
+        let labels = holder.config.and_then(|c| c.labels).unwrap_or_default();
+        Some(labels.get(labels::INSTANCE) == Some(&self.instance))
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    async fn list(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        let filters = HashMap::from([("label", vec![self.instance_filter()])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let summaries = self
+            .api()
+            .list_containers(Some(options))
+            .await
+            .map_err(RuntimeError::List)?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(managed_container)
+            .collect())
+    }
+
+    async fn image(&self, image: &str) -> Result<ImageState, RuntimeError> {
+        match self.api().inspect_image(image).await {
+            Ok(found) => Ok(ImageState::Present {
+                id: found.id.unwrap_or_default(),
+            }),
+            Err(e) if status_code(&e) == Some(404) => Ok(ImageState::Missing),
+            Err(source) => Err(RuntimeError::InspectImage {
+                image: image.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn network_exists(&self, network: &str) -> Result<bool, RuntimeError> {
+        match self.api().inspect_network(network, None).await {
+            // The engine also resolves id prefixes; only an exact name counts.
+            Ok(found) => Ok(found.name.as_deref() == Some(network)),
+            Err(e) if status_code(&e) == Some(404) => Ok(false),
+            Err(source) => Err(RuntimeError::InspectNetwork {
+                network: network.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let body = create_body(spec, &self.instance);
+        match self.api().create_container(Some(options), body).await {
+            Ok(created) => {
+                for warning in created.warnings {
+                    warn!(container = %spec.name, %warning, "Docker warned on create");
+                }
+                Ok(created.id)
+            }
+            Err(e) if status_code(&e) == Some(409) => Err(self.name_conflict(&spec.name, e).await),
+            Err(source) => Err(RuntimeError::Create {
+                name: spec.name.clone(),
+                source,
+            }),
+        }
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        // 304 (already started) is a success for bollard.
+        self.api()
+            .start_container(id, None)
+            .await
+            .map_err(|source| RuntimeError::Start {
+                container: id.to_string(),
+                source,
+            })
+    }
+
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let options = StopContainerOptionsBuilder::default()
+            .t(whole_seconds(timeout))
+            .build();
+        // The engine answers only once the container is down: allow for the grace period.
+        let client = self
+            .api()
+            .clone()
+            .with_timeout(self.docker.timeout() + timeout);
+        match client.stop_container(id, Some(options)).await {
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            other => other.map_err(|source| RuntimeError::Stop {
+                container: id.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        // No force: a running worker is stopped gracefully first. `v` removes
+        // anonymous volumes so they do not pile up.
+        let options = RemoveContainerOptionsBuilder::default().v(true).build();
+        match self.api().remove_container(id, Some(options)).await {
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            other => other.map_err(|source| RuntimeError::Remove {
+                container: id.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        let options = RenameContainerOptionsBuilder::default().name(name).build();
+        self.api()
+            .rename_container(id, options)
+            .await
+            .map_err(|source| RuntimeError::Rename {
+                container: id.to_string(),
+                name: name.to_string(),
+                source,
+            })
+    }
+}
+
+impl DockerRuntime {
+    /// A 409 on create: someone else's container is [`RuntimeError::NameTaken`];
+    /// ours means a race with an earlier create, which the next pass lists and
+    /// sorts out, so it stays a plain create error.
+    async fn name_conflict(&self, name: &str, source: DockerError) -> RuntimeError {
+        match self.name_is_ours(name).await {
+            Some(false) => RuntimeError::NameTaken {
+                name: name.to_string(),
+            },
+            Some(true) | None => RuntimeError::Create {
+                name: name.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// How one event stream ended.
+enum StreamEnd {
+    Shutdown,
+    Ended,
+    Failed(DockerError),
+}
+
+/// The outcome of waiting to reconnect the event stream.
+enum Reconnect {
+    Shutdown,
+    Unreachable,
+    Ready,
+}
+
+impl DockerRuntime {
+    /// Wakes `wake` whenever a container of this instance dies, is destroyed
+    /// or runs out of memory, until `shutdown`. The stream is reconnected
+    /// with capped exponential backoff when it fails (engine restarted), and
+    /// `wake` is notified after a reconnect since events may have been missed.
+    pub async fn events(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            if failures > 0 {
+                match self.await_engine(failures, &shutdown).await {
+                    Reconnect::Shutdown => return,
+                    Reconnect::Unreachable => {
+                        failures = failures.saturating_add(1);
+                        continue;
+                    }
+                    Reconnect::Ready => wake.notify_one(),
+                }
+            }
+            let started = Instant::now();
+            match self.follow_events(&wake, &shutdown).await {
+                StreamEnd::Shutdown => return,
+                StreamEnd::Ended => warn!("Docker event stream ended; reconnecting"),
+                StreamEnd::Failed(e) => {
+                    warn!(error = %error_chain(&e), "Docker event stream failed; reconnecting")
+                }
+            }
+            // A stream that lived a while was healthy: start the backoff over.
+            failures = if started.elapsed() > EVENTS_BACKOFF_MAX {
+                1
+            } else {
+                failures.saturating_add(1)
+            };
+        }
+    }
+
+    /// Waits out the backoff for attempt `failures`, then asks whether the
+    /// engine answers again.
+    async fn await_engine(&self, failures: u32, shutdown: &CancellationToken) -> Reconnect {
+        let ping = async {
+            tokio::time::sleep(backoff_delay(failures)).await;
+            self.ping().await
+        };
+        tokio::select! {
+            // Cancel-safe: dropping a sleep or a ping in flight loses nothing.
+            _ = shutdown.cancelled() => Reconnect::Shutdown,
+            answer = ping => match answer {
+                Ok(()) => {
+                    debug!("Docker engine reachable again; reconnecting the event stream");
+                    Reconnect::Ready
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "Docker engine still unreachable");
+                    Reconnect::Unreachable
+                }
+            },
+        }
+    }
+
+    /// Follows one event stream until it ends, fails or `shutdown`.
+    async fn follow_events(&self, wake: &Notify, shutdown: &CancellationToken) -> StreamEnd {
+        let filters = HashMap::from([
+            ("type", vec!["container".to_string()]),
+            ("label", vec![self.instance_filter()]),
+            ("event", WAKE_EVENTS.map(String::from).to_vec()),
+        ]);
+        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        let mut stream = self.api().events(Some(options));
+        loop {
+            let next = tokio::select! {
+                // Cancel-safe: `next` on a stream loses no item when dropped.
+                _ = shutdown.cancelled() => return StreamEnd::Shutdown,
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(event)) => {
+                    log_event(&event);
+                    wake.notify_one();
+                }
+                Some(Err(e)) => return StreamEnd::Failed(e),
+                None => return StreamEnd::Ended,
+            }
+        }
+    }
+}
+
+fn log_event(event: &EventMessage) {
+    let attributes = event.actor.as_ref().and_then(|a| a.attributes.as_ref());
+    let attribute = |key: &str| attributes.and_then(|a| a.get(key)).map(String::as_str);
+    debug!(
+        action = event.action.as_deref().unwrap_or(""),
+        container = attribute("name").unwrap_or(""),
+        exit_code = attribute("exitCode"),
+        "Docker event"
+    );
+}
+
+/// The delay before reconnect attempt `failures` (1-based): doubling, capped.
+fn backoff_delay(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1));
+    EVENTS_BACKOFF_INITIAL
+        .saturating_mul(factor)
+        .min(EVENTS_BACKOFF_MAX)
+}
+
+/// An error and its causes on one line, for a log field.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+/// The HTTP status of an engine error response, if it is one.
+fn status_code(error: &DockerError) -> Option<u16> {
+    match error {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// Docker's stop grace period is whole seconds; round up so the worker never
+/// gets less time than asked for.
+fn whole_seconds(timeout: Duration) -> i32 {
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    i32::try_from(secs).unwrap_or(i32::MAX)
+}
+
+/// The container a spec describes, with the hardening every worker gets.
+fn create_body(spec: &ContainerSpec, instance: &str) -> ContainerCreateBody {
+    // Pinning the resolved id means a rebuild of the tag between the image
+    // check and this create cannot slip an unchecked image in.
+    let image = if spec.image_id.is_empty() {
+        &spec.image
+    } else {
+        &spec.image_id
+    };
+    ContainerCreateBody {
+        image: Some(image.clone()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(spec.labels(instance).into_iter().collect()),
+        host_config: Some(host_config(spec)),
+        ..Default::default()
+    }
+}
+
+fn host_config(spec: &ContainerSpec) -> HostConfig {
+    let limits = &spec.limits;
+    HostConfig {
+        network_mode: Some(spec.network.clone()),
+        // The reconciler restarts crashed workers, with backoff and a status.
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        memory: Some(limits.memory_bytes),
+        // Swap equal to memory: no swap on top of the limit.
+        memory_swap: Some(limits.memory_bytes),
+        nano_cpus: Some(limits.nano_cpus),
+        pids_limit: Some(limits.pids),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        cap_drop: Some(vec!["ALL".into()]),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(HashMap::from([("/tmp".into(), TMPFS_OPTIONS.into())])),
+        // The worker image brings its own init (tini).
+        init: Some(false),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".into(), "10m".into()),
+                ("max-file".into(), "3".into()),
+            ])),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A listed container in model terms; `None` for a summary without an id.
+fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
+    let labels: BTreeMap<String, String> = summary.labels.unwrap_or_default().into_iter().collect();
+    let name = summary
+        .names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/'));
+    Some(ManagedContainer {
+        id: summary.id?,
+        name: name.unwrap_or_default().to_string(),
+        worker_id: labels
+            .get(labels::WORKER_ID)
+            .and_then(|v| v.parse::<WorkerId>().ok()),
+        revision: labels
+            .get(labels::REVISION)
+            .and_then(|v| v.parse().ok())
+            .map(Revision),
+        spec_hash: labels
+            .get(labels::SPEC_HASH)
+            .filter(|v| !v.is_empty())
+            .cloned(),
+        image_id: summary.image_id.unwrap_or_default(),
+        state: run_state(summary.state, summary.status.as_deref()),
+        created: summary.created.unwrap_or_default(),
+    })
+}
+
+fn run_state(state: Option<ContainerSummaryStateEnum>, status: Option<&str>) -> RunState {
+    match state {
+        Some(ContainerSummaryStateEnum::RUNNING) => RunState::Running,
+        Some(ContainerSummaryStateEnum::CREATED) => RunState::Created,
+        Some(ContainerSummaryStateEnum::EXITED) => RunState::Exited(status.and_then(exit_code)),
+        Some(other) => RunState::Other(other.to_string()),
+        None => RunState::Other(String::new()),
+    }
+}
+
+/// The exit code in a summary's status text: "Exited (137) 5 seconds ago" → 137.
+fn exit_code(status: &str) -> Option<i64> {
+    let rest = status.trim_start().strip_prefix("Exited (")?;
+    let (code, _) = rest.split_once(')')?;
+    code.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Limits;
+    use uuid::Uuid;
+
+    #[test]
+    fn exit_code_is_read_from_the_status_text() {
+        assert_eq!(exit_code("Exited (137) 5 seconds ago"), Some(137));
+        assert_eq!(exit_code("Exited (0) About a minute ago"), Some(0));
+        assert_eq!(exit_code("Exited (-1) 2 hours ago"), Some(-1));
+    }
+
+    #[test]
+    fn unreadable_status_text_has_no_exit_code() {
+        assert_eq!(exit_code("Up 3 minutes"), None);
+        assert_eq!(exit_code("Exited (x) now"), None);
+        assert_eq!(exit_code("Exited (1"), None);
+        assert_eq!(exit_code(""), None);
+    }
+
+    #[test]
+    fn summary_states_map_to_run_states() {
+        use ContainerSummaryStateEnum as S;
+        assert_eq!(
+            run_state(Some(S::RUNNING), Some("Up 1 second")),
+            RunState::Running
+        );
+        assert_eq!(
+            run_state(Some(S::CREATED), Some("Created")),
+            RunState::Created
+        );
+        assert_eq!(
+            run_state(Some(S::EXITED), Some("Exited (3) now")),
+            RunState::Exited(Some(3))
+        );
+        assert_eq!(run_state(Some(S::EXITED), None), RunState::Exited(None));
+        assert_eq!(
+            run_state(Some(S::PAUSED), None),
+            RunState::Other("paused".into())
+        );
+        assert_eq!(
+            run_state(Some(S::DEAD), None),
+            RunState::Other("dead".into())
+        );
+    }
+
+    fn summary(labels: &[(&str, &str)]) -> ContainerSummary {
+        ContainerSummary {
+            id: Some("0123456789abcdef".into()),
+            names: Some(vec!["/worker-x".into()]),
+            image_id: Some("sha256:abc".into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            state: Some(ContainerSummaryStateEnum::RUNNING),
+            created: Some(42),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn labels_are_parsed_into_the_container() {
+        let id = Uuid::now_v7();
+        let id_text = id.to_string();
+        let c = managed_container(summary(&[
+            (labels::WORKER_ID, &id_text),
+            (labels::REVISION, "7"),
+            (labels::SPEC_HASH, "beef"),
+        ]))
+        .expect("has an id");
+        assert_eq!(c.name, "worker-x");
+        assert_eq!(c.worker_id, Some(WorkerId(id)));
+        assert_eq!(c.revision, Some(Revision(7)));
+        assert_eq!(c.spec_hash.as_deref(), Some("beef"));
+        assert_eq!((c.image_id.as_str(), c.created), ("sha256:abc", 42));
+    }
+
+    #[test]
+    fn unreadable_or_missing_labels_are_none() {
+        let c = managed_container(summary(&[
+            (labels::WORKER_ID, "nope"),
+            (labels::REVISION, "x"),
+        ]))
+        .expect("has an id");
+        assert_eq!((c.worker_id, c.revision, c.spec_hash), (None, None, None));
+    }
+
+    #[test]
+    fn a_summary_without_id_is_skipped() {
+        let s = ContainerSummary {
+            id: None,
+            ..summary(&[])
+        };
+        assert!(managed_container(s).is_none());
+    }
+
+    fn spec(image_id: &str) -> ContainerSpec {
+        ContainerSpec {
+            worker_id: WorkerId(Uuid::nil()),
+            revision: Revision(2),
+            name: "worker-x".into(),
+            image: "img:latest".into(),
+            image_id: image_id.into(),
+            env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "x=y".into())]),
+            network: "host".into(),
+            limits: Limits {
+                memory_bytes: 64 << 20,
+                nano_cpus: 500_000_000,
+                pids: 32,
+            },
+        }
+    }
+
+    #[test]
+    fn create_body_pins_the_image_id_when_known() {
+        assert_eq!(
+            create_body(&spec("sha256:1"), "i").image.as_deref(),
+            Some("sha256:1")
+        );
+        assert_eq!(
+            create_body(&spec(""), "i").image.as_deref(),
+            Some("img:latest")
+        );
+    }
+
+    #[test]
+    fn create_body_carries_env_and_labels() {
+        let body = create_body(&spec(""), "inst");
+        assert_eq!(body.env, Some(vec!["A=1".to_string(), "B=x=y".to_string()]));
+        let labels = body.labels.expect("labels");
+        assert_eq!(
+            labels.get(labels::INSTANCE).map(String::as_str),
+            Some("inst")
+        );
+        assert_eq!(labels.get(labels::REVISION).map(String::as_str), Some("2"));
+    }
+
+    #[test]
+    fn host_config_has_no_swap_and_no_restart_policy() {
+        let host = host_config(&spec(""));
+        assert_eq!(host.memory, host.memory_swap);
+        let policy = host.restart_policy.and_then(|p| p.name);
+        assert_eq!(policy, Some(RestartPolicyNameEnum::NO));
+    }
+
+    #[test]
+    fn tmp_is_the_only_writable_place_and_allows_exec() {
+        let host = host_config(&spec(""));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        let tmp = host
+            .tmpfs
+            .and_then(|t| t.get("/tmp").cloned())
+            .expect("/tmp tmpfs");
+        assert!(tmp.split(',').any(|o| o == "exec"), "{tmp}");
+    }
+
+    #[test]
+    fn stop_timeout_rounds_up_to_whole_seconds() {
+        assert_eq!(whole_seconds(Duration::from_secs(10)), 10);
+        assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn reconnect_backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff_delay(1), EVENTS_BACKOFF_INITIAL);
+        assert_eq!(backoff_delay(2), EVENTS_BACKOFF_INITIAL * 2);
+        assert_eq!(backoff_delay(3), EVENTS_BACKOFF_INITIAL * 4);
+        assert_eq!(backoff_delay(40), EVENTS_BACKOFF_MAX);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_engine_is_a_connect_error_naming_the_cause() {
+        // A file where the socket should be: it exists, but nothing listens.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("docker.sock");
+        std::fs::write(&socket, b"").expect("placeholder file");
+        let path = socket.to_str().expect("utf-8 path");
+        let docker = Docker::connect_with_unix(path, 5, bollard::API_DEFAULT_VERSION)
+            .expect("client builds");
+        let err = match DockerRuntime::with_client(docker, "t").await {
+            Err(e) => e,
+            Ok(_) => panic!("must not connect"),
+        };
+        assert!(matches!(err, RuntimeError::Connect(_)), "{err:?}");
+        let text = error_chain(&err);
+        assert!(text.starts_with("cannot reach the Docker engine"), "{text}");
+        assert!(text.contains("refused"), "the cause is named: {text}");
+    }
+}

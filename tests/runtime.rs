@@ -1,0 +1,604 @@
+//! `DockerRuntime` against the real Docker engine: no mocks. Each test owns a
+//! unique instance (`test-<uuid>`) and removes that instance's containers at
+//! the end, whether it passed or not.
+//!
+//! Needs a running engine and the `workerctl/busybox:latest` image
+//! (`scripts/build-images`); without either, the tests fail — they never skip.
+//! Nothing is pulled: the one derived image is built locally from busybox.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::{ContainerInspectResponse, RestartPolicyNameEnum};
+use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveContainerOptionsBuilder};
+use futures::FutureExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use workerctl::model::{
+    ContainerSpec, Limits, ManagedContainer, Revision, RunState, WorkerId, container_name, labels,
+};
+use workerctl::runtime::docker::DockerRuntime;
+use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
+
+const BUSYBOX: &str = "workerctl/busybox:latest";
+/// Busybox whose command is the shell script in `$SCRIPT`, so one image
+/// serves every behaviour a test needs.
+const SCRIPTED: &str = "workerctl-test/scripted:latest";
+const MEMORY: i64 = 64 << 20;
+const PIDS: i64 = 64;
+
+/// Builds [`SCRIPTED`] once per test process.
+fn scripted_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let inspect = Command::new("docker")
+            .args(["image", "inspect", BUSYBOX])
+            .output();
+        let present = inspect
+            .expect("the docker CLI must be installed")
+            .status
+            .success();
+        assert!(
+            present,
+            "{BUSYBOX} is missing: run scripts/build-images first"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dockerfile =
+            format!("FROM {BUSYBOX}\nCMD [\"/bin/sh\", \"-c\", \"eval \\\"$SCRIPT\\\"\"]\n");
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", SCRIPTED])
+            .arg(dir.path())
+            .output()
+            .expect("docker build runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "building {SCRIPTED} failed: {stderr}");
+    });
+    SCRIPTED
+}
+
+struct Harness {
+    rt: DockerRuntime,
+    /// Another instance on the same engine, whose containers `rt` must ignore.
+    other: DockerRuntime,
+    docker: Docker,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let instance = format!("test-{}", Uuid::new_v4());
+        Harness {
+            rt: connect(&instance).await,
+            other: connect(&format!("{instance}-other")).await,
+            docker: Docker::connect_with_local_defaults()
+                .expect("Docker client")
+                .negotiate_version()
+                .await
+                .expect("Docker engine reachable"),
+        }
+    }
+
+    /// A worker container of `rt` running `script`.
+    fn spec(&self, script: &str) -> ContainerSpec {
+        spec_for(self.rt.instance(), script)
+    }
+
+    async fn inspect(&self, id: &str) -> ContainerInspectResponse {
+        self.docker
+            .inspect_container(id, None)
+            .await
+            .expect("inspect container")
+    }
+
+    async fn create_started(&self, spec: &ContainerSpec) -> String {
+        let id = self.rt.create(spec).await.expect("create");
+        self.rt.start(&id).await.expect("start");
+        id
+    }
+
+    /// Polls `list` until the container is in a state `done` accepts.
+    async fn wait_for(&self, id: &str, done: impl Fn(&RunState) -> bool) -> ManagedContainer {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let listed = self.rt.list().await.expect("list");
+            let found = listed
+                .into_iter()
+                .find(|c| c.id == id)
+                .expect("container listed");
+            if done(&found.state) || Instant::now() > deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn cleanup(&self) {
+        for instance in [self.rt.instance(), self.other.instance()] {
+            let filters = [("label", vec![format!("{}={instance}", labels::INSTANCE)])].into();
+            let options = ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters);
+            let listed = self.docker.list_containers(Some(options.build())).await;
+            for id in listed.unwrap_or_default().into_iter().filter_map(|c| c.id) {
+                let options = RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(true)
+                    .build();
+                if let Err(e) = self.docker.remove_container(&id, Some(options)).await {
+                    eprintln!("cleanup: cannot remove {id}: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn connect(instance: &str) -> DockerRuntime {
+    match DockerRuntime::connect(instance).await {
+        Ok(rt) => rt,
+        Err(e) => panic!(
+            "these tests need a reachable Docker engine: {:#}",
+            anyhow::Error::new(e)
+        ),
+    }
+}
+
+fn spec_for(instance: &str, script: &str) -> ContainerSpec {
+    let worker_id = WorkerId(Uuid::now_v7());
+    ContainerSpec {
+        worker_id,
+        revision: Revision(1),
+        name: container_name(instance, worker_id),
+        image: scripted_image().to_string(),
+        image_id: String::new(),
+        env: BTreeMap::from([("SCRIPT".to_string(), script.to_string())]),
+        network: "none".into(),
+        limits: Limits {
+            memory_bytes: MEMORY,
+            nano_cpus: 500_000_000,
+            pids: PIDS,
+        },
+    }
+}
+
+/// Runs `body` with a fresh harness, then removes the test's containers even
+/// when `body` panicked.
+async fn with_harness<F, Fut>(body: F)
+where
+    F: FnOnce(Arc<Harness>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let harness = Arc::new(Harness::new().await);
+    let outcome = AssertUnwindSafe(body(harness.clone())).catch_unwind().await;
+    harness.cleanup().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn is_exited(state: &RunState) -> bool {
+    matches!(state, RunState::Exited(_))
+}
+
+#[tokio::test]
+async fn list_finds_only_this_instances_containers_with_their_labels() {
+    with_harness(|h| async move {
+        let ImageState::Present { id: image_id } = h.rt.image(SCRIPTED).await.expect("image")
+        else {
+            panic!("{SCRIPTED} was just built");
+        };
+        let spec = ContainerSpec {
+            image_id: image_id.clone(),
+            ..h.spec("sleep 30")
+        };
+        let ours = h.rt.create(&spec).await.expect("create ours");
+        let other_spec = spec_for(h.other.instance(), "sleep 30");
+        let theirs = h.other.create(&other_spec).await.expect("create theirs");
+
+        let listed = h.rt.list().await.expect("list");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let c = &listed[0];
+        assert_eq!(
+            (c.id.as_str(), c.name.as_str()),
+            (ours.as_str(), spec.name.as_str())
+        );
+        assert_eq!(c.worker_id, Some(spec.worker_id));
+        assert_eq!(c.revision, Some(spec.revision));
+        assert_eq!(c.spec_hash, Some(spec.hash()));
+        assert_eq!(c.image_id, image_id, "the pinned image id is used");
+        assert_eq!(c.state, RunState::Created);
+        assert!(c.created > 0);
+        let their_list = h.other.list().await.expect("list theirs");
+        assert_eq!(
+            their_list.iter().map(|c| &c.id).collect::<Vec<_>>(),
+            [&theirs]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn listing_is_one_api_call_however_many_containers_exist() {
+    with_harness(|h| async move {
+        for _ in 0..3 {
+            h.rt.create(&h.spec("sleep 30")).await.expect("create");
+        }
+        let before = h.rt.api_calls();
+        let listed = h.rt.list().await.expect("list");
+        assert_eq!(listed.len(), 3);
+        assert_eq!(h.rt.api_calls(), before + 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn started_container_runs_with_labels_env_limits_and_hardening() {
+    with_harness(|h| async move {
+        let mut spec = h.spec("sleep 30");
+        spec.env
+            .insert("WORKER_ID".into(), spec.worker_id.to_string());
+        let id = h.create_started(&spec).await;
+        h.rt.start(&id)
+            .await
+            .expect("starting a running container is fine");
+        let listed = h.wait_for(&id, |s| *s == RunState::Running).await;
+        assert_eq!(listed.state, RunState::Running);
+
+        let inspected = h.inspect(&id).await;
+        let config = inspected.config.expect("config");
+        let labels: BTreeMap<_, _> = config.labels.expect("labels").into_iter().collect();
+        assert_eq!(labels, spec.labels(h.rt.instance()));
+        let env = config.env.expect("env");
+        assert!(
+            env.contains(&format!("WORKER_ID={}", spec.worker_id)),
+            "{env:?}"
+        );
+        assert!(env.contains(&"SCRIPT=sleep 30".to_string()), "{env:?}");
+
+        let host = inspected.host_config.expect("host config");
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(
+            (host.memory, host.memory_swap),
+            (Some(MEMORY), Some(MEMORY))
+        );
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.pids_limit, Some(PIDS));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        let tmp = host.tmpfs.and_then(|t| t.get("/tmp").cloned());
+        assert_eq!(tmp.as_deref(), Some("rw,exec,nosuid,nodev,size=64m"));
+        let policy = host.restart_policy.and_then(|p| p.name);
+        assert_eq!(policy, Some(RestartPolicyNameEnum::NO));
+        let log = host.log_config.expect("log config");
+        assert_eq!(log.typ.as_deref(), Some("json-file"));
+        let log_opts = log.config.expect("log options");
+        assert_eq!(log_opts.get("max-size").map(String::as_str), Some("10m"));
+        assert_eq!(log_opts.get("max-file").map(String::as_str), Some("3"));
+    })
+    .await;
+}
+
+/// Each check exits with its own code, so a failure says which one.
+const INSIDE_CHECKS: &str = r#"
+touch /probe 2>/dev/null && exit 10
+cp /bin/busybox /tmp/sh || exit 11
+/tmp/sh -c true || exit 12
+grep -q '^NoNewPrivs:.*1' /proc/self/status || exit 13
+grep -q '^CapEff:.*0000000000000000' /proc/self/status || exit 14
+pids=$(cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max)
+test "$pids" = 64 || exit 15
+mem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max)
+test "$mem" = 67108864 || exit 16
+exit 0
+"#;
+
+#[tokio::test]
+async fn inside_a_worker_only_tmp_is_writable_and_no_privileges_remain() {
+    with_harness(|h| async move {
+        let id = h.create_started(&h.spec(INSIDE_CHECKS)).await;
+        let c = h.wait_for(&id, is_exited).await;
+        // 10 root writable, 11 /tmp not writable, 12 /tmp noexec, 13 new
+        // privileges allowed, 14 capabilities left, 15 pids / 16 memory limit not applied.
+        assert_eq!(c.state, RunState::Exited(Some(0)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_container_exiting_with_3_lists_as_exited_3() {
+    with_harness(|h| async move {
+        let id = h.create_started(&h.spec("exit 3")).await;
+        let c = h.wait_for(&id, is_exited).await;
+        assert_eq!(c.state, RunState::Exited(Some(3)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stop_lets_a_worker_that_handles_term_exit_cleanly_before_the_timeout() {
+    with_harness(|h| async move {
+        let script = r#"trap "exit 0" TERM; while true; do sleep 0.1; done"#;
+        let id = h.create_started(&h.spec(script)).await;
+        h.wait_for(&id, |s| *s == RunState::Running).await;
+        // The shell installs its trap right after starting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        h.rt.stop(&id, Duration::from_secs(10)).await.expect("stop");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            h.wait_for(&id, is_exited).await.state,
+            RunState::Exited(Some(0))
+        );
+        h.rt.stop(&id, Duration::from_secs(1))
+            .await
+            .expect("stopping a stopped container is fine");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stop_kills_a_worker_that_ignores_term_after_the_timeout() {
+    with_harness(|h| async move {
+        let script = r#"trap "" TERM; while true; do sleep 0.1; done"#;
+        let id = h.create_started(&h.spec(script)).await;
+        h.wait_for(&id, |s| *s == RunState::Running).await;
+        let started = Instant::now();
+        h.rt.stop(&id, Duration::from_secs(1)).await.expect("stop");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(8),
+            "took {took:?}"
+        );
+        assert_eq!(
+            h.wait_for(&id, is_exited).await.state,
+            RunState::Exited(Some(137))
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn removing_or_stopping_a_vanished_container_is_fine() {
+    with_harness(|h| async move {
+        let id = h.rt.create(&h.spec("exit 0")).await.expect("create");
+        h.rt.remove(&id).await.expect("remove");
+        assert!(h.rt.list().await.expect("list").is_empty());
+        h.rt.remove(&id).await.expect("removing again is fine");
+        h.rt.stop(&id, Duration::from_secs(1))
+            .await
+            .expect("stopping a vanished one is fine");
+        let unknown = format!("never-existed-{}", Uuid::new_v4());
+        h.rt.remove(&unknown)
+            .await
+            .expect("removing an unknown container is fine");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn remove_does_not_force_a_running_container() {
+    with_harness(|h| async move {
+        let id = h.create_started(&h.spec("sleep 30")).await;
+        let err =
+            h.rt.remove(&id)
+                .await
+                .expect_err("a running container is not removed");
+        assert!(matches!(err, RuntimeError::Remove { .. }), "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rename_changes_the_listed_name() {
+    with_harness(|h| async move {
+        let id = h.rt.create(&h.spec("exit 0")).await.expect("create");
+        let new_name = format!("{}-renamed", h.rt.instance());
+        h.rt.rename(&id, &new_name).await.expect("rename");
+        let listed = h.rt.list().await.expect("list");
+        assert_eq!(
+            listed.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            [new_name]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_name_held_by_another_instance_is_name_taken() {
+    with_harness(|h| async move {
+        let theirs = spec_for(h.other.instance(), "sleep 30");
+        h.other.create(&theirs).await.expect("create theirs");
+        let ours = ContainerSpec {
+            name: theirs.name.clone(),
+            ..h.spec("sleep 30")
+        };
+        let err = h.rt.create(&ours).await.expect_err("the name is taken");
+        assert!(
+            matches!(&err, RuntimeError::NameTaken { name } if *name == theirs.name),
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_name_held_by_our_own_container_is_a_create_error_not_name_taken() {
+    with_harness(|h| async move {
+        let spec = h.spec("sleep 30");
+        h.rt.create(&spec).await.expect("first create");
+        let err = h.rt.create(&spec).await.expect_err("the name is in use");
+        assert!(matches!(err, RuntimeError::Create { .. }), "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn image_resolves_a_present_tag_and_reports_a_missing_one() {
+    with_harness(|h| async move {
+        let ImageState::Present { id } = h.rt.image(BUSYBOX).await.expect("image") else {
+            panic!("{BUSYBOX} is present");
+        };
+        let expected = h.docker.inspect_image(BUSYBOX).await.expect("inspect").id;
+        assert_eq!(Some(id), expected);
+        let missing = format!("workerctl-test/missing-{}:latest", Uuid::new_v4());
+        assert_eq!(
+            h.rt.image(&missing).await.expect("image"),
+            ImageState::Missing
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn network_exists_matches_exact_names_only() {
+    with_harness(|h| async move {
+        assert!(h.rt.network_exists("host").await.expect("host"));
+        assert!(!h.rt.network_exists("hos").await.expect("hos"));
+        let random = format!("no-such-network-{}", Uuid::new_v4());
+        assert!(!h.rt.network_exists(&random).await.expect("random"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn events_wake_for_our_dying_containers_only_and_stop_on_shutdown() {
+    with_harness(|h| async move {
+        let wake = Arc::new(Notify::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (h, wake, shutdown) = (h.clone(), wake.clone(), shutdown.clone());
+            async move { h.rt.events(wake, shutdown).await }
+        });
+        // Give the stream time to subscribe.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let theirs = spec_for(h.other.instance(), "exit 0");
+        let their_id = h.other.create(&theirs).await.expect("create theirs");
+        h.other.start(&their_id).await.expect("start theirs");
+        let quiet = tokio::time::timeout(Duration::from_secs(2), wake.notified()).await;
+        assert!(
+            quiet.is_err(),
+            "another instance's container must not wake us"
+        );
+
+        h.create_started(&h.spec("sleep 1; exit 0")).await;
+        let woken = tokio::time::timeout(Duration::from_secs(15), wake.notified()).await;
+        assert!(woken.is_ok(), "our container's death must wake us");
+
+        shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        ended
+            .expect("the events task ends on shutdown")
+            .expect("it does not panic");
+    })
+    .await;
+}
+
+/// A Unix-socket relay to the engine that can be cut, to play an engine
+/// restart without touching the shared engine.
+struct Relay {
+    path: PathBuf,
+    accept: JoinHandle<()>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Relay {
+    fn start(path: &Path) -> Relay {
+        let listener = UnixListener::bind(path).expect("bind relay socket");
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn(relay_connections(listener, connections.clone()));
+        Relay {
+            path: path.to_path_buf(),
+            accept,
+            connections,
+        }
+    }
+
+    /// Drops every relayed connection and the socket, as an engine restart would.
+    fn cut(self) {
+        self.accept.abort();
+        for connection in self.connections.lock().expect("lock").drain(..) {
+            connection.abort();
+        }
+        std::fs::remove_file(&self.path).expect("remove relay socket");
+    }
+}
+
+async fn relay_connections(listener: UnixListener, connections: Arc<Mutex<Vec<JoinHandle<()>>>>) {
+    let engine = engine_socket();
+    while let Ok((mut client, _)) = listener.accept().await {
+        let engine = engine.clone();
+        let relay = tokio::spawn(async move {
+            if let Ok(mut upstream) = UnixStream::connect(&engine).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        });
+        connections.lock().expect("lock").push(relay);
+    }
+}
+
+fn engine_socket() -> PathBuf {
+    match std::env::var("DOCKER_HOST") {
+        Ok(host) if host.starts_with("unix://") => PathBuf::from(&host["unix://".len()..]),
+        _ => PathBuf::from("/var/run/docker.sock"),
+    }
+}
+
+#[tokio::test]
+async fn events_reconnect_after_the_engine_connection_drops_and_wake_the_loop() {
+    with_harness(|h| async move {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("docker.sock");
+        let relay = Relay::start(&socket);
+        let path = socket.to_str().expect("utf-8 path");
+        let client = Docker::connect_with_unix(path, 10, bollard::API_DEFAULT_VERSION)
+            .expect("client for the relay");
+        let relayed = Arc::new(
+            DockerRuntime::with_client(client, h.rt.instance())
+                .await
+                .expect("connect through relay"),
+        );
+        let wake = Arc::new(Notify::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (rt, wake, shutdown) = (relayed.clone(), wake.clone(), shutdown.clone());
+            async move { rt.events(wake, shutdown).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Down long enough that at least one reconnect attempt fails.
+        relay.cut();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _relay = Relay::start(&socket);
+        let woken = tokio::time::timeout(Duration::from_secs(15), wake.notified()).await;
+        assert!(woken.is_ok(), "a reconnect must wake the loop");
+
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        h.create_started(&h.spec("sleep 1; exit 0")).await;
+        let woken = tokio::time::timeout(Duration::from_secs(15), wake.notified()).await;
+        assert!(woken.is_ok(), "events flow again after the reconnect");
+
+        shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        ended
+            .expect("the events task ends on shutdown")
+            .expect("it does not panic");
+    })
+    .await;
+}
