@@ -147,7 +147,13 @@ async fn run(config: Config) -> Result<()> {
         }
     });
     let url = config.database_url.expose().to_string();
-    tracker.spawn(postgres::listen(url, wake.clone(), shutdown.clone()));
+    let (w, m) = (wake.clone(), metrics.clone());
+    tracker.spawn(postgres::listen_with(url, shutdown.clone(), move |why| {
+        if why == postgres::Wake::Changed {
+            m.change_announced();
+        }
+        w.notify_one();
+    }));
     let events_runtime = runtime.clone();
     let (w, s) = (wake.clone(), shutdown.clone());
     tracker.spawn(async move { events_runtime.events(w, s).await });

@@ -1,0 +1,566 @@
+//! The daemon end to end on real services: a fresh Postgres database per test
+//! (`#[sqlx::test]`, which reads DATABASE_URL), the real Docker engine, and a
+//! stand-in worker image built from busybox in the test setup (never pulled).
+//! Each test runs the real control loop under its own `instance`, so tests
+//! never see each other's containers, and removes its containers at the end.
+//!
+//! Without Postgres, Docker or `workerctl/busybox:latest`
+//! (`scripts/build-images`) these tests fail; they never skip.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use workerctl::archive::{DEFAULT_USERCODE, sensorbucket_archive};
+use workerctl::config::Config;
+use workerctl::metrics::Metrics;
+use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
+use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::runtime::ContainerRuntime;
+use workerctl::runtime::docker::DockerRuntime;
+use workerctl::store::postgres::{self, PgStore};
+use workerctl::{controller, http};
+
+/// Behaves like a worker: runs until SIGTERM, and exits with code 3 at once
+/// when its entrypoint is `crash.main`.
+const TEST_IMAGE: &str = "workerctl-test/worker:latest";
+const SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; trap 'exit 0' TERM; while :; do sleep 0.1; done"#;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn test_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cmd = serde_json::to_string(&["/bin/sh", "-c", SCRIPT]).expect("json");
+        let dockerfile = format!("FROM workerctl/busybox:latest\nCMD {cmd}\n");
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", TEST_IMAGE])
+            .arg(dir.path())
+            .output()
+            .expect("the docker CLI runs");
+        assert!(
+            out.status.success(),
+            "building {TEST_IMAGE} failed (is workerctl/busybox:latest built? run scripts/build-images): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    TEST_IMAGE
+}
+
+/// One daemon (control loop + listener + Docker events) on a fresh database.
+struct Daemon {
+    pool: PgPool,
+    store: Arc<PgStore>,
+    runtime: Arc<DockerRuntime>,
+    config: Config,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Daemon {
+    async fn start(pool: PgPool) -> Daemon {
+        Self::start_with(pool, |_| {}).await
+    }
+
+    async fn start_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let mut config = Config {
+            instance: format!("t{}", &Uuid::new_v4().simple().to_string()[..12]),
+            ..Config::default()
+        };
+        config.docker.image = test_image().into();
+        config.docker.stop_timeout = Duration::from_secs(5);
+        config.reconcile.backoff_initial = Duration::from_millis(200);
+        config.reconcile.backoff_max = Duration::from_secs(2);
+        tweak(&mut config);
+        let store = Arc::new(PgStore::from_pool(pool.clone()));
+        store.migrate().await.expect("migrations apply");
+        let runtime = Arc::new(
+            DockerRuntime::connect(&config.instance)
+                .await
+                .expect("Docker answers"),
+        );
+        let mut daemon = Daemon {
+            pool,
+            store,
+            runtime,
+            config,
+            shutdown: CancellationToken::new(),
+            tasks: vec![],
+        };
+        daemon.spawn_loop();
+        daemon
+    }
+
+    fn database_url(&self) -> String {
+        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
+        let db = self
+            .pool
+            .connect_options()
+            .get_database()
+            .expect("test database")
+            .to_string();
+        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
+        url.set_path(&db);
+        url.to_string()
+    }
+
+    fn reconciler(&self) -> Reconciler<PgStore, DockerRuntime> {
+        let settings = PassSettings::from_config(&self.config);
+        Reconciler::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            settings,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn spawn_loop(&mut self) {
+        let wake = Arc::new(Notify::new());
+        let shutdown = self.shutdown.clone();
+        let url = self.database_url();
+        self.tasks.push(tokio::spawn(postgres::listen(
+            url,
+            wake.clone(),
+            shutdown.clone(),
+        )));
+        let (rt, w, s) = (self.runtime.clone(), wake.clone(), shutdown.clone());
+        self.tasks
+            .push(tokio::spawn(async move { rt.events(w, s).await }));
+        let reconciler = self.reconciler();
+        let interval = Duration::from_secs(30); // long: changes must arrive by notification
+        self.tasks.push(tokio::spawn(controller::run(
+            reconciler, wake, interval, shutdown,
+        )));
+    }
+
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            task.await.expect("task ends cleanly");
+        }
+    }
+
+    async fn insert(&self, name: &str, state: &str, entrypoint: &str, source: &[u8]) -> WorkerId {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO user_workers (id, name, description, state, language, tenant_id, revision, status, status_info, source, entrypoint)
+             VALUES ($1, $2, '', $3, 'python', 1, 1, 'unknown', '', $4, $5)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(state)
+        .bind(source)
+        .bind(entrypoint)
+        .execute(&self.pool)
+        .await
+        .expect("insert worker");
+        WorkerId(id)
+    }
+
+    async fn enabled_worker(&self, name: &str) -> WorkerId {
+        self.insert(name, "enabled", "main.main", &code()).await
+    }
+
+    async fn sql(&self, statement: &str, id: WorkerId) {
+        sqlx::query(statement)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await
+            .expect("statement runs");
+    }
+
+    async fn containers(&self) -> Vec<ManagedContainer> {
+        self.runtime.list().await.expect("list containers")
+    }
+
+    async fn containers_of(&self, id: WorkerId) -> Vec<ManagedContainer> {
+        self.containers()
+            .await
+            .into_iter()
+            .filter(|c| c.worker_id == Some(id))
+            .collect()
+    }
+
+    /// Polls until `check` holds, failing the test after a generous deadline.
+    async fn wait_for<T>(&self, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the worker has exactly one container, running at `revision`.
+    async fn running_at(&self, id: WorkerId, revision: i32) -> ManagedContainer {
+        self.wait_for(
+            &format!("worker {id} running revision {revision}"),
+            async || {
+                let cs = self.containers_of(id).await;
+                match cs.as_slice() {
+                    [c] if c.state == RunState::Running
+                        && c.revision == Some(Revision(revision)) =>
+                    {
+                        Some(c.clone())
+                    }
+                    _ => None,
+                }
+            },
+        )
+        .await
+    }
+
+    async fn status(&self, id: WorkerId) -> (String, String) {
+        sqlx::query_as("SELECT status, status_info FROM user_workers WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(&self.pool)
+            .await
+            .expect("status")
+    }
+
+    async fn status_matching(&self, id: WorkerId, status: &str, needle: &str) -> String {
+        self.wait_for(
+            &format!("status {status} containing {needle:?}"),
+            async || {
+                let (s, info) = self.status(id).await;
+                (s == status && info.contains(needle)).then_some(info)
+            },
+        )
+        .await
+    }
+
+    async fn cleanup(mut self) {
+        self.stop().await;
+        for c in self.containers().await {
+            let _ = Command::new("docker").args(["rm", "-f", &c.id]).output();
+        }
+    }
+}
+
+fn code() -> Vec<u8> {
+    sensorbucket_archive(DEFAULT_USERCODE).expect("archive builds")
+}
+
+#[sqlx::test(migrations = false)]
+async fn enabled_worker_gets_a_hardened_container_and_is_ready(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("first").await;
+    let c = d.running_at(id, 1).await;
+    assert_eq!(c.name, format!("{}-worker-{id}", d.config.instance));
+    d.status_matching(id, "ready", "running revision 1").await;
+    let inspect = Command::new("docker")
+        .args(["inspect", "--format", "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.RestartPolicy.Name}} {{json .Config.Env}}", &c.id])
+        .output()
+        .expect("docker inspect");
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.starts_with("true [ALL] no "), "{text}");
+    for var in [
+        "WORKER_ID=",
+        "AMQP_HOST=",
+        "AMQP_XCHG=pipeline.messages",
+        "CODE_URL=",
+        "CODE_ENTRYPOINT=main.main",
+        "ENDPOINT_DEVICES=",
+        "WORKER_REVISION=1",
+        "CODE_SHA256=",
+    ] {
+        assert!(text.contains(var), "{var} missing from {text}");
+    }
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn revision_bump_recreates_the_container(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("bumped").await;
+    let before = d.running_at(id, 1).await;
+    d.sql(
+        "UPDATE user_workers SET revision = revision + 1, source = source WHERE id = $1",
+        id,
+    )
+    .await;
+    let after = d.running_at(id, 2).await;
+    assert_ne!(before.id, after.id);
+    assert_eq!(
+        before.name, after.name,
+        "the new container takes the worker's name"
+    );
+    d.status_matching(id, "ready", "running revision 2").await;
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn disabling_a_worker_removes_its_container(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("disabled-later").await;
+    d.running_at(id, 1).await;
+    d.sql(
+        "UPDATE user_workers SET state = 'disabled' WHERE id = $1",
+        id,
+    )
+    .await;
+    d.wait_for("the container to go", async || {
+        d.containers_of(id).await.is_empty().then_some(())
+    })
+    .await;
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn deleting_the_row_by_hand_removes_the_container(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("deleted").await;
+    d.running_at(id, 1).await;
+    d.sql("DELETE FROM user_workers WHERE id = $1", id).await;
+    d.wait_for("the container to go", async || {
+        d.containers_of(id).await.is_empty().then_some(())
+    })
+    .await;
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_container_removed_out_of_band_is_recreated(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("healed").await;
+    let first = d.running_at(id, 1).await;
+    let rm = Command::new("docker")
+        .args(["rm", "-f", &first.id])
+        .output()
+        .expect("docker rm -f");
+    assert!(rm.status.success());
+    let healed = d
+        .wait_for("a new container", async || {
+            let cs = d.containers_of(id).await;
+            cs.into_iter()
+                .find(|c| c.id != first.id && c.state == RunState::Running)
+        })
+        .await;
+    assert_eq!(healed.revision, Some(Revision(1)));
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn restarting_against_converged_state_changes_nothing(pool: PgPool) {
+    let mut d = Daemon::start(pool).await;
+    let ids = [
+        d.enabled_worker("a").await,
+        d.enabled_worker("b").await,
+        d.enabled_worker("c").await,
+    ];
+    let mut before = Vec::new();
+    for id in ids {
+        before.push(d.running_at(id, 1).await.id);
+    }
+    d.stop().await;
+    // The containers outlive the daemon.
+    assert_eq!(
+        d.containers()
+            .await
+            .iter()
+            .filter(|c| c.state == RunState::Running)
+            .count(),
+        3
+    );
+    let report = d.reconciler().pass().await.expect("pass");
+    assert_eq!(report.actions, 0, "a fresh daemon adopts what it finds");
+    let mut after: Vec<String> = d.containers().await.into_iter().map(|c| c.id).collect();
+    before.sort();
+    after.sort();
+    assert_eq!(before, after);
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_crashing_worker_is_restarted_with_backoff_and_says_why(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let bad = d.insert("crashy", "enabled", "crash.main", &code()).await;
+    let good = d.enabled_worker("steady").await;
+    d.running_at(good, 1).await;
+    let info = d.status_matching(bad, "error", "exited with code 3").await;
+    assert!(info.contains("restart"), "{info}");
+    let restarts: i32 = d
+        .wait_for("two restarts", async || {
+            let r: Option<(i32,)> =
+                sqlx::query_as("SELECT restarts FROM workerctl_observed WHERE worker_id = $1")
+                    .bind(bad.0)
+                    .fetch_optional(&d.pool)
+                    .await
+                    .expect("observed");
+            r.map(|(n,)| n).filter(|n| *n >= 2)
+        })
+        .await;
+    assert!(restarts >= 2);
+    assert_eq!(
+        d.containers_of(bad).await.len(),
+        1,
+        "the crashing container is restarted, not multiplied"
+    );
+    d.status_matching(good, "ready", "running").await;
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_rows_get_an_error_status_and_do_not_stall_the_others(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let empty = d.insert("empty", "enabled", "main.main", b"").await;
+    let not_zip = d
+        .insert("not-zip", "enabled", "main.main", b"print('hello')")
+        .await;
+    let odd_state = d.insert("odd", "paused", "main.main", &code()).await;
+    let lua = d.insert("lua", "disabled", "main.main", &code()).await;
+    d.sql(
+        "UPDATE user_workers SET language = 'lua', state = 'enabled' WHERE id = $1",
+        lua,
+    )
+    .await;
+    let good = d.enabled_worker("good").await;
+    d.running_at(good, 1).await;
+    d.status_matching(empty, "error", "no code").await;
+    d.status_matching(not_zip, "error", "not a zip").await;
+    d.status_matching(odd_state, "error", "unknown state \"paused\"")
+        .await;
+    d.status_matching(lua, "error", "\"lua\" is not supported")
+        .await;
+    for id in [empty, not_zip, odd_state, lua] {
+        assert!(d.containers_of(id).await.is_empty());
+    }
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_missing_image_is_an_error_status_naming_it(pool: PgPool) {
+    let d = Daemon::start_with(pool, |c| {
+        c.docker.image = "workerctl-test/absent:nope".into()
+    })
+    .await;
+    let id = d.enabled_worker("imageless").await;
+    let info = d
+        .status_matching(id, "error", "workerctl-test/absent:nope")
+        .await;
+    assert!(info.contains("scripts/build-images"), "{info}");
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_missing_network_is_an_error_status_not_a_guess(pool: PgPool) {
+    let d = Daemon::start_with(pool, |c| {
+        c.docker.network = "workerctl-test-no-such-net".into()
+    })
+    .await;
+    let id = d.enabled_worker("netless").await;
+    d.status_matching(
+        id,
+        "error",
+        "network workerctl-test-no-such-net does not exist",
+    )
+    .await;
+    assert!(d.containers_of(id).await.is_empty());
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unreachable_database_fails_the_pass_and_leaves_containers_alone(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("survivor").await;
+    let running = d.running_at(id, 1).await;
+    // Port 9 (discard) has no Postgres behind it.
+    let down = Arc::new(PgStore::connect("postgres://x:y@127.0.0.1:9/none").expect("lazy pool"));
+    let settings = PassSettings::from_config(&d.config);
+    let mut blind = Reconciler::new(down, d.runtime.clone(), settings, Arc::new(Metrics::new()));
+    let err = blind
+        .pass()
+        .await
+        .expect_err("the pass cannot read the store");
+    assert!(format!("{err}").contains("worker store"), "{err}");
+    assert_eq!(d.running_at(id, 1).await.id, running.id);
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn code_endpoint_serves_enabled_workers_only(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let enabled = d.enabled_worker("served").await;
+    let disabled = d.insert("hidden", "disabled", "main.main", &code()).await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let state = http::AppState {
+        store: d.store.clone(),
+        metrics: Arc::new(Metrics::new()),
+    };
+    let server = tokio::spawn(async move { axum::serve(listener, http::router(state)).await });
+    let get = |path: String| async move {
+        reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .expect("request")
+    };
+
+    let ok = get(format!("/{enabled}/source")).await;
+    assert_eq!(ok.status(), 200);
+    let body: serde_json::Value = ok.json().await.expect("json");
+    let data = body["data"].as_str().expect("data is a string");
+    use base64::Engine;
+    let zip = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .expect("base64");
+    assert_eq!(zip, code());
+    assert_eq!(get("/not-a-uuid/source".into()).await.status(), 400);
+    assert_eq!(get(format!("/{disabled}/source")).await.status(), 404);
+    assert_eq!(
+        get(format!("/{}/source", Uuid::now_v7())).await.status(),
+        404
+    );
+    assert_eq!(get("/healthz".into()).await.status(), 200);
+    server.abort();
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_daemon_exits_zero_on_sigterm_and_leaves_workers_running(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let mut d = d;
+    d.stop().await; // the binary under test does the work from here
+    let id = d.enabled_worker("outlives").await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_workerctl"))
+        .arg("run")
+        .env("WORKERCTL_DATABASE_URL", d.database_url())
+        .env("WORKERCTL_INSTANCE", &d.config.instance)
+        .env("WORKERCTL_DOCKER__IMAGE", test_image())
+        .env("WORKERCTL_CODE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("workerctl starts");
+    let c = d.running_at(id, 1).await;
+    let pid = child.id().expect("pid");
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(
+        d.running_at(id, 1).await.id,
+        c.id,
+        "the worker keeps running"
+    );
+    d.cleanup().await;
+}
