@@ -3,6 +3,7 @@
 //! [`WorkerRow`] values and never builds SQL; `postgres.rs` is the one real
 //! implementation.
 
+pub mod overview;
 pub mod postgres;
 
 use std::future::Future;
