@@ -94,20 +94,36 @@ def clip(text: str, limit: int = MAX_CAPTURED_CHARS) -> str:
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Write one structured log line: `event` plus the given fields."""
-    logging.getLogger("dockerworker").log(level, name, extra={"fields": fields})
+    """Write one structured log line: `event` plus the given fields.
+
+    Written directly rather than through `logging`: this runs once per
+    message, and a LogRecord plus handler chain costs several times the
+    JSON encoding itself.
+    """
+    if level < logging.getLogger().getEffectiveLevel():
+        return
+    line = {"ts": _iso_ms(time.time()), "level": _LEVEL_NAMES.get(level, str(level)), "event": name}
+    line.update(fields)
+    _write_line(json.dumps(line, default=str, ensure_ascii=False) + "\n")
+
+
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
+
+
+def _write_line(text: str) -> None:
+    with _write_lock:
+        _real_stdout.write(text)
+        _real_stdout.flush()
 
 
 class _LineWriter:
-    """Writes finished log lines to the real stdout, bypassing the capture."""
+    """Where stdlib logging writes: the real stdout, bypassing the capture."""
 
     def write(self, text: str) -> None:
-        with _write_lock:
-            _real_stdout.write(text)
+        _write_line(text)
 
     def flush(self) -> None:
-        with _write_lock:
-            _real_stdout.flush()
+        pass  # every line is flushed as it is written
 
 
 class _JsonFormatter(logging.Formatter):

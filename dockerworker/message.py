@@ -67,9 +67,12 @@ class Serializer(json.JSONEncoder):
         return super().default(obj)
 
 
+_ENCODER = Serializer(separators=(",", ":"))
+
+
 def dumps(value: Any) -> bytes:
     """Serialise a message (or an error body) to the bytes that go on the wire."""
-    return json.dumps(value, cls=Serializer, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 class Measurement:
@@ -139,8 +142,7 @@ class Message:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], devices_endpoint: str | None = None) -> "Message":
-        """Build a message from parsed JSON, or raise `PoisonMessage`."""
-        check_pipeline_fields(data)
+        """Build a message from parsed JSON (checked by `check_pipeline_fields`)."""
         known = {name: data[name] for name in REQUIRED_FIELDS + OPTIONAL_FIELDS if name in data}
         known["payload"] = _decode_payload(known.get("payload"))
         message = cls(**known)
@@ -151,7 +153,9 @@ class Message:
     @classmethod
     def from_json(cls, body: str | bytes, devices_endpoint: str | None = None) -> "Message":
         """Parse a wire body, or raise `PoisonMessage`."""
-        return cls.from_dict(parse_json(body), devices_endpoint)
+        data = parse_json(body)
+        check_pipeline_fields(data)
+        return cls.from_dict(data, devices_endpoint)
 
     def match_device(self, properties: dict[str, Any]) -> None:
         """Find the one device with these properties and store it in `device`."""

@@ -1,16 +1,22 @@
 """The AMQP side: declare, consume, publish with confirms, acknowledge, reconnect.
 
-Owns: everything that talks to RabbitMQ (through aio-pika), and the rule
-that makes the runtime lossless: **an input is acknowledged only after the
-broker confirmed the publish of its result** (next step, `errors`, or the
-retry queue). If the connection dies first, the input stays unacknowledged
-and the broker redelivers it: delivery is at-least-once.
+Owns: everything that talks to RabbitMQ, and the rule that makes the runtime
+lossless: **an input is acknowledged only after the broker confirmed the
+publish of its result** (next step, `errors`, or the retry queue). If the
+connection dies first, the input stays unacknowledged and the broker
+redelivers it: delivery is at-least-once.
 
 Throughput comes from pipelining, not from parallel user code: `process`
-runs for one message at a time, in arrival order, on one thread; its result
-is published at once and the next message is taken without waiting for the
-confirm. Up to `prefetch` messages are in hand at once, which bounds both
-memory and the number of unconfirmed publishes.
+runs for one message at a time, in arrival order, on one thread; results are
+published at once and the next message is taken without waiting for the
+confirm. At most `prefetch` messages are in hand, which bounds both memory
+and the number of unconfirmed publishes. Acknowledgements go out in delivery
+order, one `multiple` ack for each run of confirmed messages.
+
+aio-pika opens the connection and declares the topology; the per-message
+path (consume, publish, ack) uses its underlying aiormq channel directly,
+which skips aio-pika's per-message wrapper objects and its wait for the
+socket to drain after every publish: that halves the CPU cost per message.
 
 Topology (all idempotent): the durable topic exchange AMQP_XCHG; the durable
 quorum queue `worker_<id>` bound with routing key `<id>`; and the durable
@@ -25,25 +31,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue as thread_queue
 import threading
 import time
-from typing import Any, Callable
+from collections import deque
+from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustQueue
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from . import logs, processing
 from .codeload import UserCode
 from .config import ERRORS_ROUTING_KEY, Config
 from .health import Readiness
 from .processing import Outcome
+from .userthread import UserThread
 
 UNROUTABLE = "unroutable"
+REQUEUED = "requeued"
 _FIRST_RECONNECT_DELAY_S = 0.5
 _MAX_RECONNECT_DELAY_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
+# How long one hand-over to the user thread may keep processing before the
+# results so far are published.
+_MAX_BATCH_S = 0.05
+_PERSISTENT = 2
 # Headers that describe this hop's delivery, not the message: not passed on.
 _HOP_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-", "x-workerctl-")
 # Errors that mean "the broker or the connection to it is gone": reconnect.
@@ -80,41 +93,6 @@ async def run(config: Config, code: UserCode, readiness: Readiness, shutdown: as
         delay = min(delay * 2, _MAX_RECONNECT_DELAY_S)
 
 
-class UserThread:
-    """One daemon thread that runs user code, so the event loop keeps serving
-    confirms, heartbeats and signals while `process` works. A daemon thread
-    (not an executor) so a `process` that never returns cannot block exit."""
-
-    def __init__(self) -> None:
-        self._jobs: thread_queue.SimpleQueue[Any] = thread_queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="user-code", daemon=True).start()
-
-    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._jobs.put((function, args, loop, future))
-        return await future
-
-    def _serve(self) -> None:
-        while True:
-            function, args, loop, future = self._jobs.get()
-            try:
-                result = function(*args)
-            except BaseException as exc:  # handed to the awaiting side, which decides
-                loop.call_soon_threadsafe(_settle_future, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle_future, future, result, None)
-
-
-def _settle_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
 class _Signal:
     """Sentinels put in the inbox to wake the pump."""
 
@@ -142,8 +120,9 @@ class Session:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._lost = False
         self._drain_deadline: float | None = None
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
+        self._stop_requested = threading.Event()
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._acker: _Acker | None = None
 
     async def run(self, shutdown: asyncio.Event) -> None:
         connection = await aio_pika.connect(
@@ -159,22 +138,24 @@ class Session:
 
     async def _consume(self, connection: aio_pika.abc.AbstractConnection, shutdown: asyncio.Event) -> None:
         connection.close_callbacks.add(self._on_lost)
-        channel = self._channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.config.prefetch)
-        self._exchange, queue = await self._declare(channel)
-        (await channel.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._on_cancelled)
-        consumer_tag = await queue.consume(self._inbox.put)
+        await self._declare(channel)
+        raw = self._channel = await channel.get_underlay_channel()
+        self._acker = _Acker(raw)
+        raw.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        consume_ok = await raw.basic_consume(self.config.queue, self._inbox.put_nowait)
         self.attached = True
         self.readiness.set(consumer_attached=True)
         logs.event("consuming", queue=self.config.queue, exchange=self.config.exchange, prefetch=self.config.prefetch)
-        watcher = asyncio.create_task(self._stop_on(shutdown, queue, consumer_tag))
+        watcher = asyncio.create_task(self._stop_on(shutdown, consume_ok.consumer_tag))
         try:
             await self._pump()
         finally:
             watcher.cancel()
             await self._wait_in_flight(shutdown)
 
-    async def _declare(self, channel: AbstractChannel) -> tuple[AbstractExchange, Any]:
+    async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
         config = self.config
         try:
             exchange = await channel.declare_exchange(config.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -187,61 +168,83 @@ class Session:
             )
         except (aiormq.exceptions.ChannelPreconditionFailed, aiormq.exceptions.ChannelAccessRefused) as exc:
             raise TopologyError(f"the broker refused the worker's exchange or queues: {exc}") from exc
-        return exchange, queue
+
+    # -- the pump: deliveries in, outcomes out ---------------------------------
 
     async def _pump(self) -> None:
-        """Process messages one at a time, in order, until stopped or disconnected."""
-        loop = asyncio.get_running_loop()
-        while True:
-            item = await self._inbox.get()
-            if item is _Signal.STOP or item is _Signal.LOST or self._lost:
-                return
-            if self._drain_deadline is not None and loop.time() > self._drain_deadline:
-                return  # out of time: the rest goes back to the queue on close
-            await self._process(item)
+        """Process messages in arrival order until stopped or disconnected.
 
-    async def _process(self, item: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
-        outcome = await self.user_thread.call(
-            processing.handle, item.body, dict(item.headers or {}), self.code.function, self.context
-        )
-        # Published now, confirmed later: the next message does not wait.
-        task = asyncio.create_task(self._settle(item, outcome, started))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        Messages that are already waiting go to the user thread together, so
+        the cost of the hand-over is paid once per batch, not per message.
+        """
+        pending: deque[DeliveredMessage] = deque()
+        stopping = False
+        while not self._lost:
+            if not pending and not stopping:
+                stopping = self._take(await self._inbox.get(), pending)
+            while not stopping and not self._inbox.empty():
+                stopping = self._take(self._inbox.get_nowait(), pending)
+            if self._lost or not pending or self._past_drain_deadline():
+                return  # what is still in hand goes back to the queue on close
+            await self._process(pending)
 
-    async def _settle(self, item: AbstractIncomingMessage, outcome: Outcome, started: float) -> None:
+    def _take(self, item: Any, pending: deque[DeliveredMessage]) -> bool:
+        """Queue a delivery for processing; True when a stop signal arrived instead."""
+        if item is _Signal.STOP or item is _Signal.LOST:
+            return True
+        pending.append(item)
+        return False
+
+    def _past_drain_deadline(self) -> bool:
+        return self._drain_deadline is not None and asyncio.get_running_loop().time() > self._drain_deadline
+
+    async def _process(self, pending: deque[DeliveredMessage]) -> None:
+        """Run user code on a prefix of `pending` and start publishing the outcomes."""
+        batch = [(item.body, _headers(item)) for item in pending]
+        results = await self.user_thread.call(self._handle_batch, batch)
+        for outcome, started in results:
+            item = pending.popleft()
+            self._acker_().track(_tag(item))
+            # Published now, confirmed later: the next message does not wait.
+            task = asyncio.create_task(self._settle(item, outcome, started))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    def _handle_batch(self, batch: list[tuple[bytes, dict[str, Any]]]) -> list[tuple[Outcome, float]]:
+        """On the user thread: process messages in order until the batch is done or its time is up."""
+        results: list[tuple[Outcome, float]] = []
+        batch_started = time.perf_counter()
+        for body, headers in batch:
+            started = time.perf_counter()
+            results.append((processing.handle(body, headers, self.code.function, self.context), started))
+            # Slow code must not hold every result back until the whole
+            # batch is done, nor delay a shutdown by more than one message.
+            if self._stop_requested.is_set() or time.perf_counter() - batch_started > _MAX_BATCH_S:
+                break
+        return results
+
+    # -- settling one message: publish, wait for the confirm, ack --------------
+
+    async def _settle(self, item: DeliveredMessage, outcome: Outcome, started: float) -> None:
         """Publish the outcome, then acknowledge the input; log one line."""
-        verdict = outcome.verdict
         try:
             verdict = await self._publish_outcome(item, outcome)
-            await item.ack()
+            acked = True
         except BROKER_ERRORS as exc:
             # Not acknowledged: the broker gives the message to us (or the
-            # next consumer) again. Nothing is lost, it may be processed twice.
-            verdict = "requeued"
+            # next consumer) again. Nothing is lost; it may be processed twice.
+            verdict, acked = REQUEUED, False
             outcome = _with_error(outcome, f"{type(exc).__name__}: {exc}")
-            await self._requeue(item)
+        if not self._lost:
+            await self._acker_().settle(_tag(item), acked)
         self._log(item, outcome, verdict, started)
 
-    async def _requeue(self, item: AbstractIncomingMessage) -> None:
-        # On a dead channel the broker requeues by itself; on a live one the
-        # message would sit unacknowledged until the connection ends, so hand
-        # it back now. Quorum queues count this in x-delivery-count, which
-        # bounds the loop (WORKER_MAX_REDELIVERIES).
-        if self._lost or self._channel is None or self._channel.is_closed:
-            return
-        try:
-            await item.nack(requeue=True)
-        except BROKER_ERRORS:
-            pass
-
-    async def _publish_outcome(self, item: AbstractIncomingMessage, outcome: Outcome) -> str:
+    async def _publish_outcome(self, item: DeliveredMessage, outcome: Outcome) -> str:
         """Publish where the outcome says and wait for the confirm; return the final verdict."""
         if outcome.verdict == processing.RETRY:
             return await self._publish_retry(item, outcome)
         try:
-            await self._pipeline.publish(self._forward(item, outcome.body), outcome.routing_key or "", mandatory=True)
+            await self._publish(self.config.exchange, outcome.routing_key or "", outcome.body, item, mandatory=True)
             return outcome.verdict
         except aiormq.exceptions.PublishError:
             return await self._publish_to_errors(item, outcome)
@@ -250,73 +253,76 @@ class Session:
             # failure that may pass.
             return await self._publish_retry(item, _with_error(outcome, "publish refused by the broker"))
 
-    async def _publish_retry(self, item: AbstractIncomingMessage, outcome: Outcome) -> str:
+    async def _publish_retry(self, item: DeliveredMessage, outcome: Outcome) -> str:
         if outcome.attempt >= self.config.max_attempts:
             return await self._publish_to_errors(item, outcome, reason=outcome.error)
-        headers = _passed_on_headers(item.headers)
+        headers = _passed_on(_headers(item))
         headers[processing.ATTEMPT_HEADER] = outcome.attempt + 1
         headers[processing.LAST_ERROR_HEADER] = (outcome.error or "")[:500]
-        message = aio_pika.Message(
-            body=item.body,
+        properties = Basic.Properties(
+            message_id=_properties(item).message_id,
+            content_type=_properties(item).content_type,
             headers=headers,
-            message_id=item.message_id,
-            content_type=item.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            expiration=self.config.retry_delay_ms / 1000,
+            delivery_mode=_PERSISTENT,
+            expiration=str(self.config.retry_delay_ms),
         )
-        assert self._channel is not None
-        await self._channel.default_exchange.publish(message, self.config.retry_queue, mandatory=True)
+        # Through the default exchange straight into the retry queue.
+        await self._raw().basic_publish(
+            item.body, exchange="", routing_key=self.config.retry_queue, properties=properties, mandatory=True,
+            wait=False,
+        )
         return processing.RETRY
 
-    async def _publish_to_errors(self, item: AbstractIncomingMessage, outcome: Outcome, reason: str | None = None) -> str:
+    async def _publish_to_errors(self, item: DeliveredMessage, outcome: Outcome, reason: str | None = None) -> str:
         """Send the input and its context to `errors` when its result cannot go where it should."""
         reason = reason or (
             f"no queue is bound to routing key {outcome.routing_key!r} on exchange {self.config.exchange!r}: "
             "the next pipeline step does not exist or is not running"
         )
-        document = processing.error_document(
-            _json_or_text(item.body), _json_or_text(outcome.body) if outcome.body else None, reason, outcome.attempt,
-            self.context,
-        )
+        attempted = _json_or_text(outcome.body) if outcome.body else None
+        document = processing.error_document(_json_or_text(item.body), attempted, reason, outcome.attempt, self.context)
         # Not mandatory: if nobody listens on `errors` there is nowhere left
         # to send it; the log line still carries the reason.
-        await self._pipeline.publish(self._forward(item, document), ERRORS_ROUTING_KEY, mandatory=False)
-        return UNROUTABLE if outcome.verdict != processing.RETRY else processing.DEAD_LETTERED
+        await self._publish(self.config.exchange, ERRORS_ROUTING_KEY, document, item, mandatory=False)
+        return processing.DEAD_LETTERED if outcome.verdict == processing.RETRY else UNROUTABLE
 
-    @property
-    def _pipeline(self) -> AbstractExchange:
-        assert self._exchange is not None, "declared before consuming"
-        return self._exchange
-
-    def _forward(self, item: AbstractIncomingMessage, body: bytes) -> aio_pika.Message:
-        headers = _passed_on_headers(item.headers)
+    async def _publish(self, exchange: str, routing_key: str, body: bytes, item: DeliveredMessage, *, mandatory: bool) -> None:
+        """Publish a result of `item` and wait for the broker's confirm."""
+        headers = _passed_on(_headers(item))
         headers["timestamp"] = int(time.time() * 1000)
-        return aio_pika.Message(
-            body=body,
-            headers=headers,
-            message_id=item.message_id,
+        properties = Basic.Properties(
+            message_id=_properties(item).message_id,
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,
+            delivery_mode=_PERSISTENT,
+        )
+        # wait=False: do not wait for the socket to drain; the confirm is what counts.
+        await self._raw().basic_publish(
+            body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory, wait=False
         )
 
-    async def _stop_on(self, shutdown: asyncio.Event, queue: AbstractRobustQueue, consumer_tag: str) -> None:
+    # -- lifecycle -------------------------------------------------------------
+
+    async def _stop_on(self, shutdown: asyncio.Event, consumer_tag: str) -> None:
         """On shutdown: stop deliveries, then let the pump finish what it holds."""
         await shutdown.wait()
         self.readiness.set(consumer_attached=False)
+        self._stop_requested.set()
         self._drain_deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace_s / 2
         try:
-            await asyncio.wait_for(queue.cancel(consumer_tag), timeout=1.0)
+            await asyncio.wait_for(self._raw().basic_cancel(consumer_tag), timeout=1.0)
         except BROKER_ERRORS:
             pass  # the close that follows stops deliveries as well
         self._inbox.put_nowait(_Signal.STOP)
 
     async def _wait_in_flight(self, shutdown: asyncio.Event) -> None:
-        if not self._in_flight:
-            return
-        timeout = self.config.shutdown_grace_s / 2 if shutdown.is_set() else 1.0
-        await asyncio.wait(set(self._in_flight), timeout=timeout)
-        for task in self._in_flight:
-            task.cancel()
+        if self._in_flight:
+            timeout = self.config.shutdown_grace_s / 2 if shutdown.is_set() else 1.0
+            await asyncio.wait(set(self._in_flight), timeout=timeout)
+            for task in self._in_flight:
+                task.cancel()
+        if self._acker is not None and not self._lost:
+            await self._acker.flush()
 
     def _on_lost(self, *_: Any) -> None:
         self._lost = True
@@ -329,7 +335,15 @@ class Session:
         logs.event("consumer_cancelled_by_broker", level=30, queue=self.config.queue)
         self._on_lost()
 
-    def _log(self, item: AbstractIncomingMessage, outcome: Outcome, verdict: str, started: float) -> None:
+    def _raw(self) -> aiormq.abc.AbstractChannel:
+        assert self._channel is not None, "opened before consuming"
+        return self._channel
+
+    def _acker_(self) -> "_Acker":
+        assert self._acker is not None, "opened before consuming"
+        return self._acker
+
+    def _log(self, item: DeliveredMessage, outcome: Outcome, verdict: str, started: float) -> None:
         fields: dict[str, Any] = {
             "outcome": verdict,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -337,7 +351,7 @@ class Session:
             "worker_id": self.config.worker_id,
             "revision": self.config.revision,
             "routing_key": outcome.routing_key,
-            "message_id": item.message_id,
+            "message_id": _properties(item).message_id,
             "attempt": outcome.attempt,
         }
         if outcome.error:
@@ -347,8 +361,62 @@ class Session:
         logs.event("message", level=20 if verdict == processing.FORWARDED else 30, **fields)
 
 
-def _passed_on_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    return {key: value for key, value in (headers or {}).items() if not key.startswith(_HOP_HEADERS)}
+class _Acker:
+    """Acknowledges in delivery order, one `multiple` ack per run of settled messages.
+
+    Confirms arrive in batches; acking each input separately would send a
+    frame (and a syscall) per message. Settled tags are collected and, once
+    per event-loop turn, everything settled from the oldest outstanding tag
+    on is acknowledged with one frame. A message handed back (nack) is sent
+    at once, before any `multiple` ack that could cover its tag.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._channel = channel
+        self._outstanding: deque[int] = deque()
+        self._settled: set[int] = set()
+        self._flush_scheduled = False
+
+    def track(self, tag: int) -> None:
+        self._outstanding.append(tag)
+
+    async def settle(self, tag: int, ack: bool) -> None:
+        if not ack:
+            await self._channel.basic_nack(tag, requeue=True, wait=False)
+        self._settled.add(tag)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Runs after the other settles woken by the same confirm batch.
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
+
+    async def flush(self) -> None:
+        self._flush_scheduled = False
+        highest = None
+        while self._outstanding and self._outstanding[0] in self._settled:
+            highest = self._outstanding.popleft()
+            self._settled.discard(highest)
+        if highest is None:
+            return
+        try:
+            await self._channel.basic_ack(highest, multiple=True, wait=False)
+        except BROKER_ERRORS:
+            pass  # the channel is gone: the broker requeues whatever was not acked
+
+
+def _properties(item: DeliveredMessage) -> Basic.Properties:
+    return item.header.properties
+
+
+def _headers(item: DeliveredMessage) -> dict[str, Any]:
+    return dict(_properties(item).headers or {})
+
+
+def _tag(item: DeliveredMessage) -> int:
+    return int(item.delivery.delivery_tag)  # type: ignore[union-attr]
+
+
+def _passed_on(headers: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in headers.items() if not key.startswith(_HOP_HEADERS)}
 
 
 def _with_error(outcome: Outcome, error: str) -> Outcome:

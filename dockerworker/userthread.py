@@ -1,0 +1,51 @@
+"""The thread user code runs on.
+
+Owns: handing work from the event loop to one dedicated thread and the
+result back. User code blocks (HTTP calls in `match_device`, slow loops);
+on its own thread it cannot stall the event loop, which must keep answering
+heartbeats, publisher confirms, signals and the health endpoint.
+
+A daemon thread rather than an executor: a `process` that never returns must
+not keep the interpreter from exiting at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, Callable
+
+
+class UserThread:
+    """Runs one call at a time, in submission order, on a single daemon thread."""
+
+    def __init__(self, name: str = "user-code") -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run `function(*args)` on the thread and return (or raise) what it did."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((function, args, loop, future))
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            function, args, loop, future = self._jobs.get()
+            try:
+                result = function(*args)
+            except BaseException as exc:  # handed to the awaiting side, which decides
+                loop.call_soon_threadsafe(_resolve, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve, future, result, None)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled at shutdown)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
