@@ -33,7 +33,7 @@ impl SpecTemplate {
     /// The spec of a worker's container, given the image id the tag resolved to.
     pub fn spec(&self, worker: &DesiredWorker, image_id: &str) -> ContainerSpec {
         let base = self.code_base_url.trim_end_matches('/');
-        let env = BTreeMap::from([
+        let mut env = BTreeMap::from([
             ("WORKER_ID".into(), worker.id.to_string()),
             ("AMQP_HOST".into(), self.amqp_url.clone()),
             ("AMQP_XCHG".into(), self.amqp_exchange.clone()),
@@ -43,6 +43,11 @@ impl SpecTemplate {
             ("WORKER_REVISION".into(), worker.revision.to_string()),
             ("CODE_SHA256".into(), worker.code_sha256.clone()),
         ]);
+        if self.network == "host" {
+            // Workers share the host's ports: a fixed health port would let
+            // only the first one bind. Port 0 picks a free one.
+            env.insert("WORKER_HEALTH_PORT".into(), "0".into());
+        }
         ContainerSpec {
             worker_id: worker.id,
             revision: worker.revision,
