@@ -1,0 +1,328 @@
+"""Helpers for the dockerworker tests: inputs, HTTP stubs, a broker client, a worker process.
+
+The messaging tests run against a REAL RabbitMQ (AMQP_URL, default the local
+`workerctl` user that scripts/services creates); they fail, never skip, when
+it is not reachable. Every test uses its own random exchange and worker id,
+so tests cannot see each other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import aio_pika
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `dockerworker/`
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://workerctl:workerctl@127.0.0.1:5672/%2f")
+TRIVIAL_CODE = "def process(msg):\n    return msg\n"
+FLASK_MAIN = "import flask\nimport usercode\n\ndef main():\n    return usercode.process(flask.request)\n"
+
+
+# -- building inputs -------------------------------------------------------------
+
+
+def zip_bytes(files: dict[str, str | bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def sensorbucket_zip(usercode: str) -> bytes:
+    """An archive laid out like the one the existing API builds."""
+    return zip_bytes(
+        {
+            "usercode.py": usercode,
+            "main.py": FLASK_MAIN,
+            "requirements.txt": "python-dateutil==2.8.2\n",
+            "build.sh": "#!/bin/sh\npip3 install -r requirements.txt -t .\n",
+        }
+    )
+
+
+def pipeline_message(**overrides: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "tracing_id": str(uuid.uuid4()),
+        "tenant_id": 1,
+        "access_token": "token",
+        "received_at": 1694435883523,
+        "pipeline_id": str(uuid.uuid4()),
+        "step_index": 0,
+        "pipeline_steps": ["this-worker", "next"],
+        "timestamp": 1694435883523,
+        "device": None,
+        "measurements": [],
+        "payload": base64.b64encode(b"hello").decode(),
+        "metadata": {},
+    }
+    message.update(overrides)
+    return message
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- a scripted HTTP server (code endpoint, devices endpoint) ----------------------
+
+
+@dataclass
+class Scripted:
+    """Answers requests from a script: each entry is (status, json body); the last one repeats."""
+
+    answers: list[tuple[int, Any]]
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+    def next_answer(self) -> tuple[int, Any]:
+        index = min(len(self.requests) - 1, len(self.answers) - 1)
+        return self.answers[index]
+
+
+class HttpStub:
+    def __init__(self, script: Scripted) -> None:
+        self.script = script
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                stub.script.requests.append((self.path, dict(self.headers)))
+                status, body = stub.script.next_answer()
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def code_answer(archive: bytes) -> tuple[int, Any]:
+    return 200, {"data": base64.b64encode(archive).decode(), "message": "source code"}
+
+
+# -- the broker, through a synchronous facade ----------------------------------------
+
+
+class Broker:
+    """A test-side AMQP client: declare sinks, publish, collect. Runs its own event loop thread."""
+
+    def __init__(self, url: str) -> None:
+        self.exchange_name = f"test.{uuid.uuid4()}"
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._queues: list[str] = []
+        self._run(self._open(url))
+
+    async def _open(self, url: str) -> None:
+        self._connection = await aio_pika.connect(url, timeout=5)
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._exchange = await self._channel.declare_exchange(
+            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+    def _run(self, coroutine: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def sink(self, routing_key: str) -> str:
+        """A queue bound to `routing_key` on the test exchange; returns its name."""
+        name = f"test.sink.{routing_key}.{uuid.uuid4()}"
+
+        async def declare() -> None:
+            queue = await self._channel.declare_queue(name, durable=True)
+            await queue.bind(self._exchange, routing_key)
+
+        self._run(declare())
+        self._queues.append(name)
+        return name
+
+    def publish(self, routing_key: str, body: bytes | dict[str, Any], message_id: str | None = None, **props: Any) -> None:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+
+        async def send() -> None:
+            await self._exchange.publish(aio_pika.Message(data, message_id=message_id, **props), routing_key)
+
+        self._run(send())
+
+    def publish_many(self, routing_key: str, bodies: list[tuple[str, bytes]]) -> None:
+        async def send() -> None:
+            await asyncio.gather(
+                *(self._exchange.publish(aio_pika.Message(body, message_id=mid), routing_key) for mid, body in bodies)
+            )
+
+        self._run(send(), timeout=120)
+
+    def take(self, queue: str, count: int, timeout: float = 20.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Wait for `count` messages on `queue` (acked as taken); fail after `timeout`."""
+        taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+        deadline = time.monotonic() + timeout
+        while len(taken) < count and time.monotonic() < deadline:
+            message = self._run(self._get(queue))
+            if message is None:
+                time.sleep(0.05)
+            else:
+                taken.append(message)
+        assert len(taken) >= count, f"{queue}: got {len(taken)} of {count} messages in {timeout}s"
+        return taken
+
+    def drain(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Everything on `queue` now, without waiting."""
+        taken = []
+        while (message := self._run(self._get(queue))) is not None:
+            taken.append(message)
+        return taken
+
+    async def _get(self, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+        q = await self._channel.get_queue(queue, ensure=False)
+        return await q.get(no_ack=True, fail=False)
+
+    def message_count(self, queue: str) -> int:
+        async def count() -> int:
+            declared = await self._channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+
+        return self._run(count())
+
+    def forget(self, queue: str) -> None:
+        """Delete `queue` at the end of the test."""
+        self._queues.append(queue)
+
+    def close(self) -> None:
+        async def cleanup() -> None:
+            channel = await self._connection.channel()
+            for name in self._queues:
+                await channel.queue_delete(name)
+            await channel.exchange_delete(self.exchange_name)
+            await self._connection.close()
+
+        try:
+            self._run(cleanup())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+# -- the worker as a subprocess ----------------------------------------------------------
+
+
+class Worker:
+    """`python -m dockerworker run` with a test environment; its log lines are kept."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.health_port = int(env["WORKER_HEALTH_PORT"])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.env["WORKER_ID"]
+
+    @property
+    def queue(self) -> str:
+        return f"worker_{self.worker_id}"
+
+    def start(self) -> "Worker":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dockerworker", "run"],
+            env=self.env,
+            cwd=PACKAGE_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> "Worker":
+        wait_until(self._ready, timeout, f"worker ready; log:\n{self.log_text()}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"worker exited with {self.process.returncode}; log:\n{self.log_text()}")
+        return http_status(f"http://127.0.0.1:{self.health_port}/readyz") == 200
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the worker and return its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"worker did not exit within {timeout}s; log:\n{self.log_text()}") from None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                lines.append({"unparsed": line})
+        return lines
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("event") == name]
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
