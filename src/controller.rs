@@ -12,7 +12,8 @@ use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::reconciler::{Reconciler, error_chain};
+use crate::backoff::{self, error_chain};
+use crate::reconciler::Reconciler;
 use crate::runtime::ContainerRuntime;
 use crate::store::WorkerStore;
 
@@ -50,7 +51,7 @@ pub async fn run<S: WorkerStore, R: ContainerRuntime>(
             }
             Err(e) => {
                 failures += 1;
-                let delay = retry_delay(failures);
+                let delay = backoff::delay(RETRY_INITIAL, RETRY_MAX, failures - 1);
                 error!(
                     "pass failed, containers left as they are; retrying in {delay:?}: {}",
                     error_chain(&e)
@@ -60,22 +61,4 @@ pub async fn run<S: WorkerStore, R: ContainerRuntime>(
         };
     }
     warn!("shutting down: worker containers keep running");
-}
-
-fn retry_delay(failures: u32) -> Duration {
-    RETRY_INITIAL
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
-        .min(RETRY_MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_doubles_and_is_capped() {
-        assert_eq!(retry_delay(1), Duration::from_millis(500));
-        assert_eq!(retry_delay(2), Duration::from_secs(1));
-        assert_eq!(retry_delay(50), RETRY_MAX);
-    }
 }

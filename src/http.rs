@@ -15,9 +15,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backoff::error_chain;
 use crate::metrics::Metrics;
 use crate::model::WorkerId;
-use crate::reconciler::error_chain;
 use crate::store::WorkerStore;
 
 pub struct AppState<S> {

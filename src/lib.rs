@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of this crate.
 
 pub mod archive;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod controller;

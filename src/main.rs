@@ -13,10 +13,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use workerctl::backoff::{self, error_chain};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Config, LogFormat};
 use workerctl::metrics::Metrics;
-use workerctl::reconciler::{PassSettings, Reconciler, error_chain};
+use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::{self, PgStore};
 use workerctl::{controller, http, worker_cli};
@@ -182,8 +183,8 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::error::Error,
 {
-    let mut delay = Duration::from_millis(250);
-    loop {
+    for attempt in 0u32.. {
+        let delay = backoff::delay(Duration::from_millis(250), Duration::from_secs(15), attempt);
         match op().await {
             Ok(value) => return Some(value),
             Err(e) => warn!("cannot {what}, retrying in {delay:?}: {}", error_chain(&e)),
@@ -193,8 +194,8 @@ where
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(15));
     }
+    None
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

@@ -87,8 +87,7 @@ pub struct BackoffPolicy {
 impl BackoffPolicy {
     /// The delay before restart number `restarts + 1`: initial · 2^restarts, capped.
     pub fn delay(&self, restarts: u32) -> Duration {
-        let factor = 2u32.saturating_pow(restarts.min(30));
-        self.initial.saturating_mul(factor).min(self.max)
+        crate::backoff::delay(self.initial, self.max, restarts)
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
+use crate::backoff::error_chain;
 use crate::config::Config;
 use crate::execute::{Outcome, execute};
 use crate::metrics::Metrics;
@@ -385,18 +386,6 @@ fn state_text(state: &RunState) -> String {
         RunState::Exited(None) => "exited".into(),
         RunState::Other(s) => s.clone(),
     }
-}
-
-/// An error and its causes, on one line: "cannot start x: No such image".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn now_ms() -> i64 {

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{ContainerRuntime, ImageState, RuntimeError};
+use crate::backoff::{self, error_chain};
 use crate::model::{ContainerSpec, ManagedContainer, Revision, RunState, WorkerId, labels};
 
 /// The events that may change what a pass decides: a worker exited, was
@@ -300,7 +301,12 @@ impl DockerRuntime {
     /// engine answers again.
     async fn await_engine(&self, failures: u32, shutdown: &CancellationToken) -> Reconnect {
         let ping = async {
-            tokio::time::sleep(backoff_delay(failures)).await;
+            tokio::time::sleep(backoff::delay(
+                EVENTS_BACKOFF_INITIAL,
+                EVENTS_BACKOFF_MAX,
+                failures - 1,
+            ))
+            .await;
             self.ping().await
         };
         tokio::select! {
@@ -355,26 +361,6 @@ fn log_event(event: &EventMessage) {
         exit_code = attribute("exitCode"),
         "Docker event"
     );
-}
-
-/// The delay before reconnect attempt `failures` (1-based): doubling, capped.
-fn backoff_delay(failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.saturating_sub(1));
-    EVENTS_BACKOFF_INITIAL
-        .saturating_mul(factor)
-        .min(EVENTS_BACKOFF_MAX)
-}
-
-/// An error and its causes on one line, for a log field.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 /// The HTTP status of an engine error response, if it is one.
@@ -651,14 +637,6 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_secs(10)), 10);
         assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
         assert_eq!(whole_seconds(Duration::ZERO), 0);
-    }
-
-    #[test]
-    fn reconnect_backoff_doubles_up_to_the_cap() {
-        assert_eq!(backoff_delay(1), EVENTS_BACKOFF_INITIAL);
-        assert_eq!(backoff_delay(2), EVENTS_BACKOFF_INITIAL * 2);
-        assert_eq!(backoff_delay(3), EVENTS_BACKOFF_INITIAL * 4);
-        assert_eq!(backoff_delay(40), EVENTS_BACKOFF_MAX);
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
+use crate::backoff::{self, error_chain};
 use crate::model::{Revision, WorkerId, WorkerRow};
 
 /// The channel the `user_workers` trigger notifies (migrations/0003).
@@ -314,7 +315,7 @@ pub async fn listen_with<F>(url: String, shutdown: CancellationToken, on_wake: F
 where
     F: Fn(Wake) + Send + Sync + 'static,
 {
-    let mut backoff = Backoff::new(LISTEN_BACKOFF_MIN, LISTEN_BACKOFF_MAX);
+    let mut failures = 0u32;
     loop {
         let started = Instant::now();
         // On shutdown the session is dropped, and its connection with it;
@@ -324,9 +325,10 @@ where
             ended = listen_session(&url, &on_wake) => ended,
         };
         if started.elapsed() >= LISTEN_STABLE {
-            backoff.reset();
+            failures = 0;
         }
-        let delay = backoff.next_delay();
+        let delay = backoff::delay(LISTEN_BACKOFF_MIN, LISTEN_BACKOFF_MAX, failures);
+        failures = failures.saturating_add(1);
         tracing::warn!(error = %error_chain(&ended), retry_in = ?delay, "database listener interrupted");
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -370,46 +372,6 @@ async fn subscribe(url: &str) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
-/// An error and its causes on one line, for a single log record.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
-}
-
-/// Doubling delays between `min` and `max`.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,15 +386,6 @@ mod tests {
             restarts: 0,
             last_exit_code: None,
         }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
-        let delays: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(delays, [500, 1000, 2000, 2000]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(500));
     }
 
     #[test]
