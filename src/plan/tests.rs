@@ -144,7 +144,9 @@ fn container_gets_the_contract_environment() {
 #[test]
 fn workers_on_the_host_network_get_a_free_health_port() {
     let p = run(&snapshot(vec![row(1, 1)], vec![]));
-    let Step::Create { spec } = &p.actions[0].step else { unreachable!() };
+    let Step::Create { spec } = &p.actions[0].step else {
+        unreachable!()
+    };
     assert_eq!(spec.env["WORKER_HEALTH_PORT"], "0");
 }
 

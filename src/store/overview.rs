@@ -57,7 +57,10 @@ pub async fn list(pool: &PgPool) -> Result<Vec<WorkerOverview>, StoreError> {
     sqlx::query_as(&sql)
         .fetch_all(pool)
         .await
-        .map_err(|source| StoreError::Query { what: "list workers", source })
+        .map_err(|source| StoreError::Query {
+            what: "list workers",
+            source,
+        })
 }
 
 /// One worker by id.
@@ -67,5 +70,8 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<WorkerOverview>, Stor
         .bind(id)
         .fetch_optional(pool)
         .await
-        .map_err(|source| StoreError::Query { what: "load worker", source })
+        .map_err(|source| StoreError::Query {
+            what: "load worker",
+            source,
+        })
 }
