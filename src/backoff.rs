@@ -17,8 +17,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        let part = e.to_string();
+        // Some errors repeat their source's message in their own; say it once.
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
         cause = e.source();
     }
     text
@@ -43,6 +47,29 @@ mod tests {
     fn error_chain_names_every_cause() {
         let inner = std::io::Error::other("disk full");
         assert_eq!(error_chain(&Wrapped(inner)), "wrapped: disk full");
+    }
+
+    #[test]
+    fn error_chain_says_a_repeated_cause_once() {
+        let inner = std::io::Error::other("disk full");
+        let outer = std::io::Error::other(format!("wrapped: {inner}"));
+        assert_eq!(error_chain(&Wrapped(outer)), "wrapped: wrapped: disk full");
+        let echo = Echo(std::io::Error::other("disk full"));
+        assert_eq!(error_chain(&echo), "write failed: disk full");
+    }
+
+    /// Displays its source's message in its own, as some library errors do.
+    #[derive(Debug)]
+    struct Echo(std::io::Error);
+    impl std::fmt::Display for Echo {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "write failed: {}", self.0)
+        }
+    }
+    impl std::error::Error for Echo {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 
     #[derive(Debug)]

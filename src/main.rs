@@ -17,6 +17,7 @@ use workerctl::backoff::{self, error_chain};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Config, LogFormat};
 use workerctl::metrics::Metrics;
+use workerctl::model::Status;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::{self, PgStore};
@@ -88,10 +89,14 @@ async fn reconciler(
 async fn plan(config: Config) -> Result<()> {
     let plan = reconciler(&config, Arc::default()).await?.dry_run().await?;
     if plan.actions.is_empty() {
-        println!("nothing to do: every container is in line with the store");
+        println!("no container changes: every container is in line with the store");
     }
     for action in &plan.actions {
         println!("{action}");
+    }
+    let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
+    for verdict in blocked {
+        println!("error   worker {}: {}", verdict.id, verdict.info);
     }
     Ok(())
 }
