@@ -60,10 +60,7 @@ def setup(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     """Route stdlib logging to JSON lines on stdout and install the print capture."""
     global _real_stdout
     _real_stdout = stream or sys.__stdout__ or sys.stdout
-    if not isinstance(sys.stdout, _CaptureRouter):
-        sys.stdout = _CaptureRouter(sys.stdout)
-    if not isinstance(sys.stderr, _CaptureRouter):
-        sys.stderr = _CaptureRouter(sys.stderr)
+    _install_routers()
     handler = logging.StreamHandler(_LineWriter())
     handler.setFormatter(_JsonFormatter())
     root = logging.getLogger()
@@ -74,9 +71,17 @@ def setup(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
 
 
+def _install_routers() -> None:
+    if not isinstance(sys.stdout, _CaptureRouter):
+        sys.stdout = _CaptureRouter(sys.stdout)
+    if not isinstance(sys.stderr, _CaptureRouter):
+        sys.stderr = _CaptureRouter(sys.stderr)
+
+
 @contextmanager
 def capture() -> Iterator[io.StringIO]:
     """Collect everything printed on this thread while the block runs."""
+    _install_routers()
     buffer = io.StringIO()
     previous = getattr(_local, "buffer", None)
     _local.buffer = buffer
