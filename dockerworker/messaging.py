@@ -119,6 +119,7 @@ class Session:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._lost = False
+        self._closing = False  # our own close: not worth a warning
         self._drain_deadline: float | None = None
         self._stop_requested = threading.Event()
         self._channel: aiormq.abc.AbstractChannel | None = None
@@ -134,6 +135,7 @@ class Session:
             await self._consume(connection, shutdown)
         finally:
             self.readiness.set(consumer_attached=False)
+            self._closing = True
             await _close_quietly(connection)
 
     async def _consume(self, connection: aio_pika.abc.AbstractConnection, shutdown: asyncio.Event) -> None:
@@ -324,7 +326,12 @@ class Session:
         if self._acker is not None and not self._lost:
             await self._acker.flush()
 
-    def _on_lost(self, *_: Any) -> None:
+    def _on_lost(self, *args: Any) -> None:
+        if self._lost:
+            return
+        if not self._closing:
+            reason = next((arg for arg in args if isinstance(arg, BaseException)), None)
+            logs.event("broker_connection_lost", level=30, error=f"{type(reason).__name__}: {reason}" if reason else "closed")
         self._lost = True
         self.readiness.set(consumer_attached=False)
         self._inbox.put_nowait(_Signal.LOST)

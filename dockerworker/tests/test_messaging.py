@@ -6,8 +6,9 @@ import json
 import signal
 import time
 import uuid
+from urllib.parse import urlsplit
 
-from .support import Broker, pipeline_message, wait_until
+from .support import AMQP_URL, Broker, TcpProxy, http_status, pipeline_message, wait_until
 
 RAISING_CODE = "def process(msg):\n    return 1 / 0\n"
 
@@ -226,3 +227,26 @@ def test_a_message_the_worker_dies_on_is_dead_lettered_after_the_redelivery_limi
     assert "redelivered 2 times" in json.loads(error.body)["error"]
     assert crashes == 2
     assert worker.stop() == 0
+
+
+def test_the_worker_reconnects_when_the_broker_connection_drops_and_loses_nothing(broker: Broker, make_worker):
+    parts = urlsplit(AMQP_URL)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    via_proxy = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}").geturl()
+    code = "import time\n\ndef process(msg):\n    time.sleep(0.005)\n    return msg\n"
+    sink = broker.sink("next")
+    worker = make_worker(broker, code, AMQP_HOST=via_proxy).start().wait_ready()
+    count = 300
+    try:
+        broker.publish_many(worker.worker_id, [(f"r-{i}", json.dumps(pipeline_message()).encode()) for i in range(count)])
+        wait_until(lambda: len(worker.events("message")) >= 50, 20, "the worker to get going")
+        proxy.cut()
+
+        arrived = broker.take(sink, count, timeout=60)
+        assert {message.message_id for message in arrived} == {f"r-{i}" for i in range(count)}
+        assert worker.events("broker_connection_lost")
+        assert len(worker.events("consuming")) >= 2
+        wait_until(lambda: http_status(f"http://127.0.0.1:{worker.health_port}/readyz") == 200, 10, "ready again")
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
