@@ -86,6 +86,13 @@ impl DockerRuntime {
         &self.instance
     }
 
+    /// The engine client, for read-only requests the reconciler never makes
+    /// (`workerctl worker logs` streams a container's logs). Counted as one
+    /// call, like every other use of the client.
+    pub fn client(&self) -> &Docker {
+        self.api()
+    }
+
     pub async fn ping(&self) -> Result<(), RuntimeError> {
         self.api()
             .ping()
