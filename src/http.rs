@@ -1,28 +1,46 @@
 //! The daemon's HTTP server (axum): serves each worker's code to its
-//! container (`GET /<uuid>/source`), health and readiness probes, and
-//! Prometheus metrics. Handlers only read; nothing here changes containers.
+//! container (`GET /<uuid>/source`), the status page (`/`, polling
+//! `/api/workers`), liveness and readiness probes, and Prometheus metrics.
+//! Handlers only read; nothing here changes containers.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
+use futures::future::{BoxFuture, join_all};
 use serde_json::json;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::error_chain;
 use crate::metrics::Metrics;
 use crate::model::WorkerId;
+use crate::runtime::docker::DockerRuntime;
+use crate::status_page;
 use crate::store::WorkerStore;
 
+/// How long `/readyz` waits for each dependency: a probe must answer fast,
+/// and a dependency that takes longer is not fit to serve.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the handlers read. The code endpoint goes through the store
+/// boundary; the status page reads the overview read model from `pool`.
 pub struct AppState<S> {
     pub store: Arc<S>,
     pub metrics: Arc<Metrics>,
+    /// The daemon's `instance`, named on the status page.
+    pub instance: Arc<str>,
+    pub pool: PgPool,
+    /// What `/readyz` pings.
+    pub probes: Arc<[Probe]>,
 }
 
 impl<S> Clone for AppState<S> {
@@ -30,6 +48,61 @@ impl<S> Clone for AppState<S> {
         AppState {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            instance: self.instance.clone(),
+            pool: self.pool.clone(),
+            probes: self.probes.clone(),
+        }
+    }
+}
+
+type Check = dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync;
+
+/// A dependency the daemon needs to do its job, and how to ping it.
+#[derive(Clone)]
+pub struct Probe {
+    name: &'static str,
+    check: Arc<Check>,
+}
+
+impl Probe {
+    /// A probe named `name` (as `/readyz` reports it) running `check`.
+    pub fn new<F, Fut>(name: &'static str, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let check = move || -> BoxFuture<'static, _> { Box::pin(check()) };
+        Probe {
+            name,
+            check: Arc::new(check),
+        }
+    }
+
+    /// `SELECT 1` on the pool.
+    pub fn database(pool: PgPool) -> Self {
+        Probe::new("database", move || {
+            let pool = pool.clone();
+            async move {
+                let ping = sqlx::query("SELECT 1").execute(&pool).await;
+                ping.map(drop).map_err(|e| error_chain(&e))
+            }
+        })
+    }
+
+    /// A ping of the Docker engine.
+    pub fn docker(runtime: Arc<DockerRuntime>) -> Self {
+        Probe::new("docker", move || {
+            let runtime = runtime.clone();
+            async move { runtime.ping().await.map_err(|e| error_chain(&e)) }
+        })
+    }
+
+    /// `None` if the dependency answered in time, else "name: why".
+    async fn failure(&self) -> Option<String> {
+        match tokio::time::timeout(PROBE_TIMEOUT, (self.check)()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(why)) => Some(format!("{}: {why}", self.name)),
+            Err(_) => Some(format!("{}: no answer within {PROBE_TIMEOUT:?}", self.name)),
         }
     }
 }
@@ -37,6 +110,8 @@ impl<S> Clone for AppState<S> {
 /// The routes, for the server and for tests.
 pub fn router<S: WorkerStore>(state: AppState<S>) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(status_page::PAGE) }))
+        .route("/api/workers", get(workers::<S>))
         .route("/{id}/source", get(source::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<S>))
@@ -86,18 +161,40 @@ async fn source<S: WorkerStore>(
     }
 }
 
-/// Ready when the last pass reached both the database and Docker.
+/// The status page's view: every worker, as JSON; 503 if the database
+/// cannot be read.
+async fn workers<S: WorkerStore>(State(state): State<AppState<S>>) -> Response {
+    match status_page::view(&state.pool, &state.instance, &state.metrics).await {
+        Ok(view) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(view)).into_response(),
+        Err(e) => {
+            debug!("status page: {}", error_chain(&e));
+            error(StatusCode::SERVICE_UNAVAILABLE, &error_chain(&e))
+        }
+    }
+}
+
+/// Ready when every dependency answers a ping now; otherwise 503 naming
+/// each one that did not, and why.
 async fn readyz<S: WorkerStore>(State(state): State<AppState<S>>) -> Response {
-    match state.metrics.not_ready_reason() {
-        None => (StatusCode::OK, "ready\n").into_response(),
-        Some(reason) => error(StatusCode::SERVICE_UNAVAILABLE, &reason),
+    let failures: Vec<String> = join_all(state.probes.iter().map(Probe::failure))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if failures.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not ready: {}", failures.join("; ")),
+        )
     }
 }
 
 async fn metrics<S: WorkerStore>(State(state): State<AppState<S>>) -> Response {
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     (
-        [(axum::http::header::CONTENT_TYPE, content_type)],
+        [(header::CONTENT_TYPE, content_type)],
         state.metrics.render(),
     )
         .into_response()

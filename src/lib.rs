@@ -14,5 +14,6 @@ pub mod model;
 pub mod plan;
 pub mod reconciler;
 pub mod runtime;
+pub mod status_page;
 pub mod store;
 pub mod worker_cli;

@@ -67,7 +67,13 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
+        // One JSON object per line, with the fields of the current span
+        // (`span`) and of every enclosing one (`spans`: pass, action).
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -142,6 +148,12 @@ async fn run(config: Config) -> Result<()> {
     let state = http::AppState {
         store: store.clone(),
         metrics: metrics.clone(),
+        instance: config.instance.as_str().into(),
+        pool: store.pool().clone(),
+        probes: Arc::new([
+            http::Probe::database(store.pool().clone()),
+            http::Probe::docker(runtime.clone()),
+        ]),
     };
     let server = http::serve(config.code_server.listen, state, shutdown.clone());
     let listen = config.code_server.listen;

@@ -5,12 +5,14 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serde::Serialize;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -33,10 +35,25 @@ pub struct Metrics {
     pub workers: Family<StatusLabels, Gauge>,
     pub restarts: Counter,
     pub change_to_running_seconds: Histogram,
-    /// When the store last announced a change, to time change → running.
-    last_change: Mutex<Option<Instant>>,
-    /// The outcome of the last completed pass; `None` before the first.
-    last_pass: Mutex<Option<Result<(), String>>>,
+    timing: Mutex<Timing>,
+}
+
+/// What the metrics remember between calls, under one lock.
+#[derive(Default)]
+struct Timing {
+    /// The earliest change announced since the last pass started.
+    announced: Option<Instant>,
+    /// The change the running pass reacts to.
+    in_pass: Option<Instant>,
+    last_pass: Option<LastPass>,
+}
+
+/// How a pass ended, as the status page shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LastPass {
+    pub finished_at: DateTime<Utc>,
+    /// Why the pass could not observe the world; `None` when it could.
+    pub error: Option<String>,
 }
 
 impl Default for Metrics {
@@ -95,45 +112,59 @@ impl Metrics {
             workers,
             restarts,
             change_to_running_seconds,
-            last_change: Mutex::new(None),
-            last_pass: Mutex::new(None),
+            timing: Mutex::new(Timing::default()),
         }
     }
 
-    /// Notes that the store announced a change (a NOTIFY arrived).
+    /// Notes that the store announced a change (a NOTIFY arrived). The
+    /// earliest announcement not yet picked up by a pass is kept.
     pub fn change_announced(&self) {
-        if let Ok(mut last) = self.last_change.lock() {
-            *last = Some(Instant::now());
+        if let Ok(mut t) = self.timing.lock() {
+            t.announced.get_or_insert_with(Instant::now);
         }
     }
 
-    /// Records that a container for a changed worker now runs.
+    /// Counts a pass that starts now. The changes announced so far are what
+    /// it reacts to: containers it starts are timed from them. A change
+    /// announced while the pass runs is left for the next one.
+    pub fn pass_started(&self) {
+        self.passes.inc();
+        if let Ok(mut t) = self.timing.lock() {
+            t.in_pass = t.announced.take();
+        }
+    }
+
+    /// Records that the current pass got a container running; times it from
+    /// the change the pass reacts to, if any (not on a plain resync or a
+    /// crash restart).
     pub fn container_running(&self) {
-        let since = self.last_change.lock().ok().and_then(|l| *l);
+        let since = self.timing.lock().ok().and_then(|t| t.in_pass);
         if let Some(t) = since {
             self.change_to_running_seconds
                 .observe(t.elapsed().as_secs_f64());
         }
     }
 
-    /// Remembers how the last pass went, for the readiness probe.
+    /// Remembers how the pass went, for the status page. A pass that could
+    /// not observe the world hands its change on to the next pass.
     pub fn pass_finished(&self, result: Result<(), String>) {
         if result.is_err() {
             self.pass_errors.inc();
         }
-        if let Ok(mut last) = self.last_pass.lock() {
-            *last = Some(result);
+        if let Ok(mut t) = self.timing.lock() {
+            if let (Err(_), Some(change)) = (&result, t.in_pass.take()) {
+                t.announced = Some(t.announced.map_or(change, |a| a.min(change)));
+            }
+            t.last_pass = Some(LastPass {
+                finished_at: Utc::now(),
+                error: result.err(),
+            });
         }
     }
 
-    /// Why the daemon is not ready, if it is not: the last pass could not
-    /// reach the database or Docker, or none has completed yet.
-    pub fn not_ready_reason(&self) -> Option<String> {
-        match self.last_pass.lock().ok().and_then(|l| l.clone()) {
-            None => Some("no reconcile pass has completed yet".into()),
-            Some(Ok(())) => None,
-            Some(Err(e)) => Some(e),
-        }
+    /// How the last completed pass went; `None` before the first.
+    pub fn last_pass(&self) -> Option<LastPass> {
+        self.timing.lock().ok().and_then(|t| t.last_pass.clone())
     }
 
     pub fn action(&self, kind: &str, ok: bool) {
@@ -170,7 +201,7 @@ mod tests {
     #[test]
     fn rendered_metrics_carry_recorded_values() {
         let m = Metrics::new();
-        m.passes.inc();
+        m.pass_started();
         m.action("create", true);
         m.set_workers("ready", 3);
         let text = m.render();
@@ -186,5 +217,62 @@ mod tests {
             text.contains("workerctl_workers{status=\"ready\"} 3"),
             "{text}"
         );
+    }
+
+    /// How many change → running durations were observed.
+    fn timed(m: &Metrics) -> u64 {
+        let text = m.render();
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("workerctl_change_to_running_seconds_count "));
+        line.and_then(|n| n.parse().ok())
+            .expect("the histogram is rendered")
+    }
+
+    #[test]
+    fn a_container_started_by_the_pass_after_a_change_is_timed() {
+        let m = Metrics::new();
+        m.change_announced();
+        m.pass_started();
+        m.container_running();
+        m.pass_finished(Ok(()));
+        assert_eq!(timed(&m), 1);
+    }
+
+    #[test]
+    fn a_container_started_without_a_change_is_not_timed() {
+        let m = Metrics::new();
+        m.change_announced();
+        m.pass_started();
+        m.pass_finished(Ok(()));
+        m.pass_started();
+        m.container_running();
+        assert_eq!(timed(&m), 0);
+    }
+
+    #[test]
+    fn a_change_announced_during_a_pass_is_left_for_the_next() {
+        let m = Metrics::new();
+        m.pass_started();
+        m.change_announced();
+        m.container_running();
+        m.pass_finished(Ok(()));
+        assert_eq!(timed(&m), 0);
+        m.pass_started();
+        m.container_running();
+        assert_eq!(timed(&m), 1);
+    }
+
+    #[test]
+    fn a_failed_pass_hands_its_change_on() {
+        let m = Metrics::new();
+        m.change_announced();
+        m.pass_started();
+        m.pass_finished(Err("cannot read the worker store".into()));
+        let last = m.last_pass().expect("a pass finished");
+        assert_eq!(last.error.as_deref(), Some("cannot read the worker store"));
+        m.pass_started();
+        m.container_running();
+        assert_eq!(timed(&m), 1);
     }
 }

@@ -14,7 +14,9 @@ use crate::config::Config;
 use crate::execute::{Outcome, execute};
 use crate::metrics::Metrics;
 use crate::model::{ManagedContainer, RunState, Status, WorkerId, WorkerRow};
-use crate::plan::{Backoff, BackoffPolicy, NetworkState, Plan, Snapshot, SpecTemplate, Step, plan};
+use crate::plan::{
+    Action, Backoff, BackoffPolicy, NetworkState, Plan, Snapshot, SpecTemplate, Step, plan,
+};
 use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::store::{Observed, StatusUpdate, StoreError, WorkerStore};
 
@@ -147,7 +149,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     #[tracing::instrument(name = "pass", skip_all)]
     pub async fn pass(&mut self) -> Result<PassReport, PassError> {
         let started = Instant::now();
-        self.metrics.passes.inc();
+        self.metrics.pass_started();
         let result = self.pass_inner().await;
         self.metrics
             .pass_seconds
@@ -160,8 +162,13 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     async fn pass_inner(&mut self) -> Result<PassReport, PassError> {
         let snapshot = self.observe().await?;
         let plan = plan(&snapshot, &self.settings.template, &self.settings.policy);
+        let names: HashMap<WorkerId, &str> = snapshot
+            .rows
+            .iter()
+            .map(|r| (r.id, r.name.as_str()))
+            .collect();
         for action in &plan.actions {
-            info!(worker = ?action.worker, "{action}");
+            action_span(action, &names).in_scope(|| info!("{action}"));
         }
         let s = &self.settings;
         let outcomes = execute(
@@ -171,7 +178,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             s.stop_timeout,
         )
         .await;
-        let failures = self.record_outcomes(&outcomes);
+        let failures = self.record_outcomes(&outcomes, &names);
         self.backoff = plan.backoff.clone();
         let verdicts = verdicts(&snapshot.rows, &plan, &outcomes);
         self.count_statuses(&snapshot.rows, &verdicts);
@@ -187,15 +194,23 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         })
     }
 
-    fn record_outcomes(&self, outcomes: &[Outcome]) -> Vec<String> {
+    fn record_outcomes(
+        &self,
+        outcomes: &[Outcome],
+        names: &HashMap<WorkerId, &str>,
+    ) -> Vec<String> {
         let mut failures = Vec::new();
         for o in outcomes {
+            let _span = action_span(&o.action, names).entered();
             self.metrics.action(o.action.kind(), o.result.is_ok());
             match &o.result {
-                Ok(()) => self.record_success(&o.action.step),
+                Ok(()) => {
+                    info!("{} {} done", o.action.kind(), o.action.target());
+                    self.record_success(&o.action.step);
+                }
                 Err(e) => {
                     let chain = error_chain(e);
-                    warn!(worker = ?o.action.worker, action = o.action.kind(), "{} failed: {chain}", o.action.target());
+                    warn!("{} failed: {chain}", o.action.target());
                     failures.push(format!(
                         "{} {}: {chain}",
                         o.action.kind(),
@@ -265,6 +280,19 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             Err(e) => warn!("{}", error_chain(&e)),
         }
     }
+}
+
+/// The span of one action's log lines: which worker (id and name), what
+/// kind of action, on which container.
+fn action_span(action: &Action, names: &HashMap<WorkerId, &str>) -> tracing::Span {
+    let name = action.worker.and_then(|id| names.get(&id).copied());
+    tracing::info_span!(
+        "action",
+        worker = action.worker.as_ref().map(tracing::field::display),
+        worker_name = name,
+        kind = action.kind(),
+        container = action.target(),
+    )
 }
 
 /// The status of every worker after the pass: the plan's verdicts, the

@@ -498,6 +498,9 @@ async fn code_endpoint_serves_enabled_workers_only(pool: PgPool) {
     let state = http::AppState {
         store: d.store.clone(),
         metrics: Arc::new(Metrics::new()),
+        instance: d.config.instance.as_str().into(),
+        pool: d.pool.clone(),
+        probes: Arc::new([]),
     };
     let server = tokio::spawn(async move { axum::serve(listener, http::router(state)).await });
     let get = |path: String| async move {

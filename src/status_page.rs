@@ -1,0 +1,59 @@
+//! The status page people open in a browser: one self-contained HTML file
+//! (inline CSS and script, no external assets, so it works offline) and the
+//! JSON view it polls every two seconds. This module owns what the page shows;
+//! `http.rs` owns the routes. It only reads: the overview read model and the
+//! outcome of the last pass.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::metrics::{LastPass, Metrics};
+use crate::store::StoreError;
+use crate::store::overview::{self, WorkerOverview};
+
+/// The page itself. It renders nothing from the server: its script fetches
+/// [`StatusView`] from `api/workers` and draws the table.
+pub const PAGE: &str = include_str!("status_page.html");
+
+/// What `GET /api/workers` returns: everything the page draws.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusView {
+    /// The daemon's `instance`, so that two daemons' pages are told apart.
+    pub instance: String,
+    /// When this view was read; the page shows ages relative to it, so a
+    /// browser with a wrong clock still shows the right ones.
+    pub generated_at: DateTime<Utc>,
+    /// `None` until the first pass completes.
+    pub last_pass: Option<LastPass>,
+    /// Every worker, by name then id.
+    pub workers: Vec<WorkerOverview>,
+}
+
+/// Reads the view: one query of the overview read model.
+pub async fn view(
+    pool: &PgPool,
+    instance: &str,
+    metrics: &Metrics,
+) -> Result<StatusView, StoreError> {
+    let workers = overview::list(pool).await?;
+    Ok(StatusView {
+        instance: instance.to_string(),
+        generated_at: Utc::now(),
+        last_pass: metrics.last_pass(),
+        workers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_is_self_contained() {
+        for external in ["http://", "https://", "<link", "src="] {
+            assert!(!PAGE.contains(external), "the page loads {external}");
+        }
+        assert!(PAGE.contains("api/workers"));
+    }
+}
