@@ -1,0 +1,687 @@
+//! The whole pipeline end to end, on real services and without mocks: the
+//! daemon (control loop, Postgres listener, Docker events and the HTTP code
+//! server) runs in-process on a fresh database (`#[sqlx::test]`), starts the
+//! real `workerctl/dockerworker:latest` image on the host network, and the
+//! container downloads its code from the daemon and processes pipeline
+//! messages from RabbitMQ. The test publishes and consumes with `lapin`.
+//!
+//! Each test has its own workerctl instance and its own exchange
+//! (`pipeline.messages.test-<uuid>`), so tests never see each other's
+//! containers or messages; it removes its containers, queues and exchange at
+//! the end, whether it passed or not.
+//!
+//! Without Postgres, RabbitMQ (AMQP_URL, default the one `scripts/services`
+//! provides), Docker or the worker image (`scripts/build-images`) these tests
+//! fail; they never skip.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use workerctl::archive::sensorbucket_archive;
+use workerctl::config::{Config, Secret};
+use workerctl::metrics::Metrics;
+use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
+use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::runtime::ContainerRuntime;
+use workerctl::runtime::docker::DockerRuntime;
+use workerctl::store::postgres::{self, PgStore};
+use workerctl::{controller, http};
+
+const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
+const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
+/// Generous: a worker container starts a Python interpreter and downloads
+/// its code before it consumes; a loaded CI host can take a while.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
+}
+
+fn worker_image() -> &'static str {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", WORKER_IMAGE])
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "the worker image {WORKER_IMAGE} is missing: build it with scripts/build-images ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    WORKER_IMAGE
+}
+
+fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    since.as_millis() as i64
+}
+
+/// The daemon of one test, the worker's code server, and the test's own side
+/// of the broker: an exchange, a queue on the next step and one on `errors`.
+struct Pipeline {
+    pool: PgPool,
+    runtime: Arc<DockerRuntime>,
+    instance: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    amqp: Connection,
+    publisher: Channel,
+    exchange: String,
+    next_key: String,
+    next_queue: String,
+    errors_queue: String,
+    next: Consumer,
+    errors: Consumer,
+    workers: Vec<WorkerId>,
+}
+
+impl Pipeline {
+    async fn start(pool: PgPool) -> Pipeline {
+        let tag = Uuid::new_v4().simple().to_string();
+        let exchange = format!("pipeline.messages.test-{tag}");
+        let next_key = format!("storage-{tag}");
+        // Postgres and Docker first: nothing on the broker to clean up if they fail.
+        let instance = format!("p{}", &tag[..12]);
+        let store = Arc::new(PgStore::from_pool(pool.clone()));
+        store.migrate().await.expect("migrations apply");
+        let runtime = Arc::new(
+            DockerRuntime::connect(&instance)
+                .await
+                .expect("Docker answers"),
+        );
+
+        let amqp = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ answers (run scripts/services)");
+        let publisher = amqp.create_channel().await.expect("channel");
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("publisher confirms");
+        declare_exchange(&publisher, &exchange).await;
+        let next_queue = format!("{exchange}.next");
+        let errors_queue = format!("{exchange}.errors");
+        let next = bound_consumer(&amqp, &exchange, &next_queue, &next_key).await;
+        let errors = bound_consumer(&amqp, &exchange, &errors_queue, "errors").await;
+        let mut pipeline = Pipeline {
+            pool,
+            runtime,
+            instance,
+            shutdown: CancellationToken::new(),
+            tasks: vec![],
+            amqp,
+            publisher,
+            exchange,
+            next_key,
+            next_queue,
+            errors_queue,
+            next,
+            errors,
+            workers: vec![],
+        };
+        let public_url = pipeline.spawn_code_server(store.clone()).await;
+        pipeline.spawn_daemon(store, public_url);
+        pipeline
+    }
+
+    /// Serves worker code on a free port of 127.0.0.1, which containers on
+    /// the host network reach as it is; returns its base URL.
+    async fn spawn_code_server(&mut self, store: Arc<PgStore>) -> String {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind a free port");
+        let addr = listener.local_addr().expect("local address");
+        let state = http::AppState {
+            store,
+            metrics: Arc::new(Metrics::new()),
+            instance: self.instance.as_str().into(),
+            pool: self.pool.clone(),
+            probes: Arc::new([]),
+        };
+        let stop = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
+            axum::serve(listener, http::router(state))
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .expect("the code server runs");
+        }));
+        format!("http://{addr}")
+    }
+
+    fn spawn_daemon(&mut self, store: Arc<PgStore>, public_url: String) {
+        let config = self.config(public_url);
+        let wake = Arc::new(Notify::new());
+        let shutdown = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(postgres::listen(
+            self.database_url(),
+            wake.clone(),
+            shutdown.clone(),
+        )));
+        let (rt, w, s) = (self.runtime.clone(), wake.clone(), shutdown.clone());
+        self.tasks
+            .push(tokio::spawn(async move { rt.events(w, s).await }));
+        let reconciler = Reconciler::new(
+            store,
+            self.runtime.clone(),
+            PassSettings::from_config(&config),
+            Arc::new(Metrics::new()),
+        );
+        // Long: changes must arrive by notification or Docker event.
+        let interval = Duration::from_secs(30);
+        self.tasks.push(tokio::spawn(controller::run(
+            reconciler, wake, interval, shutdown,
+        )));
+    }
+
+    fn config(&self, public_url: String) -> Config {
+        let mut config = Config {
+            instance: self.instance.clone(),
+            ..Config::default()
+        };
+        config.docker.image = worker_image().into();
+        config.docker.network = "host".into();
+        config.docker.stop_timeout = Duration::from_secs(10);
+        config.reconcile.backoff_initial = Duration::from_millis(200);
+        config.reconcile.backoff_max = Duration::from_secs(2);
+        config.code_server.public_url = public_url;
+        config.amqp.url = Secret::new(amqp_url());
+        config.amqp.exchange = self.exchange.clone();
+        config
+    }
+
+    fn database_url(&self) -> String {
+        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
+        let db = self
+            .pool
+            .connect_options()
+            .get_database()
+            .expect("test database")
+            .to_string();
+        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
+        url.set_path(&db);
+        url.to_string()
+    }
+
+    /// Runs `body` against a started pipeline, then cleans up even if it
+    /// panicked, and passes the panic on.
+    async fn run(pool: PgPool, body: impl AsyncFnOnce(&mut Pipeline)) {
+        worker_image(); // before anything is created that would need cleaning up
+        let mut pipeline = Pipeline::start(pool).await;
+        let outcome = AssertUnwindSafe(body(&mut pipeline)).catch_unwind().await;
+        pipeline.cleanup().await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Stops the daemon, removes this instance's containers, the worker
+    /// queues, the test's queues and its exchange.
+    async fn cleanup(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        for c in self.runtime.list().await.unwrap_or_default() {
+            let _ = Command::new("docker").args(["rm", "-f", &c.id]).output();
+        }
+        let channel = self.amqp.create_channel().await.expect("channel");
+        let mut queues = vec![self.next_queue.clone(), self.errors_queue.clone()];
+        for id in &self.workers {
+            queues.push(format!("worker_{id}"));
+            queues.push(format!("worker_{id}.retry"));
+        }
+        for queue in queues {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+    }
+
+    // -- the worker store ------------------------------------------------------
+
+    async fn enabled_worker(&mut self, name: &str, usercode: &str) -> WorkerId {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO user_workers (id, name, description, state, language, tenant_id, revision, status, status_info, source, entrypoint)
+             VALUES ($1, $2, '', 'enabled', 'python', 1, 1, 'unknown', '', $3, 'main.main')",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(archive(usercode))
+        .execute(&self.pool)
+        .await
+        .expect("insert worker");
+        self.workers.push(WorkerId(id));
+        WorkerId(id)
+    }
+
+    /// Saves new code the way the dashboard does.
+    async fn save_code(&self, id: WorkerId, usercode: &str) {
+        sqlx::query("UPDATE user_workers SET source = $1, revision = revision + 1 WHERE id = $2")
+            .bind(archive(usercode))
+            .bind(id.0)
+            .execute(&self.pool)
+            .await
+            .expect("update worker code");
+    }
+
+    async fn restarts(&self, id: WorkerId) -> i32 {
+        let row: Option<(i32,)> =
+            sqlx::query_as("SELECT restarts FROM workerctl_observed WHERE worker_id = $1")
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await
+                .expect("read workerctl_observed");
+        row.map_or(0, |(n,)| n)
+    }
+
+    // -- containers ------------------------------------------------------------
+
+    async fn containers_of(&self, id: WorkerId) -> Vec<ManagedContainer> {
+        let all = self.runtime.list().await.expect("list containers");
+        all.into_iter()
+            .filter(|c| c.worker_id == Some(id))
+            .collect()
+    }
+
+    /// Waits until the worker has one running container at `revision` and
+    /// its consumer is attached to the worker's queue.
+    async fn consuming_at(&self, id: WorkerId, revision: i32) -> ManagedContainer {
+        let c = wait_for(
+            &format!("worker {id} running revision {revision}"),
+            async || match self.containers_of(id).await.as_slice() {
+                [c] if c.state == RunState::Running && c.revision == Some(Revision(revision)) => {
+                    Some(c.clone())
+                }
+                _ => None,
+            },
+        )
+        .await;
+        let queue = format!("worker_{id}");
+        wait_for(&format!("a consumer on {queue}"), async || {
+            (self.consumers_on(&queue).await? > 0).then_some(())
+        })
+        .await;
+        c
+    }
+
+    /// How many consumers the queue has, or None while it does not exist.
+    async fn consumers_on(&self, queue: &str) -> Option<u32> {
+        // A passive declare of a missing queue closes its channel: use a fresh one.
+        let channel = self.amqp.create_channel().await.ok()?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await;
+        let _ = channel.close(200, "checked".into()).await;
+        declared.ok().map(|q| q.consumer_count())
+    }
+
+    // -- messages --------------------------------------------------------------
+
+    /// A pipeline message with every CONTRACT §4 field, for `worker` then the
+    /// test's next step.
+    fn message(&self, worker: WorkerId, n: usize) -> Value {
+        let now = now_ms();
+        json!({
+            "tracing_id": Uuid::new_v4().to_string(),
+            "tenant_id": 1,
+            "access_token": "test-access-token",
+            "received_at": now,
+            "pipeline_id": Uuid::new_v4().to_string(),
+            "step_index": 0,
+            "pipeline_steps": [worker.to_string(), self.next_key],
+            "timestamp": now,
+            "payload": base64::engine::general_purpose::STANDARD.encode(format!("reading {n}")),
+            "metadata": {"n": n},
+        })
+    }
+
+    /// Publishes `body` with routing key `worker` and waits for the broker's confirm.
+    async fn publish(&self, worker: WorkerId, message_id: &str, body: &Value) {
+        let properties = BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .publisher
+            .basic_publish(
+                self.exchange.as_str().into(),
+                worker.to_string().as_str().into(),
+                options,
+                &serde_json::to_vec(body).expect("json"),
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publisher confirm");
+        assert!(confirm.is_ack(), "the broker refused the publish");
+        assert!(
+            confirm.take_message().is_none(),
+            "the message was unroutable: no queue bound to {worker}"
+        );
+    }
+
+    /// The next message on the next step's queue, within `wait`.
+    async fn next_within(&mut self, wait: Duration) -> Option<Received> {
+        receive(&mut self.next, wait).await
+    }
+
+    async fn next_message(&mut self) -> Received {
+        let next = self.next_queue.clone();
+        self.next_within(DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("no message on {next} within {DEADLINE:?}"))
+    }
+
+    async fn error_message(&mut self) -> Received {
+        let errors = self.errors_queue.clone();
+        receive(&mut self.errors, DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("no message on {errors} within {DEADLINE:?}"))
+    }
+}
+
+/// One message the test consumed.
+struct Received {
+    message_id: Option<String>,
+    timestamp_header: Option<i64>,
+    body: Value,
+}
+
+async fn declare_exchange(channel: &Channel, exchange: &str) {
+    // Exactly as the dockerworker declares it, or one of the two is refused.
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the test exchange");
+}
+
+/// Declares `queue`, binds it to `exchange` on `routing_key` and consumes it.
+async fn bound_consumer(
+    amqp: &Connection,
+    exchange: &str,
+    queue: &str,
+    routing_key: &str,
+) -> Consumer {
+    let channel = amqp.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare a test queue");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind a test queue");
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    channel
+        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+        .await
+        .expect("consume a test queue")
+}
+
+async fn receive(consumer: &mut Consumer, wait: Duration) -> Option<Received> {
+    let delivery = match tokio::time::timeout(wait, consumer.next()).await {
+        Err(_elapsed) => return None,
+        Ok(None) => panic!("the test consumer was cancelled"),
+        Ok(Some(delivery)) => delivery.expect("a delivery"),
+    };
+    let properties = &delivery.properties;
+    let timestamp_header = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("timestamp"))
+        .and_then(integer);
+    Some(Received {
+        message_id: properties.message_id().as_ref().map(|s| s.to_string()),
+        timestamp_header,
+        body: serde_json::from_slice(&delivery.data).expect("a JSON body"),
+    })
+}
+
+/// An AMQP header value as an integer, whatever width the publisher chose.
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+fn archive(usercode: &str) -> Vec<u8> {
+    sensorbucket_archive(usercode).expect("archive builds")
+}
+
+/// Polls until `check` holds, failing the test after a generous deadline.
+async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const MARKS_SEEN: &str = "\
+def process(msg):
+    msg.metadata[\"seen\"] = True
+    msg.metadata[\"payload_text\"] = msg.payload.decode()
+    return msg
+";
+
+#[sqlx::test(migrations = false)]
+async fn a_message_goes_through_the_worker_to_the_next_step(pool: PgPool) {
+    Pipeline::run(pool, async |p| {
+        let id = p.enabled_worker("marks-seen", MARKS_SEEN).await;
+        p.consuming_at(id, 1).await;
+        let sent = p.message(id, 7);
+        let before = now_ms();
+        p.publish(id, "message-7", &sent).await;
+
+        let got = p.next_message().await;
+        assert_eq!(got.message_id.as_deref(), Some("message-7"));
+        let stamp = got.timestamp_header.expect("a timestamp header");
+        assert!(stamp >= before - 1000, "timestamp {stamp} is Unix ms");
+        let body = &got.body;
+        assert_eq!(body["step_index"], 1);
+        assert_eq!(body["metadata"]["seen"], true);
+        assert_eq!(body["metadata"]["payload_text"], "reading 7");
+        assert_eq!(body["metadata"]["n"], 7, "the rest of the metadata is kept");
+        for field in [
+            "tracing_id",
+            "tenant_id",
+            "access_token",
+            "received_at",
+            "pipeline_id",
+            "pipeline_steps",
+            "timestamp",
+            "payload",
+        ] {
+            assert_eq!(body[field], sent[field], "{field} passes through unchanged");
+        }
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn saved_code_changes_what_the_running_pipeline_does(pool: PgPool) {
+    let version = |v: u32| {
+        format!("def process(msg):\n    msg.metadata[\"version\"] = {v}\n    return msg\n")
+    };
+    Pipeline::run(pool, async |p| {
+        let id = p.enabled_worker("versioned", &version(1)).await;
+        p.consuming_at(id, 1).await;
+        p.publish(id, "before", &p.message(id, 0)).await;
+        let got = p.next_message().await;
+        assert_eq!(got.body["metadata"]["version"], 1);
+
+        p.save_code(id, &version(2)).await;
+        // Keep the pipeline busy while the worker is replaced; old-code
+        // results may still come out, until the new code's do.
+        let start = Instant::now();
+        let mut n = 0;
+        loop {
+            n += 1;
+            p.publish(id, &format!("during-{n}"), &p.message(id, n))
+                .await;
+            if let Some(got) = p.next_within(Duration::from_secs(1)).await {
+                let v = &got.body["metadata"]["version"];
+                assert!(*v == 1 || *v == 2, "unexpected version {v}");
+                if *v == 2 {
+                    break;
+                }
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the new code did not take effect within {DEADLINE:?}"
+            );
+        }
+        let c = p.consuming_at(id, 2).await;
+        assert_eq!(c.revision, Some(Revision(2)));
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_raising_process_sends_the_traceback_to_errors(pool: PgPool) {
+    let raises =
+        "def process(msg):\n    raise ValueError(\"bad reading \" + msg.payload.decode())\n";
+    Pipeline::run(pool, async |p| {
+        let id = p.enabled_worker("raises", raises).await;
+        p.consuming_at(id, 1).await;
+        let sent = p.message(id, 42);
+        p.publish(id, "doomed", &sent).await;
+
+        let got = p.error_message().await;
+        assert_eq!(got.message_id.as_deref(), Some("doomed"));
+        let body = &got.body;
+        assert_eq!(body["received_by_worker"], sent);
+        assert!(
+            body.get("processing_attempt").is_some(),
+            "processing_attempt is present: {body}"
+        );
+        assert_eq!(body["worker"], id.to_string());
+        assert_eq!(body["queue"], format!("worker_{id}"));
+        assert!(body["timestamp"].as_i64().is_some_and(|t| t > 0), "{body}");
+        let error = body["error"].as_str().expect("error is text");
+        assert!(error.contains("Traceback"), "{error}");
+        assert!(
+            error.contains("ValueError: bad reading reading 42"),
+            "{error}"
+        );
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_worker_stopped_mid_stream_loses_no_message(pool: PgPool) {
+    const N: usize = 300;
+    // Slow enough that the stop lands while most messages still wait.
+    let slow = "import time\n\ndef process(msg):\n    time.sleep(0.05)\n    return msg\n";
+    Pipeline::run(pool, async |p| {
+        let id = p.enabled_worker("interrupted", slow).await;
+        let first = p.consuming_at(id, 1).await;
+        for n in 0..N {
+            p.publish(id, &format!("m-{n}"), &p.message(id, n)).await;
+        }
+        let mut seen = BTreeSet::new();
+        while seen.len() < 30 {
+            seen.insert(p.next_message().await.message_id.expect("a message_id"));
+        }
+        let stop = tokio::process::Command::new("docker")
+            .args(["stop", "--time", "10", &first.id])
+            .output()
+            .await
+            .expect("docker stop");
+        assert!(
+            stop.status.success(),
+            "docker stop: {}",
+            String::from_utf8_lossy(&stop.stderr)
+        );
+        while let Some(got) = p.next_within(Duration::ZERO).await {
+            seen.insert(got.message_id.expect("a message_id"));
+        }
+        assert!(
+            seen.len() < N,
+            "the worker was stopped after all messages went through: nothing was interrupted"
+        );
+
+        wait_for("the daemon to restart the stopped worker", async || {
+            (p.restarts(id).await >= 1).then_some(())
+        })
+        .await;
+        p.consuming_at(id, 1).await;
+        while seen.len() < N {
+            let got = p.next_message().await;
+            assert_eq!(got.body["step_index"], 1);
+            seen.insert(got.message_id.expect("a message_id"));
+        }
+        let expected: BTreeSet<String> = (0..N).map(|n| format!("m-{n}")).collect();
+        assert_eq!(seen, expected);
+    })
+    .await;
+}
