@@ -26,13 +26,18 @@ use workerctl::{controller, http, worker_cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let mut config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("workerctl: {}", error_chain(&e));
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Worker(_)) {
+        // Worker commands report every failure themselves, on one line;
+        // library logs would only get in the way (RUST_LOG still shows them).
+        config.log.filter = "off".into();
+    }
     init_logging(&config);
     match dispatch(cli.command, config).await {
         Ok(code) => code,
