@@ -66,9 +66,9 @@ def setup(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aio-pika/aiormq are chatty at INFO about every reconnect detail we log ourselves.
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    # pika logs every step of a failed (re)connection, up to ERROR; the
+    # runtime logs the outcome itself, once, with the reason.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def _install_routers() -> None:

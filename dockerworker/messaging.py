@@ -1,22 +1,19 @@
 """The AMQP side: declare, consume, publish with confirms, acknowledge, reconnect.
 
-Owns: everything that talks to RabbitMQ, and the rule that makes the runtime
-lossless: **an input is acknowledged only after the broker confirmed the
-publish of its result** (next step, `errors`, or the retry queue). If the
-connection dies first, the input stays unacknowledged and the broker
-redelivers it: delivery is at-least-once.
+Owns: everything that talks to RabbitMQ (through pika's asyncio adapter), and
+the rule that makes the runtime lossless: **an input is acknowledged only
+after the broker confirmed the publish of its result** (next step, `errors`,
+or the retry queue). If the connection dies first, the input stays
+unacknowledged and the broker redelivers it: delivery is at-least-once.
 
 Throughput comes from pipelining, not from parallel user code: `process`
 runs for one message at a time, in arrival order, on one thread; results are
 published at once and the next message is taken without waiting for the
 confirm. At most `prefetch` messages are in hand, which bounds both memory
-and the number of unconfirmed publishes. Acknowledgements go out in delivery
-order, one `multiple` ack for each run of confirmed messages.
-
-aio-pika opens the connection and declares the topology; the per-message
-path (consume, publish, ack) uses its underlying aiormq channel directly,
-which skips aio-pika's per-message wrapper objects and its wait for the
-socket to drain after every publish: that halves the CPU cost per message.
+and the number of unconfirmed publishes. The per-message path is plain
+callbacks (no task or future per message): publish, remember what the publish
+was for, and act when its confirm arrives. Acknowledgements go out in
+delivery order, one `multiple` ack for each run of confirmed messages.
 
 Topology (all idempotent): the durable topic exchange AMQP_XCHG; the durable
 quorum queue `worker_<id>` bound with routing key `<id>`; and the durable
@@ -34,12 +31,14 @@ import json
 import threading
 import time
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
-import aio_pika
-import aiormq
-from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
 
 from . import logs, processing
 from .codeload import UserCode
@@ -53,24 +52,36 @@ REQUEUED = "requeued"
 _FIRST_RECONNECT_DELAY_S = 0.5
 _MAX_RECONNECT_DELAY_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
+_RPC_TIMEOUT_S = 10.0
 # How long one hand-over to the user thread may keep processing before the
 # results so far are published.
 _MAX_BATCH_S = 0.05
 _PERSISTENT = 2
+# Reply codes that mean our declarations clash with what exists: retrying
+# cannot help (ACCESS_REFUSED, RESOURCE_LOCKED, PRECONDITION_FAILED).
+_TOPOLOGY_REPLY_CODES = frozenset({403, 405, 406})
 # Headers that describe this hop's delivery, not the message: not passed on.
 _HOP_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-", "x-workerctl-")
-# Errors that mean "the broker or the connection to it is gone": reconnect.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
+
+# What a publish was for, which decides what its confirm leads to.
+_RESULT, _ERRORS, _RETRY = "result", "errors", "retry"
 
 
 class TopologyError(Exception):
     """The broker refused our declarations (exit code 5): e.g. `worker_<id>` exists with other arguments."""
+
+
+class BrokerLost(Exception):
+    """The connection or channel is gone (or never came): reconnect."""
+
+
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    BrokerLost,
+    pika.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 async def run(config: Config, code: UserCode, readiness: Readiness, shutdown: asyncio.Event) -> None:
@@ -91,6 +102,38 @@ async def run(config: Config, code: UserCode, readiness: Readiness, shutdown: as
             break
         await _sleep_unless(shutdown, delay)
         delay = min(delay * 2, _MAX_RECONNECT_DELAY_S)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as the broker delivered it."""
+
+    tag: int
+    properties: BasicProperties
+    body: bytes
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self.properties.headers or {})
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+
+@dataclass
+class _Publish:
+    """A publish waiting for its confirm, and the input it settles."""
+
+    delivery: Delivery
+    outcome: Outcome
+    started: float
+    stage: str
+    verdict: str
+    routing_key: str
+    body: bytes
+    mandatory: bool
+    returned: bool = False
 
 
 class _Signal:
@@ -117,61 +160,94 @@ class Session:
             devices_endpoint=config.devices_endpoint,
         )
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._unconfirmed: dict[int, _Publish] = {}
+        self._publish_seq = 0
+        self._waiters: set[asyncio.Future[Any]] = set()
         self._lost = False
         self._closing = False  # our own close: not worth a warning
+        self._consuming = False
         self._drain_deadline: float | None = None
         self._stop_requested = threading.Event()
-        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._connection: AsyncioConnection | None = None
+        self._channel: Channel | None = None
         self._acker: _Acker | None = None
+        self._consumer_tag: str | None = None
+        self._closed_waiter: asyncio.Future[Any] | None = None
 
     async def run(self, shutdown: asyncio.Event) -> None:
-        connection = await aio_pika.connect(
-            self.config.amqp_url,
-            timeout=_CONNECT_TIMEOUT_S,
-            client_properties={"connection_name": f"dockerworker {self.config.worker_id}"},
-        )
+        self._connection = await self._connect()
         try:
-            await self._consume(connection, shutdown)
+            await self._setup(self._connection)
+            await self._consume(shutdown)
         finally:
             self.readiness.set(consumer_attached=False)
-            self._closing = True
-            await _close_quietly(connection)
+            await self._close()
 
-    async def _consume(self, connection: aio_pika.abc.AbstractConnection, shutdown: asyncio.Event) -> None:
-        connection.close_callbacks.add(self._on_lost)
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.set_qos(prefetch_count=self.config.prefetch)
+    # -- connection, channel, topology -------------------------------------------
+
+    async def _connect(self) -> AsyncioConnection:
+        loop = asyncio.get_running_loop()
+        opened = self._waiter()
+        parameters = pika.URLParameters(self.config.amqp_url)
+        parameters.client_properties = {"connection_name": f"dockerworker {self.config.worker_id}"}
+        parameters.connection_attempts = 1  # retries are ours, with backoff
+        parameters.socket_timeout = _CONNECT_TIMEOUT_S
+        AsyncioConnection(
+            parameters,
+            on_open_callback=lambda connection: _resolve(opened, connection),
+            on_open_error_callback=lambda _, error: _fail(opened, BrokerLost(f"cannot connect: {error!r}")),
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=loop,
+        )
+        return await asyncio.wait_for(opened, timeout=_CONNECT_TIMEOUT_S)
+
+    async def _setup(self, connection: AsyncioConnection) -> None:
+        (channel,) = await self._rpc(lambda done: connection.channel(on_open_callback=done))
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        await self._rpc(lambda done: channel.confirm_delivery(self._on_confirm, callback=done))
+        await self._rpc(lambda done: channel.basic_qos(prefetch_count=self.config.prefetch, callback=done))
         await self._declare(channel)
-        raw = self._channel = await channel.get_underlay_channel()
-        self._acker = _Acker(raw)
-        raw.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        consume_ok = await raw.basic_consume(self.config.queue, self._inbox.put_nowait)
-        self.attached = True
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_cancelled)
+        self._acker = _Acker(channel)
+
+    async def _declare(self, channel: Channel) -> None:
+        config = self.config
+        await self._rpc(
+            lambda done: channel.exchange_declare(config.exchange, exchange_type="topic", durable=True, callback=done)
+        )
+        await self._rpc(
+            lambda done: channel.queue_declare(
+                config.queue, durable=True, arguments={"x-queue-type": "quorum"}, callback=done
+            )
+        )
+        await self._rpc(lambda done: channel.queue_bind(config.queue, config.exchange, config.routing_key, callback=done))
+        retry_arguments = {"x-dead-letter-exchange": config.exchange, "x-dead-letter-routing-key": config.routing_key}
+        await self._rpc(
+            lambda done: channel.queue_declare(config.retry_queue, durable=True, arguments=retry_arguments, callback=done)
+        )
+
+    async def _consume(self, shutdown: asyncio.Event) -> None:
+        channel = self._channel_()
+        await self._rpc(lambda done: self._start_consuming(channel, done))
+        self._consuming = self.attached = True
         self.readiness.set(consumer_attached=True)
         logs.event("consuming", queue=self.config.queue, exchange=self.config.exchange, prefetch=self.config.prefetch)
-        watcher = asyncio.create_task(self._stop_on(shutdown, consume_ok.consumer_tag))
+        watcher = asyncio.create_task(self._stop_on(shutdown))
         try:
             await self._pump()
         finally:
             watcher.cancel()
             await self._wait_in_flight(shutdown)
 
-    async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        config = self.config
-        try:
-            exchange = await channel.declare_exchange(config.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            queue = await channel.declare_queue(config.queue, durable=True, arguments={"x-queue-type": "quorum"})
-            await queue.bind(exchange, routing_key=config.routing_key)
-            await channel.declare_queue(
-                config.retry_queue,
-                durable=True,
-                arguments={"x-dead-letter-exchange": config.exchange, "x-dead-letter-routing-key": config.routing_key},
-            )
-        except (aiormq.exceptions.ChannelPreconditionFailed, aiormq.exceptions.ChannelAccessRefused) as exc:
-            raise TopologyError(f"the broker refused the worker's exchange or queues: {exc}") from exc
+    def _start_consuming(self, channel: Channel, done: Callable[..., None]) -> None:
+        self._consumer_tag = channel.basic_consume(self.config.queue, self._on_message, callback=done)
 
     # -- the pump: deliveries in, outcomes out ---------------------------------
+
+    def _on_message(self, _channel: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+        self._inbox.put_nowait(Delivery(method.delivery_tag, properties, body))
 
     async def _pump(self) -> None:
         """Process messages in arrival order until stopped or disconnected.
@@ -179,7 +255,7 @@ class Session:
         Messages that are already waiting go to the user thread together, so
         the cost of the hand-over is paid once per batch, not per message.
         """
-        pending: deque[DeliveredMessage] = deque()
+        pending: deque[Delivery] = deque()
         stopping = False
         while not self._lost:
             if not pending and not stopping:
@@ -190,7 +266,7 @@ class Session:
                 return  # what is still in hand goes back to the queue on close
             await self._process(pending)
 
-    def _take(self, item: Any, pending: deque[DeliveredMessage]) -> bool:
+    def _take(self, item: Any, pending: deque[Delivery]) -> bool:
         """Queue a delivery for processing; True when a stop signal arrived instead."""
         if item is _Signal.STOP or item is _Signal.LOST:
             return True
@@ -200,17 +276,17 @@ class Session:
     def _past_drain_deadline(self) -> bool:
         return self._drain_deadline is not None and asyncio.get_running_loop().time() > self._drain_deadline
 
-    async def _process(self, pending: deque[DeliveredMessage]) -> None:
-        """Run user code on a prefix of `pending` and start publishing the outcomes."""
-        batch = [(item.body, _headers(item)) for item in pending]
+    async def _process(self, pending: deque[Delivery]) -> None:
+        """Run user code on a prefix of `pending` and publish the outcomes."""
+        batch = [(delivery.body, delivery.headers) for delivery in pending]
         results = await self.user_thread.call(self._handle_batch, batch)
         for outcome, started in results:
-            item = pending.popleft()
-            self._acker_().track(_tag(item))
+            delivery = pending.popleft()
+            if self._lost:
+                return  # the broker requeues it; nothing to publish on
+            self._acker_().track(delivery.tag)
             # Published now, confirmed later: the next message does not wait.
-            task = asyncio.create_task(self._settle(item, outcome, started))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            self._publish_outcome(delivery, outcome, started)
 
     def _handle_batch(self, batch: list[tuple[bytes, dict[str, Any]]]) -> list[tuple[Outcome, float]]:
         """On the user thread: process messages in order until the batch is done or its time is up."""
@@ -225,132 +301,221 @@ class Session:
                 break
         return results
 
-    # -- settling one message: publish, wait for the confirm, ack --------------
+    # -- publishing and what each confirm leads to ------------------------------
 
-    async def _settle(self, item: DeliveredMessage, outcome: Outcome, started: float) -> None:
-        """Publish the outcome, then acknowledge the input; log one line."""
-        try:
-            verdict = await self._publish_outcome(item, outcome)
-            acked = True
-        except BROKER_ERRORS as exc:
-            # Not acknowledged: the broker gives the message to us (or the
-            # next consumer) again. Nothing is lost; it may be processed twice.
-            verdict, acked = REQUEUED, False
-            outcome = _with_error(outcome, f"{type(exc).__name__}: {exc}")
-        if not self._lost:
-            await self._acker_().settle(_tag(item), acked)
-        self._log(item, outcome, verdict, started)
-
-    async def _publish_outcome(self, item: DeliveredMessage, outcome: Outcome) -> str:
-        """Publish where the outcome says and wait for the confirm; return the final verdict."""
+    def _publish_outcome(self, delivery: Delivery, outcome: Outcome, started: float) -> None:
         if outcome.verdict == processing.RETRY:
-            return await self._publish_retry(item, outcome)
-        try:
-            await self._publish(self.config.exchange, outcome.routing_key or "", outcome.body, item, mandatory=True)
-            return outcome.verdict
-        except aiormq.exceptions.PublishError:
-            return await self._publish_to_errors(item, outcome)
-        except aiormq.exceptions.DeliveryError:
-            # The broker refused the publish (basic.nack): treat it like any
-            # failure that may pass.
-            return await self._publish_retry(item, _with_error(outcome, "publish refused by the broker"))
+            self._publish_retry(delivery, outcome, started)
+        else:
+            routing_key = outcome.routing_key or ""
+            self._publish(_Publish(delivery, outcome, started, _RESULT, outcome.verdict, routing_key, outcome.body, True))
 
-    async def _publish_retry(self, item: DeliveredMessage, outcome: Outcome) -> str:
+    def _publish_retry(self, delivery: Delivery, outcome: Outcome, started: float) -> None:
         if outcome.attempt >= self.config.max_attempts:
-            return await self._publish_to_errors(item, outcome, reason=outcome.error)
-        headers = _passed_on(_headers(item))
+            self._publish_to_errors(delivery, outcome, started, processing.DEAD_LETTERED, outcome.error or "")
+            return
+        headers = _passed_on(delivery.headers)
         headers[processing.ATTEMPT_HEADER] = outcome.attempt + 1
         headers[processing.LAST_ERROR_HEADER] = (outcome.error or "")[:500]
-        properties = Basic.Properties(
-            message_id=_properties(item).message_id,
-            content_type=_properties(item).content_type,
+        properties = BasicProperties(
+            message_id=delivery.message_id,
+            content_type=delivery.properties.content_type,
             headers=headers,
             delivery_mode=_PERSISTENT,
             expiration=str(self.config.retry_delay_ms),
         )
-        # Through the default exchange straight into the retry queue.
-        await self._raw().basic_publish(
-            item.body, exchange="", routing_key=self.config.retry_queue, properties=properties, mandatory=True,
-            wait=False,
-        )
-        return processing.RETRY
+        # Through the default exchange, straight into the retry queue.
+        record = _Publish(delivery, outcome, started, _RETRY, processing.RETRY, self.config.retry_queue, delivery.body, True)
+        self._publish(record, exchange="", properties=properties)
 
-    async def _publish_to_errors(self, item: DeliveredMessage, outcome: Outcome, reason: str | None = None) -> str:
-        """Send the input and its context to `errors` when its result cannot go where it should."""
-        reason = reason or (
-            f"no queue is bound to routing key {outcome.routing_key!r} on exchange {self.config.exchange!r}: "
-            "the next pipeline step does not exist or is not running"
-        )
+    def _publish_to_errors(self, delivery: Delivery, outcome: Outcome, started: float, verdict: str, reason: str) -> None:
         attempted = _json_or_text(outcome.body) if outcome.body else None
-        document = processing.error_document(_json_or_text(item.body), attempted, reason, outcome.attempt, self.context)
+        document = processing.error_document(
+            _json_or_text(delivery.body), attempted, reason, outcome.attempt, self.context
+        )
         # Not mandatory: if nobody listens on `errors` there is nowhere left
         # to send it; the log line still carries the reason.
-        await self._publish(self.config.exchange, ERRORS_ROUTING_KEY, document, item, mandatory=False)
-        return processing.DEAD_LETTERED if outcome.verdict == processing.RETRY else UNROUTABLE
+        self._publish(_Publish(delivery, outcome, started, _ERRORS, verdict, ERRORS_ROUTING_KEY, document, False))
 
-    async def _publish(self, exchange: str, routing_key: str, body: bytes, item: DeliveredMessage, *, mandatory: bool) -> None:
-        """Publish a result of `item` and wait for the broker's confirm."""
-        headers = _passed_on(_headers(item))
+    def _publish(self, record: _Publish, exchange: str | None = None, properties: BasicProperties | None = None) -> None:
+        properties = properties or self._forwarded_properties(record.delivery)
+        try:
+            self._channel_().basic_publish(
+                self.config.exchange if exchange is None else exchange,
+                record.routing_key,
+                record.body,
+                properties,
+                mandatory=record.mandatory,
+            )
+        except (pika.exceptions.AMQPError, AssertionError) as exc:
+            # The channel is already gone: the broker redelivers the input.
+            self._log(record.delivery, _with_error(record.outcome, repr(exc)), REQUEUED, record.started)
+            return
+        # Confirms number every publish on the channel from 1, in order.
+        self._publish_seq += 1
+        self._unconfirmed[self._publish_seq] = record
+
+    def _forwarded_properties(self, delivery: Delivery) -> BasicProperties:
+        headers = _passed_on(delivery.headers)
         headers["timestamp"] = int(time.time() * 1000)
-        properties = Basic.Properties(
-            message_id=_properties(item).message_id,
+        return BasicProperties(
+            message_id=delivery.message_id,
             content_type="application/json",
             headers=headers,
             delivery_mode=_PERSISTENT,
         )
-        # wait=False: do not wait for the socket to drain; the confirm is what counts.
-        await self._raw().basic_publish(
-            body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory, wait=False
-        )
+
+    def _on_confirm(self, frame: Any) -> None:
+        """Basic.Ack / Basic.Nack from the broker, for one publish or (multiple) all up to a tag."""
+        method = frame.method
+        acked = isinstance(method, Basic.Ack)
+        if method.multiple:
+            settled = []
+            for seq in self._unconfirmed:  # in publish order
+                if seq > method.delivery_tag:
+                    break
+                settled.append(seq)
+        else:
+            settled = [method.delivery_tag]
+        for seq in settled:
+            record = self._unconfirmed.pop(seq, None)
+            if record is not None:
+                self._confirmed(record, acked)
+
+    def _on_return(self, _channel: Channel, method: Basic.Return, _properties: BasicProperties, body: bytes) -> None:
+        """A mandatory publish no queue was bound for; its confirm follows this."""
+        # Returns carry no publish number; the routing key and body identify it.
+        for record in self._unconfirmed.values():
+            if record.mandatory and not record.returned and record.routing_key == method.routing_key and record.body == body:
+                record.returned = True
+                return
+
+    def _confirmed(self, record: _Publish, acked: bool) -> None:
+        delivery, outcome, started = record.delivery, record.outcome, record.started
+        if record.stage == _RESULT and not acked:
+            # The broker refused the publish: a failure that may pass.
+            self._publish_retry(delivery, _with_error(outcome, "publish refused by the broker"), started)
+        elif record.stage == _RESULT and record.returned:
+            reason = (
+                f"no queue is bound to routing key {record.routing_key!r} on exchange {self.config.exchange!r}: "
+                "the next pipeline step does not exist or is not running"
+            )
+            self._publish_to_errors(delivery, outcome, started, UNROUTABLE, reason)
+        elif acked and not record.returned:
+            self._settle(delivery, outcome, record.verdict, started, ack=True)
+        else:
+            # The retry queue or `errors` refused it: hand the input back.
+            self._settle(delivery, _with_error(outcome, f"{record.stage} publish refused"), REQUEUED, started, ack=False)
+
+    def _settle(self, delivery: Delivery, outcome: Outcome, verdict: str, started: float, *, ack: bool) -> None:
+        self._acker_().settle(delivery.tag, ack)
+        self._log(delivery, outcome, verdict, started)
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def _stop_on(self, shutdown: asyncio.Event, consumer_tag: str) -> None:
+    async def _stop_on(self, shutdown: asyncio.Event) -> None:
         """On shutdown: stop deliveries, then let the pump finish what it holds."""
         await shutdown.wait()
         self.readiness.set(consumer_attached=False)
         self._stop_requested.set()
         self._drain_deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace_s / 2
         try:
-            await asyncio.wait_for(self._raw().basic_cancel(consumer_tag), timeout=1.0)
+            channel = self._channel_()
+            await asyncio.wait_for(
+                self._rpc(lambda done: channel.basic_cancel(self._consumer_tag, callback=done)), timeout=1.0
+            )
         except BROKER_ERRORS:
             pass  # the close that follows stops deliveries as well
         self._inbox.put_nowait(_Signal.STOP)
 
     async def _wait_in_flight(self, shutdown: asyncio.Event) -> None:
-        if self._in_flight:
-            timeout = self.config.shutdown_grace_s / 2 if shutdown.is_set() else 1.0
-            await asyncio.wait(set(self._in_flight), timeout=timeout)
-            for task in self._in_flight:
-                task.cancel()
+        """Give unconfirmed publishes time to be confirmed, then send the last acks."""
+        deadline = time.monotonic() + (self.config.shutdown_grace_s / 2 if shutdown.is_set() else 1.0)
+        while self._unconfirmed and not self._lost and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self._acker is not None and not self._lost:
-            await self._acker.flush()
+            self._acker.flush()
 
-    def _on_lost(self, *args: Any) -> None:
-        if self._lost:
+    async def _close(self) -> None:
+        self._closing = True
+        connection = self._connection
+        if connection is None or connection.is_closed:
             return
-        if not self._closing:
-            reason = next((arg for arg in args if isinstance(arg, BaseException)), None)
-            logs.event("broker_connection_lost", level=30, error=f"{type(reason).__name__}: {reason}" if reason else "closed")
-        self._lost = True
-        self.readiness.set(consumer_attached=False)
-        self._inbox.put_nowait(_Signal.LOST)
+        closed = self._waiter()
+        self._closed_waiter = closed
+        if not connection.is_closing:
+            connection.close()
+        try:
+            await asyncio.wait_for(closed, timeout=2.0)
+        except (*BROKER_ERRORS, asyncio.CancelledError):
+            pass
+
+    def _on_connection_closed(self, _connection: AsyncioConnection, reason: BaseException) -> None:
+        if self._closed_waiter is not None:
+            _resolve(self._closed_waiter, None)
+        self._lost_with(BrokerLost(f"connection closed: {reason!r}"))
+
+    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+        code = getattr(reason, "reply_code", None)
+        if not self._consuming and code in _TOPOLOGY_REPLY_CODES:
+            error: Exception = TopologyError(f"the broker refused the worker's exchange or queues: {reason!r}")
+        else:
+            error = BrokerLost(f"channel closed: {reason!r}")
+        self._lost_with(error)
+        connection = self._connection
+        if connection is not None and not (connection.is_closed or connection.is_closing):
+            connection.close()  # a fresh connection gets a fresh channel
 
     def _on_cancelled(self, *_: Any) -> None:
         # The broker cancelled our consumer (the queue was deleted): end the
         # session so the next one declares the queue again.
         logs.event("consumer_cancelled_by_broker", level=30, queue=self.config.queue)
-        self._on_lost()
+        self._lost_with(BrokerLost("consumer cancelled by the broker"))
+        connection = self._connection
+        if connection is not None and not (connection.is_closed or connection.is_closing):
+            connection.close()
 
-    def _raw(self) -> aiormq.abc.AbstractChannel:
-        assert self._channel is not None, "opened before consuming"
+    def _lost_with(self, error: Exception) -> None:
+        for waiter in list(self._waiters):
+            _fail(waiter, error)
+        if self._lost:
+            return
+        if not self._closing and self._consuming:
+            logs.event("broker_connection_lost", level=30, error=str(error))
+        self._lost = True
+        self.readiness.set(consumer_attached=False)
+        for record in self._unconfirmed.values():
+            self._log(record.delivery, _with_error(record.outcome, str(error)), REQUEUED, record.started)
+        self._unconfirmed.clear()
+        self._inbox.put_nowait(_Signal.LOST)
+
+    # -- small helpers -----------------------------------------------------------
+
+    def _waiter(self) -> asyncio.Future[Any]:
+        """A future that fails if the connection or channel goes away first."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.add(future)
+        future.add_done_callback(self._waiters.discard)
+        return future
+
+    async def _rpc(self, start: Callable[[Callable[..., None]], Any]) -> tuple[Any, ...]:
+        """Start a callback-style pika call and wait for its callback's arguments."""
+        if self._lost:
+            raise BrokerLost("connection closed")
+        future = self._waiter()
+        start(lambda *args: _resolve(future, args))
+        return await asyncio.wait_for(future, timeout=_RPC_TIMEOUT_S)
+
+    def _channel_(self) -> Channel:
+        if self._channel is None:
+            raise BrokerLost("no channel")
         return self._channel
 
     def _acker_(self) -> "_Acker":
         assert self._acker is not None, "opened before consuming"
         return self._acker
 
-    def _log(self, item: DeliveredMessage, outcome: Outcome, verdict: str, started: float) -> None:
+    def _log(self, delivery: Delivery, outcome: Outcome, verdict: str, started: float) -> None:
         fields: dict[str, Any] = {
             "outcome": verdict,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -358,7 +523,7 @@ class Session:
             "worker_id": self.config.worker_id,
             "revision": self.config.revision,
             "routing_key": outcome.routing_key,
-            "message_id": _properties(item).message_id,
+            "message_id": delivery.message_id,
             "attempt": outcome.attempt,
         }
         if outcome.error:
@@ -372,13 +537,13 @@ class _Acker:
     """Acknowledges in delivery order, one `multiple` ack per run of settled messages.
 
     Confirms arrive in batches; acking each input separately would send a
-    frame (and a syscall) per message. Settled tags are collected and, once
-    per event-loop turn, everything settled from the oldest outstanding tag
-    on is acknowledged with one frame. A message handed back (nack) is sent
-    at once, before any `multiple` ack that could cover its tag.
+    frame per message. Settled tags are collected and, once per event-loop
+    turn, everything settled from the oldest outstanding tag on is
+    acknowledged with one frame. A message handed back (nack) is sent at once,
+    before any `multiple` ack that could cover its tag.
     """
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._outstanding: deque[int] = deque()
         self._settled: set[int] = set()
@@ -387,39 +552,41 @@ class _Acker:
     def track(self, tag: int) -> None:
         self._outstanding.append(tag)
 
-    async def settle(self, tag: int, ack: bool) -> None:
+    def settle(self, tag: int, ack: bool) -> None:
         if not ack:
-            await self._channel.basic_nack(tag, requeue=True, wait=False)
+            self._send(lambda: self._channel.basic_nack(tag, requeue=True))
         self._settled.add(tag)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            # Runs after the other settles woken by the same confirm batch.
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.flush()))
+            # Runs after the other settles of the same confirm batch.
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         self._flush_scheduled = False
         highest = None
         while self._outstanding and self._outstanding[0] in self._settled:
             highest = self._outstanding.popleft()
             self._settled.discard(highest)
-        if highest is None:
-            return
+        if highest is not None:
+            tag = highest
+            self._send(lambda: self._channel.basic_ack(tag, multiple=True))
+
+    @staticmethod
+    def _send(frame: Callable[[], None]) -> None:
         try:
-            await self._channel.basic_ack(highest, multiple=True, wait=False)
-        except BROKER_ERRORS:
+            frame()
+        except pika.exceptions.AMQPError:
             pass  # the channel is gone: the broker requeues whatever was not acked
 
 
-def _properties(item: DeliveredMessage) -> Basic.Properties:
-    return item.header.properties
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
-def _headers(item: DeliveredMessage) -> dict[str, Any]:
-    return dict(_properties(item).headers or {})
-
-
-def _tag(item: DeliveredMessage) -> int:
-    return int(item.delivery.delivery_tag)  # type: ignore[union-attr]
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _passed_on(headers: dict[str, Any]) -> dict[str, Any]:
@@ -443,11 +610,4 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(event.wait(), timeout=seconds)
     except asyncio.TimeoutError:
-        pass
-
-
-async def _close_quietly(connection: aio_pika.abc.AbstractConnection) -> None:
-    try:
-        await asyncio.wait_for(connection.close(), timeout=2.0)
-    except (*BROKER_ERRORS, RuntimeError):
         pass

@@ -8,7 +8,6 @@ so tests cannot see each other's messages.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -27,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-import aio_pika
+import pika
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `dockerworker/`
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://workerctl:workerctl@127.0.0.1:5672/%2f")
@@ -146,60 +145,59 @@ def code_answer(archive: bytes) -> tuple[int, Any]:
 # -- the broker, through a synchronous facade ----------------------------------------
 
 
+@dataclass(frozen=True)
+class Received:
+    """A message taken from a queue."""
+
+    body: bytes
+    message_id: str | None
+    headers: dict[str, Any]
+
+
 class Broker:
-    """A test-side AMQP client: declare sinks, publish, collect. Runs its own event loop thread."""
+    """A test-side AMQP client (pika, blocking): declare sinks, publish, collect."""
 
     def __init__(self, url: str) -> None:
         self.exchange_name = f"test.{uuid.uuid4()}"
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, daemon=True).start()
         self._queues: list[str] = []
-        self._run(self._open(url))
-
-    async def _open(self, url: str) -> None:
-        self._connection = await aio_pika.connect(url, timeout=5)
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        self._exchange = await self._channel.declare_exchange(
-            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-
-    def _run(self, coroutine: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        parameters = pika.URLParameters(url)
+        parameters.heartbeat = 0  # a test may sit in a wait without calling in
+        parameters.connection_attempts = 1
+        parameters.socket_timeout = 5
+        self._connection = pika.BlockingConnection(parameters)
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        self._bulk = self._connection.channel()  # no confirms: for publishing many at once
+        self._channel.exchange_declare(self.exchange_name, exchange_type="topic", durable=True)
 
     def sink(self, routing_key: str) -> str:
         """A queue bound to `routing_key` on the test exchange; returns its name."""
         name = f"test.sink.{routing_key}.{uuid.uuid4()}"
-
-        async def declare() -> None:
-            queue = await self._channel.declare_queue(name, durable=True)
-            await queue.bind(self._exchange, routing_key)
-
-        self._run(declare())
+        self._channel.queue_declare(name, durable=True)
+        self._channel.queue_bind(name, self.exchange_name, routing_key)
         self._queues.append(name)
         return name
 
     def publish(self, routing_key: str, body: bytes | dict[str, Any], message_id: str | None = None, **props: Any) -> None:
+        """Publish one message and wait for the broker's confirm."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
-
-        async def send() -> None:
-            await self._exchange.publish(aio_pika.Message(data, message_id=message_id, **props), routing_key)
-
-        self._run(send())
+        self._channel.basic_publish(
+            self.exchange_name, routing_key, data, pika.BasicProperties(message_id=message_id, **props)
+        )
 
     def publish_many(self, routing_key: str, bodies: list[tuple[str, bytes]]) -> None:
-        async def send() -> None:
-            await asyncio.gather(
-                *(self._exchange.publish(aio_pika.Message(body, message_id=mid), routing_key) for mid, body in bodies)
-            )
+        for message_id, body in bodies:
+            self._bulk.basic_publish(self.exchange_name, routing_key, body, pika.BasicProperties(message_id=message_id))
+        # A synchronous call on the same channel returns only after the
+        # broker has handled (routed) everything published before it.
+        self._bulk.exchange_declare(self.exchange_name, passive=True)
 
-        self._run(send(), timeout=120)
-
-    def take(self, queue: str, count: int, timeout: float = 20.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    def take(self, queue: str, count: int, timeout: float = 20.0) -> list[Received]:
         """Wait for `count` messages on `queue` (acked as taken); fail after `timeout`."""
-        taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+        taken: list[Received] = []
         deadline = time.monotonic() + timeout
         while len(taken) < count and time.monotonic() < deadline:
-            message = self._run(self._get(queue))
+            message = self._get(queue)
             if message is None:
                 time.sleep(0.05)
             else:
@@ -207,40 +205,48 @@ class Broker:
         assert len(taken) >= count, f"{queue}: got {len(taken)} of {count} messages in {timeout}s"
         return taken
 
-    def drain(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    def take_ids(self, queue: str, expected: set[str], timeout: float = 60.0) -> list[Received]:
+        """Collect from `queue` until every message id in `expected` has arrived (duplicates allowed)."""
+        taken: list[Received] = []
+        deadline = time.monotonic() + timeout
+        while not expected <= {message.message_id for message in taken} and time.monotonic() < deadline:
+            message = self._get(queue)
+            if message is None:
+                time.sleep(0.05)
+            else:
+                taken.append(message)
+        missing = expected - {message.message_id for message in taken}
+        assert not missing, f"{queue}: {len(missing)} of {len(expected)} never arrived, e.g. {sorted(missing)[:5]}"
+        return taken
+
+    def drain(self, queue: str) -> list[Received]:
         """Everything on `queue` now, without waiting."""
         taken = []
-        while (message := self._run(self._get(queue))) is not None:
+        while (message := self._get(queue)) is not None:
             taken.append(message)
         return taken
 
-    async def _get(self, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
-        q = await self._channel.get_queue(queue, ensure=False)
-        return await q.get(no_ack=True, fail=False)
+    def _get(self, queue: str) -> Received | None:
+        method, properties, body = self._channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return None
+        return Received(body, properties.message_id, dict(properties.headers or {}))
 
     def message_count(self, queue: str) -> int:
-        async def count() -> int:
-            declared = await self._channel.declare_queue(queue, passive=True)
-            return declared.declaration_result.message_count or 0
-
-        return self._run(count())
+        return self._channel.queue_declare(queue, passive=True).method.message_count
 
     def forget(self, queue: str) -> None:
         """Delete `queue` at the end of the test."""
         self._queues.append(queue)
 
     def close(self) -> None:
-        async def cleanup() -> None:
-            channel = await self._connection.channel()
-            for name in self._queues:
-                await channel.queue_delete(name)
-            await channel.exchange_delete(self.exchange_name)
-            await self._connection.close()
-
         try:
-            self._run(cleanup())
+            channel = self._connection.channel()
+            for name in self._queues:
+                channel.queue_delete(name)
+            channel.exchange_delete(self.exchange_name)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._connection.close()
 
 
 # -- the worker as a subprocess ----------------------------------------------------------
