@@ -12,7 +12,8 @@ Code map (one concern per module):
 - `message`     the message API user code sees (`Message`, measurements)
 - `devices`     the devices endpoint behind `Message.match_device`
 - `processing`  the decision for one message, without AMQP (pure but for user code)
-- `messaging`   AMQP: declare, consume, publish with confirms, ack, reconnect
+- `messaging`   AMQP (pika): declare, consume, publish with confirms, ack, reconnect
+- `userthread`  the one thread user code runs on, off the event loop
 - `health`      `/healthz` and `/readyz`
 - `logs`        JSON log lines; capture of user prints per message
 - `app`         the container's command: wiring, signals, exit codes

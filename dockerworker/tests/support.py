@@ -170,10 +170,10 @@ class Broker:
         self._bulk = self._connection.channel()  # no confirms: for publishing many at once
         self._channel.exchange_declare(self.exchange_name, exchange_type="topic", durable=True)
 
-    def sink(self, routing_key: str) -> str:
+    def sink(self, routing_key: str, arguments: dict[str, Any] | None = None) -> str:
         """A queue bound to `routing_key` on the test exchange; returns its name."""
         name = f"test.sink.{routing_key}.{uuid.uuid4()}"
-        self._channel.queue_declare(name, durable=True)
+        self._channel.queue_declare(name, durable=True, arguments=arguments)
         self._channel.queue_bind(name, self.exchange_name, routing_key)
         self._queues.append(name)
         return name

@@ -250,3 +250,18 @@ def test_the_worker_reconnects_when_the_broker_connection_drops_and_loses_nothin
         assert worker.stop() == 0
     finally:
         proxy.close()
+
+
+def test_a_publish_the_broker_refuses_is_retried_then_dead_lettered(broker: Broker, make_worker):
+    # A next step that rejects every publish: the broker answers basic.nack.
+    broker.sink("full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    errors = broker.sink("errors")
+    worker = make_worker(broker, WORKER_RETRY_DELAY_MS="50", WORKER_MAX_ATTEMPTS="3").start().wait_ready()
+
+    broker.publish(worker.worker_id, pipeline_message(pipeline_steps=["me", "full"]), message_id="refused")
+    [error] = broker.take(errors, 1)
+
+    assert "publish refused by the broker" in json.loads(error.body)["error"]
+    assert [line["outcome"] for line in worker.events("message")] == ["retry", "retry", "dead_lettered"]
+    assert worker.stop() == 0
+    assert broker.message_count(worker.queue) == 0
