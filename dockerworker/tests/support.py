@@ -232,6 +232,11 @@ class Broker:
             return None
         return Received(body, properties.message_id, dict(properties.headers or {}))
 
+    def declare_queue(self, name: str, **arguments: Any) -> None:
+        """Declare a queue as some other program would have (deleted at the end of the test)."""
+        self._channel.queue_declare(name, **arguments)
+        self._queues.append(name)
+
     def message_count(self, queue: str) -> int:
         return self._channel.queue_declare(queue, passive=True).method.message_count
 
@@ -325,9 +330,9 @@ class Worker:
 class TcpProxy:
     """Forwards a local port to the broker; `cut()` drops every open connection, as a broker restart would."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
         self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()

@@ -8,7 +8,7 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from .support import AMQP_URL, Broker, TcpProxy, http_status, pipeline_message, wait_until
+from .support import AMQP_URL, Broker, TcpProxy, free_port, http_status, pipeline_message, wait_until
 
 RAISING_CODE = "def process(msg):\n    return 1 / 0\n"
 
@@ -265,3 +265,37 @@ def test_a_publish_the_broker_refuses_is_retried_then_dead_lettered(broker: Brok
     assert [line["outcome"] for line in worker.events("message")] == ["retry", "retry", "dead_lettered"]
     assert worker.stop() == 0
     assert broker.message_count(worker.queue) == 0
+
+
+def test_a_broker_that_is_not_up_yet_is_waited_for_with_backoff(broker: Broker, make_worker):
+    parts = urlsplit(AMQP_URL)
+    port = free_port()
+    not_yet = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{port}").geturl()
+    sink = broker.sink("next")
+    worker = make_worker(broker, AMQP_HOST=not_yet).start()
+
+    wait_until(lambda: len(worker.events("broker_unavailable")) >= 2, 20, "retries against the absent broker")
+    assert http_status(f"http://127.0.0.1:{worker.health_port}/healthz") == 200
+    assert http_status(f"http://127.0.0.1:{worker.health_port}/readyz") == 503
+    delays = [line["retry_in_s"] for line in worker.events("broker_unavailable")]
+    assert delays[1] > delays[0]
+
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5672), port=port)
+    try:
+        worker.wait_ready(timeout=20)
+        broker.publish(worker.worker_id, pipeline_message(), message_id="late")
+        assert [message.message_id for message in broker.take(sink, 1)] == ["late"]
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_a_queue_that_exists_with_other_arguments_is_exit_code_5(broker: Broker, make_worker):
+    worker_id = str(uuid.uuid4())
+    # What SensorBucket's old runtime declared: a transient classic queue.
+    broker.declare_queue(f"worker_{worker_id}", durable=False)
+    worker = make_worker(broker, worker_id=worker_id).start()
+
+    assert worker.wait(timeout=20) == 5
+    [line] = worker.events("broker_topology_error")
+    assert "PRECONDITION_FAILED" in line["error"]
