@@ -8,7 +8,17 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from .support import AMQP_URL, Broker, TcpProxy, free_port, http_status, pipeline_message, wait_until
+from .support import (
+    AMQP_URL,
+    Broker,
+    TcpProxy,
+    code_answer,
+    free_port,
+    http_status,
+    pipeline_message,
+    sensorbucket_zip,
+    wait_until,
+)
 
 RAISING_CODE = "def process(msg):\n    return 1 / 0\n"
 
@@ -299,3 +309,18 @@ def test_a_queue_that_exists_with_other_arguments_is_exit_code_5(broker: Broker,
     assert worker.wait(timeout=20) == 5
     [line] = worker.events("broker_topology_error")
     assert "PRECONDITION_FAILED" in line["error"]
+
+
+def test_code_from_a_controller_that_is_still_starting_is_fetched_after_retries(broker: Broker, make_worker, http_stub):
+    archive = sensorbucket_zip("def process(msg):\n    msg.metadata['v'] = 2\n    return msg\n")
+    controller = http_stub((503, {}), (502, {}), code_answer(archive))
+    sink = broker.sink("next")
+    worker = make_worker(broker, code_url=controller.url + "/w/source").start().wait_ready()
+
+    broker.publish(worker.worker_id, pipeline_message(), message_id="v2")
+    [result] = broker.take(sink, 1)
+
+    assert json.loads(result.body)["metadata"] == {"v": 2}
+    assert len(controller.script.requests) == 3
+    assert len(worker.events("code_fetch_retry")) == 2
+    assert worker.stop() == 0
