@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pika
+import pika.exceptions
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `dockerworker/`
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://workerctl:workerctl@127.0.0.1:5672/%2f")
@@ -236,6 +237,17 @@ class Broker:
         """Declare a queue as some other program would have (deleted at the end of the test)."""
         self._channel.queue_declare(name, **arguments)
         self._queues.append(name)
+
+    def is_durable_quorum_queue(self, name: str) -> bool:
+        """True when declaring `name` as a durable quorum queue matches what exists (the broker
+        refuses a declaration whose durability or queue type differs)."""
+        channel = self._connection.channel()
+        try:
+            channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+        except pika.exceptions.ChannelClosedByBroker:
+            return False
+        channel.close()
+        return True
 
     def message_count(self, queue: str) -> int:
         return self._channel.queue_declare(queue, passive=True).method.message_count

@@ -44,6 +44,7 @@ def test_message_goes_to_the_next_step_with_its_message_id_and_a_timestamp_heade
 def test_worker_declares_a_durable_quorum_queue_bound_to_its_id(broker: Broker, make_worker):
     worker = make_worker(broker).start().wait_ready()
     sink = broker.sink("next")
+    assert broker.is_durable_quorum_queue(worker.queue)
 
     # Publishing to the worker's routing key reaches the queue it declared.
     broker.publish(worker.worker_id, pipeline_message(), message_id="m-q")
