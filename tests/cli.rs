@@ -274,6 +274,9 @@ impl Daemon {
             ("WORKERCTL_DOCKER__IMAGE", image.to_string()),
             ("WORKERCTL_DOCKER__NETWORK", "host".into()),
             ("WORKERCTL_DOCKER__STOP_TIMEOUT", "2s".into()),
+            // A quick resync: a container that dies before the daemon's
+            // Docker event stream is connected is noticed within a second.
+            ("WORKERCTL_RECONCILE__INTERVAL", "1s".into()),
             ("WORKERCTL_RECONCILE__BACKOFF_INITIAL", "200ms".into()),
             ("WORKERCTL_RECONCILE__BACKOFF_MAX", "2s".into()),
             ("WORKERCTL_CODE_SERVER__LISTEN", format!("127.0.0.1:{port}")),
@@ -858,7 +861,7 @@ async fn wait_follows_create_and_update_until_the_revision_is_ready(pool: PgPool
 #[sqlx::test(migrations = false)]
 async fn wait_fails_with_the_reason_when_the_worker_crashes(pool: PgPool) {
     let mut cli = Cli::new(pool).await;
-    let _daemon = Daemon::start(&mut cli, stand_in_image()).await;
+    let daemon = Daemon::start(&mut cli, stand_in_image()).await;
     let zip = cli.file(
         "crash.zip",
         &zip_of(&[("crash.py", "def main(m):\n    return m\n")]),
@@ -876,6 +879,7 @@ async fn wait_fails_with_the_reason_when_the_worker_crashes(pool: PgPool) {
             "--wait",
         ])
         .await;
+    assert_eq!(out.code, 1, "{out:#?}\ndaemon:\n{}", daemon.log());
     let line = out.fails_last(1, "worker crashy failed at revision 1: ");
     assert!(line.contains("exited with code 3"), "{line}");
 }
