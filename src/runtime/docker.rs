@@ -275,6 +275,10 @@ impl DockerRuntime {
     /// with capped exponential backoff when it fails (engine restarted), and
     /// `wake` is notified after a reconnect since events may have been missed.
     pub async fn events(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        // Events are asked for from this moment on, and after a reconnect from
+        // the last one seen: a container that dies while the stream is being
+        // set up still wakes the loop (the engine replays past events).
+        let mut since = unix_now_nanos();
         let mut failures = 0u32;
         loop {
             if failures > 0 {
@@ -288,7 +292,7 @@ impl DockerRuntime {
                 }
             }
             let started = Instant::now();
-            match self.follow_events(&wake, &shutdown).await {
+            match self.follow_events(&wake, &shutdown, &mut since).await {
                 StreamEnd::Shutdown => return,
                 StreamEnd::Ended => warn!("Docker event stream ended; reconnecting"),
                 StreamEnd::Failed(e) => {
@@ -333,13 +337,23 @@ impl DockerRuntime {
     }
 
     /// Follows one event stream until it ends, fails or `shutdown`.
-    async fn follow_events(&self, wake: &Notify, shutdown: &CancellationToken) -> StreamEnd {
+    /// `since` (Unix ns) is where the stream starts, and advances with each event.
+    async fn follow_events(
+        &self,
+        wake: &Notify,
+        shutdown: &CancellationToken,
+        since: &mut i64,
+    ) -> StreamEnd {
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
             ("label", vec![self.instance_filter()]),
             ("event", WAKE_EVENTS.map(String::from).to_vec()),
         ]);
-        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        let from = format!("{}.{:09}", *since / 1_000_000_000, *since % 1_000_000_000);
+        let options = EventsOptionsBuilder::default()
+            .filters(&filters)
+            .since(&from)
+            .build();
         let mut stream = self.api().events(Some(options));
         loop {
             let next = tokio::select! {
@@ -350,6 +364,7 @@ impl DockerRuntime {
             match next {
                 Some(Ok(event)) => {
                     log_event(&event);
+                    *since = event.time_nano.unwrap_or(*since).max(*since);
                     wake.notify_one();
                 }
                 Some(Err(e)) => return StreamEnd::Failed(e),
@@ -357,6 +372,11 @@ impl DockerRuntime {
             }
         }
     }
+}
+
+fn unix_now_nanos() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_nanos() as i64)
 }
 
 fn log_event(event: &EventMessage) {
