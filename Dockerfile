@@ -13,9 +13,10 @@ WORKDIR /src
 # Outside /src, so that copying the sources never touches build output.
 ENV CARGO_TARGET_DIR=/target
 # The dependencies first, in a layer of their own, compiled for an empty crate
-# with this manifest: a change under src/ then rebuilds workerctl alone (about
-# a minute) instead of every dependency (about ten). The manifest loses its
-# bench, test and example targets for this step: their files are not here.
+# with this manifest: a change under src/ then rebuilds workerctl alone, not
+# every dependency as well (each half takes minutes on a small machine). The
+# manifest loses its bench, test and example targets for this step: their
+# files are not here.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' >src/main.rs \
