@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import signal
+import tempfile
 import threading
 from typing import Mapping
 
@@ -57,6 +59,20 @@ def run(env: Mapping[str, str]) -> int:
         return ExitCode.INTERNAL
 
 
+HEALTH_PORT_FILE = os.path.join(tempfile.gettempdir(), "dockerworker.health-port")
+
+
+def _record_health_port(port: int) -> None:
+    """Leaves the bound port where the image's HEALTHCHECK finds it: with
+    WORKER_HEALTH_PORT=0 (workers sharing the host network) only the process
+    knows which port it got."""
+    try:
+        with open(HEALTH_PORT_FILE, "w", encoding="ascii") as f:
+            f.write(str(port))
+    except OSError as exc:  # a health check that can't find the port is not worth dying for
+        logs.event("health_port_unrecorded", level=logging.WARNING, error=str(exc))
+
+
 def _run_configured(config: Config, stop: threading.Event) -> int:
     readiness = Readiness()
     try:
@@ -64,6 +80,7 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
     except OSError as exc:
         logs.event("config_error", level=logging.ERROR, error=f"health port {config.health_port}: {exc}")
         return ExitCode.CONFIG
+    _record_health_port(health.port)
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
     try:
         code = _load_code(config, stop)

@@ -23,3 +23,12 @@ def test_healthz_is_live_and_readyz_follows_readiness():
         assert http_status(base + "/nothing-here") == 404
     finally:
         server.stop()
+
+
+def test_the_bound_health_port_is_recorded_for_the_image_healthcheck(tmp_path, monkeypatch):
+    from dockerworker import app
+
+    target = tmp_path / "dockerworker.health-port"
+    monkeypatch.setattr(app, "HEALTH_PORT_FILE", str(target))
+    app._record_health_port(43210)
+    assert target.read_text() == "43210"
