@@ -7,7 +7,11 @@
 ARG BASE_IMAGE=workerctl/base:latest
 FROM ${BASE_IMAGE}
 RUN useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin workerctl
-COPY target/release/workerctl /usr/local/bin/workerctl
+# The binary to ship: the release build by default; scripts/test passes the
+# debug build its tests already made (DAEMON_PROFILE=debug) to save a release
+# build on CI.
+ARG BINARY=target/release/workerctl
+COPY ${BINARY} /usr/local/bin/workerctl
 COPY docker/workerctl-entrypoint.sh /usr/local/bin/workerctl-entrypoint
 EXPOSE 3000
 # Starts as root only to add the Docker socket's group, then runs workerctl as
