@@ -15,10 +15,11 @@
 //! `scripts/services` provides) or the images (`scripts/build-images`) these
 //! tests fail; they never skip.
 
+mod common;
+
 use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -27,13 +28,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+use common::{amqp_url, database_url, free_port, stand_in_image, worker_image};
+
 const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
-const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
 /// Says hello on stdout and stderr, naming its revision, then runs until
 /// SIGTERM; exits 3 at once when its entrypoint is `crash.*`.
-const STAND_IN_IMAGE: &str = "workerctl-test/cli-worker:latest";
-const STAND_IN_SCRIPT: &str = r#"echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; trap 'exit 0' TERM; while :; do sleep 0.1; done"#;
-const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
 const DEADLINE: Duration = Duration::from_secs(90);
 
 const ECHO_PY: &str = "def process(msg):\n    return msg\n";
@@ -41,10 +40,6 @@ const SETTER_PY: &str =
     "def process(msg):\n    msg.metadata = {'seen_by': 'setter', 'n': 42}\n    return msg\n";
 const RAISER_PY: &str =
     "def process(msg):\n    raise ValueError('no good: ' + str(msg.tracing_id))\n";
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
-}
 
 // ---------------------------------------------------------------- harness --
 
@@ -212,19 +207,6 @@ fn s(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-/// The URL of the test's own database (DATABASE_URL names the server).
-fn database_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
-    let db = pool
-        .connect_options()
-        .get_database()
-        .expect("test database")
-        .to_string();
-    let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
-    url.set_path(&db);
-    url.to_string()
-}
-
 fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     for (name, body) in files {
@@ -361,45 +343,6 @@ fn remove_broker_objects(exchange: String, queues: Vec<String>) {
             .await;
         let _ = conn.close(200, "done".into()).await;
     });
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    listener.local_addr().expect("addr").port()
-}
-
-fn stand_in_image() -> &'static str {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let cmd = serde_json::to_string(&["/bin/sh", "-c", STAND_IN_SCRIPT]).expect("json");
-        let dockerfile = format!("FROM workerctl/busybox:latest\nCMD {cmd}\n");
-        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
-        let out = StdCommand::new("docker")
-            .args(["build", "-q", "-t", STAND_IN_IMAGE])
-            .arg(dir.path())
-            .output()
-            .expect("the docker CLI runs");
-        assert!(
-            out.status.success(),
-            "building {STAND_IN_IMAGE} failed (is workerctl/busybox:latest built? run scripts/build-images): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    STAND_IN_IMAGE
-}
-
-fn worker_image() -> &'static str {
-    let out = StdCommand::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", WORKER_IMAGE])
-        .output()
-        .expect("the docker CLI runs");
-    assert!(
-        out.status.success(),
-        "the worker image {WORKER_IMAGE} is missing: build it with scripts/build-images ({})",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    WORKER_IMAGE
 }
 
 /// A CLI and a daemon running the real dockerworker on an exchange of the

@@ -7,9 +7,11 @@
 //! Without Postgres, Docker or `workerctl/busybox:latest`
 //! (`scripts/build-images`) these tests fail; they never skip.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -27,32 +29,9 @@ use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::{self, PgStore};
 use workerctl::{controller, http};
 
-/// Behaves like a worker: runs until SIGTERM, and exits with code 3 at once
-/// when its entrypoint is `crash.main`.
-const TEST_IMAGE: &str = "workerctl-test/worker:latest";
-const SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; trap 'exit 0' TERM; while :; do sleep 0.1; done"#;
-const DEADLINE: Duration = Duration::from_secs(60);
+use common::stand_in_image;
 
-fn test_image() -> &'static str {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let cmd = serde_json::to_string(&["/bin/sh", "-c", SCRIPT]).expect("json");
-        let dockerfile = format!("FROM workerctl/busybox:latest\nCMD {cmd}\n");
-        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
-        let out = Command::new("docker")
-            .args(["build", "-q", "-t", TEST_IMAGE])
-            .arg(dir.path())
-            .output()
-            .expect("the docker CLI runs");
-        assert!(
-            out.status.success(),
-            "building {TEST_IMAGE} failed (is workerctl/busybox:latest built? run scripts/build-images): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    TEST_IMAGE
-}
+const DEADLINE: Duration = Duration::from_secs(60);
 
 /// One daemon (control loop + listener + Docker events) on a fresh database.
 struct Daemon {
@@ -74,7 +53,7 @@ impl Daemon {
             instance: format!("t{}", &Uuid::new_v4().simple().to_string()[..12]),
             ..Config::default()
         };
-        config.docker.image = test_image().into();
+        config.docker.image = stand_in_image().into();
         config.docker.stop_timeout = Duration::from_secs(5);
         config.reconcile.backoff_initial = Duration::from_millis(200);
         config.reconcile.backoff_max = Duration::from_secs(2);
@@ -99,16 +78,7 @@ impl Daemon {
     }
 
     fn database_url(&self) -> String {
-        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
-        let db = self
-            .pool
-            .connect_options()
-            .get_database()
-            .expect("test database")
-            .to_string();
-        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
-        url.set_path(&db);
-        url.to_string()
+        common::database_url(&self.pool)
     }
 
     fn reconciler(&self) -> Reconciler<PgStore, DockerRuntime> {
@@ -543,7 +513,7 @@ async fn the_daemon_exits_zero_on_sigterm_and_leaves_workers_running(pool: PgPoo
         .arg("run")
         .env("WORKERCTL_DATABASE_URL", d.database_url())
         .env("WORKERCTL_INSTANCE", &d.config.instance)
-        .env("WORKERCTL_DOCKER__IMAGE", test_image())
+        .env("WORKERCTL_DOCKER__IMAGE", stand_in_image())
         .env("WORKERCTL_CODE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .kill_on_drop(true)
         .spawn()

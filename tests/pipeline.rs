@@ -14,6 +14,8 @@
 //! provides), Docker or the worker image (`scripts/build-images`) these tests
 //! fail; they never skip.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -45,28 +47,11 @@ use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::{self, PgStore};
 use workerctl::{controller, http};
 
-const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
-const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
+use common::{amqp_url, worker_image};
+
 /// Generous: a worker container starts a Python interpreter and downloads
 /// its code before it consumes; a loaded CI host can take a while.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
-}
-
-fn worker_image() -> &'static str {
-    let out = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", WORKER_IMAGE])
-        .output()
-        .expect("the docker CLI runs");
-    assert!(
-        out.status.success(),
-        "the worker image {WORKER_IMAGE} is missing: build it with scripts/build-images ({})",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    WORKER_IMAGE
-}
 
 fn now_ms() -> i64 {
     let since = SystemTime::now()
@@ -209,16 +194,7 @@ impl Pipeline {
     }
 
     fn database_url(&self) -> String {
-        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
-        let db = self
-            .pool
-            .connect_options()
-            .get_database()
-            .expect("test database")
-            .to_string();
-        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
-        url.set_path(&db);
-        url.to_string()
+        common::database_url(&self.pool)
     }
 
     /// Runs `body` against a started pipeline, then cleans up even if it

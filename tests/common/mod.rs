@@ -1,0 +1,78 @@
+//! What the integration test crates share: the images they run, and where
+//! the services are. Each test crate uses only part of it.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sqlx::PgPool;
+
+/// The real runtime, built by scripts/build-images.
+pub const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
+
+/// A stand-in worker built from busybox: it says hello, runs until SIGTERM,
+/// and exits with code 3 at once when its entrypoint is `crash.*`.
+pub const STAND_IN_IMAGE: &str = "workerctl-test/worker:latest";
+const STAND_IN_SCRIPT: &str = r#"echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; trap 'exit 0' TERM; while :; do sleep 0.1; done"#;
+
+const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
+
+/// Builds [`STAND_IN_IMAGE`] once per test process; never pulls.
+pub fn stand_in_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cmd = serde_json::to_string(&["/bin/sh", "-c", STAND_IN_SCRIPT]).expect("json");
+        let dockerfile = format!("FROM workerctl/busybox:latest\nCMD {cmd}\n");
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", STAND_IN_IMAGE])
+            .arg(dir.path())
+            .output()
+            .expect("the docker CLI runs");
+        assert!(
+            out.status.success(),
+            "building {STAND_IN_IMAGE} failed (is workerctl/busybox:latest built? run scripts/build-images): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    STAND_IN_IMAGE
+}
+
+/// [`WORKER_IMAGE`], failing loudly if it has not been built.
+pub fn worker_image() -> &'static str {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", WORKER_IMAGE])
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "the worker image {WORKER_IMAGE} is missing: build it with scripts/build-images ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    WORKER_IMAGE
+}
+
+/// The broker: `AMQP_URL`, or the one scripts/services starts.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
+}
+
+/// The URL of the fresh database `#[sqlx::test]` made for this test.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
+    let db = pool
+        .connect_options()
+        .get_database()
+        .expect("test database")
+        .to_string();
+    let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
+    url.set_path(&db);
+    url.to_string()
+}
+
+/// A TCP port free at the time of asking.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.local_addr().expect("addr").port()
+}
