@@ -149,39 +149,11 @@ async fn run(config: Config) -> Result<()> {
     let runtime = Arc::new(runtime);
     let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
+    spawn_http(&tracker, &config, &store, &runtime, &metrics, &shutdown);
+    spawn_wake_sources(&tracker, &config, &runtime, &metrics, &wake, &shutdown);
 
-    let state = http::AppState {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        instance: config.instance.as_str().into(),
-        pool: store.pool().clone(),
-        probes: Arc::new([
-            http::Probe::database(store.pool().clone()),
-            http::Probe::docker(runtime.clone()),
-        ]),
-    };
-    let server = http::serve(config.code_server.listen, state, shutdown.clone());
-    let listen = config.code_server.listen;
-    let stop = shutdown.clone();
-    tracker.spawn(async move {
-        if let Err(e) = server.await {
-            error!("HTTP server on {listen} failed: {e}; shutting down");
-            stop.cancel();
-        }
-    });
-    let url = config.database_url.expose().to_string();
-    let (w, m) = (wake.clone(), metrics.clone());
-    tracker.spawn(postgres::listen_with(url, shutdown.clone(), move |why| {
-        if why == postgres::Wake::Changed {
-            m.change_announced();
-        }
-        w.notify_one();
-    }));
-    let events_runtime = runtime.clone();
-    let (w, s) = (wake.clone(), shutdown.clone());
-    tracker.spawn(async move { events_runtime.events(w, s).await });
-
-    let reconciler = Reconciler::new(store, runtime, PassSettings::from_config(&config), metrics);
+    let settings = PassSettings::from_config(&config);
+    let reconciler = Reconciler::new(store, runtime, settings, metrics);
     info!(instance = %config.instance, image = %config.docker.image, network = %config.docker.network, "workerctl running");
     controller::run(
         reconciler,
@@ -194,6 +166,58 @@ async fn run(config: Config) -> Result<()> {
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// The HTTP server; if it cannot serve, the daemon shuts down.
+fn spawn_http(
+    tracker: &TaskTracker,
+    config: &Config,
+    store: &Arc<PgStore>,
+    runtime: &Arc<DockerRuntime>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) {
+    let state = http::AppState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        instance: config.instance.as_str().into(),
+        pool: store.pool().clone(),
+        probes: Arc::new([
+            http::Probe::database(store.pool().clone()),
+            http::Probe::docker(runtime.clone()),
+        ]),
+    };
+    let listen = config.code_server.listen;
+    let server = http::serve(listen, state, shutdown.clone());
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = server.await {
+            error!("HTTP server on {listen} failed: {e}; shutting down");
+            stop.cancel();
+        }
+    });
+}
+
+/// What wakes the loop besides its tick: Postgres notifications from the
+/// `user_workers` trigger, and Docker events of managed containers.
+fn spawn_wake_sources(
+    tracker: &TaskTracker,
+    config: &Config,
+    runtime: &Arc<DockerRuntime>,
+    metrics: &Arc<Metrics>,
+    wake: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) {
+    let url = config.database_url.expose().to_string();
+    let (w, m) = (wake.clone(), metrics.clone());
+    tracker.spawn(postgres::listen_with(url, shutdown.clone(), move |why| {
+        if why == postgres::Wake::Changed {
+            m.change_announced();
+        }
+        w.notify_one();
+    }));
+    let (rt, w, s) = (runtime.clone(), wake.clone(), shutdown.clone());
+    tracker.spawn(async move { rt.events(w, s).await });
 }
 
 /// Retries `op` with capped exponential backoff until it succeeds, or gives
