@@ -6,6 +6,12 @@ does), publishes N pipeline messages to the worker's routing key and times
 their arrival on the next step's queue.
 
     python -m dockerworker.bench [--messages 10000] [--mode stream|preload]
+                                 [--image workerctl/dockerworker:latest]
+
+`--image`: the worker runs as a container of that image, started the way
+workerctl starts one (host network, read-only root, tmpfs /tmp, all
+capabilities dropped, no-new-privileges, memory/CPU/pids limits); without
+it, as a local subprocess.
 
 `stream`: the worker is running and ready; the clock runs from the first
 publish to the last arrival (end to end, publisher included).
@@ -46,18 +52,19 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--mode", choices=("stream", "preload"), default="stream")
     parser.add_argument("--prefetch", type=int, default=64)
+    parser.add_argument("--image", help="run the worker as a container of this image")
     args = parser.parse_args()
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    result = bench(amqp_url, args.messages, args.mode, args.prefetch)
+    result = bench(amqp_url, args.messages, args.mode, args.prefetch, args.image)
     print(json.dumps(result))
     return 0 if result["arrived"] == args.messages else 1
 
 
-def bench(amqp_url: str, count: int, mode: str, prefetch: int) -> dict[str, object]:
+def bench(amqp_url: str, count: int, mode: str, prefetch: int, image: str | None = None) -> dict[str, object]:
     names = _Names()
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     code_server = CodeServer(zip_code({"usercode.py": TRIVIAL_CODE}))
-    worker: subprocess.Popen[bytes] | None = None
+    worker: _Worker | None = None
     sink: _Sink | None = None
     try:
         channel = connection.channel()
@@ -65,20 +72,21 @@ def bench(amqp_url: str, count: int, mode: str, prefetch: int) -> dict[str, obje
         sink = _Sink(amqp_url, names.sink, count)
         if mode == "preload":
             publish_messages(channel, names, count)
-        worker = start_worker(amqp_url, names, code_server, prefetch)
+        worker = start_worker(amqp_url, names, code_server, prefetch, image)
         wait_ready(worker, names.health_port)
-        cpu_before = process_cpu_s(worker.pid)
+        cpu_before = worker.cpu_s()
         started = time.perf_counter()
         if mode == "stream":
             publish_messages(channel, names, count)
         published = time.perf_counter()
         sink.done.wait(timeout=max(60.0, count / 100))
         result = _result(mode, count, sink, started, published)
-        result["worker_cpu_us_per_message"] = round((process_cpu_s(worker.pid) - cpu_before) / max(sink.count, 1) * 1e6)
+        result["worker"] = f"container of {image}" if image else "subprocess"
+        result["worker_cpu_us_per_message"] = round((worker.cpu_s() - cpu_before) / max(sink.count, 1) * 1e6)
         return result
     finally:
         if worker is not None:
-            stop_worker(worker)
+            worker.stop()
         if sink is not None:
             sink.stop()
         code_server.shutdown()
@@ -204,26 +212,79 @@ class CodeServer:
         self._server.server_close()
 
 
-def start_worker(amqp_url: str, names: _Names, code: CodeServer, prefetch: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(
+class _Worker:
+    """The worker under test: a local subprocess, or a container."""
+
+    def __init__(self, process: subprocess.Popen[bytes], container: str | None = None) -> None:
+        self.process = process
+        self.container = container
+
+    def exited(self) -> int | None:
+        if self.container is None:
+            return self.process.poll()
+        state = _docker("inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", self.container).split()
+        return None if state[0] == "true" else int(state[1])
+
+    def cpu_s(self) -> float:
+        if self.container is None:
+            return process_cpu_s(self.process.pid)
+        return container_cpu_s(int(_docker("inspect", "--format", "{{.State.Pid}}", self.container)))
+
+    def stop(self) -> None:
+        if self.container is not None:
+            subprocess.run(["docker", "rm", "-f", self.container], capture_output=True, check=False)
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_worker(amqp_url: str, names: _Names, code: CodeServer, prefetch: int, image: str | None) -> _Worker:
+    env = dict(
         WORKER_ID=names.worker_id,
         AMQP_HOST=amqp_url,
         AMQP_XCHG=names.exchange,
         CODE_URL=code.url,
         WORKER_HEALTH_PORT=str(names.health_port),
-        WORKER_CODE_DIR=f"/tmp/dockerworker-bench-{names.worker_id}",
         WORKER_PREFETCH=str(prefetch),
     )
+    if image is not None:
+        return _Worker(*_start_container(image, env))
+    local = {**os.environ, **env, "WORKER_CODE_DIR": f"/tmp/dockerworker-bench-{names.worker_id}"}
     root = str(Path(__file__).resolve().parent.parent)
-    return subprocess.Popen([sys.executable, "-m", "dockerworker", "run"], env=env, cwd=root, stdout=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "dockerworker", "run"]
+    return _Worker(subprocess.Popen(command, env=local, cwd=root, stdout=subprocess.DEVNULL))
 
 
-def wait_ready(worker: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
+def _start_container(image: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts the worker as workerctl would (see src/runtime/docker.rs)."""
+    hardening = [
+        "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,exec,nosuid,nodev,size=64m",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true",
+        "--memory", "256m", "--memory-swap", "256m", "--cpus", "1", "--pids-limit", "128",
+    ]
+    env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    name = f"dockerworker-bench-{env['WORKER_ID']}"
+    run = ["docker", "run", "-d", "--name", name, *hardening, *env_args, image]
+    process = subprocess.Popen(run, stdout=subprocess.DEVNULL)
+    if process.wait() != 0:
+        raise RuntimeError(f"docker run of {image} failed (is it built? scripts/build-images)")
+    return process, name
+
+
+def _docker(*args: str) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def wait_ready(worker: _Worker, port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.returncode} before it was ready")
+        code = worker.exited()
+        if code is not None:
+            raise RuntimeError(f"worker exited with {code} before it was ready")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
                 if answer.status == 200:
@@ -234,19 +295,27 @@ def wait_ready(worker: subprocess.Popen[bytes], port: int, timeout: float = 30.0
     raise RuntimeError("worker was not ready in time")
 
 
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    worker.terminate()
-    try:
-        worker.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
-
-
 def process_cpu_s(pid: int) -> float:
     """User plus system CPU seconds a process has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def container_cpu_s(pid: int) -> float:
+    """CPU seconds used by every process of the container holding `pid`, from
+    its cgroup (v1 cpuacct or v2 cpu.stat)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpuacct" in controllers.split(","):
+            usage = Path(f"/sys/fs/cgroup/cpuacct{path}/cpuacct.usage")
+            if not usage.exists():
+                usage = Path(f"/sys/fs/cgroup/cpu,cpuacct{path}/cpuacct.usage")
+            return int(usage.read_text()) / 1e9
+        if controllers == "":
+            for stat in Path(f"/sys/fs/cgroup{path}/cpu.stat").read_text().splitlines():
+                if stat.startswith("usage_usec "):
+                    return int(stat.split()[1]) / 1e6
+    raise RuntimeError(f"no CPU accounting found for pid {pid}")
 
 
 def free_port() -> int:
