@@ -29,6 +29,7 @@ use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::{self, PgStore};
 use workerctl::{controller, http};
 
+use common::relay::{Front, Relay, Upstream};
 use common::stand_in_image;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -49,6 +50,27 @@ impl Daemon {
     }
 
     async fn start_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let mut daemon = Self::prepare(pool, tweak).await;
+        let (store, runtime) = (daemon.store.clone(), daemon.runtime.clone());
+        daemon.spawn_loop(store, runtime, daemon.database_url());
+        daemon
+    }
+
+    /// A daemon whose own connections are given (e.g. through relays), while
+    /// the test keeps direct ones to look at the database and the engine.
+    async fn start_through(
+        pool: PgPool,
+        tweak: impl FnOnce(&mut Config),
+        store: Arc<PgStore>,
+        runtime: Arc<DockerRuntime>,
+        listen_url: String,
+    ) -> Daemon {
+        let mut daemon = Self::prepare(pool, tweak).await;
+        daemon.spawn_loop(store, runtime, listen_url);
+        daemon
+    }
+
+    async fn prepare(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Daemon {
         let mut config = Config {
             instance: format!("t{}", &Uuid::new_v4().simple().to_string()[..12]),
             ..Config::default()
@@ -57,6 +79,8 @@ impl Daemon {
         config.docker.stop_timeout = Duration::from_secs(5);
         config.reconcile.backoff_initial = Duration::from_millis(200);
         config.reconcile.backoff_max = Duration::from_secs(2);
+        // Long: changes must arrive by notification, not by the resync.
+        config.reconcile.interval = Duration::from_secs(30);
         tweak(&mut config);
         let store = Arc::new(PgStore::from_pool(pool.clone()));
         store.migrate().await.expect("migrations apply");
@@ -65,16 +89,14 @@ impl Daemon {
                 .await
                 .expect("Docker answers"),
         );
-        let mut daemon = Daemon {
+        Daemon {
             pool,
             store,
             runtime,
             config,
             shutdown: CancellationToken::new(),
             tasks: vec![],
-        };
-        daemon.spawn_loop();
-        daemon
+        }
     }
 
     fn database_url(&self) -> String {
@@ -91,20 +113,17 @@ impl Daemon {
         )
     }
 
-    fn spawn_loop(&mut self) {
+    fn spawn_loop(&mut self, store: Arc<PgStore>, runtime: Arc<DockerRuntime>, url: String) {
         let wake = Arc::new(Notify::new());
         let shutdown = self.shutdown.clone();
-        let url = self.database_url();
-        self.tasks.push(tokio::spawn(postgres::listen(
-            url,
-            wake.clone(),
-            shutdown.clone(),
-        )));
-        let (rt, w, s) = (self.runtime.clone(), wake.clone(), shutdown.clone());
+        let listener = postgres::listen(url, wake.clone(), shutdown.clone());
+        self.tasks.push(tokio::spawn(listener));
+        let (rt, w, s) = (runtime.clone(), wake.clone(), shutdown.clone());
         self.tasks
             .push(tokio::spawn(async move { rt.events(w, s).await }));
-        let reconciler = self.reconciler();
-        let interval = Duration::from_secs(30); // long: changes must arrive by notification
+        let settings = PassSettings::from_config(&self.config);
+        let reconciler = Reconciler::new(store, runtime, settings, Arc::new(Metrics::new()));
+        let interval = self.config.reconcile.interval;
         self.tasks.push(tokio::spawn(controller::run(
             reconciler, wake, interval, shutdown,
         )));
@@ -535,5 +554,64 @@ async fn the_daemon_exits_zero_on_sigterm_and_leaves_workers_running(pool: PgPoo
         c.id,
         "the worker keeps running"
     );
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_daemon_rides_out_postgres_and_docker_outages_and_recovers(pool: PgPool) {
+    let db_url = reqwest::Url::parse(&common::database_url(&pool)).expect("URL");
+    let postgres = SocketAddr::from(([127, 0, 0, 1], db_url.port().unwrap_or(5432)));
+    let any_port = Front::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let pg_relay = Relay::start(any_port, Upstream::Tcp(postgres)).await;
+    let Front::Tcp(pg_front) = pg_relay.front().clone() else {
+        unreachable!()
+    };
+    let mut relayed_url = db_url.clone();
+    relayed_url.set_port(Some(pg_front.port())).expect("port");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("docker.sock");
+    let docker_relay = common::relay::docker_relay(&socket).await;
+    let client = bollard::Docker::connect_with_unix(
+        socket.to_str().expect("utf-8"),
+        10,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("client");
+    let instance = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let runtime = Arc::new(
+        DockerRuntime::with_client(client, &instance)
+            .await
+            .expect("relayed Docker"),
+    );
+    let store = Arc::new(PgStore::connect(relayed_url.as_str()).expect("relayed store"));
+    let tweak = |c: &mut Config| {
+        c.instance = instance.clone();
+        c.reconcile.interval = Duration::from_secs(1);
+    };
+    let d = Daemon::start_through(pool, tweak, store, runtime, relayed_url.to_string()).await;
+    let id = d.enabled_worker("weathered").await;
+    let before = d.running_at(id, 1).await;
+
+    // Both services go away; a change is made meanwhile.
+    let pg_front = pg_relay.cut();
+    let docker_front = docker_relay.cut();
+    d.sql(
+        "UPDATE user_workers SET revision = revision + 1 WHERE id = $1",
+        id,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cs = d.containers_of(id).await;
+    assert_eq!(cs.len(), 1, "nothing is touched while the daemon is blind");
+    assert_eq!(
+        (cs[0].id.as_str(), &cs[0].state),
+        (before.id.as_str(), &RunState::Running)
+    );
+
+    // They come back: the daemon catches up by itself.
+    let _pg = Relay::start(pg_front, Upstream::Tcp(postgres)).await;
+    let _docker = Relay::start(docker_front, Upstream::Unix(common::relay::engine_socket())).await;
+    d.running_at(id, 2).await;
+    d.status_matching(id, "ready", "running revision 2").await;
     d.cleanup().await;
 }

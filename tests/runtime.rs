@@ -6,21 +6,20 @@
 //! (`scripts/build-images`); without either, the tests fail — they never skip.
 //! Nothing is pulled: the one derived image is built locally from busybox.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, RestartPolicyNameEnum};
 use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveContainerOptionsBuilder};
 use futures::FutureExt;
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use workerctl::model::{
@@ -28,6 +27,8 @@ use workerctl::model::{
 };
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
+
+use common::relay::docker_relay;
 
 const BUSYBOX: &str = "workerctl/busybox:latest";
 /// Busybox whose command is the shell script in `$SCRIPT`, so one image
@@ -510,62 +511,12 @@ async fn events_wake_for_our_dying_containers_only_and_stop_on_shutdown() {
     .await;
 }
 
-/// A Unix-socket relay to the engine that can be cut, to play an engine
-/// restart without touching the shared engine.
-struct Relay {
-    path: PathBuf,
-    accept: JoinHandle<()>,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Relay {
-    fn start(path: &Path) -> Relay {
-        let listener = UnixListener::bind(path).expect("bind relay socket");
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn(relay_connections(listener, connections.clone()));
-        Relay {
-            path: path.to_path_buf(),
-            accept,
-            connections,
-        }
-    }
-
-    /// Drops every relayed connection and the socket, as an engine restart would.
-    fn cut(self) {
-        self.accept.abort();
-        for connection in self.connections.lock().expect("lock").drain(..) {
-            connection.abort();
-        }
-        std::fs::remove_file(&self.path).expect("remove relay socket");
-    }
-}
-
-async fn relay_connections(listener: UnixListener, connections: Arc<Mutex<Vec<JoinHandle<()>>>>) {
-    let engine = engine_socket();
-    while let Ok((mut client, _)) = listener.accept().await {
-        let engine = engine.clone();
-        let relay = tokio::spawn(async move {
-            if let Ok(mut upstream) = UnixStream::connect(&engine).await {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
-        });
-        connections.lock().expect("lock").push(relay);
-    }
-}
-
-fn engine_socket() -> PathBuf {
-    match std::env::var("DOCKER_HOST") {
-        Ok(host) if host.starts_with("unix://") => PathBuf::from(&host["unix://".len()..]),
-        _ => PathBuf::from("/var/run/docker.sock"),
-    }
-}
-
 #[tokio::test]
 async fn events_reconnect_after_the_engine_connection_drops_and_wake_the_loop() {
     with_harness(|h| async move {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("docker.sock");
-        let relay = Relay::start(&socket);
+        let relay = docker_relay(&socket).await;
         let path = socket.to_str().expect("utf-8 path");
         let client = Docker::connect_with_unix(path, 10, bollard::API_DEFAULT_VERSION)
             .expect("client for the relay");
@@ -585,7 +536,7 @@ async fn events_reconnect_after_the_engine_connection_drops_and_wake_the_loop() 
         // Down long enough that at least one reconnect attempt fails.
         relay.cut();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let _relay = Relay::start(&socket);
+        let _relay = docker_relay(&socket).await;
         let woken = tokio::time::timeout(Duration::from_secs(15), wake.notified()).await;
         assert!(woken.is_ok(), "a reconnect must wake the loop");
 

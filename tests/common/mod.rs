@@ -76,3 +76,4 @@ pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     listener.local_addr().expect("addr").port()
 }
+pub mod relay;
