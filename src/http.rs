@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -134,9 +134,17 @@ pub async fn serve<S: WorkerStore>(
 
 /// `{"data": "<base64 zip>"}` for an enabled worker; 400 for a malformed id,
 /// 404 for an unknown or disabled worker.
+/// The query of a code download: the token from the worker's CODE_URL.
+#[derive(Debug, serde::Deserialize)]
+struct SourceQuery {
+    #[serde(default)]
+    token: String,
+}
+
 async fn source<S: WorkerStore>(
     State(state): State<AppState<S>>,
     Path(id): Path<String>,
+    Query(query): Query<SourceQuery>,
 ) -> Response {
     let Ok(id) = id.parse::<WorkerId>() else {
         return error(
@@ -144,13 +152,18 @@ async fn source<S: WorkerStore>(
             "malformed worker id: expected a UUID",
         );
     };
-    match state.store.load_code(id).await {
+    // A wrong or missing token looks like an unknown worker: the answer
+    // does not tell which workers exist.
+    match state.store.load_code(id, &query.token).await {
         Ok(Some(code)) => {
             let data = base64::engine::general_purpose::STANDARD.encode(&code.source);
             let body = json!({"message": "Fetched worker source", "data": data, "revision": code.revision});
             (StatusCode::OK, axum::Json(body)).into_response()
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, "no enabled worker with this id"),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "no enabled worker with this id and token (use the CODE_URL workerctl gave the container)",
+        ),
         Err(e) => {
             warn!(worker = %id, "{}", error_chain(&e));
             error(

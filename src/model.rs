@@ -91,6 +91,8 @@ pub struct WorkerRow {
     pub source_is_zip: bool,
     /// Hex sha256 of `source`, if any.
     pub source_sha256: Option<String>,
+    /// The token the worker's container presents to download its code.
+    pub code_token: String,
 }
 
 /// An enabled, well-formed worker: what should be running.
@@ -101,6 +103,7 @@ pub struct DesiredWorker {
     pub revision: Revision,
     pub entrypoint: String,
     pub code_sha256: String,
+    pub code_token: String,
 }
 
 /// How a row was understood: what the planner should do with it.
@@ -154,6 +157,7 @@ pub fn intent_of(row: &WorkerRow) -> Intent {
             row.entrypoint.clone()
         },
         code_sha256: sha,
+        code_token: row.code_token.clone(),
     })
 }
 
@@ -260,6 +264,7 @@ mod tests {
             source_len: Some(10),
             source_is_zip: true,
             source_sha256: Some("ab".into()),
+            code_token: "t0k".into(),
         }
     }
 

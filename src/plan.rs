@@ -37,7 +37,10 @@ impl SpecTemplate {
             ("WORKER_ID".into(), worker.id.to_string()),
             ("AMQP_HOST".into(), self.amqp_url.clone()),
             ("AMQP_XCHG".into(), self.amqp_exchange.clone()),
-            ("CODE_URL".into(), format!("{base}/{}/source", worker.id)),
+            (
+                "CODE_URL".into(),
+                format!("{base}/{}/source?token={}", worker.id, worker.code_token),
+            ),
             ("CODE_ENTRYPOINT".into(), worker.entrypoint.clone()),
             ("ENDPOINT_DEVICES".into(), self.endpoint_devices.clone()),
             ("WORKER_REVISION".into(), worker.revision.to_string()),

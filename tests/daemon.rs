@@ -26,6 +26,7 @@ use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::store::WorkerStore;
 use workerctl::store::postgres::{self, PgStore};
 use workerctl::{controller, http};
 
@@ -256,7 +257,7 @@ async fn enabled_worker_gets_a_hardened_container_and_is_ready(pool: PgPool) {
         "WORKER_ID=",
         "AMQP_HOST=",
         "AMQP_XCHG=pipeline.messages",
-        "CODE_URL=",
+        "/source?token=",
         "CODE_ENTRYPOINT=main.main",
         "ENDPOINT_DEVICES=",
         "WORKER_REVISION=1",
@@ -476,7 +477,7 @@ async fn an_unreachable_database_fails_the_pass_and_leaves_containers_alone(pool
 }
 
 #[sqlx::test(migrations = false)]
-async fn code_endpoint_serves_enabled_workers_only(pool: PgPool) {
+async fn code_endpoint_serves_enabled_workers_to_their_token_only(pool: PgPool) {
     let d = Daemon::start(pool).await;
     let enabled = d.enabled_worker("served").await;
     let disabled = d.insert("hidden", "disabled", "main.main", &code()).await;
@@ -498,7 +499,16 @@ async fn code_endpoint_serves_enabled_workers_only(pool: PgPool) {
             .expect("request")
     };
 
-    let ok = get(format!("/{enabled}/source")).await;
+    let rows = d.store.load_workers().await.expect("rows");
+    let token_of = |id: WorkerId| {
+        rows.iter()
+            .find(|r| r.id == id)
+            .expect("row")
+            .code_token
+            .clone()
+    };
+    let (token, hidden_token) = (token_of(enabled), token_of(disabled));
+    let ok = get(format!("/{enabled}/source?token={token}")).await;
     assert_eq!(ok.status(), 200);
     let body: serde_json::Value = ok.json().await.expect("json");
     let data = body["data"].as_str().expect("data is a string");
@@ -508,7 +518,15 @@ async fn code_endpoint_serves_enabled_workers_only(pool: PgPool) {
         .expect("base64");
     assert_eq!(zip, code());
     assert_eq!(get("/not-a-uuid/source".into()).await.status(), 400);
-    assert_eq!(get(format!("/{disabled}/source")).await.status(), 404);
+    assert_eq!(
+        get(format!("/{enabled}/source")).await.status(),
+        404,
+        "no token"
+    );
+    let wrong = format!("/{enabled}/source?token={hidden_token}");
+    assert_eq!(get(wrong).await.status(), 404, "another worker's token");
+    let hidden = format!("/{disabled}/source?token={hidden_token}");
+    assert_eq!(get(hidden).await.status(), 404, "disabled");
     assert_eq!(
         get(format!("/{}/source", Uuid::now_v7())).await.status(),
         404

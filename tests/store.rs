@@ -611,19 +611,56 @@ async fn load_code_serves_only_enabled_python_workers_with_code(pool: PgPool) {
     )
     .await;
 
+    let token = row_of(&store, enabled).await.code_token;
     let code = store
-        .load_code(WorkerId(enabled))
+        .load_code(WorkerId(enabled), &token)
         .await
         .expect("load")
         .expect("enabled has code");
     assert_eq!((code.revision, code.source.as_slice()), (Revision(3), ZIP));
     for id in [disabled, odd_state, no_code, go, Uuid::now_v7()] {
+        let token = match id {
+            id if id == no_code || id == go || id == disabled || id == odd_state => {
+                row_of(&store, id).await.code_token
+            }
+            _ => token.clone(),
+        };
         assert_eq!(
-            store.load_code(WorkerId(id)).await.expect("load"),
+            store.load_code(WorkerId(id), &token).await.expect("load"),
             None,
             "{id}"
         );
     }
+}
+
+#[sqlx::test(migrations = false)]
+async fn code_is_served_only_for_the_workers_own_token(pool: PgPool) {
+    let store = migrated(&pool).await;
+    let a = insert_worker(&pool, "enabled", 1, Some(ZIP)).await;
+    let b = insert_worker(&pool, "enabled", 1, Some(ZIP)).await;
+    let (token_a, token_b) = (
+        row_of(&store, a).await.code_token,
+        row_of(&store, b).await.code_token,
+    );
+    assert_eq!(token_a.len(), 32);
+    assert_ne!(token_a, token_b, "each worker has its own token");
+    for wrong in ["", "0123456789abcdef0123456789abcdef", token_b.as_str()] {
+        assert_eq!(
+            store.load_code(WorkerId(a), wrong).await.expect("load"),
+            None,
+            "{wrong:?}"
+        );
+    }
+    assert!(
+        store
+            .load_code(WorkerId(a), &token_a)
+            .await
+            .expect("load")
+            .is_some()
+    );
+    // The key is made once: migrating again keeps every token.
+    store.migrate().await.expect("migrate again");
+    assert_eq!(row_of(&store, a).await.code_token, token_a);
 }
 
 #[tokio::test]
@@ -764,6 +801,10 @@ async fn the_listener_reconnects_after_its_backend_is_killed_and_wakes_again(poo
         listening.woken_within(MUST_ARRIVE).await,
         "notifications flow again"
     );
-    assert_eq!(store.load_code(WorkerId(id)).await.expect("load"), None);
+    let token = row_of(&store, id).await.code_token;
+    assert_eq!(
+        store.load_code(WorkerId(id), &token).await.expect("load"),
+        None
+    );
     listening.stop().await;
 }

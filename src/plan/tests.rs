@@ -48,6 +48,7 @@ fn row(n: u128, revision: i32) -> WorkerRow {
         source_len: Some(100),
         source_is_zip: true,
         source_sha256: Some("abc".into()),
+        code_token: format!("token{n}"),
     }
 }
 
@@ -115,7 +116,7 @@ fn enabled_worker_without_container_is_created() {
     assert_eq!(spec.name, format!("worker-{}", id(1)));
     assert_eq!(
         spec.env["CODE_URL"],
-        format!("http://ctl:3000/{}/source", id(1))
+        format!("http://ctl:3000/{}/source?token=token1", id(1))
     );
     assert_eq!(spec.env["WORKER_REVISION"], "1");
     assert_eq!(status_of(&p, 1).status, Status::Ready);

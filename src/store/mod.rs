@@ -86,9 +86,11 @@ pub trait WorkerStore: Send + Sync + 'static {
         observed: &[Observed],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The code of an enabled python worker; `None` if unknown or disabled.
+    /// The code of an enabled python worker, for the holder of its token;
+    /// `None` if unknown, disabled, or the token is wrong.
     fn load_code(
         &self,
         id: WorkerId,
+        token: &str,
     ) -> impl Future<Output = Result<Option<Code>, StoreError>> + Send;
 }

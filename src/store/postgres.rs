@@ -108,7 +108,8 @@ SELECT id,
        COALESCE(status_info::text, '')       AS status_info,
        octet_length(source)::int8            AS source_len,
        COALESCE(substring(source from 1 for 4) = '\x504b0304'::bytea, false) AS source_is_zip,
-       encode(sha256(source), 'hex')         AS source_sha256
+       encode(sha256(source), 'hex')         AS source_sha256,
+       COALESCE(workerctl_code_token(id), '') AS code_token
   FROM user_workers
  ORDER BY id";
 
@@ -140,11 +141,13 @@ ON CONFLICT (worker_id) DO UPDATE
        (EXCLUDED.running_revision, EXCLUDED.container, EXCLUDED.container_state,
         EXCLUDED.restarts, EXCLUDED.last_exit_code)";
 
-/// Only what the code server may hand out: enabled python workers with code.
+/// Only what the code server may hand out: enabled python workers with code,
+/// to whoever presents the worker's token (see migrations/0004).
 const LOAD_CODE: &str = r"
 SELECT revision, source
   FROM user_workers
- WHERE id = $1 AND state = 'enabled' AND language = 'python' AND source IS NOT NULL";
+ WHERE id = $1 AND state = 'enabled' AND language = 'python' AND source IS NOT NULL
+   AND $2 = workerctl_code_token(id)";
 
 /// One row of [`LOAD_WORKERS`].
 #[derive(sqlx::FromRow)]
@@ -160,6 +163,7 @@ struct WorkerRecord {
     source_len: Option<i64>,
     source_is_zip: bool,
     source_sha256: Option<String>,
+    code_token: String,
 }
 
 impl From<WorkerRecord> for WorkerRow {
@@ -176,6 +180,7 @@ impl From<WorkerRecord> for WorkerRow {
             source_len: r.source_len,
             source_is_zip: r.source_is_zip,
             source_sha256: r.source_sha256,
+            code_token: r.code_token,
         }
     }
 }
@@ -250,10 +255,11 @@ impl WorkerStore for PgStore {
         Ok(())
     }
 
-    async fn load_code(&self, id: WorkerId) -> Result<Option<Code>, StoreError> {
+    async fn load_code(&self, id: WorkerId, token: &str) -> Result<Option<Code>, StoreError> {
         self.count_statement();
         let row: Option<(i32, Vec<u8>)> = sqlx::query_as(LOAD_CODE)
             .bind(id.0)
+            .bind(token)
             .fetch_optional(&self.pool)
             .await
             .map_err(|source| StoreError::LoadCode { id, source })?;
