@@ -7,6 +7,8 @@
 //! Postgres and prints the value). Without it, or without a reachable server,
 //! every test here fails: none is skipped.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,24 +169,6 @@ fn observed(id: Uuid, state: &str) -> Observed {
     }
 }
 
-/// The URL of this test's own database, on the server of `DATABASE_URL`.
-async fn database_url(pool: &PgPool) -> String {
-    let name: String = scalar(pool, "SELECT current_database()::text").await;
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
-    let (base, params) = base
-        .split_once('?')
-        .map_or((base.as_str(), ""), |(b, p)| (b, p));
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("DATABASE_URL names a database");
-    let params = if params.is_empty() {
-        String::new()
-    } else {
-        format!("?{params}")
-    };
-    format!("{server}/{name}{params}")
-}
-
 /// The store's listener running as a task, with the handles a test needs.
 struct Listening {
     wake: Arc<Notify>,
@@ -199,7 +183,7 @@ impl Listening {
         let wake = Arc::new(Notify::new());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(listen(
-            database_url(pool).await,
+            common::database_url(pool),
             wake.clone(),
             shutdown.clone(),
         ));
