@@ -3,7 +3,7 @@
 //! everything. The only state carried between passes is the crash-backoff
 //! book and what was last written to `workerctl_observed`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -266,6 +266,10 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
 
     /// Upserts what changed in the observed container state since the last write.
     async fn write_observed(&mut self, snapshot: &Snapshot, outcomes: &[Outcome]) {
+        // A deleted row's observation goes with it (a trigger); forget it here
+        // too, so that a row restored under the same id is written afresh.
+        let ids: HashSet<WorkerId> = snapshot.rows.iter().map(|r| r.id).collect();
+        self.observed.retain(|id, _| ids.contains(id));
         let changed: Vec<Observed> = snapshot
             .rows
             .iter()

@@ -375,7 +375,7 @@ async fn migrating_twice_is_a_no_op(pool: PgPool) {
         "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'user_workers'::regclass AND NOT tgisinternal",
     )
     .await;
-    assert_eq!(triggers, 1);
+    assert_eq!(triggers, 2, "workerctl_notify and workerctl_forget_observed, once each");
 }
 
 // ---------------------------------------------------------------- load_workers
@@ -556,6 +556,29 @@ async fn observed_state_is_upserted_and_an_unchanged_observation_is_not_rewritte
 }
 
 #[sqlx::test(migrations = false)]
+async fn deleting_a_worker_row_forgets_its_observed_state(pool: PgPool) {
+    let store = migrated(&pool).await;
+    let (gone, kept) = (
+        insert_worker(&pool, "enabled", 1, Some(ZIP)).await,
+        insert_worker(&pool, "enabled", 1, Some(ZIP)).await,
+    );
+    store
+        .write_observed(&[observed(gone, "running"), observed(kept, "running")])
+        .await
+        .expect("insert");
+    exec(
+        &pool,
+        &format!("DELETE FROM user_workers WHERE id = '{gone}'"),
+    )
+    .await;
+    let left: Vec<(Uuid,)> = sqlx::query_as("SELECT worker_id FROM workerctl_observed")
+        .fetch_all(&pool)
+        .await
+        .expect("observed rows");
+    assert_eq!(left, [(kept,)]);
+}
+
+#[sqlx::test(migrations = false)]
 async fn an_idle_pass_issues_the_same_statements_whatever_the_worker_count(pool: PgPool) {
     let store = migrated(&pool).await;
     let mut per_pass = Vec::new();
@@ -723,7 +746,7 @@ async fn enabling_100_workers_in_one_transaction_gives_one_notification(pool: Pg
     let per_row: bool = scalar(
         &pool,
         "SELECT bool_or(tgtype & 1 = 1) FROM pg_trigger
-          WHERE tgrelid = 'user_workers'::regclass AND NOT tgisinternal",
+          WHERE tgrelid = 'user_workers'::regclass AND tgname = 'workerctl_notify'",
     )
     .await;
     assert!(!per_row);
