@@ -375,7 +375,10 @@ async fn migrating_twice_is_a_no_op(pool: PgPool) {
         "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'user_workers'::regclass AND NOT tgisinternal",
     )
     .await;
-    assert_eq!(triggers, 2, "workerctl_notify and workerctl_forget_observed, once each");
+    assert_eq!(
+        triggers, 2,
+        "workerctl_notify and workerctl_forget_observed, once each"
+    );
 }
 
 // ---------------------------------------------------------------- load_workers
