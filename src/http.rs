@@ -26,6 +26,7 @@ use crate::model::WorkerId;
 use crate::runtime::docker::DockerRuntime;
 use crate::status_page;
 use crate::store::WorkerStore;
+use crate::store::postgres::PgStore;
 
 /// How long `/readyz` waits for each dependency: a probe must answer fast,
 /// and a dependency that takes longer is not fit to serve.
@@ -78,14 +79,11 @@ impl Probe {
         }
     }
 
-    /// `SELECT 1` on the pool.
-    pub fn database(pool: PgPool) -> Self {
+    /// A ping of the database.
+    pub fn database(store: Arc<PgStore>) -> Self {
         Probe::new("database", move || {
-            let pool = pool.clone();
-            async move {
-                let ping = sqlx::query("SELECT 1").execute(&pool).await;
-                ping.map(drop).map_err(|e| error_chain(&e))
-            }
+            let store = store.clone();
+            async move { store.ping().await.map_err(|e| error_chain(&e)) }
         })
     }
 

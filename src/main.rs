@@ -183,7 +183,7 @@ fn spawn_http(
         instance: config.instance.as_str().into(),
         pool: store.pool().clone(),
         probes: Arc::new([
-            http::Probe::database(store.pool().clone()),
+            http::Probe::database(store.clone()),
             http::Probe::docker(runtime.clone()),
         ]),
     };

@@ -451,7 +451,7 @@ async fn readyz_is_ready_when_the_database_and_docker_answer(pool: PgPool) {
         .await
         .expect("the Docker engine answers");
     let probes = vec![
-        Probe::database(pool.clone()),
+        Probe::database(Arc::new(PgStore::from_pool(pool.clone()))),
         Probe::docker(Arc::new(docker)),
     ];
     let server = Server::start(pool, Arc::default(), probes).await;
@@ -467,7 +467,10 @@ async fn an_unreachable_database_makes_readyz_and_the_view_503_and_says_so() {
     let down = PgStore::connect("postgres://x:y@127.0.0.1:9/none").expect("lazy pool");
     let down = down.pool().clone();
     let docker_ok = Probe::new("docker", || async { Ok(()) });
-    let probes = vec![Probe::database(down.clone()), docker_ok];
+    let probes = vec![
+        Probe::database(Arc::new(PgStore::from_pool(down.clone()))),
+        docker_ok,
+    ];
     let server = Server::start(down, Arc::default(), probes).await;
 
     let started = Instant::now();
@@ -499,7 +502,10 @@ async fn readyz_names_a_dependency_that_does_not_answer_in_time(pool: PgPool) {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Ok(())
     });
-    let probes = vec![Probe::database(pool.clone()), hung];
+    let probes = vec![
+        Probe::database(Arc::new(PgStore::from_pool(pool.clone()))),
+        hung,
+    ];
     let server = Server::start(pool, Arc::default(), probes).await;
     let started = Instant::now();
     let response = server.get("/readyz").await;

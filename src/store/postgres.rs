@@ -82,6 +82,18 @@ impl PgStore {
             .map_err(StoreError::Migrate)
     }
 
+    /// Whether the database answers (`SELECT 1`), for readiness probes.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(|source| StoreError::Query {
+                what: "ping",
+                source,
+            })
+    }
+
     /// How many statements the [`WorkerStore`] methods have issued so far
     /// (migrations not included): a benchmark compares it before and after a pass.
     pub fn statements(&self) -> u64 {
