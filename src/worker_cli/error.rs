@@ -83,6 +83,13 @@ pub enum CliError {
     },
     #[error("cannot reach the Docker engine")]
     Docker(#[source] Cause),
+    /// Docker answered, and said no.
+    #[error("Docker refused to {what}")]
+    DockerRefused {
+        what: &'static str,
+        #[source]
+        source: bollard::errors::Error,
+    },
     #[error("cannot reach RabbitMQ at {at}")]
     Broker {
         at: String,
@@ -121,7 +128,8 @@ impl CliError {
             Database { .. } | DatabaseRefused { .. } | NotMigrated { .. } | Query { .. } => {
                 exit::UNAVAILABLE
             }
-            Docker(_) | Broker { .. } | Amqp { .. } | BrokerSaid(_) => exit::UNAVAILABLE,
+            Docker(_) | DockerRefused { .. } => exit::UNAVAILABLE,
+            Broker { .. } | Amqp { .. } | BrokerSaid(_) => exit::UNAVAILABLE,
             WorkerFailed(_) => exit::WORKER_FAILED,
             Timeout(_) => exit::TIMEOUT,
         }
@@ -162,6 +170,17 @@ impl CliError {
     pub fn report(&self) -> ExitCode {
         eprintln!("workerctl: {}", self.one_line());
         ExitCode::from(self.exit_code())
+    }
+}
+
+/// A failed Docker request to `what`: a refusal when Docker answered with an
+/// error status, else Docker out of reach.
+pub fn docker_error(what: &'static str, e: bollard::errors::Error) -> CliError {
+    match e {
+        e @ bollard::errors::Error::DockerResponseServerError { .. } => {
+            CliError::DockerRefused { what, source: e }
+        }
+        e => CliError::Docker(Box::new(e)),
     }
 }
 
@@ -232,5 +251,34 @@ mod tests {
             CliError::WorkerFailed("f".into()).exit_code(),
             exit::WORKER_FAILED
         );
+    }
+
+    #[test]
+    fn a_docker_refusal_is_not_reported_as_docker_being_away() {
+        let refused = docker_error(
+            "read the container's logs",
+            bollard::errors::Error::DockerResponseServerError {
+                status_code: 500,
+                message: "disk full".into(),
+            },
+        );
+        let line = refused.one_line();
+        assert!(
+            line.starts_with("Docker refused to read the container's logs"),
+            "{line}"
+        );
+        assert!(line.contains("disk full"), "{line}");
+        assert!(!line.contains("is Docker running"), "{line}");
+
+        let away = docker_error(
+            "read the container's logs",
+            bollard::errors::Error::RequestTimeoutError,
+        );
+        assert!(
+            away.one_line().contains("is Docker running"),
+            "{}",
+            away.one_line()
+        );
+        assert_eq!(away.exit_code(), refused.exit_code());
     }
 }

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use uuid::Uuid;
 
-use super::error::{CliError, no_answer};
+use super::error::{CliError, docker_error, no_answer};
 use crate::model::{ManagedContainer, RunState, WorkerId};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
@@ -54,22 +54,33 @@ pub async fn container_of(
         .max_by_key(|c| (c.state == RunState::Running, c.created)))
 }
 
+/// How a container's log stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// All of it was printed (without `--follow`), or the container stopped.
+    Stopped,
+    /// The container was removed, or was being removed, before its logs
+    /// could be read (Docker says 404 or 409): a redeploy or a disable raced
+    /// the request.
+    Gone,
+}
+
 /// Prints the logs of `container` (stdout to stdout, stderr to stderr); with
-/// `follow`, keeps printing, and when the container stops, waits for the
-/// worker's next one (a restart or a new revision) and goes on with it.
+/// `follow`, keeps printing, and when the container stops or goes, waits for
+/// the worker's next one (a restart or a new revision) and goes on with it.
 pub async fn print(
     docker: &DockerRuntime,
     id: Uuid,
     mut container: ManagedContainer,
     request: &LogRequest,
-) -> Result<(), CliError> {
+) -> Result<Ended, CliError> {
     let mut seen = Seen::default();
     let mut since = request.since;
     let mut tail = request.tail;
     loop {
-        stream(docker, &container.id, request, since, tail, &mut seen).await?;
+        let ended = stream(docker, &container.id, request, since, tail, &mut seen).await?;
         if !request.follow {
-            return Ok(());
+            return Ok(ended);
         }
         eprintln!(
             "workerctl: container {} stopped; waiting for the worker's next container (Ctrl-C to stop)",
@@ -134,7 +145,7 @@ async fn stream(
     since: Option<DateTime<Utc>>,
     tail: Option<u64>,
     seen: &mut Seen,
-) -> Result<(), CliError> {
+) -> Result<Ended, CliError> {
     let options = LogsOptionsBuilder::default()
         .stdout(true)
         .stderr(true)
@@ -147,9 +158,8 @@ async fn stream(
     while let Some(chunk) = logs.next().await {
         let chunk = match chunk {
             Ok(chunk) => chunk,
-            // The container went away under us: as if it had stopped.
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(e) => return Err(CliError::Docker(Box::new(e))),
+            Err(e) if is_gone(&e) => return Ok(Ended::Gone),
+            Err(e) => return Err(docker_error("read the container's logs", e)),
         };
         let (to_stderr, message) = match &chunk {
             LogOutput::StdErr { message } => (true, message),
@@ -163,10 +173,10 @@ async fn stream(
         let stamp = if request.timestamps { stamp } else { &[] };
         // A closed stdout (`| head`) ends the command quietly.
         if write_out(to_stderr, stamp, line).is_err() {
-            return Ok(());
+            return Ok(Ended::Stopped);
         }
     }
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 fn write_out(to_stderr: bool, stamp: &[u8], line: &[u8]) -> std::io::Result<()> {
@@ -183,7 +193,8 @@ fn write_out(to_stderr: bool, stamp: &[u8], line: &[u8]) -> std::io::Result<()> 
     }
 }
 
-/// The last `lines` lines of a container, stdout and stderr interleaved.
+/// The last `lines` lines of a container, stdout and stderr interleaved;
+/// none if the container went meanwhile.
 pub async fn last_lines(
     docker: &DockerRuntime,
     container: &str,
@@ -197,7 +208,11 @@ pub async fn last_lines(
     let mut logs = docker.client().logs(container, Some(options));
     let mut out = Vec::new();
     while let Some(chunk) = logs.next().await {
-        let chunk = chunk.map_err(|e| CliError::Docker(Box::new(e)))?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) if is_gone(&e) => break,
+            Err(e) => return Err(docker_error("read the container's logs", e)),
+        };
         let text = chunk.to_string();
         out.extend(text.lines().map(str::to_string));
     }
@@ -224,11 +239,13 @@ fn unix_seconds(t: DateTime<Utc>) -> i32 {
     i32::try_from(t.timestamp()).unwrap_or(0)
 }
 
+/// Docker's answer for a container that is removed (404) or dead or being
+/// removed (409).
 fn is_gone(e: &bollard::errors::Error) -> bool {
     matches!(
         e,
         bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
+            status_code: 404 | 409,
             ..
         }
     )
@@ -251,6 +268,17 @@ mod tests {
         );
         assert!(seen.admit(again).is_none());
         assert_eq!(seen.admit(later).map(|(_, l)| l), Some(&b"world\n"[..]));
+    }
+
+    #[test]
+    fn a_container_removed_or_being_removed_is_gone_not_an_error() {
+        let said = |status_code| bollard::errors::Error::DockerResponseServerError {
+            status_code,
+            message: "can not get logs from container which is dead or marked for removal".into(),
+        };
+        assert!(is_gone(&said(404)));
+        assert!(is_gone(&said(409)));
+        assert!(!is_gone(&said(500)));
     }
 
     #[test]

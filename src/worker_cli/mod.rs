@@ -465,19 +465,23 @@ async fn print_logs(config: &Config, a: LogsArgs) -> Result<(), CliError> {
     let db = store::connect(&config.database_url).await?;
     let target = db.resolve(&a.worker).await?;
     let docker = logs::docker(&config.instance).await?;
+    let no_container = || CliError::NoContainer {
+        name: target.name.clone(),
+        instance: config.instance.clone(),
+    };
     let container = logs::container_of(&docker, target.id)
         .await?
-        .ok_or_else(|| CliError::NoContainer {
-            name: target.name.clone(),
-            instance: config.instance.clone(),
-        })?;
+        .ok_or_else(no_container)?;
     let request = logs::LogRequest {
         follow: a.follow,
         since,
         tail: a.tail,
         timestamps: a.timestamps,
     };
-    logs::print(&docker, target.id, container, &request).await
+    match logs::print(&docker, target.id, container, &request).await? {
+        logs::Ended::Stopped => Ok(()),
+        logs::Ended::Gone => Err(no_container()),
+    }
 }
 
 async fn invoke(config: &Config, a: InvokeArgs) -> Result<(), CliError> {
