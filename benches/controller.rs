@@ -193,6 +193,7 @@ enum Op {
     Stop,
     Remove,
     Rename,
+    Logs,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -325,6 +326,12 @@ impl<R: ContainerRuntime> ContainerRuntime for Timed<R> {
     async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
         self.trace
             .time(Op::Rename, self.inner.rename(id, name))
+            .await
+    }
+
+    async fn last_lines(&self, id: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
+        self.trace
+            .time(Op::Logs, self.inner.last_lines(id, lines))
             .await
     }
 }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod execute;
+pub mod exit;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -6,10 +6,11 @@
 //! Architecture invariant: nothing here does I/O, reads the clock or
 //! allocates ids; the same snapshot always yields the same plan.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::Duration;
 
+use crate::exit;
 use crate::model::{
     ContainerSpec, DesiredWorker, Intent, Limits, ManagedContainer, Revision, RunState, Status,
     WorkerId, WorkerRow, container_name, intent_of,
@@ -76,6 +77,8 @@ pub struct Backoff {
     /// Unix ms of the last restart (or of the first crash seen).
     pub since_ms: i64,
     pub last_exit_code: Option<i64>,
+    /// What the container said last before that exit (see [`crate::exit`]).
+    pub last_words: Option<String>,
 }
 
 /// Backoff timing, from the configuration.
@@ -109,6 +112,9 @@ pub struct Snapshot {
     pub image: ImageState,
     pub network: NetworkState,
     pub backoff: BTreeMap<WorkerId, Backoff>,
+    /// Why each exited container exited, in its own words, by container id
+    /// (see [`crate::exit::explain`]); absent when it said nothing useful.
+    pub last_words: HashMap<String, String>,
     pub now_ms: i64,
 }
 
@@ -349,7 +355,7 @@ fn keep_running(
                         "{}; restarted {} time(s) after exit code {}",
                         running_info(worker.revision, &kept.name),
                         b.restarts,
-                        exit_text(b.last_exit_code)
+                        exit_story(b.last_exit_code, b.last_words.as_deref())
                     )
                 }
                 _ => running_info(worker.revision, &kept.name),
@@ -372,7 +378,10 @@ fn keep_running(
             row,
             worker,
             kept,
-            *code,
+            Exit {
+                code: *code,
+                words: snapshot.last_words.get(&kept.id).cloned(),
+            },
             book,
             snapshot.now_ms,
             policy,
@@ -388,13 +397,19 @@ fn keep_running(
     }
 }
 
+/// How a container exited: its code, and what it said last.
+struct Exit {
+    code: Option<i64>,
+    words: Option<String>,
+}
+
 /// A container of the current revision that exited: restart it, with backoff.
 #[allow(clippy::too_many_arguments)]
 fn crashed(
     row: &WorkerRow,
     worker: &DesiredWorker,
     kept: &ManagedContainer,
-    code: Option<i64>,
+    exit: Exit,
     book: Option<&Backoff>,
     now_ms: i64,
     policy: &BackoffPolicy,
@@ -408,12 +423,14 @@ fn crashed(
             restarts: 0,
             not_before_ms,
             since_ms: now_ms,
-            last_exit_code: code,
+            last_exit_code: exit.code,
+            last_words: exit.words,
         };
         return wait_for_restart(row, kept, entry, now_ms, plan);
     };
     let book = Backoff {
-        last_exit_code: code.or(book.last_exit_code),
+        last_exit_code: exit.code.or(book.last_exit_code),
+        last_words: exit.words.or_else(|| book.last_words.clone()),
         ..book.clone()
     };
     if now_ms < book.not_before_ms {
@@ -428,7 +445,7 @@ fn crashed(
     };
     let info = format!(
         "container exited with code {}; restarted (restart {restarts}); see `workerctl worker logs {}`",
-        exit_text(code),
+        exit_story(next.last_exit_code, next.last_words.as_deref()),
         row.name
     );
     plan.actions.push(Action {
@@ -436,7 +453,10 @@ fn crashed(
         step: Step::Start {
             container: kept.clone(),
         },
-        reason: format!("exited with code {}; restart {restarts}", exit_text(code)),
+        reason: format!(
+            "exited with code {}; restart {restarts}",
+            exit::code_text(next.last_exit_code)
+        ),
         on_success: Some(verdict(row, Status::Error, &info)),
     });
     plan.backoff.insert(row.id, next);
@@ -454,7 +474,7 @@ fn wait_for_restart(
         "container {} exited with code {} ({} restart(s) so far); next restart in {}; \
          see `workerctl worker logs {}`",
         kept.name,
-        exit_text(entry.last_exit_code),
+        exit_story(entry.last_exit_code, entry.last_words.as_deref()),
         entry.restarts,
         humantime::format_duration(Duration::from_secs(wait.as_secs().max(1))),
         row.name
@@ -509,8 +529,13 @@ fn running_info(revision: Revision, container: &str) -> String {
     format!("running revision {revision} in container {container}")
 }
 
-fn exit_text(code: Option<i64>) -> String {
-    code.map_or_else(|| "unknown".into(), |c| c.to_string())
+/// "4: code_invalid: …": the exit code, its meaning, and the container's
+/// last words when it had any.
+fn exit_story(code: Option<i64>, words: Option<&str>) -> String {
+    match words {
+        Some(words) => format!("{}: {words}", exit::code_text(code)),
+        None => exit::code_text(code),
+    }
 }
 
 #[cfg(test)]

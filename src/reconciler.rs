@@ -7,11 +7,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use futures::{StreamExt, stream};
+use tracing::{debug, info, warn};
 
 use crate::backoff::error_chain;
 use crate::config::Config;
 use crate::execute::{Outcome, execute};
+use crate::exit;
 use crate::metrics::Metrics;
 use crate::model::{ManagedContainer, RunState, Status, WorkerId, WorkerRow};
 use crate::plan::{
@@ -108,14 +110,43 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             .await
             .map_err(PassError::Runtime)?;
         let network = self.network().await?;
+        let last_words = self.last_words(&containers).await;
         Ok(Snapshot {
             rows,
             containers,
             image,
             network,
             backoff: self.backoff.clone(),
+            last_words,
             now_ms: now_ms(),
         })
+    }
+
+    /// Why each exited worker container exited, from its last lines: one
+    /// Docker call per exited container, none for running ones. A container
+    /// whose logs cannot be read is simply not explained.
+    async fn last_words(&self, containers: &[ManagedContainer]) -> HashMap<String, String> {
+        let reads: Vec<_> = containers
+            .iter()
+            .filter(|c| c.worker_id.is_some() && matches!(c.state, RunState::Exited(_)))
+            .map(|c| {
+                let (runtime, id, name) = (Arc::clone(&self.runtime), c.id.clone(), c.name.clone());
+                async move {
+                    match runtime.last_lines(&id, exit::LINES_READ).await {
+                        Ok(lines) => exit::explain(&lines).map(|words| (id, words)),
+                        Err(e) => {
+                            debug!(container = %name, error = %error_chain(&e), "cannot read why it exited");
+                            None
+                        }
+                    }
+                }
+            })
+            .collect();
+        let explained: Vec<Option<(String, String)>> = stream::iter(reads)
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
+        explained.into_iter().flatten().collect()
     }
 
     async fn network(&self) -> Result<NetworkState, PassError> {

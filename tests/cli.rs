@@ -824,7 +824,7 @@ async fn wait_fails_with_the_reason_when_the_worker_crashes(pool: PgPool) {
         .await;
     assert_eq!(out.code, 1, "{out:#?}\ndaemon:\n{}", daemon.log());
     let line = out.fails_last(1, "worker crashy failed at revision 1: ");
-    assert!(line.contains("exited with code 3"), "{line}");
+    assert!(line.contains("exited with code 3: crashing"), "{line}");
 }
 
 #[sqlx::test(migrations = false)]

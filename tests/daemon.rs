@@ -80,8 +80,9 @@ impl Daemon {
         config.docker.stop_timeout = Duration::from_secs(5);
         config.reconcile.backoff_initial = Duration::from_millis(200);
         config.reconcile.backoff_max = Duration::from_secs(2);
-        // Long: changes must arrive by notification, not by the resync.
-        config.reconcile.interval = Duration::from_secs(30);
+        // Far beyond any deadline: changes must arrive by notification or
+        // Docker event, never by the resync.
+        config.reconcile.interval = Duration::from_secs(3600);
         tweak(&mut config);
         let store = Arc::new(PgStore::from_pool(pool.clone()));
         store.migrate().await.expect("migrations apply");
@@ -376,7 +377,10 @@ async fn a_crashing_worker_is_restarted_with_backoff_and_says_why(pool: PgPool) 
     let bad = d.insert("crashy", "enabled", "crash.main", &code()).await;
     let good = d.enabled_worker("steady").await;
     d.running_at(good, 1).await;
-    let info = d.status_matching(bad, "error", "exited with code 3").await;
+    // The status quotes what the container said last, as well as its code.
+    let info = d
+        .status_matching(bad, "error", "exited with code 3: crashing")
+        .await;
     assert!(info.contains("restart"), "{info}");
     let restarts: i32 = d
         .wait_for("two restarts", async || {

@@ -170,8 +170,9 @@ impl Pipeline {
             PassSettings::from_config(&config),
             Arc::new(Metrics::new()),
         );
-        // Long: changes must arrive by notification or Docker event.
-        let interval = Duration::from_secs(30);
+        // Far beyond any deadline: changes must arrive by notification or
+        // Docker event, never by the resync.
+        let interval = Duration::from_secs(3600);
         self.tasks.push(tokio::spawn(controller::run(
             reconciler, wake, interval, shutdown,
         )));
@@ -578,6 +579,31 @@ async fn saved_code_changes_what_the_running_pipeline_does(pool: PgPool) {
         }
         let c = p.consuming_at(id, 2).await;
         assert_eq!(c.revision, Some(Revision(2)));
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn code_that_does_not_load_says_why_in_the_workers_status(pool: PgPool) {
+    Pipeline::run(pool, async |p| {
+        let id = p
+            .enabled_worker("broken", "def process(msg)\n    return msg\n")
+            .await;
+        let info = wait_for("an error status that quotes the syntax error", async || {
+            let (status, info): (String, String) =
+                sqlx::query_as("SELECT status, status_info FROM user_workers WHERE id = $1")
+                    .bind(id.0)
+                    .fetch_one(&p.pool)
+                    .await
+                    .expect("read status");
+            (status == "error" && info.contains("code_invalid")).then_some(info)
+        })
+        .await;
+        assert!(
+            info.contains("syntax error in usercode.py line 1"),
+            "{info}"
+        );
+        assert!(info.contains("exited with code 4"), "{info}");
     })
     .await;
 }

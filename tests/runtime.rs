@@ -328,6 +328,24 @@ async fn a_container_exiting_with_3_lists_as_exited_3() {
 }
 
 #[tokio::test]
+async fn last_lines_are_what_an_exited_container_wrote_last_and_none_once_it_is_gone() {
+    with_harness(|h| async move {
+        // stdout and stderr are separate pipes: pause so their order is sure.
+        let script = "echo one; sleep 0.2; echo two >&2; sleep 0.2; echo three; exit 4";
+        let id = h.create_started(&h.spec(script)).await;
+        h.wait_for(&id, is_exited).await;
+        let all = h.rt.last_lines(&id, 20).await.expect("logs");
+        assert_eq!(all, ["one", "two", "three"]);
+        let last = h.rt.last_lines(&id, 2).await.expect("logs");
+        assert_eq!(last, ["two", "three"]);
+        h.rt.remove(&id).await.expect("remove");
+        let gone = h.rt.last_lines(&id, 2).await.expect("a removed container");
+        assert!(gone.is_empty(), "{gone:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stop_lets_a_worker_that_handles_term_exit_cleanly_before_the_timeout() {
     with_harness(|h| async move {
         let script = r#"trap "exit 0" TERM; while true; do sleep 0.1; done"#;
@@ -498,9 +516,14 @@ async fn events_wake_for_our_dying_containers_only_and_stop_on_shutdown() {
             "another instance's container must not wake us"
         );
 
-        h.create_started(&h.spec("sleep 1; exit 0")).await;
+        let ours = h.create_started(&h.spec("sleep 1; exit 0")).await;
         let woken = tokio::time::timeout(Duration::from_secs(15), wake.notified()).await;
         assert!(woken.is_ok(), "our container's death must wake us");
+        // The pass that wakes must see the exit: the list, read right away,
+        // already says so (the engine sends `die` before its list knows).
+        let listed = h.rt.list().await.expect("list");
+        let state = listed.iter().find(|c| c.id == ours).map(|c| &c.state);
+        assert_eq!(state, Some(&RunState::Exited(Some(0))));
 
         shutdown.cancel();
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -401,6 +401,9 @@ impl ContainerRuntime for AgreeableRuntime {
     async fn rename(&self, _: &str, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }
+    async fn last_lines(&self, _: &str, _: usize) -> Result<Vec<String>, RuntimeError> {
+        Ok(vec![])
+    }
 }
 
 #[sqlx::test(migrations = false)]

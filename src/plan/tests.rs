@@ -86,6 +86,7 @@ fn snapshot(rows: Vec<WorkerRow>, containers: Vec<ManagedContainer>) -> Snapshot
         },
         network: NetworkState::Present,
         backoff: BTreeMap::new(),
+        last_words: HashMap::new(),
         now_ms: NOW,
     }
 }
@@ -296,6 +297,30 @@ fn first_crash_waits_the_initial_backoff_and_says_why() {
 }
 
 #[test]
+fn a_crash_status_carries_what_the_container_said_last() {
+    let r = row(1, 1);
+    let crashed = container_for(&r, RunState::Exited(Some(4)));
+    let mut s = snapshot(vec![r.clone()], vec![crashed.clone()]);
+    s.last_words.insert(
+        crashed.id.clone(),
+        "code_invalid: usercode.py, line 3: invalid syntax".into(),
+    );
+    let p = run(&s);
+    let info = &status_of(&p, 1).info;
+    assert!(
+        info.contains("exited with code 4: code_invalid: usercode.py, line 3: invalid syntax"),
+        "{info}"
+    );
+
+    // Restarted and running again, the status still says what happened.
+    let mut s = snapshot(vec![r.clone()], vec![container_for(&r, RunState::Running)]);
+    s.backoff = p.backoff.clone();
+    let p = run(&s);
+    let info = &status_of(&p, 1).info;
+    assert!(info.contains("after exit code 4: code_invalid"), "{info}");
+}
+
+#[test]
 fn crashed_container_is_restarted_once_backoff_elapsed() {
     let r = row(1, 1);
     let mut s = snapshot(
@@ -310,6 +335,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
             not_before_ms: NOW,
             since_ms: 0,
             last_exit_code: Some(3),
+            last_words: None,
         },
     );
     let p = run(&s);
@@ -334,6 +360,7 @@ fn crashed_container_waits_while_backoff_runs() {
             not_before_ms: NOW + 5000,
             since_ms: NOW - 10,
             last_exit_code: Some(3),
+            last_words: None,
         },
     );
     let p = run(&s);
@@ -364,6 +391,7 @@ fn backoff_is_forgotten_once_the_container_stays_up() {
             not_before_ms: 0,
             since_ms: NOW - 31_000,
             last_exit_code: Some(1),
+            last_words: None,
         },
     );
     assert!(run(&s).backoff.is_empty());
@@ -381,6 +409,7 @@ fn backoff_is_kept_while_a_restarted_container_is_young() {
             not_before_ms: 0,
             since_ms: NOW - 1000,
             last_exit_code: Some(1),
+            last_words: None,
         },
     );
     let p = run(&s);
@@ -403,6 +432,7 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
             not_before_ms: NOW + 60_000,
             since_ms: NOW,
             last_exit_code: Some(1),
+            last_words: None,
         },
     );
     let p = run(&s);

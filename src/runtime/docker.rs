@@ -22,7 +22,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -37,6 +38,8 @@ use crate::model::{ContainerSpec, ManagedContainer, Revision, RunState, WorkerId
 /// The events that may change what a pass decides: a worker exited, was
 /// removed, or ran out of memory.
 const WAKE_EVENTS: [&str; 3] = ["die", "destroy", "oom"];
+/// The longest a `die` event waits for the engine to finish handling the exit.
+const EXIT_HANDLED_MAX: Duration = Duration::from_secs(5);
 /// First delay before reconnecting the event stream; doubles up to the cap.
 const EVENTS_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -225,6 +228,30 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn last_lines(&self, id: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&lines.to_string())
+            .build();
+        let mut logs = self.api().logs(id, Some(options));
+        let mut out = Vec::new();
+        while let Some(chunk) = logs.next().await {
+            match chunk {
+                Ok(chunk) => out.extend(chunk.to_string().lines().map(str::to_string)),
+                // Removed (404) or being removed (409): nothing left to read.
+                Err(e) if matches!(status_code(&e), Some(404 | 409)) => break,
+                Err(source) => {
+                    return Err(RuntimeError::Logs {
+                        container: id.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
         let options = RenameContainerOptionsBuilder::default().name(name).build();
         self.api()
@@ -336,6 +363,28 @@ impl DockerRuntime {
         }
     }
 
+    /// Returns once the engine has finished handling the exit that `die`
+    /// announced. The engine sends `die` before the container's listed state
+    /// says it exited (Docker 20.10 updates the list's view last, under the
+    /// container's lock), so a pass woken at once would still list it as
+    /// running and miss the crash until the next resync. Inspecting waits for
+    /// that lock; its answer is not needed.
+    async fn exit_handled(&self, die: &EventMessage) {
+        let Some(id) = die.actor.as_ref().and_then(|a| a.id.as_deref()) else {
+            return;
+        };
+        let inspect = self.api().inspect_container(id, None);
+        if tokio::time::timeout(EXIT_HANDLED_MAX, inspect)
+            .await
+            .is_err()
+        {
+            debug!(
+                container = id,
+                "the engine is slow to handle an exit; waking anyway"
+            );
+        }
+    }
+
     /// Follows one event stream until it ends, fails or `shutdown`.
     /// `since` (Unix ns) is where the stream starts, and advances with each event.
     async fn follow_events(
@@ -365,6 +414,12 @@ impl DockerRuntime {
                 Some(Ok(event)) => {
                     log_event(&event);
                     *since = event.time_nano.unwrap_or(*since).max(*since);
+                    if event.action.as_deref() == Some("die") {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return StreamEnd::Shutdown,
+                            () = self.exit_handled(&event) => {}
+                        }
+                    }
                     wake.notify_one();
                 }
                 Some(Err(e)) => return StreamEnd::Failed(e),

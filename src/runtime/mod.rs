@@ -57,6 +57,12 @@ pub enum RuntimeError {
         #[source]
         source: bollard::errors::Error,
     },
+    #[error("cannot read the logs of container {container}")]
+    Logs {
+        container: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
     #[error("cannot rename container {container} to {name}")]
     Rename {
         container: String,
@@ -109,4 +115,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     fn rename(&self, id: &str, name: &str)
     -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// The last `lines` lines a container wrote (stdout and stderr
+    /// interleaved); none if it is gone. Called for exited containers only,
+    /// to say why they exited.
+    fn last_lines(
+        &self,
+        id: &str,
+        lines: usize,
+    ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
 }

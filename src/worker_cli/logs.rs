@@ -193,32 +193,6 @@ fn write_out(to_stderr: bool, stamp: &[u8], line: &[u8]) -> std::io::Result<()> 
     }
 }
 
-/// The last `lines` lines of a container, stdout and stderr interleaved;
-/// none if the container went meanwhile.
-pub async fn last_lines(
-    docker: &DockerRuntime,
-    container: &str,
-    lines: u64,
-) -> Result<Vec<String>, CliError> {
-    let options = LogsOptionsBuilder::default()
-        .stdout(true)
-        .stderr(true)
-        .tail(&lines.to_string())
-        .build();
-    let mut logs = docker.client().logs(container, Some(options));
-    let mut out = Vec::new();
-    while let Some(chunk) = logs.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(e) if is_gone(&e) => break,
-            Err(e) => return Err(docker_error("read the container's logs", e)),
-        };
-        let text = chunk.to_string();
-        out.extend(text.lines().map(str::to_string));
-    }
-    Ok(out)
-}
-
 /// `--since`: a duration back from now (10m, 2h) or an RFC 3339 time.
 pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, CliError> {
     if let Ok(back) = humantime::parse_duration(text) {

@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::runtime::ContainerRuntime;
 use crate::store::overview::WorkerOverview;
 pub use error::{CliError, EXIT_CODES_HELP, exit};
 use store::{Changes, Db, NewWorker, Target};
@@ -294,9 +295,11 @@ async fn recent_logs(
         .await
         .map_err(|e| e.one_line())?
         .ok_or_else(|| format!("no container under instance {:?}", config.instance))?;
-    let text = logs::last_lines(&docker, &container.id, lines)
+    let lines = usize::try_from(lines).unwrap_or(usize::MAX);
+    let text = docker
+        .last_lines(&container.id, lines)
         .await
-        .map_err(|e| e.one_line())?;
+        .map_err(|e| crate::backoff::error_chain(&e))?;
     Ok((container.name, text))
 }
 
