@@ -12,6 +12,8 @@ code, so the controller can tell them apart without reading logs:
     4  code invalid (bad zip, unsafe member, syntax error, no entrypoint)
     5  the broker refused the worker's exchange or queues (e.g. `worker_<id>`
        exists with other arguments)
+    6  `process` did not return within WORKER_PROCESS_TIMEOUT_S; its message
+       went to `errors`, and a restart gets the worker going again
 
 An unreachable broker is not fatal: the worker retries with backoff.
 """
@@ -40,6 +42,7 @@ class ExitCode(enum.IntEnum):
     CODE_DOWNLOAD = 3
     CODE_INVALID = 4
     BROKER_TOPOLOGY = 5
+    PROCESS_TIMEOUT = 6
 
 
 def run(env: Mapping[str, str]) -> int:
@@ -140,6 +143,9 @@ async def _finish(consumer: asyncio.Task[None], stopping: asyncio.Task[bool], gr
     except messaging.TopologyError as exc:
         logs.event("broker_topology_error", level=logging.ERROR, error=str(exc))
         return ExitCode.BROKER_TOPOLOGY
+    except messaging.ProcessStuck as exc:
+        logs.event("process_timeout", level=logging.ERROR, error=str(exc))
+        return ExitCode.PROCESS_TIMEOUT
     logs.event("stopped")
     return ExitCode.OK
 

@@ -56,6 +56,7 @@ class Config:
     code_fetch_attempts: int = 10
     code_fetch_timeout_s: float = 10.0
     shutdown_grace_s: float = 5.0
+    process_timeout_s: float = 60.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -97,6 +98,7 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
         code_fetch_attempts=_int(env, "WORKER_CODE_FETCH_ATTEMPTS", 10, minimum=1),
         code_fetch_timeout_s=_float(env, "WORKER_CODE_FETCH_TIMEOUT_S", 10.0),
         shutdown_grace_s=_float(env, "WORKER_SHUTDOWN_GRACE_S", 5.0),
+        process_timeout_s=_float(env, "WORKER_PROCESS_TIMEOUT_S", 60.0),
         limits=Limits(
             max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", Limits.max_unpacked_bytes, minimum=1),
             max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", Limits.max_members, minimum=1),

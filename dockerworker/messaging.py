@@ -15,6 +15,12 @@ callbacks (no task or future per message): publish, remember what the publish
 was for, and act when its confirm arrives. Acknowledgements go out in
 delivery order, one `multiple` ack for each run of confirmed messages.
 
+A `process` that has not returned after `process_timeout_s` cannot be
+stopped (Python cannot kill a thread): its message goes to `errors` with
+where the thread was, the messages before it are settled as usual, and the
+session ends with `ProcessStuck` so that the worker exits and is restarted;
+the messages after it go back to the queue unacknowledged.
+
 Topology (all idempotent): the durable topic exchange AMQP_XCHG; the durable
 quorum queue `worker_<id>` bound with routing key `<id>`; and the durable
 queue `worker_<id>.retry`, where a message that failed in a way that may pass
@@ -28,8 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,6 +64,8 @@ _RPC_TIMEOUT_S = 10.0
 # How long one hand-over to the user thread may keep processing before the
 # results so far are published.
 _MAX_BATCH_S = 0.05
+# How often a batch on the user thread is checked against the process timeout.
+_WATCH_INTERVAL_S = 0.5
 _PERSISTENT = 2
 # Reply codes that mean our declarations clash with what exists: retrying
 # cannot help (ACCESS_REFUSED, RESOURCE_LOCKED, PRECONDITION_FAILED).
@@ -69,6 +79,11 @@ _RESULT, _ERRORS, _RETRY = "result", "errors", "retry"
 
 class TopologyError(Exception):
     """The broker refused our declarations (exit code 5): e.g. `worker_<id>` exists with other arguments."""
+
+
+class ProcessStuck(Exception):
+    """`process` did not return within `process_timeout_s` (exit code 6): its
+    message went to `errors`, and the worker must restart to get its thread back."""
 
 
 class BrokerLost(Exception):
@@ -168,6 +183,9 @@ class Session:
         self._consuming = False
         self._drain_deadline: float | None = None
         self._stop_requested = threading.Event()
+        # Set by the user thread: which message of the batch it is on, and
+        # since when (time.monotonic()); None between batches.
+        self._current: tuple[int, float] | None = None
         self._connection: AsyncioConnection | None = None
         self._channel: Channel | None = None
         self._acker: _Acker | None = None
@@ -279,26 +297,75 @@ class Session:
     async def _process(self, pending: deque[Delivery]) -> None:
         """Run user code on a prefix of `pending` and publish the outcomes."""
         batch = [(delivery.body, delivery.headers) for delivery in pending]
-        results = await self.user_thread.call(self._handle_batch, batch)
-        for outcome, started in results:
+        results: list[tuple[Outcome, float]] = []
+        call = asyncio.ensure_future(self.user_thread.call(self._handle_batch, batch, results))
+        stuck_at = await self._watch(call)
+        for outcome, started in results[:stuck_at]:
             delivery = pending.popleft()
             if self._lost:
                 return  # the broker requeues it; nothing to publish on
             self._acker_().track(delivery.tag)
             # Published now, confirmed later: the next message does not wait.
             self._publish_outcome(delivery, outcome, started)
+        if stuck_at is not None and not self._lost:
+            self._give_up_on(pending.popleft())
 
-    def _handle_batch(self, batch: list[tuple[bytes, dict[str, Any]]]) -> list[tuple[Outcome, float]]:
-        """On the user thread: process messages in order until the batch is done or its time is up."""
-        results: list[tuple[Outcome, float]] = []
+    async def _watch(self, call: asyncio.Future[Any]) -> int | None:
+        """Wait for the batch; the index of its message whose `process` ran
+        out of time, or None when the batch finished."""
+        limit = self.config.process_timeout_s
+        if limit <= 0:
+            await call
+            return None
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=_WATCH_INTERVAL_S)
+            if done:
+                call.result()  # an internal error of the batch surfaces here
+                return None
+            current = self._current
+            if current is not None and time.monotonic() - current[1] > limit:
+                # The thread may finish this message any moment now; it is
+                # given up on regardless, and stops after it.
+                self._stop_requested.set()
+                return current[0]
+
+    def _give_up_on(self, delivery: Delivery) -> None:
+        """Send the message `process` hangs on to `errors`, then end the session."""
+        limit = self.config.process_timeout_s
+        frames = self._user_frames(self.user_thread.where(frames=12))
+        place = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+        reason = f"process() did not return within {limit:g}s for message {delivery.message_id}{place}"
+        where = "It was running:\n" + "".join(traceback.format_list(frames)) if frames else ""
+        outcome = processing.timed_out(delivery.body, delivery.headers, reason, where, self.context)
+        self._acker_().track(delivery.tag)
+        self._publish_outcome(delivery, outcome, time.perf_counter() - limit)
+        raise ProcessStuck(f"{reason}; restarting to get the worker's thread back")
+
+    def _user_frames(self, frames: list[traceback.FrameSummary]) -> list[traceback.FrameSummary]:
+        """From the first frame of the user's code inward, with the user's
+        files named as in the archive; all of `frames` if none is the user's."""
+        first = None
+        for index, frame in enumerate(frames):
+            if frame.filename.startswith(f"{self.code.root}{os.sep}"):
+                frame.filename = os.path.relpath(frame.filename, self.code.root)
+                first = index if first is None else first
+        return frames[first:] if first is not None else frames
+
+    def _handle_batch(
+        self, batch: list[tuple[bytes, dict[str, Any]]], results: list[tuple[Outcome, float]]
+    ) -> list[tuple[Outcome, float]]:
+        """On the user thread: process messages in order until the batch is done
+        or its time is up, appending to `results` as each one is done."""
         batch_started = time.perf_counter()
-        for body, headers in batch:
+        for index, (body, headers) in enumerate(batch):
             started = time.perf_counter()
+            self._current = (index, time.monotonic())
             results.append((processing.handle(body, headers, self.code.function, self.context), started))
             # Slow code must not hold every result back until the whole
             # batch is done, nor delay a shutdown by more than one message.
             if self._stop_requested.is_set() or time.perf_counter() - batch_started > _MAX_BATCH_S:
                 break
+        self._current = None
         return results
 
     # -- publishing and what each confirm leads to ------------------------------

@@ -18,7 +18,9 @@ Verdicts:
 - retry: a failure that may pass (`TransientFailure`, e.g. the devices
   endpoint is down): the input is republished for a later attempt;
 - dead_lettered: a retryable failure with no attempts left, or a message the
-  broker keeps redelivering (the worker probably dies on it): to `errors`.
+  broker keeps redelivering (the worker probably dies on it): to `errors`;
+- timed_out: `process` did not return within the time allowed: to `errors`
+  (decided by the messaging side, which watches the clock).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ FAILED = "failed"
 POISON = "poison"
 RETRY = "retry"
 DEAD_LETTERED = "dead_lettered"
+TIMED_OUT = "timed_out"
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,18 @@ def handle(body: bytes, headers: Mapping[str, Any], function: Callable[[Any], An
         reason = f"redelivered {redeliveries_of(headers)} times without being settled; the worker may be crashing on it"
         return _to_errors(DEAD_LETTERED, data, message, reason, attempt, tracing_id, ctx, "")
     return _run_user_code(data, message, function, attempt, tracing_id, ctx)
+
+
+def timed_out(body: bytes, headers: Mapping[str, Any], reason: str, where: str, ctx: Context) -> Outcome:
+    """`process` has not returned within the time allowed: the error body for
+    `errors`, with where its thread was, so the user sees what hung."""
+    try:
+        received: Any = parse_json(body)
+    except PoisonMessage:
+        received = body.decode("utf-8", errors="replace")
+    attempt = attempt_of(headers)
+    error_body = error_document(received, None, f"{reason}\n{where}", attempt, ctx)
+    return Outcome(TIMED_OUT, ERRORS_ROUTING_KEY, error_body, attempt, _tracing_id_of(body), error=reason)
 
 
 def _run_user_code(

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
+import traceback
 from typing import Any, Callable
 
 
@@ -22,7 +24,8 @@ class UserThread:
 
     def __init__(self, name: str = "user-code") -> None:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name=name, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
     async def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run `function(*args)` on the thread and return (or raise) what it did."""
@@ -30,6 +33,11 @@ class UserThread:
         future = loop.create_future()
         self._jobs.put((function, args, loop, future))
         return await future
+
+    def where(self, frames: int = 6) -> list[traceback.FrameSummary]:
+        """The innermost `frames` frames the thread is running now, outermost first."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        return list(traceback.extract_stack(frame, limit=frames)) if frame is not None else []
 
     def _serve(self) -> None:
         while True:

@@ -29,6 +29,7 @@ def test_the_contract_names_alone_give_a_working_configuration_with_defaults():
     assert (config.health_port, config.prefetch, config.max_attempts) == (8080, 64, 5)
     assert config.code_sha256 is None and config.revision is None
     assert config.code_dir == "/tmp/usercode"
+    assert config.process_timeout_s == 60.0
 
 
 def test_the_extras_workerctl_adds_are_read():
@@ -42,6 +43,7 @@ def test_the_extras_workerctl_adds_are_read():
             "WORKER_MAX_ATTEMPTS": "2",
             "WORKER_RETRY_DELAY_MS": "250",
             "WORKER_CODE_DIR": "/var/code",
+            "WORKER_PROCESS_TIMEOUT_S": "0",
         }
     )
 
@@ -49,6 +51,7 @@ def test_the_extras_workerctl_adds_are_read():
     assert config.code_sha256 == "ab" * 32
     assert (config.health_port, config.prefetch, config.max_attempts, config.retry_delay_ms) == (9000, 16, 2, 250)
     assert config.code_dir == "/var/code"
+    assert config.process_timeout_s == 0  # no limit
 
 
 def test_empty_values_count_as_unset():

@@ -240,6 +240,42 @@ def test_a_message_the_worker_dies_on_is_dead_lettered_after_the_redelivery_limi
     assert worker.stop() == 0
 
 
+def test_a_process_that_hangs_sends_its_message_to_errors_and_the_worker_exits_6(broker: Broker, make_worker):
+    code = "import time\n\ndef process(msg):\n    if msg.metadata.get('hang'):\n        time.sleep(3600)\n    return msg\n"
+    errors = broker.sink("errors")
+    next_step = broker.sink("next")
+    worker_id = str(uuid.uuid4())
+
+    def start():
+        return make_worker(broker, code, worker_id=worker_id, WORKER_PROCESS_TIMEOUT_S="1").start().wait_ready()
+
+    first = start()
+    broker.publish(worker_id, pipeline_message(), message_id="before")
+    [before] = broker.take(next_step, 1)
+    assert before.message_id == "before"
+    broker.publish(worker_id, pipeline_message(metadata={"hang": True}), message_id="hangs")
+    broker.publish(worker_id, pipeline_message(), message_id="after")
+
+    [error] = broker.take(errors, 1)
+    assert error.message_id == "hangs"
+    body = json.loads(error.body)
+    assert body["received_by_worker"]["metadata"] == {"hang": True}
+    assert "process() did not return within 1s for message hangs" in body["error"]
+    assert "for message hangs at usercode.py:5 in process" in body["error"], body["error"]
+    assert body["error"].endswith('It was running:\n  File "usercode.py", line 5, in process\n    time.sleep(3600)\n')
+    assert first.wait() == 6
+    [line] = first.events("process_timeout")
+    assert "did not return within 1s" in line["error"]
+    assert [m["outcome"] for m in first.events("message")] == ["forwarded", "timed_out"]
+
+    # Restarted, the worker goes on with what was queued behind the hang.
+    second = start()
+    [after] = broker.take(next_step, 1)
+    assert after.message_id == "after"
+    assert second.stop() == 0
+    assert broker.message_count(f"worker_{worker_id}") == 0
+
+
 def test_the_worker_reconnects_when_the_broker_connection_drops_and_loses_nothing(broker: Broker, make_worker):
     parts = urlsplit(AMQP_URL)
     proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5672))

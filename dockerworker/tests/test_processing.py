@@ -111,6 +111,19 @@ def test_poison_goes_to_errors_with_the_raw_body(body):
     assert json.loads(outcome.body)["processing_attempt"] is None
 
 
+def test_a_timed_out_message_goes_to_errors_with_where_it_hung():
+    message = pipeline_message()
+    outcome = processing.timed_out(
+        json.dumps(message).encode(), {"x-delivery-count": 1}, "process() did not return within 1s", "at line 3", CTX
+    )
+
+    assert (outcome.verdict, outcome.routing_key, outcome.attempt) == (processing.TIMED_OUT, "errors", 2)
+    body = json.loads(outcome.body)
+    assert body["received_by_worker"] == message
+    assert body["error"] == "process() did not return within 1s\nat line 3"
+    assert outcome.tracing_id == message["tracing_id"]
+
+
 def test_a_transient_failure_asks_for_a_retry_while_attempts_remain():
     def flaky(msg):
         raise DevicesEndpointUnavailable("down")
