@@ -239,8 +239,7 @@ impl ContainerRuntime for DockerRuntime {
         while let Some(chunk) = logs.next().await {
             match chunk {
                 Ok(chunk) => out.extend(chunk.to_string().lines().map(str::to_string)),
-                // Removed (404) or being removed (409): nothing left to read.
-                Err(e) if matches!(status_code(&e), Some(404 | 409)) => break,
+                Err(e) if is_gone(&e) => break,
                 Err(source) => {
                     return Err(RuntimeError::Logs {
                         container: id.to_string(),
@@ -443,6 +442,12 @@ fn log_event(event: &EventMessage) {
         exit_code = attribute("exitCode"),
         "Docker event"
     );
+}
+
+/// Docker's answer about a container that is removed (404), or dead or being
+/// removed (409): there is nothing left to read from it.
+pub fn is_gone(e: &DockerError) -> bool {
+    matches!(status_code(e), Some(404 | 409))
 }
 
 /// The HTTP status of an engine error response, if it is one.

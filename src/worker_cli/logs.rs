@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::error::{CliError, docker_error, no_answer};
 use crate::model::{ManagedContainer, RunState, WorkerId};
 use crate::runtime::ContainerRuntime;
-use crate::runtime::docker::DockerRuntime;
+use crate::runtime::docker::{DockerRuntime, is_gone};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often `--follow` looks for the worker's next container.
@@ -211,18 +211,6 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, CliE
 
 fn unix_seconds(t: DateTime<Utc>) -> i32 {
     i32::try_from(t.timestamp()).unwrap_or(0)
-}
-
-/// Docker's answer for a container that is removed (404) or dead or being
-/// removed (409).
-fn is_gone(e: &bollard::errors::Error) -> bool {
-    matches!(
-        e,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404 | 409,
-            ..
-        }
-    )
 }
 
 #[cfg(test)]
