@@ -35,22 +35,24 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 use workerctl::archive::{DEFAULT_USERCODE, sensorbucket_archive};
 use workerctl::config::{Config, Secret};
-use workerctl::controller;
+use workerctl::daemon;
 use workerctl::metrics::Metrics;
 use workerctl::model::{
     ContainerSpec, DesiredWorker, ManagedContainer, Revision, RunState, WorkerId, WorkerRow, labels,
 };
+use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
-use workerctl::store::postgres::{self, PgStore, Wake};
+use workerctl::store::postgres::PgStore;
 use workerctl::store::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
 
 /// The stand-in worker, built from busybox at start (never pulled). Unlike
@@ -58,7 +60,8 @@ use workerctl::store::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
 /// 100 ms, so 200 idle workers do not load the 2 cores the figures share;
 /// `wait` is interrupted by the trapped SIGTERM, so it still stops at once.
 const IMAGE: &str = "workerctl-bench/worker:latest";
-const SCRIPT: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
+/// Reports ready (as the dockerworker does once it consumes), then idles.
+const SCRIPT: &str = "wget -q -O /dev/null --post-data '' \"$WORKER_READY_URL\"; trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
 const DEFAULT_DATABASE_URL: &str = "postgres://workerctl:workerctl@127.0.0.1:5432/workerctl";
 /// Bumps and CLI replacements run first and not counted.
 const WARMUP: usize = 2;
@@ -670,38 +673,32 @@ impl Daemon {
     }
 }
 
-/// The daemon's tasks, wired as `workerctl run` wires them (main.rs), with
-/// the store and runtime of the control loop recorded in `trace`.
+/// The daemon, assembled as `workerctl run` assembles it ([`daemon::Daemon`]),
+/// with the store and runtime of the control loop recorded in `trace`.
 async fn spawn_daemon(config: &Config, store: Arc<PgStore>, trace: Arc<Trace>, tasks: &Tasks) {
     let docker = Arc::new(
         DockerRuntime::connect(&config.instance)
             .await
             .expect("Docker answers"),
     );
-    let wake = Arc::new(Notify::new());
-    let (t, w) = (trace.clone(), wake.clone());
-    let url = config.database_url.expose().to_string();
-    tasks.spawn(postgres::listen_with(
-        url,
-        tasks.shutdown.clone(),
-        move |why| {
-            if why == Wake::Changed {
-                t.notify();
-            }
-            w.notify_one();
-        },
-    ));
-    let (rt, w, s) = (docker.clone(), wake.clone(), tasks.shutdown.clone());
-    tasks.spawn(async move { rt.events(w, s).await });
-    let reconciler = Reconciler::new(
-        Arc::new(Timed::new(store, trace.clone())),
-        Arc::new(Timed::new(docker, trace)),
-        PassSettings::from_config(config),
-        Arc::new(Metrics::new()),
-    );
-    let interval = config.reconcile.interval;
-    let shutdown = tasks.shutdown.clone();
-    tasks.spawn(controller::run(reconciler, wake, interval, shutdown));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind a free port");
+    let mut config = config.clone();
+    config.code_server.public_url = format!("http://{}", listener.local_addr().expect("address"));
+    let t = trace.clone();
+    let daemon = daemon::Daemon::new(config, store.clone(), docker.clone())
+        .looping_through(
+            Arc::new(Timed::new(store, trace.clone())),
+            Arc::new(Timed::new(docker, trace)),
+        )
+        .on_change(move || t.notify());
+    let tracker = TaskTracker::new();
+    daemon
+        .spawn(listener, &tracker, &tasks.shutdown)
+        .expect("the daemon starts");
+    tracker.close();
+    tasks.spawn(async move { tracker.wait().await });
 }
 
 // ---------------------------------------------------------------------------
@@ -1092,6 +1089,7 @@ async fn idle_pass(d: &Daemon, workers: usize) -> Idle {
         Arc::new(Timed::new(docker.clone(), trace.clone())),
         PassSettings::from_config(&d.config),
         Arc::new(Metrics::new()),
+        Arc::new(ReadyReports::new(Arc::default())),
     );
     reconciler.pass().await.expect("first pass");
     let first_statements = store.statements();
@@ -1103,7 +1101,7 @@ async fn idle_pass(d: &Daemon, workers: usize) -> Idle {
         workers,
         docker_calls: docker.api_calls() - calls,
         statements: store.statements() - statements,
-        actions: report.actions,
+        actions: report.started,
         ms: ms(took),
         ops: trace.calls_since(start).iter().map(|c| c.op).collect(),
         first_statements,

@@ -14,7 +14,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Limits;
+use crate::model::{Hardening, Limits};
 
 /// The instance name used when none is configured.
 pub const DEFAULT_INSTANCE: &str = "default";
@@ -72,6 +72,16 @@ pub struct DockerConfig {
     pub cpus: f64,
     /// Maximum number of processes in a worker container.
     pub pids_limit: i64,
+    /// Mount the image's root filesystem read-only.
+    pub read_only_rootfs: bool,
+    /// Forbid gaining privileges (setuid binaries) inside the container.
+    pub no_new_privileges: bool,
+    /// Linux capabilities to drop (`ALL`, or names such as `NET_RAW`).
+    pub cap_drop: Vec<String>,
+    /// Writable tmpfs mounts: under a read-only root, the only places a
+    /// worker can write. `/usercode` is where SensorBucket's own image
+    /// unpacks the code.
+    pub tmpfs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -91,6 +101,14 @@ pub struct ReconcileConfig {
     /// A container that ran this long is considered healthy again.
     #[serde(with = "humantime_serde")]
     pub backoff_reset: Duration,
+    /// How long a new revision's container may take to consume its queue
+    /// before the rollout is given up and the old revision keeps serving.
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// An image that can tell nothing of its readiness (no ready report, no
+    /// HEALTHCHECK) is taken as ready once its container has run this long.
+    #[serde(with = "humantime_serde")]
+    pub assume_ready_after: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -139,6 +157,10 @@ impl Default for Config {
                 memory_bytes: 256 * 1024 * 1024,
                 cpus: 1.0,
                 pids_limit: 128,
+                read_only_rootfs: true,
+                no_new_privileges: true,
+                cap_drop: vec!["ALL".into()],
+                tmpfs: vec!["/tmp".into(), "/usercode".into()],
             },
             reconcile: ReconcileConfig {
                 interval: Duration::from_secs(10),
@@ -146,6 +168,8 @@ impl Default for Config {
                 backoff_initial: Duration::from_secs(1),
                 backoff_max: Duration::from_secs(300),
                 backoff_reset: Duration::from_secs(60),
+                ready_timeout: Duration::from_secs(30),
+                assume_ready_after: Duration::from_secs(3),
             },
             code_server: CodeServerConfig {
                 listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
@@ -233,6 +257,15 @@ impl Config {
         if self.docker.pids_limit < 1 {
             return invalid("docker.pids_limit", "must be at least 1");
         }
+        if let Some(bad) = self.docker.tmpfs.iter().find(|p| !p.starts_with('/')) {
+            return invalid(
+                "docker.tmpfs",
+                &format!("must list absolute paths; {bad:?} is not one"),
+            );
+        }
+        if self.reconcile.ready_timeout.is_zero() {
+            return invalid("reconcile.ready_timeout", "must be longer than 0s");
+        }
         if reqwest::Url::parse(&self.code_server.public_url).is_err() {
             return invalid(
                 "code_server.public_url",
@@ -240,6 +273,16 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// How worker containers are locked down, from the Docker settings.
+    pub fn hardening(&self) -> Hardening {
+        Hardening {
+            read_only_rootfs: self.docker.read_only_rootfs,
+            no_new_privileges: self.docker.no_new_privileges,
+            cap_drop: self.docker.cap_drop.clone(),
+            tmpfs: self.docker.tmpfs.clone(),
+        }
     }
 
     /// The container limits derived from the Docker settings.
@@ -318,6 +361,16 @@ mod tests {
             jail.set_env("WORKERCTL_RECONCILE__CONCURRENCY", "0");
             let err = Config::load(None).expect_err("must fail");
             assert!(err.to_string().contains("reconcile.concurrency"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_relative_tmpfs_path_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[docker]\ntmpfs = [\"/tmp\", \"usercode\"]\n")?;
+            let err = Config::load(Some(Path::new("c.toml"))).expect_err("must fail");
+            assert!(err.to_string().contains("docker.tmpfs"), "{err}");
             Ok(())
         });
     }

@@ -4,6 +4,10 @@
 //! the worker's status, so that a person reading the dashboard sees
 //! "SyntaxError: invalid syntax (usercode.py, line 3)" rather than a number.
 //!
+//! The dockerworker's own exit codes are known (when a container carries
+//! the `workerctl.runtime=dockerworker` label its image sets); any other
+//! image's code is just a number, but for the signal deaths.
+//!
 //! The dockerworker logs one JSON object per line, and says why it gives up
 //! in a line with `"level": "error"`, an `event` and an `error`. Any other
 //! image is read as plain text: its last line that is not blank (a Python
@@ -15,18 +19,48 @@ pub const LINES_READ: usize = 20;
 /// The longest explanation kept: a status is one sentence, not a log.
 const MAX_CHARS: usize = 300;
 
-/// The exit code with its meaning when it has a well-known one.
-pub fn code_text(code: Option<i64>) -> String {
+/// The exit code with its meaning when it has a well-known one: the
+/// dockerworker's own codes (its README lists them) when the container runs
+/// it, and the signal deaths any container can have.
+pub fn code_text(code: Option<i64>, dockerworker: bool) -> String {
     let Some(code) = code else {
         return "unknown".into();
     };
-    let meaning = match code {
-        137 => " (killed: out of memory, or SIGKILL)",
-        139 => " (segmentation fault)",
-        143 => " (terminated by SIGTERM)",
-        _ => "",
+    let own = if dockerworker {
+        dockerworker_meaning(code)
+    } else {
+        None
     };
-    format!("{code}{meaning}")
+    let meaning = own.or(match code {
+        137 => Some("killed: out of memory, or SIGKILL"),
+        139 => Some("segmentation fault"),
+        143 => Some("terminated by SIGTERM"),
+        _ => None,
+    });
+    match meaning {
+        Some(meaning) => format!("{code} ({meaning})"),
+        None => code.to_string(),
+    }
+}
+
+/// The dockerworker's exit codes (dockerworker/README.md, "Exit codes").
+fn dockerworker_meaning(code: i64) -> Option<&'static str> {
+    Some(match code {
+        0 => "clean shutdown",
+        1 => "internal error",
+        2 => "configuration error",
+        3 => "code download failed",
+        4 => "code invalid",
+        5 => "queue declaration refused",
+        6 => "process() did not return in time",
+        _ => return None,
+    })
+}
+
+/// Whether restarting the container cannot help until the worker's code
+/// changes: the dockerworker found the code invalid (exit code 4).
+pub fn waits_for_fix(code: Option<i64>, dockerworker: bool) -> bool {
+    dockerworker && code == Some(4)
 }
 
 /// The one line of `lines` (oldest first) that best says why the container
@@ -160,12 +194,38 @@ mod tests {
     }
 
     #[test]
-    fn well_known_exit_codes_say_what_they_mean() {
-        assert_eq!(code_text(Some(3)), "3");
-        assert_eq!(
-            code_text(Some(137)),
-            "137 (killed: out of memory, or SIGKILL)"
+    fn exit_codes_say_what_they_mean() {
+        let cases = [
+            (Some(3), false, "3"),
+            (Some(3), true, "3 (code download failed)"),
+            (Some(4), true, "4 (code invalid)"),
+            (Some(5), true, "5 (queue declaration refused)"),
+            (Some(6), true, "6 (process() did not return in time)"),
+            (Some(137), false, "137 (killed: out of memory, or SIGKILL)"),
+            (Some(137), true, "137 (killed: out of memory, or SIGKILL)"),
+            (Some(143), false, "143 (terminated by SIGTERM)"),
+            (None, true, "unknown"),
+        ];
+        for (code, dockerworker, text) in cases {
+            assert_eq!(
+                code_text(code, dockerworker),
+                text,
+                "{code:?} {dockerworker}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_dockerworkers_invalid_code_waits_for_a_fix() {
+        assert!(waits_for_fix(Some(4), true));
+        assert!(
+            !waits_for_fix(Some(4), false),
+            "another image's 4 means nothing known"
         );
-        assert_eq!(code_text(None), "unknown");
+        assert!(
+            !waits_for_fix(Some(3), true),
+            "a download may work next time"
+        );
+        assert!(!waits_for_fix(None, true));
     }
 }

@@ -1,7 +1,8 @@
 //! The daemon's HTTP server (axum): serves each worker's code to its
-//! container (`GET /<uuid>/source`), the status page (`/`, polling
+//! container (`GET /<uuid>/source`), takes its word that it consumes its
+//! queue (`POST /<uuid>/ready`), the status page (`/`, polling
 //! `/api/workers`), liveness and readiness probes, and Prometheus metrics.
-//! Handlers only read; nothing here changes containers.
+//! Handlers only read or record; nothing here changes containers.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use base64::Engine;
 use futures::future::{BoxFuture, join_all};
 use serde_json::json;
@@ -23,6 +24,8 @@ use tracing::{debug, info, warn};
 use crate::backoff::error_chain;
 use crate::metrics::Metrics;
 use crate::model::WorkerId;
+use crate::plan::ReadyReport;
+use crate::readiness::ReadyReports;
 use crate::runtime::docker::DockerRuntime;
 use crate::status_page;
 use crate::store::WorkerStore;
@@ -42,6 +45,8 @@ pub struct AppState<S> {
     pub pool: PgPool,
     /// What `/readyz` pings.
     pub probes: Arc<[Probe]>,
+    /// Where ready reports go.
+    pub reports: Arc<ReadyReports>,
 }
 
 impl<S> Clone for AppState<S> {
@@ -52,6 +57,7 @@ impl<S> Clone for AppState<S> {
             instance: self.instance.clone(),
             pool: self.pool.clone(),
             probes: self.probes.clone(),
+            reports: self.reports.clone(),
         }
     }
 }
@@ -111,6 +117,7 @@ pub fn router<S: WorkerStore>(state: AppState<S>) -> Router {
         .route("/", get(|| async { Html(status_page::PAGE) }))
         .route("/api/workers", get(workers::<S>))
         .route("/{id}/source", get(source::<S>))
+        .route("/{id}/ready", post(ready::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(metrics::<S>))
@@ -124,6 +131,15 @@ pub async fn serve<S: WorkerStore>(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    serve_on(listener, state, shutdown).await
+}
+
+/// Serves on a bound `listener` until `shutdown` is cancelled.
+pub async fn serve_on<S: WorkerStore>(
+    listener: tokio::net::TcpListener,
+    state: AppState<S>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     info!("HTTP server listening on {}", listener.local_addr()?);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -170,6 +186,49 @@ async fn source<S: WorkerStore>(
             )
         }
     }
+}
+
+/// The query of a ready report: what the container's `WORKER_READY_URL` carries.
+#[derive(Debug, serde::Deserialize)]
+struct ReadyQuery {
+    token: String,
+    container: String,
+    spec: String,
+}
+
+/// A container says it consumes its queue: recorded, and the loop woken.
+/// 202 whatever the token: the next pass believes the report only if the
+/// token is the worker's and it names a container of that spec, and a
+/// wrong one changes nothing. 400 for a malformed id or missing fields.
+async fn ready<S: WorkerStore>(
+    State(state): State<AppState<S>>,
+    Path(id): Path<String>,
+    query: Result<Query<ReadyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(worker) = id.parse::<WorkerId>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "malformed worker id: expected a UUID",
+        );
+    };
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a ready report needs token, container and spec: use the WORKER_READY_URL workerctl gave the container",
+        );
+    };
+    debug!(worker = %worker, container = %q.container, "ready report");
+    state.reports.report(ReadyReport {
+        worker,
+        token: q.token,
+        container: q.container,
+        spec_hash: q.spec,
+    });
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"message": "noted"})),
+    )
+        .into_response()
 }
 
 /// The status page's view: every worker, as JSON; 503 if the database

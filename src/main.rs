@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -16,12 +15,14 @@ use tracing_subscriber::EnvFilter;
 use workerctl::backoff::{self, error_chain};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Config, LogFormat};
+use workerctl::daemon::Daemon;
 use workerctl::metrics::Metrics;
 use workerctl::model::Status;
+use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
-use workerctl::store::postgres::{self, PgStore};
-use workerctl::{controller, http, worker_cli};
+use workerctl::store::postgres::PgStore;
+use workerctl::worker_cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -94,6 +95,7 @@ async fn reconciler(
         Arc::new(runtime),
         PassSettings::from_config(config),
         metrics,
+        Arc::new(ReadyReports::new(Arc::default())),
     ))
 }
 
@@ -113,24 +115,35 @@ async fn plan(config: Config) -> Result<()> {
 }
 
 async fn reconcile_once(config: Config) -> Result<ExitCode> {
-    let report = reconciler(&config, Arc::default()).await?.pass().await?;
-    println!(
-        "{} action(s), {} failed",
-        report.actions,
-        report.failures.len()
-    );
-    for failure in &report.failures {
+    let mut reconciler = reconciler(&config, Arc::default()).await?;
+    let report = reconciler.pass().await?;
+    // One pass: its actions run to their end, however long a stop takes.
+    let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
+    let failures: Vec<String> = done
+        .iter()
+        .filter_map(|d| {
+            let e = d.result.as_ref().err()?;
+            Some(format!(
+                "{} {}: {}",
+                d.action.kind(),
+                d.action.target(),
+                error_chain(e)
+            ))
+        })
+        .collect();
+    println!("{} action(s), {} failed", report.started, failures.len());
+    for failure in &failures {
         println!("failed: {failure}");
     }
-    Ok(if report.failures.is_empty() {
+    Ok(if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-/// The daemon: migrations, then the HTTP server, the wake-up sources and the
-/// control loop, all under one cancellation token.
+/// The daemon: migrations, then the parts of [`Daemon`] under one
+/// cancellation token, until SIGTERM/SIGINT.
 async fn run(config: Config) -> Result<()> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -146,78 +159,12 @@ async fn run(config: Config) -> Result<()> {
     let Some(runtime) = retry("connect to Docker", &shutdown, connect).await else {
         return Ok(());
     };
-    let runtime = Arc::new(runtime);
-    let metrics = Arc::new(Metrics::new());
-    let wake = Arc::new(Notify::new());
-    spawn_http(&tracker, &config, &store, &runtime, &metrics, &shutdown);
-    spawn_wake_sources(&tracker, &config, &runtime, &metrics, &wake, &shutdown);
-
-    let settings = PassSettings::from_config(&config);
-    let reconciler = Reconciler::new(store, runtime, settings, metrics);
+    let listener = tokio::net::TcpListener::bind(config.code_server.listen).await?;
     info!(instance = %config.instance, image = %config.docker.image, network = %config.docker.network, "workerctl running");
-    controller::run(
-        reconciler,
-        wake,
-        config.reconcile.interval,
-        shutdown.clone(),
-    )
-    .await;
-    shutdown.cancel();
+    Daemon::new(config, store, Arc::new(runtime)).spawn(listener, &tracker, &shutdown)?;
     tracker.close();
     tracker.wait().await;
     Ok(())
-}
-
-/// The HTTP server; if it cannot serve, the daemon shuts down.
-fn spawn_http(
-    tracker: &TaskTracker,
-    config: &Config,
-    store: &Arc<PgStore>,
-    runtime: &Arc<DockerRuntime>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-) {
-    let state = http::AppState {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        instance: config.instance.as_str().into(),
-        pool: store.pool().clone(),
-        probes: Arc::new([
-            http::Probe::database(store.clone()),
-            http::Probe::docker(runtime.clone()),
-        ]),
-    };
-    let listen = config.code_server.listen;
-    let server = http::serve(listen, state, shutdown.clone());
-    let stop = shutdown.clone();
-    tracker.spawn(async move {
-        if let Err(e) = server.await {
-            error!("HTTP server on {listen} failed: {e}; shutting down");
-            stop.cancel();
-        }
-    });
-}
-
-/// What wakes the loop besides its tick: Postgres notifications from the
-/// `user_workers` trigger, and Docker events of managed containers.
-fn spawn_wake_sources(
-    tracker: &TaskTracker,
-    config: &Config,
-    runtime: &Arc<DockerRuntime>,
-    metrics: &Arc<Metrics>,
-    wake: &Arc<Notify>,
-    shutdown: &CancellationToken,
-) {
-    let url = config.database_url.expose().to_string();
-    let (w, m) = (wake.clone(), metrics.clone());
-    tracker.spawn(postgres::listen_with(url, shutdown.clone(), move |why| {
-        if why == postgres::Wake::Changed {
-            m.change_announced();
-        }
-        w.notify_one();
-    }));
-    let (rt, w, s) = (runtime.clone(), wake.clone(), shutdown.clone());
-    tracker.spawn(async move { rt.events(w, s).await });
 }
 
 /// Retries `op` with capped exponential backoff until it succeeds, or gives

@@ -134,11 +134,15 @@ impl Metrics {
         }
     }
 
-    /// Records that the current pass got a container running; times it from
-    /// the change the pass reacts to, if any (not on a plain resync or a
-    /// crash restart).
-    pub fn container_running(&self) {
-        let since = self.timing.lock().ok().and_then(|t| t.in_pass);
+    /// The change the current pass reacts to, if any: actions it starts
+    /// carry it, to time the change to the container they start.
+    pub fn change_in_pass(&self) -> Option<Instant> {
+        self.timing.lock().ok().and_then(|t| t.in_pass)
+    }
+
+    /// Records that an action got a container running, timed from the
+    /// change it reacted to, if any (not on a plain resync or a crash restart).
+    pub fn container_running(&self, since: Option<Instant>) {
         if let Some(t) = since {
             self.change_to_running_seconds
                 .observe(t.elapsed().as_secs_f64());
@@ -234,7 +238,7 @@ mod tests {
         let m = Metrics::new();
         m.change_announced();
         m.pass_started();
-        m.container_running();
+        m.container_running(m.change_in_pass());
         m.pass_finished(Ok(()));
         assert_eq!(timed(&m), 1);
     }
@@ -246,7 +250,7 @@ mod tests {
         m.pass_started();
         m.pass_finished(Ok(()));
         m.pass_started();
-        m.container_running();
+        m.container_running(m.change_in_pass());
         assert_eq!(timed(&m), 0);
     }
 
@@ -255,11 +259,11 @@ mod tests {
         let m = Metrics::new();
         m.pass_started();
         m.change_announced();
-        m.container_running();
+        m.container_running(m.change_in_pass());
         m.pass_finished(Ok(()));
         assert_eq!(timed(&m), 0);
         m.pass_started();
-        m.container_running();
+        m.container_running(m.change_in_pass());
         assert_eq!(timed(&m), 1);
     }
 
@@ -272,7 +276,7 @@ mod tests {
         let last = m.last_pass().expect("a pass finished");
         assert_eq!(last.error.as_deref(), Some("cannot read the worker store"));
         m.pass_started();
-        m.container_running();
+        m.container_running(m.change_in_pass());
         assert_eq!(timed(&m), 1);
     }
 }

@@ -23,6 +23,11 @@ pub mod labels {
     pub const REVISION: &str = "workerctl.revision";
     /// Hash of the container spec, to detect image, env or limit changes.
     pub const SPEC_HASH: &str = "workerctl.spec-hash";
+    /// Set by the dockerworker image (a `LABEL`, which containers inherit):
+    /// its exit codes mean what [`crate::exit`] says they mean.
+    pub const RUNTIME: &str = "workerctl.runtime";
+    /// The value of [`RUNTIME`] on the dockerworker image.
+    pub const RUNTIME_DOCKERWORKER: &str = "dockerworker";
 }
 
 /// A worker's id: the primary key of `user_workers`.
@@ -174,6 +179,25 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     pub network: String,
     pub limits: Limits,
+    pub hardening: Hardening,
+    /// Where the container reports that it consumes its queue
+    /// (`WORKER_READY_URL`). Derived from the rest of the spec, hash
+    /// included, so it is left out of the hash.
+    #[serde(skip)]
+    pub ready_url: Option<String>,
+}
+
+/// How a worker container is locked down. Every knob is configurable
+/// (`docker.*`), so that an image that only knows the contract still runs:
+/// it gets the writable places it needs as tmpfs mounts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardening {
+    pub read_only_rootfs: bool,
+    pub no_new_privileges: bool,
+    /// Capabilities dropped (`ALL` by default).
+    pub cap_drop: Vec<String>,
+    /// Paths mounted as tmpfs: the only writable places under a read-only root.
+    pub tmpfs: Vec<String>,
 }
 
 /// Resource limits applied to every worker container.
@@ -225,6 +249,16 @@ pub enum RunState {
     Other(String),
 }
 
+/// What the image's HEALTHCHECK says, as the container list shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// The image has no health check.
+    None,
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
 /// A container carrying this instance's labels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManagedContainer {
@@ -236,6 +270,9 @@ pub struct ManagedContainer {
     pub spec_hash: Option<String>,
     pub image_id: String,
     pub state: RunState,
+    pub health: Health,
+    /// Whether it runs the dockerworker, whose exit codes are known.
+    pub dockerworker: bool,
     /// Unix seconds of creation.
     pub created: i64,
 }
@@ -351,9 +388,49 @@ mod tests {
                 nano_cpus: 1,
                 pids: 1,
             },
+            hardening: Hardening {
+                read_only_rootfs: true,
+                no_new_privileges: true,
+                cap_drop: vec!["ALL".into()],
+                tmpfs: vec!["/tmp".into()],
+            },
+            ready_url: None,
         };
         let before = spec.hash();
         spec.env.insert("A".into(), "b".into());
         assert_ne!(before, spec.hash());
+        let before = spec.hash();
+        spec.hardening.tmpfs.push("/usercode".into());
+        assert_ne!(before, spec.hash(), "hardening is part of the spec");
+    }
+
+    #[test]
+    fn the_ready_url_is_not_part_of_the_hash() {
+        let spec = ContainerSpec {
+            worker_id: WorkerId(Uuid::nil()),
+            revision: Revision(1),
+            name: "worker-x".into(),
+            image: "img".into(),
+            image_id: "sha256:1".into(),
+            env: BTreeMap::new(),
+            network: "host".into(),
+            limits: Limits {
+                memory_bytes: 1,
+                nano_cpus: 1,
+                pids: 1,
+            },
+            hardening: Hardening {
+                read_only_rootfs: true,
+                no_new_privileges: true,
+                cap_drop: vec![],
+                tmpfs: vec![],
+            },
+            ready_url: None,
+        };
+        let with_url = ContainerSpec {
+            ready_url: Some("http://ctl/x/ready".into()),
+            ..spec.clone()
+        };
+        assert_eq!(spec.hash(), with_url.hash());
     }
 }

@@ -1,21 +1,40 @@
 //! The planner: PURE. Given a snapshot of desired state (rows of
-//! `user_workers`), actual state (managed containers, the image, the network)
-//! and the crash-backoff book, it decides every container action of a pass,
-//! each with a reason, and the status each worker should show.
+//! `user_workers`), actual state (managed containers, the image, the
+//! network), what containers reported, which workers have an action in
+//! flight, and the books carried from the last pass, it decides every
+//! container action of a pass, each with a reason, the status every worker
+//! shows, what to record as observed, and when to look again.
+//!
+//! The rules, per worker:
+//! - **One action at a time.** A worker with an action in flight is left
+//!   alone (its status too); every other worker proceeds. At most one action
+//!   per worker per pass; the end of an action wakes the loop for the next.
+//! - **Start first, readiness gated.** A new revision's container starts
+//!   beside the old one; the old one is retired only once the new one is
+//!   ready (it reported consuming its queue, or its health check says so).
+//!   If the new one exits or is not ready within `ready_timeout`, it goes,
+//!   the old one keeps serving, and that spec is not tried again until the
+//!   worker's code, revision or spec changes.
+//! - **Crash loops back off**; a dockerworker that exits because its code is
+//!   invalid waits for a fix instead.
+//! - **A failed action is retried with per-worker backoff**, not on every
+//!   wake-up.
 //!
 //! Architecture invariant: nothing here does I/O, reads the clock or
 //! allocates ids; the same snapshot always yields the same plan.
+
+mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use crate::exit;
 use crate::model::{
-    ContainerSpec, DesiredWorker, Intent, Limits, ManagedContainer, Revision, RunState, Status,
-    WorkerId, WorkerRow, container_name, intent_of,
+    ContainerSpec, DesiredWorker, Hardening, Limits, ManagedContainer, Revision, RunState, Status,
+    WorkerId, WorkerRow, container_name,
 };
 use crate::runtime::ImageState;
+use crate::store::Observed;
 
 /// The settings a container spec is built from: everything but the worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +47,7 @@ pub struct SpecTemplate {
     pub code_base_url: String,
     pub endpoint_devices: String,
     pub limits: Limits,
+    pub hardening: Hardening,
 }
 
 impl SpecTemplate {
@@ -52,7 +72,7 @@ impl SpecTemplate {
             // only the first one bind. Port 0 picks a free one.
             env.insert("WORKER_HEALTH_PORT".into(), "0".into());
         }
-        ContainerSpec {
+        let mut spec = ContainerSpec {
             worker_id: worker.id,
             revision: worker.revision,
             name: container_name(&self.instance, worker.id),
@@ -61,7 +81,19 @@ impl SpecTemplate {
             env,
             network: self.network.clone(),
             limits: self.limits.clone(),
-        }
+            hardening: self.hardening.clone(),
+            ready_url: None,
+        };
+        // The report names the container and its spec, so that only this
+        // container's word makes it ready (see `ReadyReport`).
+        spec.ready_url = Some(format!(
+            "{base}/{}/ready?token={}&container={}&spec={}",
+            worker.id,
+            worker.code_token,
+            spec.name,
+            spec.hash()
+        ));
+        spec
     }
 }
 
@@ -81,19 +113,71 @@ pub struct Backoff {
     pub last_words: Option<String>,
 }
 
-/// Backoff timing, from the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackoffPolicy {
-    pub initial: Duration,
-    pub max: Duration,
-    /// A restarted container that ran this long is healthy again.
-    pub reset: Duration,
+/// A rollout that was given up: the new spec's container exited or was not
+/// ready in time while an older container kept serving. That spec is not
+/// tried again; a new save (new revision, code or spec) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedRollout {
+    pub spec_hash: String,
+    pub revision: Revision,
+    /// Why, in one line: the container's last words, or what did not happen.
+    pub why: String,
 }
 
-impl BackoffPolicy {
-    /// The delay before restart number `restarts + 1`: initial · 2^restarts, capped.
-    pub fn delay(&self, restarts: u32) -> Duration {
-        crate::backoff::delay(self.initial, self.max, restarts)
+/// What the planner carries from one pass to the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Books {
+    pub backoff: BTreeMap<WorkerId, Backoff>,
+    pub failed_rollouts: BTreeMap<WorkerId, FailedRollout>,
+}
+
+/// An action that failed, as the loop recorded it: the planner decides when
+/// to try again (per-worker backoff) and what the status says meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActionFailure {
+    /// `Action::kind` and `Action::target` of the failed action: only the
+    /// same action waits; a different one (the worker was disabled, say)
+    /// goes ahead at once.
+    pub kind: &'static str,
+    pub target: String,
+    /// Consecutive failures of that action.
+    pub attempts: u32,
+    /// Unix ms of the last failure.
+    pub at_ms: i64,
+    /// The error chain, in one line.
+    pub error: String,
+}
+
+/// A container's word that it consumes its queue: `POST /<id>/ready` with
+/// what its `WORKER_READY_URL` carries. Taken as valid only if the token is
+/// the worker's and the container and spec match a listed container.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReadyReport {
+    pub worker: WorkerId,
+    pub token: String,
+    pub container: String,
+    pub spec_hash: String,
+}
+
+/// Timing of the decisions, from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// First delay before restarting a crash (or retrying a failed action).
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// A restarted container that ran this long is healthy again.
+    pub backoff_reset: Duration,
+    /// How long a new container may take to become ready.
+    pub ready_timeout: Duration,
+    /// An image that tells nothing of its readiness is taken as ready after
+    /// running this long.
+    pub assume_ready_after: Duration,
+}
+
+impl Policy {
+    /// The delay before attempt `n + 1`: initial · 2^n, capped.
+    pub fn delay(&self, n: u32) -> Duration {
+        crate::backoff::delay(self.backoff_initial, self.backoff_max, n)
     }
 }
 
@@ -104,6 +188,14 @@ pub enum NetworkState {
     Missing,
 }
 
+/// Who an action is for: a worker, or an unlabelled container. The loop
+/// runs at most one action per slot.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Slot {
+    Worker(WorkerId),
+    Container(String),
+}
+
 /// Everything a pass observed. The planner sees nothing else.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -111,7 +203,15 @@ pub struct Snapshot {
     pub containers: Vec<ManagedContainer>,
     pub image: ImageState,
     pub network: NetworkState,
-    pub backoff: BTreeMap<WorkerId, Backoff>,
+    pub books: Books,
+    /// Actions that failed, by worker, since that worker's last success.
+    pub failures: BTreeMap<WorkerId, ActionFailure>,
+    /// Slots with an action in flight: left alone this pass.
+    pub busy: BTreeSet<Slot>,
+    pub reports: BTreeSet<ReadyReport>,
+    /// When this daemon started each container (by id), Unix ms; a container
+    /// it did not start counts from its creation.
+    pub started_ms: HashMap<String, i64>,
     /// Why each exited container exited, in its own words, by container id
     /// (see [`crate::exit::explain`]); absent when it said nothing useful.
     pub last_words: HashMap<String, String>,
@@ -125,10 +225,10 @@ pub enum Step {
     Create { spec: ContainerSpec },
     /// Start an existing, stopped container.
     Start { container: ManagedContainer },
-    /// Start a new container in place of an old one: the old one is renamed
-    /// out of the way, the new one created and started, then the old one
-    /// stopped gracefully and removed — the worker is never without one.
-    Replace {
+    /// Create and start a container beside an older one of the same worker
+    /// that holds the name: the old one is renamed out of the way and keeps
+    /// running; a later pass retires it once the new one is ready.
+    StartBeside {
         old: ManagedContainer,
         spec: ContainerSpec,
     },
@@ -136,23 +236,22 @@ pub enum Step {
     Remove { container: ManagedContainer },
 }
 
-/// One action of a plan, with why it is needed and the status to record
-/// when it succeeds.
+/// One action of a plan, with why it is needed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Action {
+    pub slot: Slot,
     pub worker: Option<WorkerId>,
     pub step: Step,
     pub reason: String,
-    pub on_success: Option<Verdict>,
 }
 
 impl Action {
-    /// "create", "start", "replace" or "remove": for logs and metrics.
+    /// "create", "start", "start-beside" or "remove": for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self.step {
             Step::Create { .. } => "create",
             Step::Start { .. } => "start",
-            Step::Replace { .. } => "replace",
+            Step::StartBeside { .. } => "start-beside",
             Step::Remove { .. } => "remove",
         }
     }
@@ -160,7 +259,7 @@ impl Action {
     /// The container the action is about, by name.
     pub fn target(&self) -> &str {
         match &self.step {
-            Step::Create { spec } | Step::Replace { spec, .. } => &spec.name,
+            Step::Create { spec } | Step::StartBeside { spec, .. } => &spec.name,
             Step::Start { container } | Step::Remove { container } => &container.name,
         }
     }
@@ -168,7 +267,7 @@ impl Action {
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:<7} {}: {}", self.kind(), self.target(), self.reason)
+        write!(f, "{:<12} {}: {}", self.kind(), self.target(), self.reason)
     }
 }
 
@@ -185,356 +284,138 @@ pub struct Verdict {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub actions: Vec<Action>,
-    /// Statuses of workers that need no action (or whose status holds whatever
-    /// the actions do).
+    /// The status of every worker that is not busy.
     pub verdicts: Vec<Verdict>,
-    /// The backoff book to carry into the next pass.
-    pub backoff: BTreeMap<WorkerId, Backoff>,
-    /// When the next pass must run at the latest (a pending restart), Unix ms.
+    /// What every worker's containers look like, for `workerctl_observed`.
+    pub observed: Vec<Observed>,
+    /// The books to carry into the next pass.
+    pub books: Books,
+    /// When the next pass must run at the latest, Unix ms.
     pub wake_at_ms: Option<i64>,
 }
 
+impl Plan {
+    fn wake_at(&mut self, at_ms: i64) {
+        self.wake_at_ms = Some(self.wake_at_ms.map_or(at_ms, |t| t.min(at_ms)));
+    }
+}
+
 /// Decides one pass. See the module docs.
-pub fn plan(snapshot: &Snapshot, template: &SpecTemplate, policy: &BackoffPolicy) -> Plan {
+pub fn plan(snapshot: &Snapshot, template: &SpecTemplate, policy: &Policy) -> Plan {
     let mut by_worker: BTreeMap<WorkerId, Vec<&ManagedContainer>> = BTreeMap::new();
     let mut plan = Plan::default();
     for c in &snapshot.containers {
         match c.worker_id {
             Some(id) => by_worker.entry(id).or_default().push(c),
-            None => plan
-                .actions
-                .push(remove(None, c, "orphan: its worker label is unreadable")),
+            None => plan_orphan(c, snapshot, &mut plan),
         }
     }
     let mut seen = BTreeSet::new();
     for row in &snapshot.rows {
         seen.insert(row.id);
         let containers = by_worker.get(&row.id).map(Vec::as_slice).unwrap_or(&[]);
-        plan_worker(row, containers, snapshot, template, policy, &mut plan);
+        plan.observed
+            .push(observe(row.id, containers, &snapshot.books));
+        if snapshot.busy.contains(&Slot::Worker(row.id)) {
+            carry_books(row.id, snapshot, &mut plan);
+            continue;
+        }
+        let ctx = worker::Context {
+            row,
+            containers,
+            snapshot,
+            template,
+            policy,
+        };
+        ctx.decide(&mut plan);
     }
     for (id, containers) in &by_worker {
-        if !seen.contains(id) {
-            for c in containers {
-                plan.actions
-                    .push(remove(Some(*id), c, "its worker no longer exists"));
-            }
+        if !seen.contains(id) && !snapshot.busy.contains(&Slot::Worker(*id)) {
+            let c = containers[0];
+            plan.actions
+                .push(remove(*id, c, "its worker no longer exists"));
         }
     }
     plan
 }
 
-fn plan_worker(
-    row: &WorkerRow,
-    containers: &[&ManagedContainer],
-    snapshot: &Snapshot,
-    template: &SpecTemplate,
-    policy: &BackoffPolicy,
-    plan: &mut Plan,
-) {
-    match intent_of(row) {
-        Intent::Stop => {
-            for c in containers {
-                plan.actions
-                    .push(remove(Some(row.id), c, "the worker is disabled"));
-            }
-            plan.verdicts
-                .push(verdict(row, Status::Unknown, "disabled: no container runs"));
-        }
-        Intent::Invalid(reason) => {
-            // Leave any container as it is: it runs the last good code.
-            plan.verdicts.push(verdict(row, Status::Error, &reason));
-        }
-        Intent::Run(worker) => {
-            plan_running(row, &worker, containers, snapshot, template, policy, plan)
-        }
-    }
-}
-
-fn plan_running(
-    row: &WorkerRow,
-    worker: &DesiredWorker,
-    containers: &[&ManagedContainer],
-    snapshot: &Snapshot,
-    template: &SpecTemplate,
-    policy: &BackoffPolicy,
-    plan: &mut Plan,
-) {
-    let image_id = match &snapshot.image {
-        ImageState::Present { id } => id,
-        ImageState::Missing => {
-            let info = format!(
-                "the worker image {} does not exist: build it with scripts/build-images \
-                 (or set docker.image)",
-                template.image
-            );
-            return plan.verdicts.push(verdict(row, Status::Error, &info));
-        }
-    };
-    if snapshot.network == NetworkState::Missing {
-        let info = format!(
-            "the Docker network {} does not exist: create it (docker network create {}) \
-             or set docker.network",
-            template.network, template.network
-        );
-        return plan.verdicts.push(verdict(row, Status::Error, &info));
-    }
-    let spec = template.spec(worker, image_id);
-    let hash = spec.hash();
-    let current = |c: &&&ManagedContainer| {
-        c.revision == Some(worker.revision) && c.spec_hash.as_deref() == Some(hash.as_str())
-    };
-    let keep = pick_best(containers.iter().filter(current).copied());
-    let mut rest: Vec<&ManagedContainer> = containers
-        .iter()
-        .copied()
-        .filter(|c| Some(c.id.as_str()) != keep.map(|k| k.id.as_str()))
-        .collect();
-    match keep {
-        Some(kept) => {
-            keep_running(row, worker, kept, snapshot, policy, plan);
-        }
-        None => {
-            // Replace the container holding the name, if any, so the worker
-            // keeps one running while the new one starts.
-            let holder = rest.iter().position(|c| c.name == spec.name);
-            let ready = verdict(
-                row,
-                Status::Ready,
-                &running_info(worker.revision, &spec.name),
-            );
-            let action = match holder.map(|i| rest.remove(i)) {
-                Some(old) => Action {
-                    worker: Some(row.id),
-                    reason: replace_reason(old, worker.revision, &hash),
-                    step: Step::Replace {
-                        old: old.clone(),
-                        spec,
-                    },
-                    on_success: Some(ready),
-                },
-                None => Action {
-                    worker: Some(row.id),
-                    reason: format!("no container runs revision {}", worker.revision),
-                    step: Step::Create { spec },
-                    on_success: Some(ready),
-                },
-            };
-            plan.actions.push(action);
-        }
-    }
-    for c in rest {
-        let why = if c.revision == Some(worker.revision) {
-            "duplicate container"
-        } else {
-            "outdated container"
-        };
-        plan.actions.push(remove(Some(row.id), c, why));
-    }
-}
-
-/// Decides what to do with the container that matches the desired spec.
-fn keep_running(
-    row: &WorkerRow,
-    worker: &DesiredWorker,
-    kept: &ManagedContainer,
-    snapshot: &Snapshot,
-    policy: &BackoffPolicy,
-    plan: &mut Plan,
-) {
-    let book = snapshot
-        .backoff
-        .get(&row.id)
-        .filter(|b| b.revision == worker.revision);
-    match &kept.state {
-        RunState::Running => {
-            let healthy_since = book.map(|b| b.since_ms + policy.reset.as_millis() as i64);
-            let info = match book {
-                Some(b) if healthy_since.is_some_and(|t| snapshot.now_ms < t) => {
-                    plan.backoff.insert(row.id, b.clone());
-                    format!(
-                        "{}; restarted {} time(s) after exit code {}",
-                        running_info(worker.revision, &kept.name),
-                        b.restarts,
-                        exit_story(b.last_exit_code, b.last_words.as_deref())
-                    )
-                }
-                _ => running_info(worker.revision, &kept.name),
-            };
-            plan.verdicts.push(verdict(row, Status::Ready, &info));
-        }
-        RunState::Created => plan.actions.push(Action {
-            worker: Some(row.id),
-            step: Step::Start {
-                container: kept.clone(),
+fn plan_orphan(c: &ManagedContainer, snapshot: &Snapshot, plan: &mut Plan) {
+    let slot = Slot::Container(c.id.clone());
+    if !snapshot.busy.contains(&slot) {
+        plan.actions.push(Action {
+            slot,
+            worker: None,
+            step: Step::Remove {
+                container: c.clone(),
             },
-            reason: "created but never started".into(),
-            on_success: Some(verdict(
-                row,
-                Status::Ready,
-                &running_info(worker.revision, &kept.name),
-            )),
-        }),
-        RunState::Exited(code) => crashed(
-            row,
-            worker,
-            kept,
-            Exit {
-                code: *code,
-                words: snapshot.last_words.get(&kept.id).cloned(),
-            },
-            book,
-            snapshot.now_ms,
-            policy,
-            plan,
-        ),
-        RunState::Other(state) => {
-            let info = format!(
-                "container {} is {state}; waiting for it to settle",
-                kept.name
-            );
-            plan.verdicts.push(verdict(row, Status::Unknown, &info));
-        }
+            reason: "orphan: its worker label is unreadable".into(),
+        });
     }
 }
 
-/// How a container exited: its code, and what it said last.
-struct Exit {
-    code: Option<i64>,
-    words: Option<String>,
-}
-
-/// A container of the current revision that exited: restart it, with backoff.
-#[allow(clippy::too_many_arguments)]
-fn crashed(
-    row: &WorkerRow,
-    worker: &DesiredWorker,
-    kept: &ManagedContainer,
-    exit: Exit,
-    book: Option<&Backoff>,
-    now_ms: i64,
-    policy: &BackoffPolicy,
-    plan: &mut Plan,
-) {
-    let Some(book) = book else {
-        // First crash seen: wait the initial delay before the first restart.
-        let not_before_ms = now_ms + policy.delay(0).as_millis() as i64;
-        let entry = Backoff {
-            revision: worker.revision,
-            restarts: 0,
-            not_before_ms,
-            since_ms: now_ms,
-            last_exit_code: exit.code,
-            last_words: exit.words,
-        };
-        return wait_for_restart(row, kept, entry, now_ms, plan);
-    };
-    let book = Backoff {
-        last_exit_code: exit.code.or(book.last_exit_code),
-        last_words: exit.words.or_else(|| book.last_words.clone()),
-        ..book.clone()
-    };
-    if now_ms < book.not_before_ms {
-        return wait_for_restart(row, kept, book, now_ms, plan);
+/// A busy worker's books go on unchanged: nothing was decided about it.
+fn carry_books(id: WorkerId, snapshot: &Snapshot, plan: &mut Plan) {
+    if let Some(b) = snapshot.books.backoff.get(&id) {
+        plan.books.backoff.insert(id, b.clone());
     }
-    let restarts = book.restarts + 1;
-    let next = Backoff {
-        restarts,
-        since_ms: now_ms,
-        not_before_ms: now_ms + policy.delay(restarts).as_millis() as i64,
-        ..book
-    };
-    let info = format!(
-        "container exited with code {}; restarted (restart {restarts}); see `workerctl worker logs {}`",
-        exit_story(next.last_exit_code, next.last_words.as_deref()),
-        row.name
-    );
-    plan.actions.push(Action {
-        worker: Some(row.id),
-        step: Step::Start {
-            container: kept.clone(),
-        },
-        reason: format!(
-            "exited with code {}; restart {restarts}",
-            exit::code_text(next.last_exit_code)
-        ),
-        on_success: Some(verdict(row, Status::Error, &info)),
-    });
-    plan.backoff.insert(row.id, next);
-}
-
-fn wait_for_restart(
-    row: &WorkerRow,
-    kept: &ManagedContainer,
-    entry: Backoff,
-    now_ms: i64,
-    plan: &mut Plan,
-) {
-    let wait = Duration::from_millis((entry.not_before_ms - now_ms).max(0) as u64);
-    let info = format!(
-        "container {} exited with code {} ({} restart(s) so far); next restart in {}; \
-         see `workerctl worker logs {}`",
-        kept.name,
-        exit_story(entry.last_exit_code, entry.last_words.as_deref()),
-        entry.restarts,
-        humantime::format_duration(Duration::from_secs(wait.as_secs().max(1))),
-        row.name
-    );
-    plan.verdicts.push(verdict(row, Status::Error, &info));
-    plan.wake_at_ms = Some(
-        plan.wake_at_ms
-            .map_or(entry.not_before_ms, |t| t.min(entry.not_before_ms)),
-    );
-    plan.backoff.insert(row.id, entry);
-}
-
-/// Among interchangeable containers, prefer a running one, then the newest.
-fn pick_best<'a>(
-    candidates: impl Iterator<Item = &'a ManagedContainer>,
-) -> Option<&'a ManagedContainer> {
-    candidates.max_by_key(|c| (c.state == RunState::Running, c.created, c.id.clone()))
-}
-
-fn replace_reason(old: &ManagedContainer, revision: Revision, hash: &str) -> String {
-    match old.revision {
-        Some(r) if r != revision => format!("revision {r} → {revision}"),
-        None => format!("unreadable revision → {revision}"),
-        Some(_) if old.spec_hash.as_deref() != Some(hash) => {
-            "container spec changed (image, environment or limits)".into()
-        }
-        Some(_) => "container replaced".into(),
+    if let Some(f) = snapshot.books.failed_rollouts.get(&id) {
+        plan.books.failed_rollouts.insert(id, f.clone());
     }
 }
 
-fn remove(worker: Option<WorkerId>, c: &ManagedContainer, reason: &str) -> Action {
+fn remove(id: WorkerId, c: &ManagedContainer, reason: &str) -> Action {
     Action {
-        worker,
+        slot: Slot::Worker(id),
+        worker: Some(id),
         step: Step::Remove {
             container: c.clone(),
         },
         reason: reason.into(),
-        on_success: None,
     }
 }
 
-fn verdict(row: &WorkerRow, status: Status, info: &str) -> Verdict {
-    Verdict {
-        id: row.id,
-        revision: row.revision,
-        status,
-        info: info.into(),
+/// What a worker's containers look like: the one that matters most (a
+/// running one, else the newest), and the crash bookkeeping.
+pub fn observe(id: WorkerId, containers: &[&ManagedContainer], books: &Books) -> Observed {
+    let book = books.backoff.get(&id);
+    let (restarts, last_exit_code) =
+        book.map_or((0, None), |b| (b.restarts as i32, b.last_exit_code));
+    let current = containers
+        .iter()
+        .max_by_key(|c| (c.state == RunState::Running, c.created, c.id.clone()));
+    match current {
+        Some(c) => Observed {
+            id,
+            running_revision: (c.state == RunState::Running)
+                .then_some(c.revision)
+                .flatten(),
+            container: Some(c.name.clone()),
+            container_state: state_text(&c.state),
+            restarts,
+            last_exit_code: last_exit_code.or(match c.state {
+                RunState::Exited(code) => code,
+                _ => None,
+            }),
+        },
+        None => Observed {
+            id,
+            running_revision: None,
+            container: None,
+            container_state: "absent".into(),
+            restarts,
+            last_exit_code,
+        },
     }
 }
 
-fn running_info(revision: Revision, container: &str) -> String {
-    format!("running revision {revision} in container {container}")
-}
-
-/// "4: code_invalid: …": the exit code, its meaning, and the container's
-/// last words when it had any.
-fn exit_story(code: Option<i64>, words: Option<&str>) -> String {
-    match words {
-        Some(words) => format!("{}: {words}", exit::code_text(code)),
-        None => exit::code_text(code),
+/// A container's state in a word or two, as `worker show` prints it.
+pub fn state_text(state: &RunState) -> String {
+    match state {
+        RunState::Running => "running".into(),
+        RunState::Created => "created".into(),
+        RunState::Exited(Some(code)) => format!("exited ({code})"),
+        RunState::Exited(None) => "exited".into(),
+        RunState::Other(s) => s.clone(),
     }
 }
 

@@ -1,24 +1,39 @@
-//! One reconcile pass: read the store → observe the runtime → plan → execute
-//! → record statuses. A pass takes no input: whatever woke it, it re-reads
-//! everything. The only state carried between passes is the crash-backoff
-//! book and what was last written to `workerctl_observed`.
+//! One reconcile pass, and the actions it leaves running: read the store →
+//! observe the runtime → plan → record statuses → start the actions. A pass
+//! takes no input: whatever woke it, it re-reads everything.
+//!
+//! Actions run as tasks of their own (at most `concurrency` talk to Docker
+//! at once), so a pass never waits for one: the workers with an action in
+//! flight are "busy" and the planner leaves them alone until it ends. The
+//! end of an action is recorded here ([`Reconciler::finished`]) and wakes
+//! the loop for the next pass.
+//!
+//! State carried between passes: the planner's books, the actions in flight,
+//! the failures of the last actions (for per-worker retry backoff), when
+//! this daemon started each container, and what was last written to
+//! `workerctl_observed`. Nothing here decides anything.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{StreamExt, stream};
-use tracing::{debug, info, warn};
+use tokio::sync::Semaphore;
+use tokio::task::{Id, JoinSet};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, warn};
 
 use crate::backoff::error_chain;
 use crate::config::Config;
-use crate::execute::{Outcome, execute};
+use crate::execute;
 use crate::exit;
 use crate::metrics::Metrics;
 use crate::model::{ManagedContainer, RunState, Status, WorkerId, WorkerRow};
 use crate::plan::{
-    Action, Backoff, BackoffPolicy, NetworkState, Plan, Snapshot, SpecTemplate, Step, plan,
+    Action, ActionFailure, Books, NetworkState, Plan, Policy, Slot, Snapshot, SpecTemplate, Step,
+    Verdict, plan,
 };
+use crate::readiness::ReadyReports;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::store::{Observed, StatusUpdate, StoreError, WorkerStore};
 
@@ -34,17 +49,25 @@ pub enum PassError {
 /// What a pass did.
 #[derive(Debug, Default)]
 pub struct PassReport {
-    pub actions: usize,
-    pub failures: Vec<String>,
-    /// The next pass must run by then (a pending crash restart).
+    /// Actions started.
+    pub started: usize,
+    /// The next pass must run by then (a pending restart, a readiness deadline).
     pub wake_at: Option<Instant>,
+}
+
+/// An action that ended, and how.
+#[derive(Debug)]
+pub struct Done {
+    pub action: Action,
+    /// The container it started, if any, or why it failed.
+    pub result: Result<Option<String>, RuntimeError>,
 }
 
 /// Settings of a pass that do not come from the snapshot.
 #[derive(Clone, Debug)]
 pub struct PassSettings {
     pub template: SpecTemplate,
-    pub policy: BackoffPolicy,
+    pub policy: Policy,
     pub concurrency: usize,
     pub stop_timeout: Duration,
 }
@@ -61,11 +84,14 @@ impl PassSettings {
                 code_base_url: config.code_server.public_url.clone(),
                 endpoint_devices: config.endpoint_devices.clone(),
                 limits: config.limits(),
+                hardening: config.hardening(),
             },
-            policy: BackoffPolicy {
-                initial: config.reconcile.backoff_initial,
-                max: config.reconcile.backoff_max,
-                reset: config.reconcile.backoff_reset,
+            policy: Policy {
+                backoff_initial: config.reconcile.backoff_initial,
+                backoff_max: config.reconcile.backoff_max,
+                backoff_reset: config.reconcile.backoff_reset,
+                ready_timeout: config.reconcile.ready_timeout,
+                assume_ready_after: config.reconcile.assume_ready_after,
             },
             concurrency: config.reconcile.concurrency,
             stop_timeout: config.docker.stop_timeout,
@@ -78,8 +104,44 @@ pub struct Reconciler<S, R> {
     runtime: Arc<R>,
     settings: PassSettings,
     metrics: Arc<Metrics>,
-    backoff: BTreeMap<WorkerId, Backoff>,
+    reports: Arc<ReadyReports>,
+    books: Books,
+    failures: BTreeMap<WorkerId, ActionFailure>,
+    started_ms: HashMap<String, i64>,
     observed: HashMap<WorkerId, Observed>,
+    in_flight: JoinSet<Done>,
+    busy: HashMap<Id, Slot>,
+    permits: Arc<Semaphore>,
+    clock: Clock,
+}
+
+/// Unix milliseconds that advance with tokio's clock, so that tests with
+/// paused time see deadlines pass as time is advanced.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    unix_ms: i64,
+    at: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Clock {
+            unix_ms,
+            at: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.unix_ms + self.at.elapsed().as_millis() as i64
+    }
+
+    /// The instant of a Unix ms time (now, if it is past).
+    fn instant(&self, unix_ms: i64) -> Instant {
+        Instant::now() + Duration::from_millis((unix_ms - self.now_ms()).max(0) as u64)
+    }
 }
 
 impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
@@ -88,14 +150,23 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         runtime: Arc<R>,
         settings: PassSettings,
         metrics: Arc<Metrics>,
+        reports: Arc<ReadyReports>,
     ) -> Self {
+        let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         Reconciler {
             store,
             runtime,
             settings,
             metrics,
-            backoff: BTreeMap::new(),
+            reports,
+            books: Books::default(),
+            failures: BTreeMap::new(),
+            started_ms: HashMap::new(),
             observed: HashMap::new(),
+            in_flight: JoinSet::new(),
+            busy: HashMap::new(),
+            permits,
+            clock: Clock::new(),
         }
     }
 
@@ -111,14 +182,19 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             .map_err(PassError::Runtime)?;
         let network = self.network().await?;
         let last_words = self.last_words(&containers).await;
+        let reports = self.reports.current(&containers);
         Ok(Snapshot {
             rows,
-            containers,
             image,
             network,
-            backoff: self.backoff.clone(),
+            books: self.books.clone(),
+            failures: self.failures.clone(),
+            busy: self.busy.values().cloned().collect(),
+            reports,
+            started_ms: self.started_ms.clone(),
             last_words,
-            now_ms: now_ms(),
+            containers,
+            now_ms: self.clock.now_ms(),
         })
     }
 
@@ -176,7 +252,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         ))
     }
 
-    /// Runs one pass.
+    /// Runs one pass: decides, records the statuses, starts the actions.
     #[tracing::instrument(name = "pass", skip_all)]
     pub async fn pass(&mut self) -> Result<PassReport, PassError> {
         let started = Instant::now();
@@ -193,69 +269,142 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     async fn pass_inner(&mut self) -> Result<PassReport, PassError> {
         let snapshot = self.observe().await?;
         let plan = plan(&snapshot, &self.settings.template, &self.settings.policy);
+        self.books = plan.books.clone();
+        self.forget_gone(&snapshot);
+        self.count_statuses(&snapshot.rows, &plan.verdicts);
+        self.write_statuses(&snapshot.rows, &plan.verdicts).await;
+        self.write_observed(plan.observed).await;
         let names: HashMap<WorkerId, &str> = snapshot
             .rows
             .iter()
             .map(|r| (r.id, r.name.as_str()))
             .collect();
-        for action in &plan.actions {
-            action_span(action, &names).in_scope(|| info!("{action}"));
+        let started = plan.actions.len();
+        for action in plan.actions {
+            let span = action_span(&action, &names);
+            span.in_scope(|| info!("{action}"));
+            self.spawn(action, span);
         }
-        let s = &self.settings;
-        let outcomes = execute(
-            &*self.runtime,
-            plan.actions.clone(),
-            s.concurrency,
-            s.stop_timeout,
-        )
-        .await;
-        let failures = self.record_outcomes(&outcomes, &names);
-        self.backoff = plan.backoff.clone();
-        let verdicts = verdicts(&snapshot.rows, &plan, &outcomes);
-        self.count_statuses(&snapshot.rows, &verdicts);
-        self.write_statuses(&snapshot.rows, verdicts).await;
-        self.write_observed(&snapshot, &outcomes).await;
-        let wake_at = plan
-            .wake_at_ms
-            .map(|t| Instant::now() + Duration::from_millis((t - now_ms()).max(0) as u64));
-        Ok(PassReport {
-            actions: outcomes.len(),
-            failures,
-            wake_at,
-        })
+        let wake_at = plan.wake_at_ms.map(|t| self.clock.instant(t));
+        Ok(PassReport { started, wake_at })
     }
 
-    fn record_outcomes(
-        &self,
-        outcomes: &[Outcome],
-        names: &HashMap<WorkerId, &str>,
-    ) -> Vec<String> {
-        let mut failures = Vec::new();
-        for o in outcomes {
-            let _span = action_span(&o.action, names).entered();
-            self.metrics.action(o.action.kind(), o.result.is_ok());
-            match &o.result {
-                Ok(()) => {
-                    info!("{} {} done", o.action.kind(), o.action.target());
-                    self.record_success(&o.action.step);
+    /// Runs `action` as a task of its own; its slot is busy until it ends.
+    fn spawn(&mut self, action: Action, span: tracing::Span) {
+        let (runtime, permits) = (self.runtime.clone(), self.permits.clone());
+        let stop_timeout = self.settings.stop_timeout;
+        let slot = action.slot.clone();
+        let task = async move {
+            // Never closed: the semaphore lives as long as the reconciler.
+            let _permit = permits.acquire_owned().await.ok();
+            let result = execute::apply(&*runtime, &action.step, stop_timeout).await;
+            Done { action, result }
+        };
+        let handle = self.in_flight.spawn(task.instrument(span));
+        self.busy.insert(handle.id(), slot);
+    }
+
+    /// How many actions are in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The next action to end; pending forever while none is in flight.
+    /// Cancel-safe: an action that ends while this is dropped is kept.
+    pub async fn next_done(&mut self) -> Done {
+        loop {
+            match self.in_flight.join_next_with_id().await {
+                Some(Ok((id, done))) => {
+                    self.busy.remove(&id);
+                    return done;
+                }
+                Some(Err(e)) => {
+                    // A panicked (or aborted) action: its slot is free again,
+                    // and the next pass sees what it left behind.
+                    warn!("an action ended abnormally: {e}");
+                    self.busy.remove(&e.id());
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Records every action that has ended by now, without waiting: a burst
+    /// of endings makes one pass, not one each.
+    pub fn finish_ended(&mut self) {
+        while let Some(ended) = self.in_flight.try_join_next_with_id() {
+            match ended {
+                Ok((id, done)) => {
+                    self.busy.remove(&id);
+                    self.finished(&done);
                 }
                 Err(e) => {
-                    let chain = error_chain(e);
-                    warn!("{} failed: {chain}", o.action.target());
-                    failures.push(format!(
-                        "{} {}: {chain}",
-                        o.action.kind(),
-                        o.action.target()
-                    ));
+                    warn!("an action ended abnormally: {e}");
+                    self.busy.remove(&e.id());
                 }
             }
         }
-        failures
     }
 
-    fn record_success(&self, step: &Step) {
+    /// Records how an action went: metrics, logs, the failure book, and when
+    /// the container it started was started.
+    pub fn finished(&mut self, done: &Done) {
+        let action = &done.action;
+        self.metrics.action(action.kind(), done.result.is_ok());
+        match &done.result {
+            Ok(started) => {
+                info!(
+                    container = action.target(),
+                    "{} {} done",
+                    action.kind(),
+                    action.target()
+                );
+                if let Some(id) = action.worker {
+                    self.failures.remove(&id);
+                }
+                if let Some(container) = started {
+                    self.started_ms
+                        .insert(container.clone(), self.clock.now_ms());
+                    self.record_start(&action.step);
+                }
+            }
+            Err(e) => {
+                let error = error_chain(e);
+                warn!(
+                    container = action.target(),
+                    "{} failed: {error}",
+                    action.kind()
+                );
+                if let Some(id) = action.worker {
+                    self.record_failure(id, action, error);
+                }
+            }
+        }
+    }
+
+    fn record_failure(&mut self, id: WorkerId, action: &Action, error: String) {
+        let same = self
+            .failures
+            .get(&id)
+            .filter(|f| f.kind == action.kind() && f.target == action.target());
+        let attempts = same.map_or(0, |f| f.attempts) + 1;
+        self.failures.insert(
+            id,
+            ActionFailure {
+                kind: action.kind(),
+                target: action.target().to_string(),
+                attempts,
+                at_ms: self.clock.now_ms(),
+                error,
+            },
+        );
+    }
+
+    fn record_start(&self, step: &Step) {
         match step {
-            Step::Create { .. } | Step::Replace { .. } => self.metrics.container_running(),
+            Step::Create { .. } | Step::StartBeside { .. } => self
+                .metrics
+                .container_running(self.metrics.change_in_pass()),
             Step::Start { container } if matches!(container.state, RunState::Exited(_)) => {
                 self.metrics.restarts.inc();
             }
@@ -263,7 +412,41 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         }
     }
 
-    fn count_statuses(&self, rows: &[WorkerRow], verdicts: &[StatusUpdate]) {
+    /// Waits for the actions in flight to end, at most `limit`; those still
+    /// running then are abandoned (the next daemon re-plans from what it
+    /// finds). Returns how the others went.
+    pub async fn drain(&mut self, limit: Duration) -> Vec<Done> {
+        let mut done = Vec::new();
+        let deadline = Instant::now() + limit;
+        while self.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, self.next_done()).await {
+                Ok(d) => {
+                    self.finished(&d);
+                    done.push(d);
+                }
+                Err(_) => {
+                    warn!(
+                        "{} action(s) still running after {limit:?}; leaving them",
+                        self.in_flight()
+                    );
+                    self.in_flight.abort_all();
+                    break;
+                }
+            }
+        }
+        done
+    }
+
+    /// Forgets what no longer exists: start times of containers not listed,
+    /// failures of deleted workers.
+    fn forget_gone(&mut self, snapshot: &Snapshot) {
+        let listed: BTreeSet<&str> = snapshot.containers.iter().map(|c| c.id.as_str()).collect();
+        self.started_ms.retain(|id, _| listed.contains(id.as_str()));
+        let rows: BTreeSet<WorkerId> = snapshot.rows.iter().map(|r| r.id).collect();
+        self.failures.retain(|id, _| rows.contains(id));
+    }
+
+    fn count_statuses(&self, rows: &[WorkerRow], verdicts: &[Verdict]) {
         let decided: HashMap<WorkerId, Status> =
             verdicts.iter().map(|v| (v.id, v.status)).collect();
         for status in [Status::Unknown, Status::Ready, Status::Error] {
@@ -278,14 +461,20 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     }
 
     /// Writes only statuses that differ from the rows: an idle pass writes nothing.
-    async fn write_statuses(&self, rows: &[WorkerRow], verdicts: Vec<StatusUpdate>) {
+    async fn write_statuses(&self, rows: &[WorkerRow], verdicts: &[Verdict]) {
         let current: HashMap<WorkerId, (&str, &str)> = rows
             .iter()
             .map(|r| (r.id, (r.status.as_str(), r.status_info.as_str())))
             .collect();
         let changed: Vec<StatusUpdate> = verdicts
-            .into_iter()
+            .iter()
             .filter(|v| current.get(&v.id) != Some(&(v.status.as_str(), v.info.as_str())))
+            .map(|v| StatusUpdate {
+                id: v.id,
+                revision: v.revision,
+                status: v.status,
+                info: v.info.clone(),
+            })
             .collect();
         if changed.is_empty() {
             return;
@@ -296,15 +485,13 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     }
 
     /// Upserts what changed in the observed container state since the last write.
-    async fn write_observed(&mut self, snapshot: &Snapshot, outcomes: &[Outcome]) {
+    async fn write_observed(&mut self, observed: Vec<Observed>) {
         // A deleted row's observation goes with it (a trigger); forget it here
         // too, so that a row restored under the same id is written afresh.
-        let ids: HashSet<WorkerId> = snapshot.rows.iter().map(|r| r.id).collect();
+        let ids: BTreeSet<WorkerId> = observed.iter().map(|o| o.id).collect();
         self.observed.retain(|id, _| ids.contains(id));
-        let changed: Vec<Observed> = snapshot
-            .rows
-            .iter()
-            .map(|row| observe_worker(row.id, &snapshot.containers, outcomes, &self.backoff))
+        let changed: Vec<Observed> = observed
+            .into_iter()
             .filter(|o| self.observed.get(&o.id) != Some(o))
             .collect();
         if changed.is_empty() {
@@ -328,131 +515,4 @@ fn action_span(action: &Action, names: &HashMap<WorkerId, &str>) -> tracing::Spa
         kind = action.kind(),
         container = action.target(),
     )
-}
-
-/// The status of every worker after the pass: the plan's verdicts, the
-/// promised status of actions that succeeded, an error for those that failed.
-fn verdicts(rows: &[WorkerRow], plan: &Plan, outcomes: &[Outcome]) -> Vec<StatusUpdate> {
-    let revisions: HashMap<WorkerId, _> = rows.iter().map(|r| (r.id, r.revision)).collect();
-    let mut out: Vec<StatusUpdate> = plan.verdicts.iter().map(to_update).collect();
-    for o in outcomes {
-        let Some(id) = o.action.worker else { continue };
-        let Some(&revision) = revisions.get(&id) else {
-            continue;
-        };
-        match &o.result {
-            Ok(()) => out.extend(o.action.on_success.as_ref().map(to_update)),
-            Err(e) => out.push(StatusUpdate {
-                id,
-                revision,
-                status: Status::Error,
-                info: format!(
-                    "{} of {} failed: {}",
-                    o.action.kind(),
-                    o.action.target(),
-                    error_chain(e)
-                ),
-            }),
-        }
-    }
-    // A failure outranks a success promised by another action of the same worker.
-    out.sort_by_key(|u| (u.id, u.status == Status::Error));
-    out.dedup_by(|later, earlier| {
-        later.id == earlier.id && {
-            *earlier = later.clone();
-            true
-        }
-    });
-    out
-}
-
-fn to_update(v: &crate::plan::Verdict) -> StatusUpdate {
-    StatusUpdate {
-        id: v.id,
-        revision: v.revision,
-        status: v.status,
-        info: v.info.clone(),
-    }
-}
-
-/// What a worker's container looks like after the pass.
-fn observe_worker(
-    id: WorkerId,
-    containers: &[ManagedContainer],
-    outcomes: &[Outcome],
-    backoff: &BTreeMap<WorkerId, Backoff>,
-) -> Observed {
-    let book = backoff.get(&id);
-    let (restarts, last_exit_code) =
-        book.map_or((0, None), |b| (b.restarts as i32, b.last_exit_code));
-    let started = outcomes
-        .iter()
-        .filter(|o| o.action.worker == Some(id) && o.result.is_ok())
-        .find_map(|o| match &o.action.step {
-            Step::Create { spec } | Step::Replace { spec, .. } => {
-                Some((spec.revision, spec.name.clone()))
-            }
-            Step::Start { container } => container.revision.map(|r| (r, container.name.clone())),
-            Step::Remove { .. } => None,
-        });
-    if let Some((revision, name)) = started {
-        return Observed {
-            id,
-            running_revision: Some(revision),
-            container: Some(name),
-            container_state: "running".into(),
-            restarts,
-            last_exit_code,
-        };
-    }
-    let removed = |c: &&ManagedContainer| {
-        outcomes.iter().any(|o| {
-            o.result.is_ok()
-                && matches!(&o.action.step, Step::Remove { container } if container.id == c.id)
-        })
-    };
-    let current = containers
-        .iter()
-        .filter(|c| c.worker_id == Some(id))
-        .filter(|c| !removed(c))
-        .max_by_key(|c| (c.state == RunState::Running, c.created));
-    match current {
-        Some(c) => Observed {
-            id,
-            running_revision: (c.state == RunState::Running)
-                .then_some(c.revision)
-                .flatten(),
-            container: Some(c.name.clone()),
-            container_state: state_text(&c.state),
-            restarts,
-            last_exit_code: last_exit_code.or(match c.state {
-                RunState::Exited(code) => code,
-                _ => None,
-            }),
-        },
-        None => Observed {
-            id,
-            running_revision: None,
-            container: None,
-            container_state: "absent".into(),
-            restarts,
-            last_exit_code,
-        },
-    }
-}
-
-fn state_text(state: &RunState) -> String {
-    match state {
-        RunState::Running => "running".into(),
-        RunState::Created => "created".into(),
-        RunState::Exited(Some(code)) => format!("exited ({code})"),
-        RunState::Exited(None) => "exited".into(),
-        RunState::Other(s) => s.clone(),
-    }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

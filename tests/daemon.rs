@@ -15,34 +15,37 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 use workerctl::archive::{DEFAULT_USERCODE, sensorbucket_archive};
 use workerctl::config::Config;
+use workerctl::http;
 use workerctl::metrics::Metrics;
 use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
+use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::WorkerStore;
-use workerctl::store::postgres::{self, PgStore};
-use workerctl::{controller, http};
+use workerctl::store::postgres::PgStore;
 
 use common::relay::{Front, Relay, Upstream};
 use common::stand_in_image;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// One daemon (control loop + listener + Docker events) on a fresh database.
+/// One daemon, assembled as `workerctl run` assembles it, on a fresh
+/// database, serving HTTP on a free port of 127.0.0.1 (the stand-in workers
+/// on the host network report ready there).
 struct Daemon {
     pool: PgPool,
     store: Arc<PgStore>,
     runtime: Arc<DockerRuntime>,
     config: Config,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    tracker: TaskTracker,
 }
 
 impl Daemon {
@@ -51,9 +54,9 @@ impl Daemon {
     }
 
     async fn start_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Daemon {
-        let mut daemon = Self::prepare(pool, tweak).await;
+        let (daemon, listener) = Self::prepare(pool, tweak).await;
         let (store, runtime) = (daemon.store.clone(), daemon.runtime.clone());
-        daemon.spawn_loop(store, runtime, daemon.database_url());
+        daemon.spawn(store, runtime, daemon.database_url(), listener);
         daemon
     }
 
@@ -66,12 +69,15 @@ impl Daemon {
         runtime: Arc<DockerRuntime>,
         listen_url: String,
     ) -> Daemon {
-        let mut daemon = Self::prepare(pool, tweak).await;
-        daemon.spawn_loop(store, runtime, listen_url);
+        let (daemon, listener) = Self::prepare(pool, tweak).await;
+        daemon.spawn(store, runtime, listen_url, listener);
         daemon
     }
 
-    async fn prepare(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Daemon {
+    async fn prepare(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> (Daemon, TcpListener) {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind a free port");
         let mut config = Config {
             instance: format!("t{}", &Uuid::new_v4().simple().to_string()[..12]),
             ..Config::default()
@@ -83,6 +89,8 @@ impl Daemon {
         // Far beyond any deadline: changes must arrive by notification or
         // Docker event, never by the resync.
         config.reconcile.interval = Duration::from_secs(3600);
+        config.code_server.public_url =
+            format!("http://{}", listener.local_addr().expect("local address"));
         tweak(&mut config);
         let store = Arc::new(PgStore::from_pool(pool.clone()));
         store.migrate().await.expect("migrations apply");
@@ -91,14 +99,15 @@ impl Daemon {
                 .await
                 .expect("Docker answers"),
         );
-        Daemon {
+        let daemon = Daemon {
             pool,
             store,
             runtime,
             config,
             shutdown: CancellationToken::new(),
-            tasks: vec![],
-        }
+            tracker: TaskTracker::new(),
+        };
+        (daemon, listener)
     }
 
     fn database_url(&self) -> String {
@@ -112,30 +121,28 @@ impl Daemon {
             self.runtime.clone(),
             settings,
             Arc::new(Metrics::new()),
+            Arc::new(ReadyReports::new(Arc::default())),
         )
     }
 
-    fn spawn_loop(&mut self, store: Arc<PgStore>, runtime: Arc<DockerRuntime>, url: String) {
-        let wake = Arc::new(Notify::new());
-        let shutdown = self.shutdown.clone();
-        let listener = postgres::listen(url, wake.clone(), shutdown.clone());
-        self.tasks.push(tokio::spawn(listener));
-        let (rt, w, s) = (runtime.clone(), wake.clone(), shutdown.clone());
-        self.tasks
-            .push(tokio::spawn(async move { rt.events(w, s).await }));
-        let settings = PassSettings::from_config(&self.config);
-        let reconciler = Reconciler::new(store, runtime, settings, Arc::new(Metrics::new()));
-        let interval = self.config.reconcile.interval;
-        self.tasks.push(tokio::spawn(controller::run(
-            reconciler, wake, interval, shutdown,
-        )));
+    fn spawn(
+        &self,
+        store: Arc<PgStore>,
+        runtime: Arc<DockerRuntime>,
+        listen_url: String,
+        listener: TcpListener,
+    ) {
+        let mut daemon = workerctl::daemon::Daemon::new(self.config.clone(), store, runtime);
+        daemon.listen_url = listen_url;
+        daemon
+            .spawn(listener, &self.tracker, &self.shutdown)
+            .expect("the daemon starts");
     }
 
     async fn stop(&mut self) {
         self.shutdown.cancel();
-        for task in self.tasks.drain(..) {
-            task.await.expect("task ends cleanly");
-        }
+        self.tracker.close();
+        self.tracker.wait().await;
     }
 
     async fn insert(&self, name: &str, state: &str, entrypoint: &str, source: &[u8]) -> WorkerId {
@@ -351,6 +358,7 @@ async fn restarting_against_converged_state_changes_nothing(pool: PgPool) {
     let mut before = Vec::new();
     for id in ids {
         before.push(d.running_at(id, 1).await.id);
+        d.status_matching(id, "ready", "running revision 1").await;
     }
     d.stop().await;
     // The containers outlive the daemon.
@@ -363,7 +371,11 @@ async fn restarting_against_converged_state_changes_nothing(pool: PgPool) {
         3
     );
     let report = d.reconciler().pass().await.expect("pass");
-    assert_eq!(report.actions, 0, "a fresh daemon adopts what it finds");
+    assert_eq!(report.started, 0, "a fresh daemon adopts what it finds");
+    for id in ids {
+        let (status, _) = d.status(id).await;
+        assert_eq!(status, "ready", "and keeps the statuses it finds");
+    }
     let mut after: Vec<String> = d.containers().await.into_iter().map(|c| c.id).collect();
     before.sort();
     after.sort();
@@ -470,7 +482,14 @@ async fn an_unreachable_database_fails_the_pass_and_leaves_containers_alone(pool
     // Port 9 (discard) has no Postgres behind it.
     let down = Arc::new(PgStore::connect("postgres://x:y@127.0.0.1:9/none").expect("lazy pool"));
     let settings = PassSettings::from_config(&d.config);
-    let mut blind = Reconciler::new(down, d.runtime.clone(), settings, Arc::new(Metrics::new()));
+    let reports = Arc::new(ReadyReports::new(Arc::default()));
+    let mut blind = Reconciler::new(
+        down,
+        d.runtime.clone(),
+        settings,
+        Arc::new(Metrics::new()),
+        reports,
+    );
     let err = blind
         .pass()
         .await
@@ -495,6 +514,7 @@ async fn code_endpoint_serves_enabled_workers_to_their_token_only(pool: PgPool) 
         instance: d.config.instance.as_str().into(),
         pool: d.pool.clone(),
         probes: Arc::new([]),
+        reports: Arc::new(ReadyReports::new(Arc::default())),
     };
     let server = tokio::spawn(async move { axum::serve(listener, http::router(state)).await });
     let get = |path: String| async move {
@@ -556,6 +576,10 @@ async fn the_daemon_exits_zero_on_sigterm_and_leaves_workers_running(pool: PgPoo
         .env("WORKERCTL_INSTANCE", &d.config.instance)
         .env("WORKERCTL_DOCKER__IMAGE", stand_in_image())
         .env("WORKERCTL_CODE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "WORKERCTL_CODE_SERVER__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}"),
+        )
         .kill_on_drop(true)
         .spawn()
         .expect("workerctl starts");
@@ -635,5 +659,168 @@ async fn the_daemon_rides_out_postgres_and_docker_outages_and_recovers(pool: PgP
     let _docker = Relay::start(docker_front, Upstream::Unix(common::relay::engine_socket())).await;
     d.running_at(id, 2).await;
     d.status_matching(id, "ready", "running revision 2").await;
+    d.cleanup().await;
+}
+
+/// The `WORKER_READY_URL` a container was given.
+fn ready_url_of(container: &ManagedContainer) -> String {
+    let out = Command::new("docker")
+        .args(["inspect", "--format", "{{json .Config.Env}}", &container.id])
+        .output()
+        .expect("docker inspect");
+    let env: Vec<String> = serde_json::from_slice(&out.stdout).expect("env is JSON");
+    env.iter()
+        .find_map(|v| v.strip_prefix("WORKER_READY_URL="))
+        .expect("WORKER_READY_URL is set")
+        .to_string()
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_worker_stuck_in_its_grace_period_does_not_hold_up_another(pool: PgPool) {
+    let d = Daemon::start_with(pool, |c| c.docker.stop_timeout = Duration::from_secs(30)).await;
+    let stuck = d.insert("stuck", "enabled", "stubborn.main", &code()).await;
+    let old = d.running_at(stuck, 1).await;
+    d.status_matching(stuck, "ready", "running revision 1")
+        .await;
+    d.sql("UPDATE user_workers SET revision = 2 WHERE id = $1", stuck)
+        .await;
+    // Revision 2 is ready, so revision 1 is being stopped: it ignores SIGTERM
+    // and holds its stop for the whole 30 s grace period.
+    d.status_matching(stuck, "ready", "running revision 2")
+        .await;
+    let other = d.enabled_worker("other").await;
+    d.running_at(other, 1).await;
+    d.status_matching(other, "ready", "running revision 1")
+        .await;
+    let still_stopping = d.containers_of(stuck).await;
+    assert!(
+        still_stopping.iter().any(|c| c.id == old.id),
+        "the other worker ran while the stuck one was still in its grace period: {still_stopping:?}"
+    );
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_broken_save_keeps_the_old_revision_serving_until_a_good_one(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("careful").await;
+    let serving = d.running_at(id, 1).await;
+    d.status_matching(id, "ready", "running revision 1").await;
+    d.sql(
+        "UPDATE user_workers SET revision = 2, entrypoint = 'crash.main' WHERE id = $1",
+        id,
+    )
+    .await;
+    let info = d
+        .status_matching(id, "error", "revision 2 does not start")
+        .await;
+    assert!(
+        info.ends_with("crashing; revision 1 keeps serving"),
+        "{info}"
+    );
+    let left = d
+        .wait_for("the failed container to go", async || {
+            let cs = d.containers_of(id).await;
+            (cs.len() == 1).then_some(cs)
+        })
+        .await;
+    assert_eq!(left[0].id, serving.id, "revision 1 still serves");
+    assert_eq!(left[0].state, RunState::Running);
+
+    d.sql(
+        "UPDATE user_workers SET revision = 3, entrypoint = 'main.main' WHERE id = $1",
+        id,
+    )
+    .await;
+    let fixed = d.running_at(id, 3).await;
+    assert_ne!(fixed.id, serving.id);
+    d.status_matching(id, "ready", "running revision 3").await;
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn ready_is_written_only_once_the_container_reports_it(pool: PgPool) {
+    let d = Daemon::start_with(pool, |c| {
+        c.reconcile.assume_ready_after = Duration::from_secs(3600)
+    })
+    .await;
+    let id = d.insert("quiet", "enabled", "silent.main", &code()).await;
+    let c = d.running_at(id, 1).await;
+    d.status_matching(id, "unknown", "waiting for it to consume its queue")
+        .await;
+    // Say for the container what it would say once it consumes.
+    let url = ready_url_of(&c);
+    let mut forged = reqwest::Url::parse(&url).expect("a URL");
+    let pairs: Vec<(String, String)> = forged
+        .query_pairs()
+        .map(|(k, v)| {
+            (
+                k.into_owned(),
+                if k == "token" {
+                    "0".repeat(32)
+                } else {
+                    v.into_owned()
+                },
+            )
+        })
+        .collect();
+    forged.query_pairs_mut().clear().extend_pairs(pairs);
+    let client = reqwest::Client::new();
+    let answer = client.post(forged).send().await.expect("report");
+    assert_eq!(answer.status(), 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        d.status(id).await.0,
+        "unknown",
+        "a wrong token is not believed"
+    );
+    let answer = client.post(&url).send().await.expect("report");
+    assert_eq!(answer.status(), 202);
+    d.status_matching(id, "ready", "running revision 1").await;
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn sigterm_waits_for_a_graceful_stop_in_flight(pool: PgPool) {
+    let mut d = Daemon::start_with(pool, |c| c.docker.stop_timeout = Duration::from_secs(3)).await;
+    let id = d
+        .insert("slow-to-stop", "enabled", "stubborn.main", &code())
+        .await;
+    d.running_at(id, 1).await;
+    d.sql(
+        "UPDATE user_workers SET state = 'disabled' WHERE id = $1",
+        id,
+    )
+    .await;
+    d.status_matching(id, "unknown", "disabled: stopping container")
+        .await;
+    // The stop is in flight (it takes the whole grace period): shut down now.
+    let started = Instant::now();
+    d.stop().await;
+    assert!(
+        d.containers_of(id).await.is_empty(),
+        "the stop in flight completed before the daemon exited ({:?})",
+        started.elapsed()
+    );
+    d.cleanup().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_failing_create_is_retried_with_backoff_and_says_why(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("blocked").await;
+    // Someone else's container holds the worker's name.
+    let name = workerctl::model::container_name(&d.config.instance, id);
+    let squat = Command::new("docker")
+        .args(["create", "--name", &name, stand_in_image()])
+        .output()
+        .expect("docker create");
+    assert!(squat.status.success());
+    let info = d.status_matching(id, "error", "retrying in").await;
+    assert!(info.contains("is taken by a container"), "{info}");
+    let rm = Command::new("docker").args(["rm", "-f", &name]).output();
+    assert!(rm.expect("docker rm").status.success());
+    d.running_at(id, 1).await;
+    d.status_matching(id, "ready", "running revision 1").await;
     d.cleanup().await;
 }

@@ -33,19 +33,17 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 use workerctl::archive::sensorbucket_archive;
 use workerctl::config::{Config, Secret};
-use workerctl::metrics::Metrics;
+use workerctl::daemon::Daemon;
 use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
-use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
-use workerctl::store::postgres::{self, PgStore};
-use workerctl::{controller, http};
+use workerctl::store::postgres::PgStore;
 
 use common::{amqp_url, worker_image};
 
@@ -123,59 +121,26 @@ impl Pipeline {
             errors,
             workers: vec![],
         };
-        let public_url = pipeline.spawn_code_server(store.clone()).await;
-        pipeline.spawn_daemon(store, public_url);
+        pipeline.spawn_daemon(store).await;
         pipeline
     }
 
-    /// Serves worker code on a free port of 127.0.0.1, which containers on
-    /// the host network reach as it is; returns its base URL.
-    async fn spawn_code_server(&mut self, store: Arc<PgStore>) -> String {
+    /// The daemon as `workerctl run` assembles it, serving HTTP on a free
+    /// port of 127.0.0.1, which containers on the host network reach as it is.
+    async fn spawn_daemon(&mut self, store: Arc<PgStore>) {
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("bind a free port");
         let addr = listener.local_addr().expect("local address");
-        let state = http::AppState {
-            store,
-            metrics: Arc::new(Metrics::new()),
-            instance: self.instance.as_str().into(),
-            pool: self.pool.clone(),
-            probes: Arc::new([]),
-        };
-        let stop = self.shutdown.clone();
-        self.tasks.push(tokio::spawn(async move {
-            axum::serve(listener, http::router(state))
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .expect("the code server runs");
-        }));
-        format!("http://{addr}")
-    }
-
-    fn spawn_daemon(&mut self, store: Arc<PgStore>, public_url: String) {
-        let config = self.config(public_url);
-        let wake = Arc::new(Notify::new());
-        let shutdown = self.shutdown.clone();
-        self.tasks.push(tokio::spawn(postgres::listen(
-            self.database_url(),
-            wake.clone(),
-            shutdown.clone(),
-        )));
-        let (rt, w, s) = (self.runtime.clone(), wake.clone(), shutdown.clone());
+        let mut config = self.config(format!("http://{addr}"));
+        config.database_url = Secret::new(self.database_url());
+        let tracker = TaskTracker::new();
+        Daemon::new(config, store, self.runtime.clone())
+            .spawn(listener, &tracker, &self.shutdown)
+            .expect("the daemon starts");
+        tracker.close();
         self.tasks
-            .push(tokio::spawn(async move { rt.events(w, s).await }));
-        let reconciler = Reconciler::new(
-            store,
-            self.runtime.clone(),
-            PassSettings::from_config(&config),
-            Arc::new(Metrics::new()),
-        );
-        // Far beyond any deadline: changes must arrive by notification or
-        // Docker event, never by the resync.
-        let interval = Duration::from_secs(3600);
-        self.tasks.push(tokio::spawn(controller::run(
-            reconciler, wake, interval, shutdown,
-        )));
+            .push(tokio::spawn(async move { tracker.wait().await }));
     }
 
     fn config(&self, public_url: String) -> Config {
@@ -188,6 +153,9 @@ impl Pipeline {
         config.docker.stop_timeout = Duration::from_secs(10);
         config.reconcile.backoff_initial = Duration::from_millis(200);
         config.reconcile.backoff_max = Duration::from_secs(2);
+        // Far beyond any deadline: changes must arrive by notification or
+        // Docker event, never by the resync.
+        config.reconcile.interval = Duration::from_secs(3600);
         config.code_server.public_url = public_url;
         config.amqp.url = Secret::new(amqp_url());
         config.amqp.exchange = self.exchange.clone();

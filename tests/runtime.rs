@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use workerctl::model::{
-    ContainerSpec, Limits, ManagedContainer, Revision, RunState, WorkerId, container_name, labels,
+    ContainerSpec, Hardening, Limits, ManagedContainer, Revision, RunState, WorkerId,
+    container_name, labels,
 };
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
@@ -167,6 +168,13 @@ fn spec_for(instance: &str, script: &str) -> ContainerSpec {
             nano_cpus: 500_000_000,
             pids: PIDS,
         },
+        hardening: Hardening {
+            read_only_rootfs: true,
+            no_new_privileges: true,
+            cap_drop: vec!["ALL".into()],
+            tmpfs: vec!["/tmp".into()],
+        },
+        ready_url: None,
     }
 }
 

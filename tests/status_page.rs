@@ -22,6 +22,7 @@ use workerctl::config::Config;
 use workerctl::http::{self, AppState, Probe};
 use workerctl::metrics::Metrics;
 use workerctl::model::{ContainerSpec, ManagedContainer};
+use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
@@ -52,6 +53,7 @@ impl Server {
             instance: INSTANCE.into(),
             pool,
             probes: probes.into(),
+            reports: Arc::new(ReadyReports::new(Arc::default())),
         };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
@@ -413,11 +415,19 @@ async fn metrics_after_a_pass_count_passes_actions_statuses_and_change_to_runnin
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(PgStore::from_pool(pool.clone()));
     let settings = PassSettings::from_config(&Config::default());
-    let mut reconciler =
-        Reconciler::new(store, Arc::new(AgreeableRuntime), settings, metrics.clone());
+    let reports = Arc::new(ReadyReports::new(Arc::default()));
+    let mut reconciler = Reconciler::new(
+        store,
+        Arc::new(AgreeableRuntime),
+        settings,
+        metrics.clone(),
+        reports,
+    );
     metrics.change_announced(); // as the listener does on a NOTIFY
     let report = reconciler.pass().await.expect("the pass runs");
-    assert_eq!(report.actions, 1, "{report:?}");
+    assert_eq!(report.started, 1, "{report:?}");
+    let done = reconciler.drain(Duration::from_secs(10)).await;
+    assert!(done.iter().all(|d| d.result.is_ok()), "{done:?}");
 
     let server = Server::start(pool, metrics, vec![]).await;
     let response = server.get("/metrics").await;
@@ -428,7 +438,8 @@ async fn metrics_after_a_pass_count_passes_actions_statuses_and_change_to_runnin
         "workerctl_reconcile_pass_errors_total 0",
         "workerctl_reconcile_pass_duration_seconds_count 1",
         r#"workerctl_actions_total{kind="create",outcome="ok"} 1"#,
-        r#"workerctl_workers{status="ready"} 1"#,
+        // Started, not yet consuming its queue: not ready yet.
+        r#"workerctl_workers{status="unknown"} 1"#,
         r#"workerctl_workers{status="error"} 0"#,
         "workerctl_worker_restarts_total 0",
         "workerctl_change_to_running_seconds_count 1",

@@ -1,6 +1,7 @@
 //! The planner's decisions, one test each, on hand-built snapshots.
 
 use super::*;
+use crate::model::{Health, Intent, intent_of};
 use uuid::Uuid;
 
 const NOW: i64 = 1_000_000;
@@ -24,14 +25,25 @@ fn template() -> SpecTemplate {
             nano_cpus: 1_000_000_000,
             pids: 128,
         },
+        hardening: Hardening {
+            read_only_rootfs: true,
+            no_new_privileges: true,
+            cap_drop: vec!["ALL".into()],
+            tmpfs: vec!["/tmp".into(), "/usercode".into()],
+        },
     }
 }
 
-fn policy() -> BackoffPolicy {
-    BackoffPolicy {
-        initial: Duration::from_secs(1),
-        max: Duration::from_secs(60),
-        reset: Duration::from_secs(30),
+const READY_TIMEOUT_MS: i64 = 30_000;
+const ASSUME_READY_MS: i64 = 3_000;
+
+fn policy() -> Policy {
+    Policy {
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+        backoff_reset: Duration::from_secs(30),
+        ready_timeout: Duration::from_millis(READY_TIMEOUT_MS as u64),
+        assume_ready_after: Duration::from_millis(ASSUME_READY_MS as u64),
     }
 }
 
@@ -73,8 +85,32 @@ fn container_for(row: &WorkerRow, state: RunState) -> ManagedContainer {
         spec_hash: Some(spec.hash()),
         image_id: IMAGE_ID.into(),
         state,
+        health: Health::Starting,
+        dockerworker: true,
         created: 100,
     }
+}
+
+/// A running container of `row` that reported it consumes its queue.
+fn ready_for(row: &WorkerRow, s: &mut Snapshot) -> ManagedContainer {
+    let c = container_for(row, RunState::Running);
+    s.reports.insert(report_of(row, &c));
+    c
+}
+
+fn report_of(row: &WorkerRow, c: &ManagedContainer) -> ReadyReport {
+    ReadyReport {
+        worker: row.id,
+        token: row.code_token.clone(),
+        container: c.name.clone(),
+        spec_hash: c.spec_hash.clone().expect("labelled"),
+    }
+}
+
+/// The same container under the name a start-beside parks it at.
+fn parked(mut c: ManagedContainer) -> ManagedContainer {
+    c.name = format!("{}-old-{}", c.name, c.short_id());
+    c
 }
 
 fn snapshot(rows: Vec<WorkerRow>, containers: Vec<ManagedContainer>) -> Snapshot {
@@ -85,7 +121,11 @@ fn snapshot(rows: Vec<WorkerRow>, containers: Vec<ManagedContainer>) -> Snapshot
             id: IMAGE_ID.into(),
         },
         network: NetworkState::Present,
-        backoff: BTreeMap::new(),
+        books: Books::default(),
+        failures: BTreeMap::new(),
+        busy: BTreeSet::new(),
+        reports: BTreeSet::new(),
+        started_ms: HashMap::new(),
         last_words: HashMap::new(),
         now_ms: NOW,
     }
@@ -102,7 +142,6 @@ fn kinds(p: &Plan) -> Vec<&'static str> {
 fn status_of(p: &Plan, n: u128) -> &Verdict {
     p.verdicts
         .iter()
-        .chain(p.actions.iter().filter_map(|a| a.on_success.as_ref()))
         .find(|v| v.id == id(n))
         .expect("a verdict for the worker")
 }
@@ -120,7 +159,23 @@ fn enabled_worker_without_container_is_created() {
         format!("http://ctl:3000/{}/source?token=token1", id(1))
     );
     assert_eq!(spec.env["WORKER_REVISION"], "1");
-    assert_eq!(status_of(&p, 1).status, Status::Ready);
+    assert_eq!(
+        spec.ready_url.as_deref(),
+        Some(
+            format!(
+                "http://ctl:3000/{}/ready?token=token1&container=worker-{}&spec={}",
+                id(1),
+                id(1),
+                spec.hash()
+            )
+            .as_str()
+        )
+    );
+    let v = status_of(&p, 1);
+    assert_eq!(
+        (v.status, v.info.as_str()),
+        (Status::Unknown, "starting revision 1")
+    );
 }
 
 #[test]
@@ -155,10 +210,10 @@ fn workers_on_the_host_network_get_a_free_health_port() {
 #[test]
 fn converged_worker_needs_nothing_and_is_ready() {
     let r = row(1, 1);
-    let p = run(&snapshot(
-        vec![r.clone()],
-        vec![container_for(&r, RunState::Running)],
-    ));
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let c = ready_for(&r, &mut s);
+    s.containers.push(c);
+    let p = run(&s);
     assert!(p.actions.is_empty());
     assert_eq!(status_of(&p, 1).status, Status::Ready);
 }
@@ -167,7 +222,7 @@ fn converged_worker_needs_nothing_and_is_ready() {
 fn revision_bump_replaces_the_container() {
     let old = container_for(&row(1, 1), RunState::Running);
     let p = run(&snapshot(vec![row(1, 2)], vec![old]));
-    assert_eq!(kinds(&p), ["replace"]);
+    assert_eq!(kinds(&p), ["start-beside"]);
     assert_eq!(p.actions[0].reason, "revision 1 → 2");
 }
 
@@ -175,7 +230,7 @@ fn revision_bump_replaces_the_container() {
 fn lower_revision_than_running_also_replaces() {
     let newer = container_for(&row(1, 5), RunState::Running);
     let p = run(&snapshot(vec![row(1, 3)], vec![newer]));
-    assert_eq!(kinds(&p), ["replace"]);
+    assert_eq!(kinds(&p), ["start-beside"]);
     assert_eq!(p.actions[0].reason, "revision 5 → 3");
 }
 
@@ -185,7 +240,7 @@ fn spec_change_replaces_the_container() {
     let mut c = container_for(&r, RunState::Running);
     c.spec_hash = Some("stale".into());
     let p = run(&snapshot(vec![r], vec![c]));
-    assert_eq!(kinds(&p), ["replace"]);
+    assert_eq!(kinds(&p), ["start-beside"]);
     assert!(p.actions[0].reason.contains("spec changed"));
 }
 
@@ -197,7 +252,7 @@ fn rebuilt_image_replaces_the_container() {
     s.image = ImageState::Present {
         id: "sha256:rebuilt".into(),
     };
-    assert_eq!(kinds(&run(&s)), ["replace"]);
+    assert_eq!(kinds(&run(&s)), ["start-beside"]);
 }
 
 #[test]
@@ -205,7 +260,7 @@ fn stopped_worker_with_new_revision_is_replaced() {
     let old = container_for(&row(1, 1), RunState::Exited(Some(0)));
     assert_eq!(
         kinds(&run(&snapshot(vec![row(1, 2)], vec![old]))),
-        ["replace"]
+        ["start-beside"]
     );
 }
 
@@ -247,7 +302,8 @@ fn orphan_with_unreadable_label_is_removed() {
 #[test]
 fn duplicates_are_removed_keeping_the_running_one() {
     let r = row(1, 1);
-    let running = container_for(&r, RunState::Running);
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let running = ready_for(&r, &mut s);
     let dup = ManagedContainer {
         id: "dup".into(),
         name: "worker-dup".into(),
@@ -255,18 +311,21 @@ fn duplicates_are_removed_keeping_the_running_one() {
         state: RunState::Exited(Some(0)),
         ..running.clone()
     };
-    let p = run(&snapshot(vec![r], vec![dup, running]));
+    s.containers = vec![dup, running];
+    let p = run(&s);
     assert_eq!(kinds(&p), ["remove"]);
     assert_eq!(p.actions[0].target(), "worker-dup");
     assert_eq!(p.actions[0].reason, "duplicate container");
 }
 
 #[test]
-fn outdated_leftover_beside_current_container_is_removed() {
-    let current = container_for(&row(1, 2), RunState::Running);
-    let mut old = container_for(&row(1, 1), RunState::Running);
+fn outdated_leftover_beside_a_ready_current_container_is_removed() {
+    let mut s = snapshot(vec![row(1, 2)], vec![]);
+    let current = ready_for(&row(1, 2), &mut s);
+    let mut old = container_for(&row(1, 1), RunState::Exited(Some(0)));
     old.name = "worker-old".into();
-    let p = run(&snapshot(vec![row(1, 2)], vec![current, old]));
+    s.containers = vec![current, old];
+    let p = run(&s);
     assert_eq!(kinds(&p), ["remove"]);
     assert_eq!(p.actions[0].reason, "outdated container");
 }
@@ -293,31 +352,36 @@ fn first_crash_waits_the_initial_backoff_and_says_why() {
     assert_eq!(v.status, Status::Error);
     assert!(v.info.contains("exited with code 3"), "{}", v.info);
     assert_eq!(p.wake_at_ms, Some(NOW + 1000));
-    assert_eq!(p.backoff[&id(1)].restarts, 0);
+    assert_eq!(p.books.backoff[&id(1)].restarts, 0);
 }
 
 #[test]
 fn a_crash_status_carries_what_the_container_said_last() {
     let r = row(1, 1);
-    let crashed = container_for(&r, RunState::Exited(Some(4)));
+    let crashed = container_for(&r, RunState::Exited(Some(1)));
     let mut s = snapshot(vec![r.clone()], vec![crashed.clone()]);
     s.last_words.insert(
         crashed.id.clone(),
-        "code_invalid: usercode.py, line 3: invalid syntax".into(),
+        "internal_error: RuntimeError: boom".into(),
     );
     let p = run(&s);
     let info = &status_of(&p, 1).info;
     assert!(
-        info.contains("exited with code 4: code_invalid: usercode.py, line 3: invalid syntax"),
+        info.contains("exited with code 1 (internal error): internal_error: RuntimeError: boom"),
         "{info}"
     );
 
     // Restarted and running again, the status still says what happened.
-    let mut s = snapshot(vec![r.clone()], vec![container_for(&r, RunState::Running)]);
-    s.backoff = p.backoff.clone();
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let c = ready_for(&r, &mut s);
+    s.containers.push(c);
+    s.books.backoff = p.books.backoff.clone();
     let p = run(&s);
     let info = &status_of(&p, 1).info;
-    assert!(info.contains("after exit code 4: code_invalid"), "{info}");
+    assert!(
+        info.contains("after exit code 1 (internal error): internal_error"),
+        "{info}"
+    );
 }
 
 #[test]
@@ -327,7 +391,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
         vec![r.clone()],
         vec![container_for(&r, RunState::Exited(Some(3)))],
     );
-    s.backoff.insert(
+    s.books.backoff.insert(
         id(1),
         Backoff {
             revision: Revision(1),
@@ -340,7 +404,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
     );
     let p = run(&s);
     assert_eq!(kinds(&p), ["start"]);
-    let b = &p.backoff[&id(1)];
+    let b = &p.books.backoff[&id(1)];
     assert_eq!(b.restarts, 3);
     assert_eq!(b.not_before_ms, NOW + 8000, "delay doubles: 1s · 2^3");
 }
@@ -352,7 +416,7 @@ fn crashed_container_waits_while_backoff_runs() {
         vec![r.clone()],
         vec![container_for(&r, RunState::Exited(Some(3)))],
     );
-    s.backoff.insert(
+    s.books.backoff.insert(
         id(1),
         Backoff {
             revision: Revision(1),
@@ -382,8 +446,10 @@ fn backoff_delay_is_capped() {
 #[test]
 fn backoff_is_forgotten_once_the_container_stays_up() {
     let r = row(1, 1);
-    let mut s = snapshot(vec![r.clone()], vec![container_for(&r, RunState::Running)]);
-    s.backoff.insert(
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let c = ready_for(&r, &mut s);
+    s.containers.push(c);
+    s.books.backoff.insert(
         id(1),
         Backoff {
             revision: Revision(1),
@@ -394,14 +460,16 @@ fn backoff_is_forgotten_once_the_container_stays_up() {
             last_words: None,
         },
     );
-    assert!(run(&s).backoff.is_empty());
+    assert!(run(&s).books.backoff.is_empty());
 }
 
 #[test]
 fn backoff_is_kept_while_a_restarted_container_is_young() {
     let r = row(1, 1);
-    let mut s = snapshot(vec![r.clone()], vec![container_for(&r, RunState::Running)]);
-    s.backoff.insert(
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let c = ready_for(&r, &mut s);
+    s.containers.push(c);
+    s.books.backoff.insert(
         id(1),
         Backoff {
             revision: Revision(1),
@@ -413,7 +481,7 @@ fn backoff_is_kept_while_a_restarted_container_is_young() {
         },
     );
     let p = run(&s);
-    assert_eq!(p.backoff[&id(1)].restarts, 2);
+    assert_eq!(p.books.backoff[&id(1)].restarts, 2);
     assert!(status_of(&p, 1).info.contains("restarted 2 time(s)"));
 }
 
@@ -424,7 +492,7 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
         vec![r.clone()],
         vec![container_for(&r, RunState::Exited(Some(1)))],
     );
-    s.backoff.insert(
+    s.books.backoff.insert(
         id(1),
         Backoff {
             revision: Revision(1),
@@ -436,8 +504,8 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
         },
     );
     let p = run(&s);
-    assert_eq!(p.backoff[&id(1)].revision, Revision(2));
-    assert_eq!(p.backoff[&id(1)].restarts, 0);
+    assert_eq!(p.books.backoff[&id(1)].revision, Revision(2));
+    assert_eq!(p.books.backoff[&id(1)].restarts, 0);
 }
 
 #[test]
@@ -501,4 +569,412 @@ fn same_snapshot_gives_same_plan() {
         vec![container_for(&row(2, 2), RunState::Running)],
     );
     assert_eq!(run(&s), run(&s));
+}
+
+// ---- Rollouts, readiness, exits and retries: one table of decisions. ----
+
+/// Worker 1 at revision 2, with its revision-1 container parked and
+/// serving (it reported ready long ago), plus whatever `new` adds.
+fn rollout(new: impl FnOnce(&WorkerRow, &mut Snapshot)) -> Snapshot {
+    let r = row(1, 2);
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let old = parked(ready_for(&row(1, 1), &mut s));
+    s.reports.clear();
+    s.reports.insert(report_of(&row(1, 1), &old));
+    s.containers.push(old);
+    new(&r, &mut s);
+    s
+}
+
+/// A revision-2 container of worker 1 in `state`, started `ago_ms` ago by
+/// this daemon.
+fn new_container(
+    r: &WorkerRow,
+    s: &mut Snapshot,
+    state: RunState,
+    ago_ms: i64,
+) -> ManagedContainer {
+    let c = container_for(r, state);
+    s.started_ms.insert(c.id.clone(), NOW - ago_ms);
+    s.containers.push(c.clone());
+    c
+}
+
+struct Case {
+    name: &'static str,
+    snapshot: fn() -> Snapshot,
+    kinds: &'static [&'static str],
+    /// The worker's status, and a part of its text; `None`: no verdict.
+    status: Option<(Status, &'static str)>,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "a new revision starts beside the one that serves",
+        snapshot: || {
+            let r = row(1, 2);
+            let mut s = snapshot(vec![r], vec![]);
+            let old = ready_for(&row(1, 1), &mut s);
+            s.containers.push(old);
+            s
+        },
+        kinds: &["start-beside"],
+        status: Some((
+            Status::Unknown,
+            "starting revision 2; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "the old revision serves while the new one is not ready",
+        snapshot: || rollout(|r, s| drop(new_container(r, s, RunState::Running, 1000))),
+        kinds: &[],
+        status: Some((
+            Status::Unknown,
+            "waiting for it to consume its queue; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "a new revision that reports ready retires the old one",
+        snapshot: || {
+            rollout(|r, s| {
+                let c = new_container(r, s, RunState::Running, 1000);
+                s.reports.insert(report_of(r, &c));
+            })
+        },
+        kinds: &["remove"],
+        status: Some((Status::Ready, "running revision 2")),
+    },
+    Case {
+        name: "a new revision whose health check passes retires the old one",
+        snapshot: || {
+            rollout(|r, s| {
+                new_container(r, s, RunState::Running, 1000);
+                s.containers[1].health = Health::Healthy;
+            })
+        },
+        kinds: &["remove"],
+        status: Some((Status::Ready, "running revision 2")),
+    },
+    Case {
+        name: "a report with another worker's token is not believed",
+        snapshot: || {
+            rollout(|r, s| {
+                let c = new_container(r, s, RunState::Running, 1000);
+                let mut forged = report_of(r, &c);
+                forged.token = "token2".into();
+                s.reports.insert(forged);
+            })
+        },
+        kinds: &[],
+        status: Some((Status::Unknown, "waiting for it to consume its queue")),
+    },
+    Case {
+        name: "a new revision that exits goes, the old one keeps serving",
+        snapshot: || {
+            rollout(|r, s| {
+                let c = new_container(r, s, RunState::Exited(Some(4)), 1000);
+                s.last_words.insert(
+                    c.id,
+                    "code_invalid: syntax error in usercode.py line 3: expected ':'".into(),
+                );
+            })
+        },
+        kinds: &["remove"],
+        status: Some((
+            Status::Error,
+            "revision 2 does not start: code_invalid: syntax error in usercode.py line 3: \
+             expected ':'; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "a new revision not ready in time goes, the old one keeps serving",
+        snapshot: || rollout(|r, s| drop(new_container(r, s, RunState::Running, READY_TIMEOUT_MS))),
+        kinds: &["remove"],
+        status: Some((
+            Status::Error,
+            "revision 2 does not start: not consuming its queue 30s after it started; \
+             revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "a failed revision is not tried again while the old one serves",
+        snapshot: || {
+            let mut s = rollout(|_, _| {});
+            s.books
+                .failed_rollouts
+                .insert(id(1), failed_rollout_of(&row(1, 2)));
+            s
+        },
+        kinds: &[],
+        status: Some((
+            Status::Error,
+            "revision 2 does not start: boom; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "a new save after a failed revision tries again",
+        snapshot: || {
+            let mut s = rollout(|_, _| {});
+            s.rows = vec![row(1, 3)];
+            s.books
+                .failed_rollouts
+                .insert(id(1), failed_rollout_of(&row(1, 2)));
+            s
+        },
+        kinds: &["create"],
+        status: Some((
+            Status::Unknown,
+            "starting revision 3; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "an image without a health check is taken as ready after a while",
+        snapshot: || {
+            rollout(|r, s| {
+                new_container(r, s, RunState::Running, ASSUME_READY_MS);
+                s.containers[1].health = Health::None;
+            })
+        },
+        kinds: &["remove"],
+        status: Some((Status::Ready, "running revision 2")),
+    },
+    Case {
+        name: "a restarted daemon adopts a lone container whose status says ready",
+        snapshot: || {
+            let mut r = row(1, 1);
+            r.status = "ready".into();
+            snapshot(vec![r.clone()], vec![container_for(&r, RunState::Running)])
+        },
+        kinds: &[],
+        status: Some((Status::Ready, "running revision 1")),
+    },
+    Case {
+        name: "a lone container that never consumes is an error, left running",
+        snapshot: || {
+            let r = row(1, 1);
+            let mut s = snapshot(vec![r.clone()], vec![]);
+            new_container(&r, &mut s, RunState::Running, READY_TIMEOUT_MS);
+            s
+        },
+        kinds: &[],
+        status: Some((
+            Status::Error,
+            "does not consume its queue 30s after it started",
+        )),
+    },
+    Case {
+        name: "invalid code with no older revision waits for a fix",
+        snapshot: || {
+            let r = row(1, 1);
+            let c = container_for(&r, RunState::Exited(Some(4)));
+            let mut s = snapshot(vec![r], vec![c.clone()]);
+            s.last_words.insert(c.id, "code_invalid: bad".into());
+            s
+        },
+        kinds: &[],
+        status: Some((
+            Status::Error,
+            "exited with code 4 (code invalid): code_invalid: bad; waiting for a fix",
+        )),
+    },
+    Case {
+        name: "another image's exit code 4 is restarted with backoff",
+        snapshot: || {
+            let r = row(1, 1);
+            let mut c = container_for(&r, RunState::Exited(Some(4)));
+            c.dockerworker = false;
+            snapshot(vec![r], vec![c])
+        },
+        kinds: &[],
+        status: Some((
+            Status::Error,
+            "exited with code 4 (0 restart(s) so far); next restart in 1s",
+        )),
+    },
+    Case {
+        name: "a busy worker is left alone, status included",
+        snapshot: || {
+            let mut s = snapshot(
+                vec![row(1, 2)],
+                vec![container_for(&row(1, 1), RunState::Running)],
+            );
+            s.busy.insert(Slot::Worker(id(1)));
+            s
+        },
+        kinds: &[],
+        status: None,
+    },
+    Case {
+        name: "a failed action waits for its retry backoff",
+        snapshot: || {
+            let mut s = snapshot(vec![row(1, 1)], vec![]);
+            s.failures.insert(id(1), failure("create", 2, NOW - 500));
+            s
+        },
+        kinds: &[],
+        status: Some((Status::Error, "create of worker-")),
+    },
+    Case {
+        name: "a failed action is retried once its backoff elapsed",
+        snapshot: || {
+            let mut s = snapshot(vec![row(1, 1)], vec![]);
+            s.failures.insert(id(1), failure("create", 2, NOW - 2000));
+            s
+        },
+        kinds: &["create"],
+        status: Some((Status::Unknown, "starting revision 1")),
+    },
+    Case {
+        name: "another action goes ahead despite a failure",
+        snapshot: || {
+            let mut s = snapshot(
+                vec![disabled(1)],
+                vec![container_for(&row(1, 1), RunState::Running)],
+            );
+            s.failures.insert(id(1), failure("create", 5, NOW));
+            s
+        },
+        kinds: &["remove"],
+        status: Some((Status::Unknown, "disabled: stopping container")),
+    },
+];
+
+fn failed_rollout_of(r: &WorkerRow) -> FailedRollout {
+    let c = container_for(r, RunState::Exited(Some(1)));
+    FailedRollout {
+        spec_hash: c.spec_hash.expect("labelled"),
+        revision: r.revision,
+        why: "boom".into(),
+    }
+}
+
+fn failure(kind: &'static str, attempts: u32, at_ms: i64) -> ActionFailure {
+    ActionFailure {
+        kind,
+        target: format!("worker-{}", id(1)),
+        attempts,
+        at_ms,
+        error: "cannot create container: boom".into(),
+    }
+}
+
+#[test]
+fn rollout_readiness_exit_and_retry_decisions() {
+    for case in CASES {
+        let p = run(&(case.snapshot)());
+        assert_eq!(kinds(&p), case.kinds, "{}: actions", case.name);
+        let verdict = p.verdicts.iter().find(|v| v.id == id(1));
+        match (case.status, verdict) {
+            (None, None) => {}
+            (Some((status, info)), Some(v)) => {
+                assert_eq!(v.status, status, "{}: {}", case.name, v.info);
+                assert!(
+                    v.info.contains(info),
+                    "{}: {:?} lacks {info:?}",
+                    case.name,
+                    v.info
+                );
+            }
+            (want, got) => panic!("{}: status {want:?}, got {got:?}", case.name),
+        }
+    }
+}
+
+#[test]
+fn a_rollout_that_fails_is_booked_with_its_reason() {
+    let s = rollout(|r, s| {
+        let c = new_container(r, s, RunState::Exited(Some(1)), 10);
+        s.last_words.insert(c.id, "internal_error: boom".into());
+    });
+    let p = run(&s);
+    let booked = &p.books.failed_rollouts[&id(1)];
+    assert_eq!(
+        (booked.revision, booked.why.as_str()),
+        (Revision(2), "internal_error: boom")
+    );
+    let Step::Remove { container } = &p.actions[0].step else {
+        panic!("the failed container goes")
+    };
+    assert_eq!(
+        container.revision,
+        Some(Revision(2)),
+        "never the one that serves"
+    );
+}
+
+#[test]
+fn waiting_for_readiness_wakes_at_the_deadline_or_the_assumption() {
+    let checking = rollout(|r, s| drop(new_container(r, s, RunState::Running, 1000)));
+    assert_eq!(
+        run(&checking).wake_at_ms,
+        Some(NOW - 1000 + READY_TIMEOUT_MS)
+    );
+    let unchecked = rollout(|r, s| {
+        new_container(r, s, RunState::Running, 1000);
+        s.containers[1].health = Health::None;
+    });
+    assert_eq!(
+        run(&unchecked).wake_at_ms,
+        Some(NOW - 1000 + ASSUME_READY_MS)
+    );
+}
+
+#[test]
+fn a_failed_action_wakes_the_loop_when_it_may_be_retried() {
+    let mut s = snapshot(vec![row(1, 1)], vec![]);
+    s.failures.insert(id(1), failure("create", 2, NOW - 500));
+    let p = run(&s);
+    assert_eq!(
+        p.wake_at_ms,
+        Some(NOW + 1500),
+        "1s · 2^(2-1) after the failure"
+    );
+    assert!(
+        status_of(&p, 1).info.contains("retrying in 1s (attempt 3)"),
+        "{}",
+        status_of(&p, 1).info
+    );
+}
+
+#[test]
+fn a_busy_worker_keeps_its_books() {
+    let mut s = snapshot(vec![row(1, 1)], vec![]);
+    s.busy.insert(Slot::Worker(id(1)));
+    s.books
+        .failed_rollouts
+        .insert(id(1), failed_rollout_of(&row(1, 2)));
+    assert_eq!(run(&s).books, s.books);
+}
+
+#[test]
+fn a_busy_orphan_is_not_removed_twice() {
+    let mut c = container_for(&row(1, 1), RunState::Exited(None));
+    c.worker_id = None;
+    let mut s = snapshot(vec![], vec![c.clone()]);
+    s.busy.insert(Slot::Container(c.id));
+    assert!(run(&s).actions.is_empty());
+}
+
+#[test]
+fn a_deleted_workers_containers_go_one_at_a_time() {
+    let a = container_for(&row(1, 1), RunState::Running);
+    let mut b = a.clone();
+    b.id = "other".into();
+    let p = run(&snapshot(vec![], vec![a, b]));
+    assert_eq!(kinds(&p), ["remove"]);
+}
+
+#[test]
+fn every_worker_is_observed() {
+    let r = row(1, 1);
+    let p = run(&snapshot(
+        vec![r.clone(), row(2, 1)],
+        vec![container_for(&r, RunState::Exited(Some(3)))],
+    ));
+    let states: Vec<&str> = p
+        .observed
+        .iter()
+        .map(|o| o.container_state.as_str())
+        .collect();
+    assert_eq!(states, ["exited (3)", "absent"]);
 }

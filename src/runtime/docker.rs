@@ -33,19 +33,21 @@ use tracing::{debug, warn};
 
 use super::{ContainerRuntime, ImageState, RuntimeError};
 use crate::backoff::{self, error_chain};
-use crate::model::{ContainerSpec, ManagedContainer, Revision, RunState, WorkerId, labels};
+use crate::model::{ContainerSpec, Health, ManagedContainer, Revision, RunState, WorkerId, labels};
 
 /// The events that may change what a pass decides: a worker exited, was
-/// removed, or ran out of memory.
-const WAKE_EVENTS: [&str; 3] = ["die", "destroy", "oom"];
+/// removed, ran out of memory, or its health check changed its mind (the
+/// engine matches `health_status` against `health_status: healthy` etc.).
+const WAKE_EVENTS: [&str; 4] = ["die", "destroy", "oom", "health_status"];
 /// The longest a `die` event waits for the engine to finish handling the exit.
 const EXIT_HANDLED_MAX: Duration = Duration::from_secs(5);
 /// First delay before reconnecting the event stream; doubles up to the cap.
 const EVENTS_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The worker's only writable place. `exec` must be explicit: Docker mounts
-/// a tmpfs `noexec` by default, and Python may load code extracted there.
+/// Options of the worker's writable places. `exec` must be explicit: Docker
+/// mounts a tmpfs `noexec` by default, and Python may load code extracted
+/// there.
 const TMPFS_OPTIONS: &str = "rw,exec,nosuid,nodev,size=64m";
 
 /// The bollard-backed runtime; one per daemon, scoped to one `instance`.
@@ -474,9 +476,19 @@ fn create_body(spec: &ContainerSpec, instance: &str) -> ContainerCreateBody {
     } else {
         &spec.image_id
     };
+    let ready = spec
+        .ready_url
+        .iter()
+        .map(|u| format!("WORKER_READY_URL={u}"));
     ContainerCreateBody {
         image: Some(image.clone()),
-        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        env: Some(
+            spec.env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .chain(ready)
+                .collect(),
+        ),
         labels: Some(spec.labels(instance).into_iter().collect()),
         host_config: Some(host_config(spec)),
         ..Default::default()
@@ -484,7 +496,7 @@ fn create_body(spec: &ContainerSpec, instance: &str) -> ContainerCreateBody {
 }
 
 fn host_config(spec: &ContainerSpec) -> HostConfig {
-    let limits = &spec.limits;
+    let (limits, hardening) = (&spec.limits, &spec.hardening);
     HostConfig {
         network_mode: Some(spec.network.clone()),
         // The reconciler restarts crashed workers, with backoff and a status.
@@ -497,10 +509,20 @@ fn host_config(spec: &ContainerSpec) -> HostConfig {
         memory_swap: Some(limits.memory_bytes),
         nano_cpus: Some(limits.nano_cpus),
         pids_limit: Some(limits.pids),
-        security_opt: Some(vec!["no-new-privileges:true".into()]),
-        cap_drop: Some(vec!["ALL".into()]),
-        readonly_rootfs: Some(true),
-        tmpfs: Some(HashMap::from([("/tmp".into(), TMPFS_OPTIONS.into())])),
+        security_opt: Some(if hardening.no_new_privileges {
+            vec!["no-new-privileges:true".into()]
+        } else {
+            vec![]
+        }),
+        cap_drop: Some(hardening.cap_drop.clone()),
+        readonly_rootfs: Some(hardening.read_only_rootfs),
+        tmpfs: Some(
+            hardening
+                .tmpfs
+                .iter()
+                .map(|path| (path.clone(), TMPFS_OPTIONS.to_string()))
+                .collect(),
+        ),
         // The worker image brings its own init (tini).
         init: Some(false),
         log_config: Some(HostConfigLogConfig {
@@ -537,6 +559,9 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
             .filter(|v| !v.is_empty())
             .cloned(),
         image_id: summary.image_id.unwrap_or_default(),
+        health: health(summary.status.as_deref().unwrap_or_default()),
+        dockerworker: labels.get(labels::RUNTIME).map(String::as_str)
+            == Some(labels::RUNTIME_DOCKERWORKER),
         state: run_state(summary.state, summary.status.as_deref()),
         created: summary.created.unwrap_or_default(),
     })
@@ -552,6 +577,21 @@ fn run_state(state: Option<ContainerSummaryStateEnum>, status: Option<&str>) -> 
     }
 }
 
+/// The health check's verdict in a summary's status text: "Up 5 seconds
+/// (healthy)", "Up 1 second (health: starting)", "Up 2 minutes (unhealthy)";
+/// nothing in parentheses when the image has no health check.
+fn health(status: &str) -> Health {
+    if status.contains("(healthy)") {
+        Health::Healthy
+    } else if status.contains("(unhealthy)") {
+        Health::Unhealthy
+    } else if status.contains("(health: starting)") {
+        Health::Starting
+    } else {
+        Health::None
+    }
+}
+
 /// The exit code in a summary's status text: "Exited (137) 5 seconds ago" → 137.
 fn exit_code(status: &str) -> Option<i64> {
     let rest = status.trim_start().strip_prefix("Exited (")?;
@@ -562,7 +602,7 @@ fn exit_code(status: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Limits;
+    use crate::model::{Hardening, Limits};
     use uuid::Uuid;
 
     #[test]
@@ -570,6 +610,20 @@ mod tests {
         assert_eq!(exit_code("Exited (137) 5 seconds ago"), Some(137));
         assert_eq!(exit_code("Exited (0) About a minute ago"), Some(0));
         assert_eq!(exit_code("Exited (-1) 2 hours ago"), Some(-1));
+    }
+
+    #[test]
+    fn health_is_read_from_the_status_text() {
+        let cases = [
+            ("Up 5 seconds (healthy)", Health::Healthy),
+            ("Up 2 minutes (unhealthy)", Health::Unhealthy),
+            ("Up 1 second (health: starting)", Health::Starting),
+            ("Up 3 minutes", Health::None),
+            ("Exited (4) 1 second ago", Health::None),
+        ];
+        for (status, want) in cases {
+            assert_eq!(health(status), want, "{status}");
+        }
     }
 
     #[test]
@@ -673,6 +727,13 @@ mod tests {
                 nano_cpus: 500_000_000,
                 pids: 32,
             },
+            hardening: Hardening {
+                read_only_rootfs: true,
+                no_new_privileges: true,
+                cap_drop: vec!["ALL".into()],
+                tmpfs: vec!["/tmp".into(), "/usercode".into()],
+            },
+            ready_url: Some("http://ctl/w/ready?token=t".into()),
         }
     }
 
@@ -691,7 +752,14 @@ mod tests {
     #[test]
     fn create_body_carries_env_and_labels() {
         let body = create_body(&spec(""), "inst");
-        assert_eq!(body.env, Some(vec!["A=1".to_string(), "B=x=y".to_string()]));
+        assert_eq!(
+            body.env,
+            Some(vec![
+                "A=1".to_string(),
+                "B=x=y".to_string(),
+                "WORKER_READY_URL=http://ctl/w/ready?token=t".to_string()
+            ])
+        );
         let labels = body.labels.expect("labels");
         assert_eq!(
             labels.get(labels::INSTANCE).map(String::as_str),
@@ -709,14 +777,31 @@ mod tests {
     }
 
     #[test]
-    fn tmp_is_the_only_writable_place_and_allows_exec() {
+    fn the_tmpfs_mounts_are_the_only_writable_places_and_allow_exec() {
         let host = host_config(&spec(""));
         assert_eq!(host.readonly_rootfs, Some(true));
-        let tmp = host
-            .tmpfs
-            .and_then(|t| t.get("/tmp").cloned())
-            .expect("/tmp tmpfs");
-        assert!(tmp.split(',').any(|o| o == "exec"), "{tmp}");
+        let tmpfs = host.tmpfs.expect("tmpfs mounts");
+        assert_eq!(tmpfs.len(), 2);
+        for path in ["/tmp", "/usercode"] {
+            let options = &tmpfs[path];
+            assert!(options.split(',').any(|o| o == "exec"), "{path}: {options}");
+        }
+    }
+
+    #[test]
+    fn each_hardening_knob_can_be_turned_off() {
+        let mut s = spec("");
+        s.hardening = Hardening {
+            read_only_rootfs: false,
+            no_new_privileges: false,
+            cap_drop: vec![],
+            tmpfs: vec![],
+        };
+        let host = host_config(&s);
+        assert_eq!(host.readonly_rootfs, Some(false));
+        assert_eq!(host.security_opt, Some(vec![]));
+        assert_eq!(host.cap_drop, Some(vec![]));
+        assert_eq!(host.tmpfs.map(|t| t.len()), Some(0));
     }
 
     #[test]

@@ -11,11 +11,14 @@ use sqlx::PgPool;
 pub const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
 
 /// A stand-in worker built from busybox: it says hello (on stdout, then on
-/// stderr) and runs until SIGTERM; when its entrypoint is `crash.*` it says
-/// only "crashing" and exits with code 3 at once (one line: the order of
-/// lines across stdout and stderr is not sure).
+/// stderr), reports ready to `WORKER_READY_URL` as the dockerworker does
+/// once it consumes, and runs until SIGTERM. By its entrypoint:
+/// `crash.*` says only "crashing" and exits with code 3 at once (one line:
+/// the order of lines across stdout and stderr is not sure); `silent.*`
+/// never reports ready; `stubborn.*` ignores SIGTERM (it waits out the
+/// whole grace period of a stop).
 pub const STAND_IN_IMAGE: &str = "workerctl-test/worker:latest";
-const STAND_IN_SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; trap 'exit 0' TERM; while :; do sleep 0.1; done"#;
+const STAND_IN_SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; case "$CODE_ENTRYPOINT" in silent.*) ;; *) wget -q -O /dev/null --post-data '' "$WORKER_READY_URL" || echo "cannot report ready";; esac; case "$CODE_ENTRYPOINT" in stubborn.*) trap '' TERM;; *) trap 'exit 0' TERM;; esac; while :; do sleep 0.1; done"#;
 
 const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
 

@@ -1,0 +1,185 @@
+//! The daemon, assembled once: the HTTP server (worker code, ready reports,
+//! status page, probes, metrics), the wake-up sources (Postgres LISTEN,
+//! Docker events, ready reports) and the control loop, all under one
+//! cancellation token. `main.rs`, the integration tests and the benchmark
+//! all start the daemon through [`Daemon::spawn`], so what they test is
+//! what runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::error;
+
+use crate::config::Config;
+use crate::controller::{self, LoopSettings};
+use crate::http;
+use crate::metrics::Metrics;
+use crate::readiness::ReadyReports;
+use crate::reconciler::{PassSettings, Reconciler};
+use crate::runtime::ContainerRuntime;
+use crate::runtime::docker::DockerRuntime;
+use crate::store::WorkerStore;
+use crate::store::postgres::{self, PgStore};
+
+/// Called when the store announces a change (a benchmark times from it).
+type OnChange = Arc<dyn Fn() + Send + Sync>;
+
+/// What a daemon is made of, before it runs. The control loop reads and acts
+/// through `S` and `R`: the Postgres store and the Docker runtime, or
+/// wrappers of them (the benchmark counts calls through its own).
+pub struct Daemon<S = PgStore, R = DockerRuntime> {
+    pub config: Config,
+    pub store: Arc<PgStore>,
+    pub runtime: Arc<DockerRuntime>,
+    loop_store: Arc<S>,
+    loop_runtime: Arc<R>,
+    /// The database the LISTEN connection uses; `database_url` unless set
+    /// (tests point it through a relay they can cut).
+    pub listen_url: String,
+    pub metrics: Arc<Metrics>,
+    on_change: Option<OnChange>,
+}
+
+/// A daemon that runs: what its parts share, for those who watch it.
+pub struct Running {
+    pub wake: Arc<Notify>,
+    pub reports: Arc<ReadyReports>,
+    pub metrics: Arc<Metrics>,
+    /// Where the HTTP server listens.
+    pub http: SocketAddr,
+}
+
+impl Daemon {
+    /// A daemon on `store` and `runtime`, configured by `config`.
+    pub fn new(config: Config, store: Arc<PgStore>, runtime: Arc<DockerRuntime>) -> Self {
+        Daemon {
+            listen_url: config.database_url.expose().to_string(),
+            config,
+            loop_store: store.clone(),
+            loop_runtime: runtime.clone(),
+            store,
+            runtime,
+            metrics: Arc::new(Metrics::new()),
+            on_change: None,
+        }
+    }
+}
+
+impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
+    /// The same daemon, whose control loop goes through `store` and `runtime`.
+    pub fn looping_through<S2, R2>(self, store: Arc<S2>, runtime: Arc<R2>) -> Daemon<S2, R2> {
+        Daemon {
+            config: self.config,
+            store: self.store,
+            runtime: self.runtime,
+            loop_store: store,
+            loop_runtime: runtime,
+            listen_url: self.listen_url,
+            metrics: self.metrics,
+            on_change: self.on_change,
+        }
+    }
+
+    /// Calls `f` whenever the store announces a change.
+    pub fn on_change(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_change = Some(Arc::new(f));
+        self
+    }
+
+    /// Starts every part on `tracker`, serving HTTP on `listener`, until
+    /// `shutdown` is cancelled; the loop then waits for the actions in
+    /// flight (at most the stop grace period, and a little more).
+    pub fn spawn(
+        self,
+        listener: TcpListener,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<Running> {
+        let wake = Arc::new(Notify::new());
+        let reports = Arc::new(ReadyReports::new(wake.clone()));
+        let addr = listener.local_addr()?;
+        self.spawn_http(listener, &reports, tracker, shutdown);
+        self.spawn_wake_sources(&wake, tracker, shutdown);
+        let config = &self.config;
+        let reconciler = Reconciler::new(
+            self.loop_store.clone(),
+            self.loop_runtime.clone(),
+            PassSettings::from_config(config),
+            self.metrics.clone(),
+            reports.clone(),
+        );
+        let settings = LoopSettings {
+            resync: config.reconcile.interval,
+            drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
+        };
+        tracker.spawn(controller::run(
+            reconciler,
+            wake.clone(),
+            settings,
+            shutdown.clone(),
+        ));
+        Ok(Running {
+            wake,
+            reports,
+            metrics: self.metrics,
+            http: addr,
+        })
+    }
+
+    /// The HTTP server; if it cannot serve, the daemon shuts down.
+    fn spawn_http(
+        &self,
+        listener: TcpListener,
+        reports: &Arc<ReadyReports>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let state = http::AppState {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            instance: self.config.instance.as_str().into(),
+            pool: self.store.pool().clone(),
+            probes: Arc::new([
+                http::Probe::database(self.store.clone()),
+                http::Probe::docker(self.runtime.clone()),
+            ]),
+            reports: reports.clone(),
+        };
+        let server = http::serve_on(listener, state, shutdown.clone());
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = server.await {
+                error!("HTTP server failed: {e}; shutting down");
+                stop.cancel();
+            }
+        });
+    }
+
+    /// What wakes the loop besides its tick and the ready reports: Postgres
+    /// notifications from the `user_workers` trigger, and Docker events of
+    /// managed containers.
+    fn spawn_wake_sources(
+        &self,
+        wake: &Arc<Notify>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let (w, m, hook) = (wake.clone(), self.metrics.clone(), self.on_change.clone());
+        let url = self.listen_url.clone();
+        tracker.spawn(postgres::listen_with(url, shutdown.clone(), move |why| {
+            if why == postgres::Wake::Changed {
+                m.change_announced();
+                if let Some(hook) = &hook {
+                    hook();
+                }
+            }
+            w.notify_one();
+        }));
+        let (rt, w, s) = (self.runtime.clone(), wake.clone(), shutdown.clone());
+        tracker.spawn(async move { rt.events(w, s).await });
+    }
+}

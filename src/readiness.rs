@@ -1,0 +1,163 @@
+//! What worker containers said about themselves: the ready reports they
+//! POST to `WORKER_READY_URL` once they consume their queue. The HTTP
+//! handler records a report and wakes the loop; each pass hands the set to
+//! the planner, which believes a report only if its token is the worker's
+//! and it names a listed container of that spec.
+//!
+//! Held in memory, bounded: a restarted daemon learns readiness again from
+//! the statuses it wrote and from health checks (see the planner).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::model::{ManagedContainer, RunState};
+use crate::plan::ReadyReport;
+
+/// The most reports kept; past that the oldest go (a flood of reports with
+/// made-up names cannot grow the daemon without bound).
+const CAPACITY: usize = 4096;
+
+/// How long a report naming no listed container is kept: its container may
+/// be being created right now.
+const UNMATCHED_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The ready reports received, shared by the HTTP server and the loop.
+#[derive(Debug)]
+pub struct ReadyReports {
+    reports: Mutex<BTreeMap<ReadyReport, Instant>>,
+    wake: Arc<Notify>,
+}
+
+impl ReadyReports {
+    /// Reports that wake `wake` when one arrives.
+    pub fn new(wake: Arc<Notify>) -> Self {
+        ReadyReports {
+            reports: Mutex::new(BTreeMap::new()),
+            wake,
+        }
+    }
+
+    /// Records a report and wakes the loop.
+    pub fn report(&self, report: ReadyReport) {
+        {
+            let mut reports = self.lock();
+            reports.insert(report, Instant::now());
+            while reports.len() > CAPACITY {
+                let oldest = reports
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(r, _)| r.clone());
+                match oldest {
+                    Some(r) => reports.remove(&r),
+                    None => break,
+                };
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// The reports that still mean something, given the containers listed
+    /// now: a report of a container seen stopped is dropped (a restarted
+    /// container must report again), and so is one that has named no
+    /// listed container for a while.
+    pub fn current(&self, containers: &[ManagedContainer]) -> BTreeSet<ReadyReport> {
+        let mut reports = self.lock();
+        reports.retain(|report, at| {
+            let listed = containers.iter().find(|c| {
+                c.name == report.container && c.spec_hash.as_ref() == Some(&report.spec_hash)
+            });
+            match listed {
+                Some(c) => c.state == RunState::Running,
+                None => at.elapsed() < UNMATCHED_TTL,
+            }
+        });
+        reports.keys().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ReadyReport, Instant>> {
+        // A panic while holding this lock leaves a map that is still whole.
+        self.reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Health, WorkerId};
+    use uuid::Uuid;
+
+    fn report(name: &str) -> ReadyReport {
+        ReadyReport {
+            worker: WorkerId(Uuid::nil()),
+            token: "t".into(),
+            container: name.into(),
+            spec_hash: "h".into(),
+        }
+    }
+
+    fn container(name: &str, state: RunState) -> ManagedContainer {
+        ManagedContainer {
+            id: format!("id-{name}"),
+            name: name.into(),
+            worker_id: Some(WorkerId(Uuid::nil())),
+            revision: None,
+            spec_hash: Some("h".into()),
+            image_id: String::new(),
+            state,
+            health: Health::None,
+            dockerworker: true,
+            created: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_wakes_the_loop_and_is_kept_while_its_container_runs() {
+        let wake = Arc::new(Notify::new());
+        let reports = ReadyReports::new(wake.clone());
+        reports.report(report("a"));
+        wake.notified().await;
+        let running = [container("a", RunState::Running)];
+        assert_eq!(reports.current(&running).len(), 1);
+        assert_eq!(reports.current(&running).len(), 1, "still there");
+    }
+
+    #[tokio::test]
+    async fn a_report_of_a_stopped_container_is_forgotten() {
+        let reports = ReadyReports::new(Arc::default());
+        reports.report(report("a"));
+        assert!(
+            reports
+                .current(&[container("a", RunState::Exited(Some(1)))])
+                .is_empty()
+        );
+        assert!(
+            reports
+                .current(&[container("a", RunState::Running)])
+                .is_empty(),
+            "a restarted container must report again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_naming_no_container_is_kept_a_while_then_dropped() {
+        let reports = ReadyReports::new(Arc::default());
+        reports.report(report("soon"));
+        assert_eq!(reports.current(&[]).len(), 1);
+        tokio::time::advance(UNMATCHED_TTL).await;
+        assert!(reports.current(&[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_book_is_bounded() {
+        let reports = ReadyReports::new(Arc::default());
+        for n in 0..CAPACITY + 10 {
+            reports.report(report(&format!("c{n}")));
+        }
+        assert_eq!(reports.current(&[]).len(), CAPACITY);
+    }
+}
