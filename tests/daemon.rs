@@ -677,7 +677,7 @@ fn ready_url_of(container: &ManagedContainer) -> String {
 
 #[sqlx::test(migrations = false)]
 async fn a_worker_stuck_in_its_grace_period_does_not_hold_up_another(pool: PgPool) {
-    let d = Daemon::start_with(pool, |c| c.docker.stop_timeout = Duration::from_secs(30)).await;
+    let d = Daemon::start_with(pool, |c| c.docker.stop_timeout = Duration::from_secs(10)).await;
     let stuck = d.insert("stuck", "enabled", "stubborn.main", &code()).await;
     let old = d.running_at(stuck, 1).await;
     d.status_matching(stuck, "ready", "running revision 1")
@@ -685,7 +685,7 @@ async fn a_worker_stuck_in_its_grace_period_does_not_hold_up_another(pool: PgPoo
     d.sql("UPDATE user_workers SET revision = 2 WHERE id = $1", stuck)
         .await;
     // Revision 2 is ready, so revision 1 is being stopped: it ignores SIGTERM
-    // and holds its stop for the whole 30 s grace period.
+    // and holds its stop for the whole 10 s grace period.
     d.status_matching(stuck, "ready", "running revision 2")
         .await;
     let other = d.enabled_worker("other").await;
@@ -754,14 +754,12 @@ async fn ready_is_written_only_once_the_container_reports_it(pool: PgPool) {
     let pairs: Vec<(String, String)> = forged
         .query_pairs()
         .map(|(k, v)| {
-            (
-                k.into_owned(),
-                if k == "token" {
-                    "0".repeat(32)
-                } else {
-                    v.into_owned()
-                },
-            )
+            let v = if k == "token" {
+                "0".repeat(32)
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
         })
         .collect();
     forged.query_pairs_mut().clear().extend_pairs(pairs);
