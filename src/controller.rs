@@ -84,3 +84,6 @@ pub async fn run<S: WorkerStore, R: ContainerRuntime>(
     }
     warn!("shut down: worker containers keep running");
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,6 +10,8 @@ pub mod controller;
 pub mod daemon;
 pub mod execute;
 pub mod exit;
+#[cfg(test)]
+pub(crate) mod fakes;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -1,0 +1,258 @@
+//! In-memory fakes of the two boundaries, [`WorkerStore`] and
+//! [`ContainerRuntime`], for unit tests of the loop and the reconciler with
+//! paused tokio time. They can script failures (the next N creates fail) and
+//! delays (a stop that waits out a grace period), and they count calls.
+//! Test-only: the real boundaries are tested on the real services.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::model::{
+    ContainerSpec, Health, ManagedContainer, Revision, RunState, WorkerId, WorkerRow,
+};
+use crate::runtime::{ContainerRuntime, ImageState, RuntimeError};
+use crate::store::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An enabled python worker `n` at `revision`, as the store would read it.
+pub fn row(n: u128, revision: i32) -> WorkerRow {
+    WorkerRow {
+        id: WorkerId(Uuid::from_u128(n)),
+        name: format!("w{n}"),
+        state: "enabled".into(),
+        language: "python".into(),
+        revision: Revision(revision),
+        entrypoint: "main.main".into(),
+        status: "unknown".into(),
+        status_info: String::new(),
+        source_len: Some(10),
+        source_is_zip: true,
+        source_sha256: Some("ab".into()),
+        code_token: format!("token{n}"),
+    }
+}
+
+/// Rows in memory; status writes land on them.
+#[derive(Default)]
+pub struct FakeStore {
+    pub rows: Mutex<Vec<WorkerRow>>,
+    pub loads: Mutex<u32>,
+}
+
+impl FakeStore {
+    pub fn with(rows: Vec<WorkerRow>) -> Arc<Self> {
+        Arc::new(FakeStore {
+            rows: Mutex::new(rows),
+            ..Default::default()
+        })
+    }
+
+    pub fn loads(&self) -> u32 {
+        *lock(&self.loads)
+    }
+
+    pub fn status_of(&self, n: u128) -> (String, String) {
+        let rows = lock(&self.rows);
+        let row = rows.iter().find(|r| r.id.0.as_u128() == n);
+        row.map(|r| (r.status.clone(), r.status_info.clone()))
+            .unwrap_or_default()
+    }
+
+    pub fn update(&self, n: u128, f: impl FnOnce(&mut WorkerRow)) {
+        let mut rows = lock(&self.rows);
+        if let Some(row) = rows.iter_mut().find(|r| r.id.0.as_u128() == n) {
+            f(row);
+        }
+    }
+}
+
+impl WorkerStore for FakeStore {
+    async fn load_workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        *lock(&self.loads) += 1;
+        Ok(lock(&self.rows).clone())
+    }
+
+    async fn write_statuses(&self, updates: &[StatusUpdate]) -> Result<u64, StoreError> {
+        let mut rows = lock(&self.rows);
+        let mut n = 0;
+        for u in updates {
+            if let Some(row) = rows
+                .iter_mut()
+                .find(|r| r.id == u.id && r.revision == u.revision)
+            {
+                row.status = u.status.as_str().into();
+                row.status_info = u.info.clone();
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn write_observed(&self, _: &[Observed]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn load_code(&self, _: WorkerId, _: &str) -> Result<Option<Code>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// Containers in memory. Started containers pass their health check at
+/// once; stops take `stop_delay`; the next `failing_creates` creates fail.
+#[derive(Default)]
+pub struct FakeRuntime {
+    state: Mutex<RuntimeState>,
+}
+
+#[derive(Default)]
+struct RuntimeState {
+    containers: Vec<ManagedContainer>,
+    next_id: u32,
+    failing_creates: u32,
+    stop_delays: HashMap<WorkerId, Duration>,
+    creates: u32,
+}
+
+impl FakeRuntime {
+    pub fn new() -> Arc<Self> {
+        Arc::new(FakeRuntime::default())
+    }
+
+    /// Stopping worker `n`'s containers takes `delay` (a grace period).
+    pub fn slow_stop(&self, n: u128, delay: Duration) {
+        lock(&self.state)
+            .stop_delays
+            .insert(WorkerId(Uuid::from_u128(n)), delay);
+    }
+
+    /// The next `n` creates fail.
+    pub fn fail_creates(&self, n: u32) {
+        lock(&self.state).failing_creates = n;
+    }
+
+    /// Creates attempted so far, failed ones included.
+    pub fn creates(&self) -> u32 {
+        lock(&self.state).creates
+    }
+
+    /// Worker `n`'s containers that run, by revision.
+    pub fn running(&self, n: u128) -> Vec<i32> {
+        let state = lock(&self.state);
+        let mut revisions: Vec<i32> = state
+            .containers
+            .iter()
+            .filter(|c| c.worker_id == Some(WorkerId(Uuid::from_u128(n))))
+            .filter(|c| c.state == RunState::Running)
+            .filter_map(|c| c.revision.map(|r| r.0))
+            .collect();
+        revisions.sort();
+        revisions
+    }
+
+    fn set_state(&self, id: &str, state: RunState) {
+        let mut s = lock(&self.state);
+        if let Some(c) = s.containers.iter_mut().find(|c| c.id == id) {
+            c.health = if state == RunState::Running {
+                Health::Healthy
+            } else {
+                Health::None
+            };
+            c.state = state;
+        }
+    }
+}
+
+fn refused(container: &str) -> RuntimeError {
+    RuntimeError::Create {
+        name: container.to_string(),
+        source: bollard::errors::Error::DockerResponseServerError {
+            status_code: 500,
+            message: "scripted failure".into(),
+        },
+    }
+}
+
+impl ContainerRuntime for FakeRuntime {
+    async fn list(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        Ok(lock(&self.state).containers.clone())
+    }
+
+    async fn image(&self, _: &str) -> Result<ImageState, RuntimeError> {
+        Ok(ImageState::Present {
+            id: "sha256:fake".into(),
+        })
+    }
+
+    async fn network_exists(&self, _: &str) -> Result<bool, RuntimeError> {
+        Ok(true)
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let mut s = lock(&self.state);
+        s.creates += 1;
+        if s.failing_creates > 0 {
+            s.failing_creates -= 1;
+            return Err(refused(&spec.name));
+        }
+        s.next_id += 1;
+        let id = format!("fake{:08}", s.next_id);
+        s.containers.push(ManagedContainer {
+            id: id.clone(),
+            name: spec.name.clone(),
+            worker_id: Some(spec.worker_id),
+            revision: Some(spec.revision),
+            spec_hash: Some(spec.hash()),
+            image_id: spec.image_id.clone(),
+            state: RunState::Created,
+            health: Health::None,
+            dockerworker: true,
+            created: 0,
+        });
+        Ok(id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.set_state(id, RunState::Running);
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, _: Duration) -> Result<(), RuntimeError> {
+        let delay = {
+            let s = lock(&self.state);
+            let worker = s
+                .containers
+                .iter()
+                .find(|c| c.id == id)
+                .and_then(|c| c.worker_id);
+            worker.and_then(|w| s.stop_delays.get(&w).copied())
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        self.set_state(id, RunState::Exited(Some(0)));
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        lock(&self.state).containers.retain(|c| c.id != id);
+        Ok(())
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        let mut s = lock(&self.state);
+        if let Some(c) = s.containers.iter_mut().find(|c| c.id == id) {
+            c.name = name.to_string();
+        }
+        Ok(())
+    }
+
+    async fn last_lines(&self, _: &str, _: usize) -> Result<Vec<String>, RuntimeError> {
+        Ok(vec![])
+    }
+}
