@@ -61,6 +61,9 @@ pub struct Done {
     pub action: Action,
     /// The container it started, if any, or why it failed.
     pub result: Result<Option<String>, RuntimeError>,
+    /// The change announced by the store that the pass which decided it
+    /// reacted to, if any: a container it starts is timed from it.
+    pub change: Option<std::time::Instant>,
 }
 
 /// Settings of a pass that do not come from the snapshot.
@@ -294,11 +297,16 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let (runtime, permits) = (self.runtime.clone(), self.permits.clone());
         let stop_timeout = self.settings.stop_timeout;
         let slot = action.slot.clone();
+        let change = self.metrics.change_in_pass();
         let task = async move {
             // Never closed: the semaphore lives as long as the reconciler.
             let _permit = permits.acquire_owned().await.ok();
             let result = execute::apply(&*runtime, &action.step, stop_timeout).await;
-            Done { action, result }
+            Done {
+                action,
+                result,
+                change,
+            }
         };
         let handle = self.in_flight.spawn(task.instrument(span));
         self.busy.insert(handle.id(), slot);
@@ -365,7 +373,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
                 if let Some(container) = started {
                     self.started_ms
                         .insert(container.clone(), self.clock.now_ms());
-                    self.record_start(&action.step);
+                    self.record_start(&action.step, done.change);
                 }
             }
             Err(e) => {
@@ -400,11 +408,11 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         );
     }
 
-    fn record_start(&self, step: &Step) {
+    fn record_start(&self, step: &Step, change: Option<std::time::Instant>) {
         match step {
-            Step::Create { .. } | Step::StartBeside { .. } => self
-                .metrics
-                .container_running(self.metrics.change_in_pass()),
+            Step::Create { .. } | Step::StartBeside { .. } => {
+                self.metrics.container_running(change)
+            }
             Step::Start { container } if matches!(container.state, RunState::Exited(_)) => {
                 self.metrics.restarts.inc();
             }
