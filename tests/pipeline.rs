@@ -61,6 +61,8 @@ fn now_ms() -> i64 {
 /// The daemon of one test, the worker's code server, and the test's own side
 /// of the broker: an exchange, a queue on the next step and one on `errors`.
 struct Pipeline {
+    /// The image workers run on.
+    image: &'static str,
     pool: PgPool,
     runtime: Arc<DockerRuntime>,
     instance: String,
@@ -78,7 +80,7 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    async fn start(pool: PgPool) -> Pipeline {
+    async fn start(pool: PgPool, image: &'static str) -> Pipeline {
         let tag = Uuid::new_v4().simple().to_string();
         let exchange = format!("pipeline.messages.test-{tag}");
         let next_key = format!("storage-{tag}");
@@ -106,6 +108,7 @@ impl Pipeline {
         let next = bound_consumer(&amqp, &exchange, &next_queue, &next_key).await;
         let errors = bound_consumer(&amqp, &exchange, &errors_queue, "errors").await;
         let mut pipeline = Pipeline {
+            image,
             pool,
             runtime,
             instance,
@@ -148,7 +151,7 @@ impl Pipeline {
             instance: self.instance.clone(),
             ..Config::default()
         };
-        config.docker.image = worker_image().into();
+        config.docker.image = self.image.into();
         config.docker.network = "host".into();
         config.docker.stop_timeout = Duration::from_secs(10);
         config.reconcile.backoff_initial = Duration::from_millis(200);
@@ -169,8 +172,13 @@ impl Pipeline {
     /// Runs `body` against a started pipeline, then cleans up even if it
     /// panicked, and passes the panic on.
     async fn run(pool: PgPool, body: impl AsyncFnOnce(&mut Pipeline)) {
-        worker_image(); // before anything is created that would need cleaning up
-        let mut pipeline = Pipeline::start(pool).await;
+        // Before anything is created that would need cleaning up.
+        Self::run_on(pool, worker_image(), body).await
+    }
+
+    /// [`run`](Self::run) with workers on `image`.
+    async fn run_on(pool: PgPool, image: &'static str, body: impl AsyncFnOnce(&mut Pipeline)) {
+        let mut pipeline = Pipeline::start(pool, image).await;
         let outcome = AssertUnwindSafe(body(&mut pipeline)).catch_unwind().await;
         pipeline.cleanup().await;
         if let Err(panic) = outcome {
@@ -652,6 +660,99 @@ async fn a_worker_stopped_mid_stream_loses_no_message(pool: PgPool) {
         }
         let expected: BTreeSet<String> = (0..N).map(|n| format!("m-{n}")).collect();
         assert_eq!(seen, expected);
+    })
+    .await;
+}
+
+/// The worker's status and its text.
+async fn status_of(p: &Pipeline, id: WorkerId) -> (String, String) {
+    sqlx::query_as("SELECT status, status_info FROM user_workers WHERE id = $1")
+        .bind(id.0)
+        .fetch_one(&p.pool)
+        .await
+        .expect("read status")
+}
+
+fn versioned(v: u32) -> String {
+    format!("def process(msg):\n    msg.metadata[\"version\"] = {v}\n    return msg\n")
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_broken_save_keeps_the_old_revision_answering_until_a_good_one(pool: PgPool) {
+    Pipeline::run(pool, async |p| {
+        let id = p.enabled_worker("guarded", &versioned(1)).await;
+        p.consuming_at(id, 1).await;
+        p.save_code(id, "def process(msg)\n    return msg\n").await;
+        let info = wait_for("the broken revision to be given up", async || {
+            let (status, info) = status_of(p, id).await;
+            (status == "error" && info.contains("revision 2 does not start")).then_some(info)
+        })
+        .await;
+        assert!(
+            info.contains("syntax error in usercode.py line 1"),
+            "{info}"
+        );
+        assert!(info.ends_with("revision 1 keeps serving"), "{info}");
+        p.publish(id, "still-served", &p.message(id, 1)).await;
+        let got = p.next_message().await;
+        assert_eq!(got.body["metadata"]["version"], 1, "revision 1 answers");
+
+        p.save_code(id, &versioned(3)).await;
+        p.consuming_at(id, 3).await;
+        wait_for("revision 3 ready", async || {
+            let (status, info) = status_of(p, id).await;
+            (status == "ready" && info.contains("running revision 3")).then_some(())
+        })
+        .await;
+        p.publish(id, "fixed", &p.message(id, 2)).await;
+        let got = p.next_message().await;
+        assert_eq!(
+            got.body["metadata"]["version"], 3,
+            "the good save took over"
+        );
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn ready_is_written_only_once_the_queue_has_a_consumer(pool: PgPool) {
+    Pipeline::run(pool, async |p| {
+        let id = p.enabled_worker("counted", &versioned(1)).await;
+        let queue = format!("worker_{id}");
+        let start = Instant::now();
+        loop {
+            let (status, _) = status_of(p, id).await;
+            if status == "ready" {
+                let consumers = p.consumers_on(&queue).await.unwrap_or(0);
+                assert!(consumers > 0, "ready with no consumer on {queue}");
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE, "never ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_image_that_knows_only_the_contract_runs_under_the_defaults(pool: PgPool) {
+    // Like SensorBucket's own dockerworker: runs as root, writes
+    // /tmp/code.zip, unpacks into /usercode, imports main.main from there.
+    let image = common::contract_worker_image();
+    Pipeline::run_on(pool, image, async |p| {
+        // That image hands `process` the message as a plain dict.
+        let code = "def process(msg):\n    msg[\"metadata\"][\"version\"] = 7\n    return msg\n";
+        let id = p.enabled_worker("contract-only", code).await;
+        p.consuming_at(id, 1).await;
+        p.publish(id, "through", &p.message(id, 1)).await;
+        let got = p.next_message().await;
+        assert_eq!(got.body["metadata"]["version"], 7);
+        assert_eq!(got.body["step_index"], 1);
+        wait_for("the worker to be taken as ready", async || {
+            let (status, _) = status_of(p, id).await;
+            (status == "ready").then_some(())
+        })
+        .await;
     })
     .await;
 }

@@ -58,6 +58,30 @@ pub fn worker_image() -> &'static str {
     WORKER_IMAGE
 }
 
+/// An image like SensorBucket's own dockerworker, that knows only the
+/// contract's environment (scripts/build-images builds it).
+pub const CONTRACT_WORKER_IMAGE: &str = "workerctl/contract-worker:latest";
+
+/// [`CONTRACT_WORKER_IMAGE`], failing loudly if it has not been built.
+pub fn contract_worker_image() -> &'static str {
+    let out = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            CONTRACT_WORKER_IMAGE,
+        ])
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "the image {CONTRACT_WORKER_IMAGE} is missing: build it with scripts/build-images ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    CONTRACT_WORKER_IMAGE
+}
+
 /// The broker: `AMQP_URL`, or the one scripts/services starts.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
