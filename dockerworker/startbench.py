@@ -21,7 +21,10 @@ what a rollout waits for) and `start→ready` (from the container's
 `State.StartedAt`, as the engine records it, to the report: the image's own
 start path, without the engine's container creation). The worker's queue is
 created by a first, unreported run, so the timed runs see it already there,
-as a new revision of a worker does. Names are random per run, and
+as a new revision of a worker does. Before timing, it counts for each image
+how many of the modules the start path imports come from compiled bytecode
+and how many are compiled from source (`python -v` in a read-only
+container): a figure the machine's load does not change. Names are random per run, and
 everything declared is deleted at the end through the management API
 (RABBITMQ_API, default http://workerctl:workerctl@127.0.0.1:15672).
 """
@@ -57,6 +60,9 @@ _POLL_S = 0.01
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     images: list[str] = args.image or ["workerctl/dockerworker:latest"]
+    for image in images:
+        from_bytecode, from_source = bytecode_check(image)
+        print(f"{image}: start path imports {from_bytecode} modules from .pyc, compiles {from_source} from source")
     bench = StartBench(args.amqp_url, args.api, args.probe)
     try:
         results = bench.run(images, args.runs)
@@ -64,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
     print(_report(results, args.probe))
     return 0
+
+
+def bytecode_check(image: str) -> tuple[int, int]:
+    """(modules loaded from .pyc, modules compiled from source) when the runtime's start path is imported."""
+    command = [
+        "docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--entrypoint", "python", image,
+        "-v", "-c", "import dockerworker.__main__, dockerworker.messaging",
+    ]  # fmt: skip
+    verbose = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    loaded = [line for line in verbose.splitlines() if line.startswith("# code object from ")]
+    from_bytecode = sum(line.rstrip("'").endswith(".pyc") for line in loaded)
+    return from_bytecode, len(loaded) - from_bytecode
 
 
 def _parser() -> argparse.ArgumentParser:
