@@ -19,7 +19,9 @@ drifts, weighs on every image alike.
 Per run it reports `run→ready` (from calling `docker run` to the report:
 what a rollout waits for) and `start→ready` (from the container's
 `State.StartedAt`, as the engine records it, to the report: the image's own
-start path, without the engine's container creation). The worker's queue is
+start path, without the engine's container creation), and the CPU time the
+container had used when it was ready (from its cgroup; unlike the times, it
+hardly depends on what else the machine runs). The worker's queue is
 created by a first, unreported run, so the timed runs see it already there,
 as a new revision of a worker does. Before timing, it counts for each image
 how many of the modules the start path imports come from compiled bytecode
@@ -48,6 +50,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable
 
 DEFAULT_AMQP_URL = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f"
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 class Timing:
     run_to_ready_s: float
     start_to_ready_s: float
+    cpu_s: float | None
 
 
 @dataclass
@@ -139,17 +143,18 @@ class StartBench:
         }
         name = f"startbench-{token[:12]}"
         started = time.monotonic()
-        _docker_run(name, target.image, env)
+        container_id = _docker_run(name, target.image, env)
         try:
             if self.probe == "report":
                 ready_at = self.ready.wait(token, lambda: _exited(name))
             else:
                 ready_at = _poll_readyz(health_port, lambda: _exited(name))
+            cpu_s = container_cpu_s(container_id)
             started_wall = _started_at(name)
         finally:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
         ready_wall = time.time() - (time.monotonic() - ready_at)
-        return Timing(ready_at - started, ready_wall - started_wall)
+        return Timing(ready_at - started, ready_wall - started_wall, cpu_s)
 
     def close(self) -> None:
         for target in self._targets:
@@ -171,7 +176,7 @@ class StartBench:
                 print(f"clean-up of {path} failed: {error}")
 
 
-def _docker_run(name: str, image: str, env: dict[str, str]) -> None:
+def _docker_run(name: str, image: str, env: dict[str, str]) -> str:
     """Starts the worker as workerctl does by default (see src/runtime/docker.rs)."""
     hardening = [
         "--network", "host", "--read-only",
@@ -181,8 +186,25 @@ def _docker_run(name: str, image: str, env: dict[str, str]) -> None:
     ]  # fmt: skip
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
     command = ["docker", "run", "-d", "--name", name, *hardening, *env_args, image]
-    if subprocess.run(command, capture_output=True, check=False).returncode != 0:
-        raise RuntimeError(f"docker run of {image} failed (is it built? scripts/build-images)")
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"docker run of {image} failed (is it built? scripts/build-images): {run.stderr}")
+    return run.stdout.strip()
+
+
+def container_cpu_s(container_id: str) -> float | None:
+    """CPU seconds (user + system) the container's cgroup has used; None where it cannot be read."""
+    v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{container_id}/cpuacct.usage")
+    v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat")
+    try:
+        if v1.exists():
+            return int(v1.read_text()) / 1e9
+        for line in v2.read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _exited(name: str) -> bool:
@@ -313,11 +335,16 @@ def _free_port() -> int:
 
 
 def _report(results: dict[str, list[Timing]], probe: str) -> str:
-    lines = [f"probe: {probe}", "| image | runs | run→ready median (min–max) | start→ready median (min–max) |", "|---|---|---|---|"]
+    lines = [
+        f"probe: {probe}",
+        "| image | runs | run→ready median (min–max) | start→ready median (min–max) | CPU to ready median (min–max) |",
+        "|---|---|---|---|---|",
+    ]
     for image, timings in results.items():
         run = [t.run_to_ready_s * 1000 for t in timings]
         start = [t.start_to_ready_s * 1000 for t in timings]
-        lines.append(f"| `{image}` | {len(timings)} | {_spread(run)} | {_spread(start)} |")
+        cpu = [t.cpu_s * 1000 for t in timings if t.cpu_s is not None]
+        lines.append(f"| `{image}` | {len(timings)} | {_spread(run)} | {_spread(start)} | {_spread(cpu) if cpu else 'n/a'} |")
     return "\n".join(lines)
 
 
