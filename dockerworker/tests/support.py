@@ -253,7 +253,7 @@ class Broker:
         return self._channel.queue_declare(queue, passive=True).method.message_count
 
     def consumer_count(self, queue: str) -> int:
-        return self._channel.queue_declare(queue, passive=True).method.consumer_count
+        return int(self._channel.queue_declare(queue, passive=True).method.consumer_count)
 
     def declare_worker_queue(self, worker_id: str) -> str:
         """`worker_<id>` as a worker declares it (CONTRACT.md section 4), bound on the test exchange."""

@@ -19,8 +19,9 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
-from .support import Broker, pipeline_message, wait_until
+from .support import Broker, Worker, pipeline_message, wait_until
 
 
 def tagging_code(tag: str, marker: Path) -> str:
@@ -37,8 +38,8 @@ def tagging_code(tag: str, marker: Path) -> str:
 
 
 def test_after_sigterm_new_messages_go_to_the_other_consumer_while_the_old_one_finishes(
-    broker: Broker, make_worker, tmp_path: Path
-):
+    broker: Broker, make_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
     worker_id = str(uuid.uuid4())
     sink = broker.sink("next")
     marker = tmp_path / "old-is-busy"

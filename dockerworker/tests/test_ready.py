@@ -29,6 +29,7 @@ from .support import (
     AMQP_URL,
     Broker,
     TcpProxy,
+    Worker,
     code_answer,
     free_port,
     http_status,
@@ -131,7 +132,9 @@ def closed_port_url() -> str:
 # -- the reporter alone ------------------------------------------------------------
 
 
-def test_the_report_is_one_empty_post_to_the_url_as_given_once_ready_and_not_before(listener):
+def test_the_report_is_one_empty_post_to_the_url_as_given_once_ready_and_not_before(
+    listener: Callable[..., ReadyListener]
+) -> None:
     ready_endpoint = listener()
     readiness = Readiness()
     reporter = ReadyReporter(ready_endpoint.url, readiness, FAST).start()
@@ -151,7 +154,7 @@ def test_the_report_is_one_empty_post_to_the_url_as_given_once_ready_and_not_bef
         reporter.close()
 
 
-def test_every_re_attach_is_reported_again(listener):
+def test_every_re_attach_is_reported_again(listener: Callable[..., ReadyListener]) -> None:
     ready_endpoint = listener()
     readiness = Readiness(code_loaded=True)
     reporter = ReadyReporter(ready_endpoint.url, readiness, FAST).start()
@@ -164,7 +167,9 @@ def test_every_re_attach_is_reported_again(listener):
         reporter.close()
 
 
-def test_a_worker_that_was_ready_before_the_reporter_started_is_reported(listener):
+def test_a_worker_that_was_ready_before_the_reporter_started_is_reported(
+    listener: Callable[..., ReadyListener]
+) -> None:
     ready_endpoint = listener()
     reporter = ReadyReporter(ready_endpoint.url, Readiness(code_loaded=True, consumer_attached=True), FAST).start()
     try:
@@ -173,7 +178,9 @@ def test_a_worker_that_was_ready_before_the_reporter_started_is_reported(listene
         reporter.close()
 
 
-def test_server_errors_are_retried_until_an_answer_in_2xx(listener, log_lines):
+def test_server_errors_are_retried_until_an_answer_in_2xx(
+    listener: Callable[..., ReadyListener], log_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
     ready_endpoint = listener(statuses=[503, 502, 200])
     reporter = ReadyReporter(ready_endpoint.url, Readiness(code_loaded=True, consumer_attached=True), FAST).start()
     try:
@@ -185,7 +192,9 @@ def test_server_errors_are_retried_until_an_answer_in_2xx(listener, log_lines):
         reporter.close()
 
 
-def test_a_refusal_is_logged_once_and_not_retried(listener, log_lines):
+def test_a_refusal_is_logged_once_and_not_retried(
+    listener: Callable[..., ReadyListener], log_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
     ready_endpoint = listener(statuses=[403])
     reporter = ReadyReporter(ready_endpoint.url, Readiness(code_loaded=True, consumer_attached=True), FAST).start()
     try:
@@ -198,7 +207,9 @@ def test_a_refusal_is_logged_once_and_not_retried(listener, log_lines):
         reporter.close()
 
 
-def test_an_unreachable_url_is_tried_a_few_times_then_given_up_quietly_without_the_token(log_lines):
+def test_an_unreachable_url_is_tried_a_few_times_then_given_up_quietly_without_the_token(
+    log_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
     url = closed_port_url()
     reporter = ReadyReporter(url, Readiness(code_loaded=True, consumer_attached=True), FAST).start()
     try:
@@ -211,7 +222,7 @@ def test_an_unreachable_url_is_tried_a_few_times_then_given_up_quietly_without_t
         reporter.close()
 
 
-def test_a_report_still_being_retried_is_dropped_when_the_worker_is_no_longer_ready():
+def test_a_report_still_being_retried_is_dropped_when_the_worker_is_no_longer_ready() -> None:
     readiness = Readiness(code_loaded=True, consumer_attached=True)
     attempts: list[float] = []
 
@@ -230,7 +241,7 @@ def test_a_report_still_being_retried_is_dropped_when_the_worker_is_no_longer_re
         reporter.close()
 
 
-def test_the_variable_is_optional_and_must_be_an_http_url():
+def test_the_variable_is_optional_and_must_be_an_http_url() -> None:
     contract = {"WORKER_ID": str(uuid.uuid4()), "AMQP_HOST": "amqp://mq", "CODE_URL": "http://c/x/source"}
 
     assert load(contract).ready_url is None
@@ -242,7 +253,9 @@ def test_the_variable_is_optional_and_must_be_an_http_url():
 # -- the worker against the real broker -------------------------------------------------
 
 
-def test_the_worker_reports_ready_once_its_consumer_is_attached(broker: Broker, make_worker, listener):
+def test_the_worker_reports_ready_once_its_consumer_is_attached(
+    broker: Broker, make_worker: Callable[..., Worker], listener: Callable[..., ReadyListener]
+) -> None:
     sink = broker.sink("next")
     holder: dict[str, Any] = {}
     ready_endpoint = listener(on_report=lambda: http_status(f"http://127.0.0.1:{holder['worker'].health_port}/readyz"))
@@ -259,7 +272,9 @@ def test_the_worker_reports_ready_once_its_consumer_is_attached(broker: Broker, 
     assert len(ready_endpoint.reports) == 1
 
 
-def test_the_worker_reports_ready_again_after_a_reconnect(broker: Broker, make_worker, listener):
+def test_the_worker_reports_ready_again_after_a_reconnect(
+    broker: Broker, make_worker: Callable[..., Worker], listener: Callable[..., ReadyListener]
+) -> None:
     parts = urlsplit(AMQP_URL)
     proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
     via_proxy = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}").geturl()
@@ -275,7 +290,7 @@ def test_the_worker_reports_ready_again_after_a_reconnect(broker: Broker, make_w
         proxy.close()
 
 
-def test_without_the_variable_nothing_is_reported(broker: Broker, make_worker):
+def test_without_the_variable_nothing_is_reported(broker: Broker, make_worker: Callable[..., Worker]) -> None:
     worker = make_worker(broker).start().wait_ready()
     assert "WORKER_READY_URL" not in worker.env
     assert worker.stop() == 0
@@ -283,7 +298,9 @@ def test_without_the_variable_nothing_is_reported(broker: Broker, make_worker):
 
 
 @pytest.mark.parametrize("ready_url_kind", ["hangs", "refuses"])
-def test_a_ready_url_that_hangs_or_refuses_never_holds_up_messages(broker: Broker, make_worker, listener, ready_url_kind):
+def test_a_ready_url_that_hangs_or_refuses_never_holds_up_messages(
+    broker: Broker, make_worker: Callable[..., Worker], listener: Callable[..., ReadyListener], ready_url_kind: str
+) -> None:
     hanging = listener(hang=True)
     url = hanging.url if ready_url_kind == "hangs" else closed_port_url()
     sink = broker.sink("next")
@@ -334,7 +351,7 @@ class SlowCodeServer:
         self._server.server_close()
 
 
-def test_nothing_is_consumed_before_the_code_is_loaded(broker: Broker, make_worker):
+def test_nothing_is_consumed_before_the_code_is_loaded(broker: Broker, make_worker: Callable[..., Worker]) -> None:
     tagging = "def process(msg):\n    msg.metadata['seen_by'] = 'user code'\n    return msg\n"
     code = SlowCodeServer(sensorbucket_zip(tagging), delay_s=1.5)
     worker_id = str(uuid.uuid4())
@@ -358,7 +375,9 @@ def test_nothing_is_consumed_before_the_code_is_loaded(broker: Broker, make_work
         code.close()
 
 
-def test_a_controller_that_never_answers_is_still_exit_code_3(broker: Broker, make_worker):
+def test_a_controller_that_never_answers_is_still_exit_code_3(
+    broker: Broker, make_worker: Callable[..., Worker]
+) -> None:
     url = f"http://127.0.0.1:{free_port()}/source"
     worker = make_worker(broker, code_url=url, WORKER_CODE_FETCH_ATTEMPTS="2").start()
 
@@ -367,7 +386,9 @@ def test_a_controller_that_never_answers_is_still_exit_code_3(broker: Broker, ma
     assert not worker.events("consuming")
 
 
-def test_a_broken_archive_is_still_exit_code_4_and_never_consumes(broker: Broker, make_worker):
+def test_a_broken_archive_is_still_exit_code_4_and_never_consumes(
+    broker: Broker, make_worker: Callable[..., Worker]
+) -> None:
     worker = make_worker(broker, code=b"this is not a zip").start()
 
     assert worker.wait(20) == 4
