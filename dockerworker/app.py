@@ -135,6 +135,7 @@ class _Download:
         self._stop = stop
         self._archive: bytes | None = None
         self._error: BaseException | None = None
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="code-download", daemon=True)
 
     def start(self) -> "_Download":
@@ -146,10 +147,16 @@ class _Download:
             self._archive = codefetch.fetch(self._url, self._sha256, self._policy, self._stop)
         except BaseException as exc:  # handed to the main thread by result()
             self._error = exc
+        finally:
+            self._done.set()
 
     def result(self) -> bytes | None:
         """The archive; None when stopped meanwhile. Raises `_Fatal` when the download failed."""
-        self._thread.join()  # a signal still runs its handler meanwhile, which wakes the backoff
+        while not self._done.wait(timeout=0.1):
+            if self._stop.is_set():
+                # Even in the middle of a request that has not timed out yet:
+                # the thread is a daemon, and is left behind.
+                return None
         if isinstance(self._error, codefetch.Interrupted):
             return None
         if isinstance(self._error, codefetch.CodeFetchError):

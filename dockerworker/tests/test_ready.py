@@ -395,3 +395,19 @@ def test_a_broken_archive_is_still_exit_code_4_and_never_consumes(
     assert worker.events("code_invalid")
     assert not worker.events("consuming")
 
+
+
+def test_sigterm_while_the_controller_has_not_answered_yet_exits_0_at_once(
+    broker: Broker, make_worker: Callable[..., Worker]
+) -> None:
+    code = SlowCodeServer(sensorbucket_zip("def process(msg):\n    return msg\n"), delay_s=30)
+    try:
+        worker = make_worker(broker, code_url=code.url).start()
+        assert code.asked.wait(20), "the code was never asked for"
+        started = time.monotonic()
+
+        assert worker.stop(timeout=10) == 0
+        assert time.monotonic() - started < 3
+        assert not worker.events("consuming")
+    finally:
+        code.close()
