@@ -1,8 +1,8 @@
 """The container's command, `python -m dockerworker run`: wiring and exit codes.
 
-Owns: the order of startup (config → health endpoint → download → load →
-consume), signal handling, and the mapping of every fatal failure to an exit
-code, so the controller can tell them apart without reading logs:
+Owns: the order of startup, signal handling, and the mapping of every fatal
+failure to an exit code, so the controller can tell them apart without
+reading logs:
 
     0  clean shutdown (SIGTERM/SIGINT)
     1  unexpected internal error
@@ -16,23 +16,36 @@ code, so the controller can tell them apart without reading logs:
        went to `errors`, and a restart gets the worker going again
 
 An unreachable broker is not fatal: the worker retries with backoff.
+
+Start-up, in order: config → health endpoint (and the ready reporter, with
+WORKER_READY_URL) → the code download starts on a thread of its own → the
+AMQP side (pika, asyncio: the bulk of the runtime's imports) is imported
+while the download waits on the network → the archive is unpacked and the
+user's module imported, on the main thread (user code may expect it) →
+consume. The consumer attaches only once the code is loaded, so a broken
+archive never takes a message; readiness, `/readyz` and the ready report
+follow from the attach.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import os
 import signal
 import tempfile
 import threading
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from . import codefetch, codeload, config as config_module, logs, messaging
+from . import codefetch, codeload, config as config_module, logs
 from .codeload import UserCode
 from .config import Config, ConfigError
-from .health import HealthServer, Readiness
+from .health import HealthServer, Readiness, ReadyReporter
+
+if TYPE_CHECKING:
+    # At run time asyncio (like `messaging`) is imported only once the code
+    # download is under way: it is the largest import of the start path.
+    import asyncio
 
 
 class ExitCode(enum.IntEnum):
@@ -84,9 +97,16 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
         logs.event("config_error", level=logging.ERROR, error=f"health port {config.health_port}: {exc}")
         return ExitCode.CONFIG
     _record_health_port(health.port)
+    if config.ready_url is not None:
+        ReadyReporter(config.ready_url, readiness).start()
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
+    download = _Download(config, stop).start()
+    import asyncio  # noqa: F811 (see TYPE_CHECKING above)
+
+    from . import messaging  # noqa: F401  (imported while the download is on the wire)
+
     try:
-        code = _load_code(config, stop)
+        code = _load_code(config, download.result())
     except _Fatal as fatal:
         return fatal.code
     if code is None:
@@ -100,16 +120,56 @@ class _Fatal(Exception):
         self.code = code
 
 
-def _load_code(config: Config, stop: threading.Event) -> UserCode | None:
-    assert config.code_url is not None
-    policy = codefetch.FetchPolicy(attempts=config.code_fetch_attempts, timeout_s=config.code_fetch_timeout_s)
-    try:
-        archive = codefetch.fetch(config.code_url, config.code_sha256, policy, stop)
-    except codefetch.Interrupted:
+class _Download:
+    """The code download, on a thread of its own; `result()` waits for it.
+
+    Only the download: unpacking and importing the user's code stay on the
+    main thread.
+    """
+
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        assert config.code_url is not None
+        self._url = config.code_url
+        self._sha256 = config.code_sha256
+        self._policy = codefetch.FetchPolicy(attempts=config.code_fetch_attempts, timeout_s=config.code_fetch_timeout_s)
+        self._stop = stop
+        self._archive: bytes | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="code-download", daemon=True)
+
+    def start(self) -> "_Download":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._archive = codefetch.fetch(self._url, self._sha256, self._policy, self._stop)
+        except BaseException as exc:  # handed to the main thread by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self) -> bytes | None:
+        """The archive; None when stopped meanwhile. Raises `_Fatal` when the download failed."""
+        while not self._done.wait(timeout=0.1):
+            if self._stop.is_set():
+                # Even in the middle of a request that has not timed out yet:
+                # the thread is a daemon, and is left behind.
+                return None
+        if isinstance(self._error, codefetch.Interrupted):
+            return None
+        if isinstance(self._error, codefetch.CodeFetchError):
+            logs.event("code_download_failed", level=logging.ERROR, error=str(self._error), url=self._url)
+            raise _Fatal(ExitCode.CODE_DOWNLOAD) from self._error
+        if self._error is not None:
+            raise self._error
+        return self._archive
+
+
+def _load_code(config: Config, archive: bytes | None) -> UserCode | None:
+    if archive is None:
         return None
-    except codefetch.CodeFetchError as exc:
-        logs.event("code_download_failed", level=logging.ERROR, error=str(exc), url=config.code_url)
-        raise _Fatal(ExitCode.CODE_DOWNLOAD) from exc
     try:
         code = codeload.load_archive(archive, config.code_dir, config.entrypoint, config.limits)
     except codeload.CodeInvalid as exc:
@@ -120,6 +180,10 @@ def _load_code(config: Config, stop: threading.Event) -> UserCode | None:
 
 
 async def _consume(config: Config, code: UserCode, readiness: Readiness, stop: threading.Event) -> int:
+    import asyncio  # noqa: F811
+
+    from . import messaging
+
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -134,6 +198,10 @@ async def _consume(config: Config, code: UserCode, readiness: Readiness, stop: t
 
 async def _finish(consumer: asyncio.Task[None], stopping: asyncio.Task[bool], grace_s: float) -> int:
     """Give the consumer the grace period to finish, then report how it ended."""
+    import asyncio  # noqa: F811
+
+    from . import messaging
+
     stopping.cancel()
     try:
         # A hard cap: a `process` that never returns must not hold the exit.

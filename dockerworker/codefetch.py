@@ -4,6 +4,10 @@ Owns: the GET with retries and exponential backoff (the controller may still
 be starting when the container is), the decoding of the `{"data": "<base64>"}`
 answer, and the sha256 check against CODE_SHA256.
 Must not do: unpack or import anything (that is `codeload`).
+
+It uses the standard library's urllib, not `requests`: importing requests
+(urllib3, charset_normalizer, idna, importlib.metadata...) cost a container
+about a third of its start-up, for one GET.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import http.client
+import json
 import random
 import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable
-
-import requests
 
 from . import logs
 
@@ -52,10 +58,11 @@ def fetch(
     expected_sha256: str | None,
     policy: FetchPolicy,
     stop: threading.Event | None = None,
-    get: Callable[..., requests.Response] = requests.get,
+    get: Get | None = None,
 ) -> bytes:
     """Download the zip behind `url`, retrying what may pass; return its bytes."""
     stop = stop or threading.Event()
+    get = get or _get
     not_found = 0
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -79,21 +86,44 @@ class _Retryable(Exception):
         self.status = status
 
 
-def _fetch_once(url: str, timeout_s: float, get: Callable[..., requests.Response]) -> bytes:
-    try:
-        response = get(url, timeout=timeout_s)
-    except requests.RequestException as exc:
-        raise _Retryable(f"request failed: {exc}") from exc
-    if response.status_code in _RETRYABLE_STATUSES:
-        raise _Retryable(f"controller answered {response.status_code}", response.status_code)
-    if response.status_code != 200:
-        raise CodeFetchError(f"controller answered {response.status_code}: {response.text[:200]}")
-    return _decode(response)
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
 
 
-def _decode(response: requests.Response) -> bytes:
+# A GET with a timeout: the answer, whatever its status; OSError (and
+# http.client's errors) when there is none.
+Get = Callable[[str, float], Answer]
+
+
+def _get(url: str, timeout_s: float) -> Answer:
+    request = urllib.request.Request(url, headers={"accept": "application/json"})
     try:
-        encoded = response.json()["data"]
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return Answer(response.status, response.read())
+    except urllib.error.HTTPError as error:  # an answer all the same
+        with error:
+            return Answer(error.code, error.read())
+
+
+def _fetch_once(url: str, timeout_s: float, get: Get) -> bytes:
+    try:
+        answer = get(url, timeout_s)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # ValueError: a URL urllib cannot use at all (config checks the scheme).
+        raise _Retryable(f"request failed: {type(exc).__name__}: {exc}") from exc
+    if answer.status in _RETRYABLE_STATUSES:
+        raise _Retryable(f"controller answered {answer.status}", answer.status)
+    if answer.status != 200:
+        text = answer.body[:200].decode("utf-8", errors="replace")
+        raise CodeFetchError(f"controller answered {answer.status}: {text}")
+    return _decode(answer.body)
+
+
+def _decode(body: bytes) -> bytes:
+    try:
+        encoded = json.loads(body)["data"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CodeFetchError(f"code answer is not JSON with a 'data' field: {exc!r}") from exc
     if not isinstance(encoded, str) or not encoded:
@@ -117,5 +147,5 @@ def _verify(archive: bytes, expected_sha256: str | None) -> None:
 def _backoff(attempt: int, policy: FetchPolicy) -> float:
     # Exponential with jitter, so a fleet of workers restarted together does
     # not hammer a recovering controller in lockstep.
-    ceiling = min(policy.max_delay_s, policy.first_delay_s * 2 ** (attempt - 1))
+    ceiling = min(policy.max_delay_s, policy.first_delay_s * 2.0 ** (attempt - 1))
     return ceiling * random.uniform(0.5, 1.0)

@@ -57,6 +57,7 @@ class Config:
     code_fetch_timeout_s: float = 10.0
     shutdown_grace_s: float = 5.0
     process_timeout_s: float = 60.0
+    ready_url: str | None = None
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -99,6 +100,7 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
         code_fetch_timeout_s=_float(env, "WORKER_CODE_FETCH_TIMEOUT_S", 10.0),
         shutdown_grace_s=_float(env, "WORKER_SHUTDOWN_GRACE_S", 5.0),
         process_timeout_s=_float(env, "WORKER_PROCESS_TIMEOUT_S", 60.0),
+        ready_url=_http_url(env, "WORKER_READY_URL"),
         limits=Limits(
             max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", Limits.max_unpacked_bytes, minimum=1),
             max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", Limits.max_members, minimum=1),
@@ -143,6 +145,18 @@ def _entrypoint(env: Mapping[str, str]) -> str:
     module, _, function = value.rpartition(".")
     if not module or not function.isidentifier():
         raise ConfigError(f"CODE_ENTRYPOINT must be 'module.function', got {value!r}")
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    # Otherwise opaque (its query holds the controller's token): only what a
+    # POST needs is checked, so a typo shows at start, not as silent reports.
+    value = _optional(env, name)
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got scheme {parts.scheme!r}")
     return value
 
 

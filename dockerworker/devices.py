@@ -3,15 +3,20 @@
 Owns: the one HTTP call behind `Message.match_device`, and the split of its
 failures into those worth retrying later (the endpoint is down or overloaded)
 and those that are the user's to fix (bad token, no or several devices).
+
+`requests` is imported on the first `match_device`, not with this module:
+most workers never call it, and the import is a good part of a container's
+start-up time.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 REQUEST_TIMEOUT_S = 10.0
 
@@ -48,8 +53,10 @@ _session_local = threading.local()
 def _session() -> requests.Session:
     # One keep-alive session per thread: user code runs on one thread, so
     # this is one connection pool per worker in practice.
-    session = getattr(_session_local, "session", None)
+    session: requests.Session | None = getattr(_session_local, "session", None)
     if session is None:
+        import requests
+
         session = _session_local.session = requests.Session()
     return session
 
@@ -58,6 +65,8 @@ def find_devices(endpoint: str | None, access_token: str, properties: dict[str, 
     """Ask the devices endpoint which devices have these properties."""
     if not endpoint:
         raise MissingRequiredEnvironmentVariable("ENDPOINT_DEVICES must be set to match devices")
+    import requests
+
     try:
         response = _session().get(
             endpoint,

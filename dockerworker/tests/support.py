@@ -252,6 +252,17 @@ class Broker:
     def message_count(self, queue: str) -> int:
         return self._channel.queue_declare(queue, passive=True).method.message_count
 
+    def consumer_count(self, queue: str) -> int:
+        return int(self._channel.queue_declare(queue, passive=True).method.consumer_count)
+
+    def declare_worker_queue(self, worker_id: str) -> str:
+        """`worker_<id>` as a worker declares it (CONTRACT.md section 4), bound on the test exchange."""
+        name = f"worker_{worker_id}"
+        self._channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+        self._channel.queue_bind(name, self.exchange_name, worker_id)
+        self._queues.append(name)
+        return name
+
     def forget(self, queue: str) -> None:
         """Delete `queue` at the end of the test."""
         self._queues.append(queue)
