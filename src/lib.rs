@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod backoff;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -13,12 +14,18 @@ pub mod exit;
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod readiness;
 pub mod reconciler;
 pub mod runtime;
+pub mod scale;
 pub mod status_page;
 pub mod store;
+/// The Swarm runtime lives beside `runtime/docker.rs`; it joins the
+/// `runtime` module when the runtime trait grows a second implementation.
+#[path = "runtime/swarm.rs"]
+pub mod swarm;
 pub mod worker_cli;
