@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Limits;
 
-/// The instance name used when none is configured.
-pub const DEFAULT_INSTANCE: &str = "default";
+pub use crate::model::DEFAULT_INSTANCE;
 
 /// A value that must never be printed (connection strings carry passwords).
 #[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]

@@ -14,7 +14,6 @@ mod code;
 mod error;
 mod invoke;
 mod logs;
-mod store;
 mod table;
 mod wait;
 
@@ -32,7 +31,8 @@ use crate::config::Config;
 use crate::runtime::ContainerRuntime;
 use crate::store::overview::WorkerOverview;
 pub use error::{CliError, EXIT_CODES_HELP, exit};
-use store::{Changes, Db, NewWorker, Target};
+use crate::model::{Status, WorkerState};
+use crate::store::admin::{self as store, Changes, Db, NewWorker, Target};
 
 #[derive(Debug, Subcommand)]
 #[command(after_long_help = EXIT_CODES_HELP)]
@@ -223,7 +223,7 @@ async fn run(command: WorkerCommand, config: &Config) -> Result<(), CliError> {
 }
 
 async fn list(config: &Config, a: ListArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let workers = db.list().await?;
     match a.output {
         Output::Json => println!("{}", pretty(&workers)),
@@ -238,7 +238,7 @@ async fn list(config: &Config, a: ListArgs) -> Result<(), CliError> {
 }
 
 async fn show(config: &Config, a: ShowArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let worker = db
         .overview(target.id)
@@ -315,7 +315,7 @@ async fn create(config: &Config, a: CreateArgs) -> Result<(), CliError> {
         None => crate::archive::sensorbucket_archive(crate::archive::DEFAULT_USERCODE)
             .map_err(|e| CliError::BadArgument(format!("cannot build the code archive: {e}")))?,
     };
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let new = NewWorker {
         id: Uuid::now_v7(),
         name: a.name.clone(),
@@ -352,7 +352,7 @@ async fn update(config: &Config, a: UpdateArgs) -> Result<(), CliError> {
     }
     // Read before touching the database: a bad file changes nothing.
     let new_code = a.code.as_deref().map(code::read).transpose()?;
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let mut report = Vec::new();
     let (changes, revision) = db
@@ -420,20 +420,24 @@ fn decide(
 }
 
 async fn enable(config: &Config, a: EnableArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     set_state(&db, &target, true).await?;
     wait_if_asked(&db, &target, &a.wait).await
 }
 
 async fn disable(config: &Config, a: TargetArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     set_state(&db, &target, false).await
 }
 
 async fn set_state(db: &Db, target: &Target, enabled: bool) -> Result<(), CliError> {
-    let new = if enabled { "enabled" } else { "disabled" };
+    let new = if enabled {
+        WorkerState::Enabled
+    } else {
+        WorkerState::Disabled
+    };
     let old = db
         .set_state(target.id, enabled)
         .await?
@@ -447,7 +451,7 @@ async fn set_state(db: &Db, target: &Target, enabled: bool) -> Result<(), CliErr
 }
 
 async fn delete(config: &Config, a: TargetArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     if !db.delete(target.id).await? {
         return Err(CliError::UnknownId(target.id));
@@ -465,7 +469,7 @@ async fn print_logs(config: &Config, a: LogsArgs) -> Result<(), CliError> {
         .as_deref()
         .map(|s| logs::parse_since(s, Utc::now()))
         .transpose()?;
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let docker = logs::docker(&config.instance).await?;
     let no_container = || CliError::NoContainer {
@@ -489,7 +493,7 @@ async fn print_logs(config: &Config, a: LogsArgs) -> Result<(), CliError> {
 
 async fn invoke(config: &Config, a: InvokeArgs) -> Result<(), CliError> {
     let message = read_message(&a.message)?;
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let now_ms = Utc::now().timestamp_millis();
     let prepared =
@@ -571,11 +575,11 @@ fn no_answer(
 ) -> CliError {
     let name = &target.name;
     let why = match worker {
-        Some(w) if w.state != "enabled" => format!(
+        Some(w) if !w.state.is_enabled() => format!(
             "the worker is {}; enable it: workerctl worker enable {name}",
             w.state
         ),
-        Some(w) if w.status == "error" => {
+        Some(w) if w.status == Status::Error => {
             format!("the worker has status error: {}", w.status_info)
         }
         _ if !routed => format!(
