@@ -1,7 +1,10 @@
 //! The daemon's HTTP server (axum): serves each worker's code to its
 //! container (`GET /<uuid>/source`), the status page (`/`, polling
 //! `/api/workers`), liveness and readiness probes, and Prometheus metrics.
-//! Handlers only read; nothing here changes containers.
+//! Handlers only read; nothing here changes containers. The write API
+//! (invoke) is in `http/api.rs`, merged in by [`serve_with`].
+
+pub mod api;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -123,9 +126,19 @@ pub async fn serve<S: WorkerStore>(
     state: AppState<S>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(listen, state, Router::new(), shutdown).await
+}
+
+/// [`serve`], with more routes (the write API of `http/api.rs`).
+pub async fn serve_with<S: WorkerStore>(
+    listen: SocketAddr,
+    state: AppState<S>,
+    extra: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     info!("HTTP server listening on {}", listener.local_addr()?);
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state).merge(extra))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod execute;
 pub mod exit;
 pub mod http;
+pub mod invoke;
 pub mod metrics;
 pub mod model;
 pub mod plan;

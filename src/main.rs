@@ -188,7 +188,12 @@ fn spawn_http(
         ]),
     };
     let listen = config.code_server.listen;
-    let server = http::serve(listen, state, shutdown.clone());
+    let api = http::api::routes(http::api::ApiState {
+        db: workerctl::store::admin::Db::from_pool(store.pool().clone()),
+        amqp: config.amqp.clone(),
+        token: config.api.token.clone(),
+    });
+    let server = http::serve_with(listen, state, api, shutdown.clone());
     let stop = shutdown.clone();
     tracker.spawn(async move {
         if let Err(e) = server.await {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::invoke::InvokeError;
 use crate::store::admin::DbError;
 
 /// Exit codes of `workerctl worker …`.
@@ -172,6 +173,16 @@ impl CliError {
     pub fn report(&self) -> ExitCode {
         eprintln!("workerctl: {}", self.one_line());
         ExitCode::from(self.exit_code())
+    }
+}
+
+impl From<InvokeError> for CliError {
+    fn from(e: InvokeError) -> Self {
+        match e {
+            InvokeError::Unreachable { at, source } => CliError::Broker { at, source },
+            InvokeError::Refused { what, source } => CliError::Amqp { what, source },
+            InvokeError::Said(what) => CliError::BrokerSaid(what),
+        }
     }
 }
 

@@ -12,7 +12,6 @@
 
 mod code;
 mod error;
-mod invoke;
 mod logs;
 mod table;
 mod wait;
@@ -28,6 +27,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::invoke::{self, Verdict};
 use crate::runtime::ContainerRuntime;
 use crate::store::overview::WorkerOverview;
 pub use error::{CliError, EXIT_CODES_HELP, exit};
@@ -514,7 +514,13 @@ async fn invoke(config: &Config, a: InvokeArgs) -> Result<(), CliError> {
         prepared.next_key,
         invoke::ERRORS_KEY
     );
-    match invoke::invoke(&config.amqp, target.id, &prepared, a.timeout).await? {
+    let waiting = |worker: Uuid| {
+        eprintln!(
+            "no queue takes routing key {worker} yet (is the worker still starting?); \
+             publishing again until the timeout"
+        );
+    };
+    match invoke::invoke(&config.amqp, target.id, &prepared, a.timeout, &waiting).await? {
         invoke::Outcome::Answer {
             routing_key,
             body,
@@ -534,35 +540,28 @@ fn answer(
     body: &[u8],
     elapsed: Duration,
 ) -> Result<(), CliError> {
-    let parsed = serde_json::from_slice::<Value>(body).ok();
-    match &parsed {
-        Some(v) => println!("{}", pretty(v)),
-        None => println!("{}", String::from_utf8_lossy(body)),
+    let verdict = invoke::verdict(routing_key, body);
+    let shown = match &verdict {
+        Verdict::Output(v) | Verdict::Failed { body: v, .. } => v,
+    };
+    match shown {
+        Value::String(text) => println!("{text}"),
+        v => println!("{}", pretty(v)),
     }
     eprintln!(
         "came out on routing key {routing_key} after {} ms",
         elapsed.as_millis()
     );
-    if routing_key != invoke::ERRORS_KEY {
+    let Verdict::Failed { body, reason } = verdict else {
         return Ok(());
-    }
-    let error = parsed
-        .as_ref()
-        .and_then(|v| v.get("error"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    };
+    let error = body.get("error").and_then(Value::as_str).unwrap_or("");
     if !error.is_empty() {
         eprintln!("{}", error.trim_end());
     }
-    let last = error
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("see the error body");
     Err(CliError::WorkerFailed(format!(
-        "worker {} failed: {}",
-        target.name,
-        last.trim()
+        "worker {} failed: {reason}",
+        target.name
     )))
 }
 
