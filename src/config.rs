@@ -278,7 +278,12 @@ impl Config {
         if self.docker.pids_limit < 1 {
             return invalid("docker.pids_limit", "must be at least 1");
         }
-        if self.api.token.as_ref().is_some_and(|t| t.expose().trim().len() < 8) {
+        if self
+            .api
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().len() < 8)
+        {
             return invalid("api.token", "must be at least 8 characters (or unset)");
         }
         if self.dead_letters.queue.is_empty() {

@@ -33,7 +33,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, Command::Worker(_)) {
+    if matches!(
+        cli.command,
+        Command::Worker(_) | Command::Schedule(_) | Command::Errors(_)
+    ) {
         // Worker commands report every failure themselves, on one line;
         // library logs would only get in the way (RUST_LOG still shows them).
         config.log.filter = "off".into();
@@ -61,6 +64,8 @@ async fn dispatch(command: Command, config: Config) -> Result<ExitCode> {
         Command::Plan => plan(config).await.map(|()| ExitCode::SUCCESS),
         Command::Reconcile(_) => reconcile_once(config).await,
         Command::Worker(cmd) => worker_cli::execute(cmd, &config).await,
+        Command::Schedule(cmd) => Ok(workerctl::trigger_cli::schedule(cmd, &config).await),
+        Command::Errors(cmd) => Ok(workerctl::trigger_cli::errors(cmd, &config).await),
     }
 }
 
@@ -151,6 +156,7 @@ async fn run(config: Config) -> Result<()> {
     let wake = Arc::new(Notify::new());
     spawn_http(&tracker, &config, &store, &runtime, &metrics, &shutdown);
     spawn_wake_sources(&tracker, &config, &runtime, &metrics, &wake, &shutdown);
+    spawn_triggers(&tracker, &config, &store, &shutdown);
 
     let settings = PassSettings::from_config(&config);
     let reconciler = Reconciler::new(store, runtime, settings, metrics);
@@ -223,6 +229,34 @@ fn spawn_wake_sources(
     }));
     let (rt, w, s) = (runtime.clone(), wake.clone(), shutdown.clone());
     tracker.spawn(async move { rt.events(w, s).await });
+}
+
+/// The triggers beside the loop: the cron schedules' firing loop and the
+/// dead-letter collector (each can be turned off in the config).
+fn spawn_triggers(
+    tracker: &TaskTracker,
+    config: &Config,
+    store: &Arc<PgStore>,
+    shutdown: &CancellationToken,
+) {
+    use workerctl::{dead_letters, scheduler};
+    if config.schedules.enabled {
+        tracker.spawn(scheduler::run(
+            scheduler::PgSchedules(store.pool().clone()),
+            scheduler::AmqpPublisher::new(config.amqp.clone()),
+            scheduler::SystemClock,
+            config.schedules.poll,
+            shutdown.clone(),
+        ));
+    }
+    if config.dead_letters.enabled {
+        tracker.spawn(dead_letters::run(
+            config.amqp.clone(),
+            store.pool().clone(),
+            config.dead_letters.clone(),
+            shutdown.clone(),
+        ));
+    }
 }
 
 /// Retries `op` with capped exponential backoff until it succeeds, or gives

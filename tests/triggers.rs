@@ -28,7 +28,10 @@ const DEADLINE: Duration = Duration::from_secs(90);
 async fn with_api(pool: PgPool) -> (Cli, Daemon) {
     let mut cli = Cli::new(pool).await;
     cli.set("WORKERCTL_API__TOKEN", TOKEN);
-    let exchange = format!("pipeline.messages.trig-test-{}", uuid::Uuid::new_v4().simple());
+    let exchange = format!(
+        "pipeline.messages.trig-test-{}",
+        uuid::Uuid::new_v4().simple()
+    );
     cli.set("WORKERCTL_AMQP__EXCHANGE", &exchange);
     let mut daemon = Daemon::start(&mut cli, common::worker_image()).await;
     daemon.exchange = Some(exchange);
@@ -40,7 +43,11 @@ async fn wait_http(daemon: &Daemon) {
     let start = Instant::now();
     let url = format!("http://127.0.0.1:{}/healthz", daemon.port);
     while reqwest::get(&url).await.is_err() {
-        assert!(start.elapsed() < DEADLINE, "daemon HTTP never came up: {}", daemon.log());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "daemon HTTP never came up: {}",
+            daemon.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -52,7 +59,12 @@ fn invoke_url(daemon: &Daemon, worker: &str, query: &str) -> String {
     )
 }
 
-async fn post(url: &str, token: Option<&str>, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, reqwest::header::HeaderMap, Value) {
+async fn post(
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let mut request = reqwest::Client::new().post(url).body(body);
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -78,7 +90,13 @@ async fn http_invoke_answers_with_the_output_for_json_and_both_cloudevent_modes(
     let url = invoke_url(&daemon, "setter", "?timeout=60s");
     let message = br#"{"payload": "aGVsbG8=", "tracing_id": "http-1"}"#.to_vec();
 
-    let (status, headers, body) = post(&url, Some(TOKEN), &[("content-type", "application/json")], message.clone()).await;
+    let (status, headers, body) = post(
+        &url,
+        Some(TOKEN),
+        &[("content-type", "application/json")],
+        message.clone(),
+    )
+    .await;
     assert_eq!(status, 200, "{body}\ndaemon:\n{}", daemon.log());
     assert_eq!(body["metadata"]["seen_by"], "setter");
     assert_eq!(body["tracing_id"], "http-1");
@@ -103,7 +121,13 @@ async fn http_invoke_answers_with_the_output_for_json_and_both_cloudevent_modes(
         "datacontenttype": "application/json", "data": {"payload": "aGk=", "tracing_id": "http-2"}
     });
     let structured = [("content-type", "application/cloudevents+json")];
-    let (status, _, body) = post(&url, Some(TOKEN), &structured, serde_json::to_vec(&event).expect("json")).await;
+    let (status, _, body) = post(
+        &url,
+        Some(TOKEN),
+        &structured,
+        serde_json::to_vec(&event).expect("json"),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["tracing_id"], "http-2");
     assert_eq!(body["metadata"]["seen_by"], "setter");
@@ -115,20 +139,36 @@ async fn http_invoke_answers_with_the_output_for_json_and_both_cloudevent_modes(
     assert!(headers.contains_key("www-authenticate"));
     let (status, _, body) = post(&by_id, Some(TOKEN), &[], b"not json".to_vec()).await;
     assert_eq!(status, 400, "{body}");
-    let (status, _, body) = post(&invoke_url(&daemon, "nobody", ""), Some(TOKEN), &[], message).await;
+    let (status, _, body) = post(
+        &invoke_url(&daemon, "nobody", ""),
+        Some(TOKEN),
+        &[],
+        message,
+    )
+    .await;
     assert_eq!(status, 404, "{body}");
 }
 
 #[sqlx::test(migrations = false)]
-async fn http_invoke_of_a_failing_worker_is_422_with_the_errors_body_and_a_silent_one_504(pool: PgPool) {
+async fn http_invoke_of_a_failing_worker_is_422_with_the_errors_body_and_a_silent_one_504(
+    pool: PgPool,
+) {
     let (cli, mut daemon) = with_api(pool).await;
     let id = cli.create("raiser", RAISER_PY, &["--wait"]).await;
     daemon.remember(id);
-    let sleeper = cli.create("sleeper", harness::ECHO_PY, &["--disabled"]).await;
+    let sleeper = cli
+        .create("sleeper", harness::ECHO_PY, &["--disabled"])
+        .await;
     daemon.remember(sleeper);
     let message = br#"{"payload": "aGk=", "tracing_id": "trace-422"}"#.to_vec();
 
-    let (status, _, body) = post(&invoke_url(&daemon, "raiser", "?timeout=60s"), Some(TOKEN), &[], message.clone()).await;
+    let (status, _, body) = post(
+        &invoke_url(&daemon, "raiser", "?timeout=60s"),
+        Some(TOKEN),
+        &[],
+        message.clone(),
+    )
+    .await;
     assert_eq!(status, 422, "{body}\ndaemon:\n{}", daemon.log());
     assert_eq!(body["worker"], id.to_string());
     assert_eq!(body["received_by_worker"]["tracing_id"], "trace-422");
@@ -136,7 +176,13 @@ async fn http_invoke_of_a_failing_worker_is_422_with_the_errors_body_and_a_silen
     assert!(error.contains("ValueError: no good: trace-422"), "{error}");
 
     let start = Instant::now();
-    let (status, _, body) = post(&invoke_url(&daemon, "sleeper", "?timeout=2s"), Some(TOKEN), &[], message).await;
+    let (status, _, body) = post(
+        &invoke_url(&daemon, "sleeper", "?timeout=2s"),
+        Some(TOKEN),
+        &[],
+        message,
+    )
+    .await;
     assert_eq!(status, 504, "{body}");
     assert!(start.elapsed() < Duration::from_secs(10));
     let text = body["message"].as_str().expect("a message");
@@ -147,7 +193,13 @@ async fn http_invoke_of_a_failing_worker_is_422_with_the_errors_body_and_a_silen
 async fn http_invoke_without_a_configured_token_is_403_and_says_how_to_set_one(pool: PgPool) {
     let (_cli, daemon) = pipeline(pool).await;
     wait_http(&daemon).await;
-    let (status, _, body) = post(&invoke_url(&daemon, "any", ""), Some(TOKEN), &[], b"{}".to_vec()).await;
+    let (status, _, body) = post(
+        &invoke_url(&daemon, "any", ""),
+        Some(TOKEN),
+        &[],
+        b"{}".to_vec(),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     let text = body["message"].as_str().expect("a message");
     assert!(text.contains("WORKERCTL_API__TOKEN"), "{text}");

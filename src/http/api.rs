@@ -138,7 +138,9 @@ fn parse_request(headers: &HeaderMap, body: Vec<u8>) -> Result<Request, String> 
             .map_err(|e| format!("the CloudEvent's data is not a JSON pipeline message: {e}"))?,
         Some(Data::Binary(b)) => serde_json::from_slice(b)
             .map_err(|e| format!("the CloudEvent's data is not a JSON pipeline message: {e}"))?,
-        None => return Err("the CloudEvent has no data: send the pipeline message as its data".into()),
+        None => {
+            return Err("the CloudEvent has no data: send the pipeline message as its data".into());
+        }
     };
     Ok(Request {
         message,
@@ -176,7 +178,10 @@ fn authorize(token: Option<&Secret>, headers: &HeaderMap) -> Result<(), Response
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .unwrap_or("");
     if Sha256::digest(given.trim()) == Sha256::digest(token.expose()) && !given.is_empty() {
         return Ok(());
@@ -212,7 +217,9 @@ fn timed_out(name: &str, timeout: Duration, routed: bool) -> Response {
     let why = if routed {
         format!("see `workerctl worker logs {name}`")
     } else {
-        format!("no queue takes its messages: is it enabled and running? see `workerctl worker show {name}`")
+        format!(
+            "no queue takes its messages: is it enabled and running? see `workerctl worker show {name}`"
+        )
     };
     message(
         StatusCode::GATEWAY_TIMEOUT,
@@ -225,7 +232,12 @@ fn timed_out(name: &str, timeout: Duration, routed: bool) -> Response {
 
 /// Every answer names the tracing id; the answer to a CloudEvent is a
 /// binary-mode CloudEvent itself.
-fn with_trace(mut response: Response, tracing_id: &str, cloudevent: bool, worker: Uuid) -> Response {
+fn with_trace(
+    mut response: Response,
+    tracing_id: &str,
+    cloudevent: bool,
+    worker: Uuid,
+) -> Response {
     let status = response.status();
     let headers = response.headers_mut();
     insert(headers, "x-workerctl-tracing-id", tracing_id);
@@ -237,7 +249,11 @@ fn with_trace(mut response: Response, tracing_id: &str, cloudevent: bool, worker
         };
         insert(headers, "ce-specversion", "1.0");
         insert(headers, "ce-id", &Uuid::new_v4().to_string());
-        insert(headers, "ce-source", &format!("/workerctl/workers/{worker}"));
+        insert(
+            headers,
+            "ce-source",
+            &format!("/workerctl/workers/{worker}"),
+        );
         insert(headers, "ce-type", ty);
     }
     response
@@ -279,8 +295,8 @@ mod tests {
 
     #[test]
     fn a_plain_json_body_is_the_pipeline_message() {
-        let r = parse_request(&HeaderMap::new(), br#"{"payload": "aGk="}"#.to_vec())
-            .expect("parsed");
+        let r =
+            parse_request(&HeaderMap::new(), br#"{"payload": "aGk="}"#.to_vec()).expect("parsed");
         assert_eq!(r.message, json!({"payload": "aGk="}));
         assert!(!r.cloudevent);
         assert!(parse_request(&HeaderMap::new(), b"nope".to_vec()).is_err());

@@ -12,8 +12,8 @@
 
 mod code;
 mod error;
-mod logs;
-mod table;
+pub(crate) mod logs;
+pub(crate) mod table;
 mod wait;
 
 use std::io::Read;
@@ -28,11 +28,11 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::invoke::{self, Verdict};
+use crate::model::{Status, WorkerState};
 use crate::runtime::ContainerRuntime;
+use crate::store::admin::{self as store, Changes, Db, NewWorker, Target};
 use crate::store::overview::WorkerOverview;
 pub use error::{CliError, EXIT_CODES_HELP, exit};
-use crate::model::{Status, WorkerState};
-use crate::store::admin::{self as store, Changes, Db, NewWorker, Target};
 
 #[derive(Debug, Subcommand)]
 #[command(after_long_help = EXIT_CODES_HELP)]
@@ -592,7 +592,7 @@ fn no_answer(
     ))
 }
 
-fn read_message(path: &Path) -> Result<Value, CliError> {
+pub(crate) fn read_message(path: &Path) -> Result<Value, CliError> {
     let text = if path == Path::new("-") {
         let mut text = String::new();
         std::io::stdin()
@@ -636,6 +636,6 @@ fn check_name(name: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn pretty(value: &impl serde::Serialize) -> String {
+pub(crate) fn pretty(value: &impl serde::Serialize) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

@@ -333,4 +333,3 @@ pub async fn pipeline(pool: PgPool) -> (Cli, Daemon) {
     daemon.exchange = Some(exchange);
     (cli, daemon)
 }
-
