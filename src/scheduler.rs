@@ -322,11 +322,14 @@ mod tests {
         }
     }
 
+    /// (routing key, fire time, when published).
+    type Sent = (String, DateTime<Utc>, DateTime<Utc>);
+
     /// Every publish, with the clock's time when it happened.
     #[derive(Clone)]
     struct FakePublisher {
         clock: TokioClock,
-        sent: Arc<StdMutex<Vec<(String, DateTime<Utc>, DateTime<Utc>)>>>,
+        sent: Arc<StdMutex<Vec<Sent>>>,
     }
 
     impl Publisher for FakePublisher {

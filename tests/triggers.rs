@@ -33,8 +33,12 @@ async fn with_api(pool: PgPool) -> (Cli, Daemon) {
         uuid::Uuid::new_v4().simple()
     );
     cli.set("WORKERCTL_AMQP__EXCHANGE", &exchange);
+    let queue = format!("workerctl.errors.test-{}", uuid::Uuid::new_v4().simple());
+    cli.set("WORKERCTL_DEAD_LETTERS__QUEUE", &queue);
+    cli.set("WORKERCTL_DEAD_LETTERS__QUEUE_MAX_LENGTH", "50");
     let mut daemon = Daemon::start(&mut cli, common::worker_image()).await;
     daemon.exchange = Some(exchange);
+    daemon.queues.push(queue);
     wait_http(&daemon).await;
     (cli, daemon)
 }
@@ -204,4 +208,386 @@ async fn http_invoke_without_a_configured_token_is_403_and_says_how_to_set_one(p
     let text = body["message"].as_str().expect("a message");
     assert!(text.contains("WORKERCTL_API__TOKEN"), "{text}");
     let _ = s;
+}
+
+// ---------------------------------------------------------------- helpers --
+
+/// A private queue bound to `key` on `exchange`, as a test's listener.
+struct Listener {
+    _connection: lapin::Connection,
+    consumer: lapin::Consumer,
+}
+
+async fn listen(exchange: &str, key: &str) -> Listener {
+    use lapin::options::{
+        BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    let connection =
+        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("the broker answers");
+    let channel = connection.create_channel().await.expect("channel");
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    let private = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), private, FieldTable::default())
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "test".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    Listener {
+        _connection: connection,
+        consumer,
+    }
+}
+
+impl Listener {
+    /// Every message that arrives within `within`: (body, fire-time header).
+    async fn collect(&mut self, within: Duration) -> Vec<(Value, Option<i64>, Instant)> {
+        use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, self.consumer.next()).await {
+            let fire = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-workerctl-fire-time").cloned())
+                .and_then(|v| match v {
+                    lapin::types::AMQPValue::LongLongInt(n) => Some(n),
+                    _ => None,
+                });
+            let body = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
+            got.push((body, fire, Instant::now()));
+        }
+        got
+    }
+
+    async fn first(&mut self, within: Duration) -> Option<Value> {
+        use futures::StreamExt;
+        match tokio::time::timeout(within, self.consumer.next()).await {
+            Ok(Some(Ok(d))) => serde_json::from_slice(&d.data).ok(),
+            _ => None,
+        }
+    }
+}
+
+fn exchange_of(daemon: &Daemon) -> String {
+    daemon.exchange.clone().expect("the test's exchange")
+}
+
+/// Polls `errors list --output json` until it holds `n` dead letters.
+async fn dead_letters(cli: &Cli, daemon: &Daemon, n: usize) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let out = cli.run(&["errors", "list", "--output", "json"]).await.ok();
+        let list: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON list");
+        if list.len() >= n {
+            return list;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{} dead letters never came: {list:?}\n{}",
+            n,
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ----------------------------------------------------------- dead letters --
+
+#[sqlx::test(migrations = false)]
+async fn a_failure_is_kept_shown_replayed_after_the_fix_and_purged(pool: PgPool) {
+    let (mut cli, mut daemon) = with_api(pool).await;
+    let _ = &mut cli;
+    let id = cli.create("raiser", RAISER_PY, &["--wait"]).await;
+    daemon.remember(id);
+    let exchange = exchange_of(&daemon);
+    let out_key = format!("out-{}", uuid::Uuid::new_v4().simple());
+    let mut output = listen(&exchange, &out_key).await;
+    let message = json!({"payload": "aGk=", "tracing_id": "trace-dl", "pipeline_steps": [id.to_string(), out_key]});
+    let path = cli.file("m.json", message.to_string().as_bytes());
+    let out = cli
+        .run(&[
+            "worker",
+            "invoke",
+            "raiser",
+            "--message",
+            s(&path),
+            "--timeout",
+            "60s",
+        ])
+        .await;
+    assert_eq!(out.code, 1, "{out:#?}");
+
+    let list = dead_letters(&cli, &daemon, 1).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let letter = &list[0];
+    assert_eq!(letter["worker_name"], "raiser");
+    assert_eq!(letter["worker_id"], id.to_string());
+    assert!(
+        letter["error"]
+            .as_str()
+            .expect("error")
+            .contains("ValueError: no good: trace-dl")
+    );
+    let dl = letter["id"].as_i64().expect("id").to_string();
+
+    let table = cli
+        .run(&["errors", "list", "--worker", "raiser", "--since", "1h"])
+        .await
+        .ok();
+    assert!(
+        table.stdout.contains("ValueError: no good: trace-dl"),
+        "{table:#?}"
+    );
+    let show = cli.run(&["errors", "show", &dl]).await.ok();
+    assert!(show.stdout.contains("traceback:"), "{show:#?}");
+    assert!(
+        show.stdout.contains("\"tracing_id\": \"trace-dl\""),
+        "{show:#?}"
+    );
+
+    // Fix the code, then replay: the message goes through, to the next step.
+    let fixed = cli.file("fixed.py", SETTER_PY.as_bytes());
+    cli.run(&["worker", "update", "raiser", "--code", s(&fixed), "--wait"])
+        .await
+        .ok();
+    let replay = cli.run(&["errors", "replay", &dl]).await.ok();
+    assert!(replay.stdout.contains("replayed to worker"), "{replay:#?}");
+    let result = output
+        .first(Duration::from_secs(60))
+        .await
+        .expect("the replayed message comes out");
+    assert_eq!(result["tracing_id"], "trace-dl");
+    assert_eq!(result["metadata"]["seen_by"], "setter");
+    let again = cli.run(&["errors", "list", "--output", "json"]).await.ok();
+    let again: Vec<Value> = serde_json::from_str(&again.stdout).expect("json");
+    assert_eq!(again[0]["replays"], 1);
+
+    let purge = cli
+        .run(&["errors", "purge", "--worker", "raiser"])
+        .await
+        .ok();
+    assert_eq!(purge.stdout.trim(), "1 dead letter(s) purged");
+    let none = cli.run(&["errors", "show", &dl]).await;
+    none.fails(2, "no dead letter has the id");
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_dead_letter_queue_is_a_bounded_durable_quorum_queue_beside_other_listeners(
+    pool: PgPool,
+) {
+    let (cli, daemon) = with_api(pool).await;
+    let queue = daemon
+        .queues
+        .iter()
+        .find(|q| q.starts_with("workerctl.errors"))
+        .cloned()
+        .expect("queue name");
+    let url = format!("http://127.0.0.1:15672/api/queues/%2f/{queue}");
+    let start = Instant::now();
+    let info: Value = loop {
+        let response = reqwest::Client::new()
+            .get(&url)
+            .basic_auth("workerctl", Some("workerctl"))
+            .send()
+            .await
+            .expect("management API");
+        if response.status().is_success() {
+            break response.json().await.expect("json");
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the queue never appeared: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(info["durable"], true);
+    assert_eq!(info["arguments"]["x-queue-type"], "quorum");
+    assert_eq!(info["arguments"]["x-max-length"], 50);
+
+    // Another listener on `errors` still gets its copy.
+    let exchange = exchange_of(&daemon);
+    let mut tracing = listen(&exchange, "errors").await;
+    publish(
+        &exchange,
+        "errors",
+        br#"{"worker": "nobody", "error": "E: by hand", "received_by_worker": {}}"#,
+    )
+    .await;
+    assert!(
+        tracing.first(Duration::from_secs(10)).await.is_some(),
+        "the other listener got it"
+    );
+    let list = dead_letters(&cli, &daemon, 1).await;
+    assert_eq!(list[0]["error"], "E: by hand");
+}
+
+async fn publish(exchange: &str, key: &str, body: &[u8]) {
+    let connection =
+        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("sent");
+    let _ = connection.close(200, "done".into()).await;
+}
+
+// -------------------------------------------------------------- schedules --
+
+#[sqlx::test(migrations = false)]
+async fn a_schedule_fires_its_message_through_the_worker_every_second(pool: PgPool) {
+    let (cli, mut daemon) = with_api(pool).await;
+    let id = cli.create("setter", SETTER_PY, &["--wait"]).await;
+    daemon.remember(id);
+    let out_key = format!("out-{}", uuid::Uuid::new_v4().simple());
+    let mut output = listen(&exchange_of(&daemon), &out_key).await;
+    let template = json!({"payload": "aGk=", "tenant_id": 5, "pipeline_steps": [out_key]});
+    let path = cli.file("t.json", template.to_string().as_bytes());
+
+    let bad = cli
+        .run(&["schedule", "add", "setter", "--cron", "61 * * * *"])
+        .await;
+    bad.fails(2, "invalid cron expression");
+    let zone = cli
+        .run(&[
+            "schedule",
+            "add",
+            "setter",
+            "--cron",
+            "* * * * *",
+            "--timezone",
+            "Mars/Base",
+        ])
+        .await;
+    zone.fails(2, "unknown time zone");
+
+    let add = cli
+        .run(&[
+            "schedule",
+            "add",
+            "setter",
+            "--cron",
+            "* * * * * *",
+            "--message",
+            s(&path),
+        ])
+        .await
+        .ok();
+    let schedule: i64 = add.stdout.trim().parse().expect("the id on stdout");
+    let got = output.collect(Duration::from_secs(6)).await;
+    assert!(got.len() >= 3, "{got:?}\n{}", daemon.log());
+    let mut tracing_ids: Vec<_> = got
+        .iter()
+        .map(|(b, _, _)| b["tracing_id"].clone())
+        .collect();
+    tracing_ids.dedup();
+    assert_eq!(tracing_ids.len(), got.len(), "a fresh tracing_id per fire");
+    // What comes out is the worker's output (its own headers, not ours).
+    for (body, _, _) in &got {
+        assert_eq!(body["metadata"]["seen_by"], "setter");
+        assert_eq!(body["tenant_id"], 5);
+        assert_eq!(body["pipeline_steps"][0], id.to_string());
+        assert_eq!(body["step_index"], 1);
+    }
+
+    let next = cli
+        .run(&["schedule", "next", &schedule.to_string(), "--count", "3"])
+        .await
+        .ok();
+    assert_eq!(next.stdout.lines().count(), 3, "{next:#?}");
+    let list = cli
+        .run(&["schedule", "list", "--output", "json"])
+        .await
+        .ok();
+    let rows: Vec<Value> = serde_json::from_str(&list.stdout).expect("json");
+    assert!(rows[0]["fires"].as_i64().expect("fires") >= 3, "{rows:?}");
+    assert_eq!(rows[0]["last_error"], "");
+    cli.run(&["schedule", "rm", &schedule.to_string()])
+        .await
+        .ok();
+    let quiet = output.collect(Duration::from_millis(2500)).await;
+    assert!(quiet.len() <= 1, "removed schedules stop firing: {quiet:?}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_daemons_publish_each_fire_time_once(pool: PgPool) {
+    let (mut cli, mut first) = with_api(pool).await;
+    let image = common::stand_in_image();
+    cli.set("WORKERCTL_DOCKER__IMAGE", image);
+    let id = cli.create("ticker", harness::ECHO_PY, &[]).await;
+    first.remember(id);
+    // The stand-in consumes nothing: every fire stays on our queue.
+    let mut fires = listen(&exchange_of(&first), &id.to_string()).await;
+    let other = format!("{}b", cli.instance);
+    cli.instance = other.clone();
+    cli.set("WORKERCTL_INSTANCE", &other);
+    let second = Daemon::start(&mut cli, image).await;
+    wait_http(&second).await;
+    cli.run(&["schedule", "add", "ticker", "--cron", "* * * * * *"])
+        .await
+        .ok();
+    let got = fires.collect(Duration::from_secs(6)).await;
+    assert!(got.len() >= 4, "{got:?}");
+    let mut times: Vec<i64> = got.iter().map(|(_, f, _)| f.expect("fire time")).collect();
+    assert!(
+        times.iter().all(|t| t % 1000 == 0),
+        "on the second: {times:?}"
+    );
+    let all = times.len();
+    times.sort_unstable();
+    times.dedup();
+    assert_eq!(times.len(), all, "each fire time once: {times:?}");
 }

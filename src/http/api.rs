@@ -67,7 +67,7 @@ async fn invoke_handler(
     body: Bytes,
 ) -> Response {
     if let Err(refusal) = authorize(state.token.as_ref(), &headers) {
-        return refusal;
+        return refusal.into_response();
     }
     let timeout = match parse_timeout(query.timeout.as_deref()) {
         Ok(t) => t,
@@ -163,18 +163,43 @@ fn parse_timeout(given: Option<&str>) -> Result<Duration, String> {
     Ok(timeout)
 }
 
-/// 403 when no token is configured (the API is off), 401 for a missing or
-/// wrong one. Tokens are compared by digest, so the time taken does not
-/// tell how much of a guess was right.
-fn authorize(token: Option<&Secret>, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(token) = token else {
-        return Err(message(
-            StatusCode::FORBIDDEN,
-            "the invoke API is off: no api.token is configured. Set one in the config file \
-             ([api] token = \"...\") or as WORKERCTL_API__TOKEN, restart the daemon, and send \
-             Authorization: Bearer <token>",
-        ));
-    };
+/// Why a request is not let in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// No `api.token` is configured: the write API is off (403).
+    Off,
+    /// A missing or wrong token (401).
+    Unauthorized,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Off => message(
+                StatusCode::FORBIDDEN,
+                "the invoke API is off: no api.token is configured. Set one in the config file \
+                 ([api] token = \"...\") or as WORKERCTL_API__TOKEN, restart the daemon, and send \
+                 Authorization: Bearer <token>",
+            ),
+            Refusal::Unauthorized => {
+                let mut refusal = message(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token: send Authorization: Bearer <api.token>",
+                );
+                refusal.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"workerctl\""),
+                );
+                refusal
+            }
+        }
+    }
+}
+
+/// Lets in the holder of the configured token. Tokens are compared by
+/// digest, so the time taken does not tell how much of a guess was right.
+fn authorize(token: Option<&Secret>, headers: &HeaderMap) -> Result<(), Refusal> {
+    let token = token.ok_or(Refusal::Off)?;
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -182,19 +207,13 @@ fn authorize(token: Option<&Secret>, headers: &HeaderMap) -> Result<(), Response
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .unwrap_or("");
-    if Sha256::digest(given.trim()) == Sha256::digest(token.expose()) && !given.is_empty() {
-        return Ok(());
+        .unwrap_or("")
+        .trim();
+    if !given.is_empty() && Sha256::digest(given) == Sha256::digest(token.expose()) {
+        Ok(())
+    } else {
+        Err(Refusal::Unauthorized)
     }
-    let mut refusal = message(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong bearer token: send Authorization: Bearer <api.token>",
-    );
-    refusal.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"workerctl\""),
-    );
-    Err(refusal)
 }
 
 fn answered(routing_key: &str, body: &[u8], elapsed: Duration) -> Response {
@@ -337,14 +356,17 @@ mod tests {
     #[test]
     fn without_a_configured_token_the_api_is_forbidden_and_says_how_to_set_one() {
         let refusal = authorize(None, &HeaderMap::new()).expect_err("refused");
-        assert_eq!(refusal.status(), StatusCode::FORBIDDEN);
+        let response = refusal.into_response();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
     }
 
     #[test]
     fn a_wrong_or_missing_token_is_unauthorized_and_the_right_one_passes() {
         let token = Secret::new("s3cret");
         let none = authorize(Some(&token), &HeaderMap::new()).expect_err("refused");
-        assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+        let response = none.into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
         let wrong = headers(&[("authorization", "Bearer nope")]);
         assert!(authorize(Some(&token), &wrong).is_err());
         let right = headers(&[("authorization", "Bearer s3cret")]);
