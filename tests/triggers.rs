@@ -591,3 +591,146 @@ async fn two_daemons_publish_each_fire_time_once(pool: PgPool) {
     times.dedup();
     assert_eq!(times.len(), all, "each fire time once: {times:?}");
 }
+
+// ------------------------------------------------------------- watch mode --
+
+/// A terminal: `workerctl worker dev` under tmux, on a server of its own.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(cli: &Cli, args: &[&str]) -> Terminal {
+        let socket = format!("wd{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let conf = cli.file("tmux.conf", b"set -g history-limit 50000\n");
+        let mut line = String::from("env");
+        for (k, v) in &cli.env {
+            line.push_str(&format!(" {k}='{v}'"));
+        }
+        line.push_str(&format!(" {}", harness::BIN));
+        for a in args {
+            line.push_str(&format!(" '{a}'"));
+        }
+        line.push_str("; echo EXITED; sleep 600");
+        let status = std::process::Command::new("tmux")
+            .args([
+                "-L",
+                &socket,
+                "-f",
+                s(&conf),
+                "new-session",
+                "-d",
+                "-x",
+                "200",
+                "-y",
+                "50",
+                &line,
+            ])
+            .status()
+            .expect("tmux runs (apt-get install tmux)");
+        assert!(status.success());
+        Terminal { socket }
+    }
+
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "capture-pane",
+                "-p",
+                "-J",
+                "-S",
+                "-50000",
+            ])
+            .output()
+            .expect("capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows `needle` `n` times.
+    async fn wait_for(&self, needle: &str, n: usize) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if screen.matches(needle).count() >= n {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{needle:?} x{n} never showed:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn keys(&self, keys: &str) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys", keys])
+            .status();
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn dev_mode_deploys_each_save_shows_a_broken_one_at_once_and_leaves_the_worker(pool: PgPool) {
+    let (cli, mut daemon) = pipeline(pool).await;
+    let code = cli.file(
+        "dev.py",
+        b"def process(msg):\n    msg.metadata = {'v': 'one'}\n    return msg\n",
+    );
+    let message = cli.file("m.json", br#"{"payload": "aGk="}"#);
+    let term = Terminal::start(
+        &cli,
+        &[
+            "worker",
+            "dev",
+            "devw",
+            "--code",
+            s(&code),
+            "--message",
+            s(&message),
+        ],
+    );
+    let screen = term.wait_for("\"v\": \"one\"", 1).await;
+    assert!(screen.contains("created worker devw"), "{screen}");
+    let id = sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM user_workers WHERE name = 'devw'")
+        .fetch_one(&cli.pool)
+        .await
+        .expect("created");
+    daemon.remember(id);
+    term.wait_for("workerctl: logs of container", 1).await;
+
+    std::fs::write(
+        &code,
+        b"def process(msg):\n    msg.metadata = {'v': 'two'}\n    return msg\n",
+    )
+    .expect("save");
+    let screen = term.wait_for("\"v\": \"two\"", 1).await;
+    assert!(screen.contains("revision 2 ready"), "{screen}");
+
+    std::fs::write(&code, b"def process(msg)\n    return msg\n").expect("broken save");
+    let screen = term.wait_for("SyntaxError", 1).await;
+    assert!(
+        screen.contains("the running revision keeps serving"),
+        "{screen}"
+    );
+    assert_eq!(cli.row(id).await.revision, 2, "a broken save is not stored");
+
+    std::fs::write(&code, b"def process(msg):\n    raise KeyError('gone')\n")
+        .expect("raising save");
+    let screen = term.wait_for("process failed: KeyError: 'gone'", 1).await;
+    assert!(screen.contains("Traceback"), "{screen}");
+
+    term.keys("C-c");
+    term.wait_for("worker devw left as it is", 1).await;
+    let row = cli.row(id).await;
+    assert_eq!((row.state.as_str(), row.revision), ("enabled", 3));
+}

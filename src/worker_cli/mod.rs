@@ -11,6 +11,7 @@
 //! (formatting), `wait` (`--wait`), `logs` (Docker logs), `invoke` (AMQP).
 
 mod code;
+mod dev;
 mod error;
 pub(crate) mod logs;
 pub(crate) mod table;
@@ -67,6 +68,10 @@ pub enum WorkerCommand {
     /// (the next step's message, or the error body on `errors`).
     #[command(after_long_help = EXIT_CODES_HELP)]
     Invoke(InvokeArgs),
+    /// Watch mode: deploy FILE on every save, wait until ready, invoke the
+    /// message if given and print the result, with the logs in between.
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    Dev(dev::DevArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -219,6 +224,7 @@ async fn run(command: WorkerCommand, config: &Config) -> Result<(), CliError> {
         WorkerCommand::Delete(a) => delete(config, a).await,
         WorkerCommand::Logs(a) => print_logs(config, a).await,
         WorkerCommand::Invoke(a) => invoke(config, a).await,
+        WorkerCommand::Dev(a) => dev::dev(config, a).await,
     }
 }
 
