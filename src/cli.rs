@@ -34,6 +34,12 @@ pub enum Command {
     /// Manage and test workers.
     #[command(subcommand)]
     Worker(crate::worker_cli::WorkerCommand),
+    /// Cron schedules that fire workers.
+    #[command(subcommand)]
+    Schedule(crate::trigger_cli::ScheduleCommand),
+    /// Dead letters: messages that failed, to list, show, replay and purge.
+    #[command(subcommand)]
+    Errors(crate::trigger_cli::ErrorsCommand),
 }
 
 #[derive(Debug, Args)]

@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Hardening, Limits};
 
-/// The instance name used when none is configured.
-pub const DEFAULT_INSTANCE: &str = "default";
+pub use crate::model::DEFAULT_INSTANCE;
 
 /// A value that must never be printed (connection strings carry passwords).
 #[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -54,10 +53,45 @@ pub struct Config {
     pub code_server: CodeServerConfig,
     pub amqp: AmqpConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
+    pub dead_letters: DeadLettersConfig,
+    pub schedules: SchedulesConfig,
     pub leader: LeaderConfig,
     pub scale: ScaleConfig,
     pub runtime: RuntimeConfig,
     pub swarm: SwarmConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer token of the write API (`POST /api/workers/{id}/invoke`);
+    /// none turns that API off (403).
+    pub token: Option<Secret>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// Keep messages routed to `errors` (queue + table); false: leave `errors` alone.
+    pub enabled: bool,
+    /// The durable quorum queue bound to `errors`.
+    pub queue: String,
+    /// `x-max-length` of that queue: what waits there while no daemon
+    /// collects it; the oldest are dropped beyond it.
+    pub queue_max_length: i64,
+    /// How many dead letters the table keeps; the oldest go first.
+    pub keep: i64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulesConfig {
+    /// Fire cron schedules from this daemon.
+    pub enabled: bool,
+    /// How often the schedule table is re-read (new, changed, removed schedules).
+    #[serde(with = "humantime_serde")]
+    pub poll: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -238,6 +272,17 @@ impl Default for Config {
                 format: LogFormat::Text,
                 filter: "info".into(),
             },
+            api: ApiConfig::default(),
+            dead_letters: DeadLettersConfig {
+                enabled: true,
+                queue: "workerctl.errors".into(),
+                queue_max_length: 10_000,
+                keep: 1_000,
+            },
+            schedules: SchedulesConfig {
+                enabled: true,
+                poll: Duration::from_secs(1),
+            },
             leader: LeaderConfig {
                 heartbeat: Duration::from_secs(1),
                 lease: Duration::from_secs(5),
@@ -326,6 +371,26 @@ impl Config {
         }
         if self.docker.pids_limit < 1 {
             return invalid("docker.pids_limit", "must be at least 1");
+        }
+        if self
+            .api
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().len() < 8)
+        {
+            return invalid("api.token", "must be at least 8 characters (or unset)");
+        }
+        if self.dead_letters.queue.is_empty() {
+            return invalid("dead_letters.queue", "must name a queue");
+        }
+        if self.dead_letters.queue_max_length < 1 || self.dead_letters.keep < 1 {
+            return invalid(
+                "dead_letters.keep",
+                "and dead_letters.queue_max_length must be at least 1",
+            );
+        }
+        if self.schedules.poll.is_zero() {
+            return invalid("schedules.poll", "must be longer than 0s");
         }
         if let Some(bad) = self.docker.tmpfs.iter().find(|p| !p.starts_with('/')) {
             return invalid(

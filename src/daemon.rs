@@ -1,6 +1,7 @@
 //! The daemon, assembled once: the HTTP server (worker code, ready reports,
-//! status page, probes, metrics), the wake-up sources (Postgres LISTEN,
-//! Docker events, ready reports) and the control loop, all under one
+//! status page, probes, metrics, the invoke API), the wake-up sources
+//! (Postgres LISTEN, Docker events, ready reports), the triggers (cron
+//! schedules, the dead-letter collector) and the control loop, all under one
 //! cancellation token. `main.rs`, the integration tests and the benchmark
 //! all start the daemon through [`Daemon::spawn`], so what they test is
 //! what runs.
@@ -104,6 +105,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let addr = listener.local_addr()?;
         self.spawn_http(listener, &reports, tracker, shutdown);
         self.spawn_wake_sources(&wake, tracker, shutdown);
+        self.spawn_triggers(tracker, shutdown);
         let config = &self.config;
         let reconciler = Reconciler::new(
             self.loop_store.clone(),
@@ -149,7 +151,12 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             ]),
             reports: reports.clone(),
         };
-        let server = http::serve_on(listener, state, shutdown.clone());
+        let api = http::api::routes(http::api::ApiState {
+            db: crate::store::admin::Db::from_pool(self.store.pool().clone()),
+            amqp: self.config.amqp.clone(),
+            token: self.config.api.token.clone(),
+        });
+        let server = http::serve_with(listener, state, api, shutdown.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
             if let Err(e) = server.await {
@@ -157,6 +164,30 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 stop.cancel();
             }
         });
+    }
+
+    /// The triggers beside the loop: the cron schedules' firing loop and the
+    /// dead-letter collector (each can be turned off in the config).
+    fn spawn_triggers(&self, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        use crate::{dead_letters, scheduler};
+        let config = &self.config;
+        if config.schedules.enabled {
+            tracker.spawn(scheduler::run(
+                scheduler::PgSchedules(self.store.pool().clone()),
+                scheduler::AmqpPublisher::new(config.amqp.clone()),
+                scheduler::SystemClock,
+                config.schedules.poll,
+                shutdown.clone(),
+            ));
+        }
+        if config.dead_letters.enabled {
+            tracker.spawn(dead_letters::run(
+                config.amqp.clone(),
+                self.store.pool().clone(),
+                config.dead_letters.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
 
     /// What wakes the loop besides its tick and the ready reports: Postgres

@@ -2,7 +2,10 @@
 //! container (`GET /<uuid>/source`), takes its word that it consumes its
 //! queue (`POST /<uuid>/ready`), the status page (`/`, polling
 //! `/api/workers`), liveness and readiness probes, and Prometheus metrics.
-//! Handlers only read or record; nothing here changes containers.
+//! Handlers only read or record; nothing here changes containers. The write
+//! API (invoke) is in `http/api.rs`, merged in by [`serve_with`].
+
+pub mod api;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -131,17 +134,19 @@ pub async fn serve<S: WorkerStore>(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    serve_on(listener, state, shutdown).await
+    serve_with(listener, state, Router::new(), shutdown).await
 }
 
-/// Serves on a bound `listener` until `shutdown` is cancelled.
-pub async fn serve_on<S: WorkerStore>(
+/// Serves on a bound `listener` until `shutdown` is cancelled, with more
+/// routes (the write API of `http/api.rs`).
+pub async fn serve_with<S: WorkerStore>(
     listener: tokio::net::TcpListener,
     state: AppState<S>,
+    extra: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     info!("HTTP server listening on {}", listener.local_addr()?);
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state).merge(extra))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

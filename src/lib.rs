@@ -9,11 +9,13 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod daemon;
+pub mod dead_letters;
 pub mod execute;
 pub mod exit;
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod http;
+pub mod invoke;
 pub mod leader;
 pub mod metrics;
 pub mod model;
@@ -22,10 +24,13 @@ pub mod readiness;
 pub mod reconciler;
 pub mod runtime;
 pub mod scale;
+pub mod schedule;
+pub mod scheduler;
 pub mod status_page;
 pub mod store;
 /// The Swarm runtime lives beside `runtime/docker.rs`; it joins the
 /// `runtime` module when the runtime trait grows a second implementation.
 #[path = "runtime/swarm.rs"]
 pub mod swarm;
+pub mod trigger_cli;
 pub mod worker_cli;

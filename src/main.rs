@@ -34,7 +34,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, Command::Worker(_)) {
+    if matches!(
+        cli.command,
+        Command::Worker(_) | Command::Schedule(_) | Command::Errors(_)
+    ) {
         // Worker commands report every failure themselves, on one line;
         // library logs would only get in the way (RUST_LOG still shows them).
         config.log.filter = "off".into();
@@ -62,6 +65,8 @@ async fn dispatch(command: Command, config: Config) -> Result<ExitCode> {
         Command::Plan => plan(config).await.map(|()| ExitCode::SUCCESS),
         Command::Reconcile(_) => reconcile_once(config).await,
         Command::Worker(cmd) => worker_cli::execute(cmd, &config).await,
+        Command::Schedule(cmd) => Ok(workerctl::trigger_cli::schedule(cmd, &config).await),
+        Command::Errors(cmd) => Ok(workerctl::trigger_cli::errors(cmd, &config).await),
     }
 }
 

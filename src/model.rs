@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+/// The instance name used when none is configured. It lives here, not in
+/// `config.rs`, so that the vocabulary depends on nothing (config uses model).
+pub const DEFAULT_INSTANCE: &str = "default";
+
 /// Label keys written on every managed container.
 pub mod labels {
     /// The workerctl instance that owns the container.
@@ -75,6 +79,76 @@ impl Status {
             Status::Ready => "ready",
             Status::Error => "error",
         }
+    }
+
+    /// The column's value as read: anything but 'ready' or 'error' (a NULL,
+    /// a hand edit) is 'unknown', which is what the daemon would write for it.
+    pub fn from_column(value: &str) -> Status {
+        match value {
+            "ready" => Status::Ready,
+            "error" => Status::Error,
+            _ => Status::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<String> for Status {
+    fn from(value: String) -> Self {
+        Status::from_column(&value)
+    }
+}
+
+/// The value of the `state` column. Only 'enabled' and 'disabled' exist
+/// (CONTRACT.md §1); anything else is kept, so that it can be shown and
+/// reported as an error rather than guessed at.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    Enabled,
+    Disabled,
+    /// Neither: the raw value.
+    Other(String),
+}
+
+impl WorkerState {
+    pub fn as_str(&self) -> &str {
+        match self {
+            WorkerState::Enabled => "enabled",
+            WorkerState::Disabled => "disabled",
+            WorkerState::Other(raw) => raw,
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        *self == WorkerState::Enabled
+    }
+}
+
+impl From<String> for WorkerState {
+    fn from(value: String) -> Self {
+        match value.as_str() {
+            "enabled" => WorkerState::Enabled,
+            "disabled" => WorkerState::Disabled,
+            _ => WorkerState::Other(value),
+        }
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Serialised as the column's text, so JSON output keeps its shape.
+impl Serialize for WorkerState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -230,7 +304,7 @@ impl ContainerSpec {
 /// The container name of a worker, scoped by instance so that two instances
 /// holding the same worker id never fight over a name.
 pub fn container_name(instance: &str, id: WorkerId) -> String {
-    if instance == crate::config::DEFAULT_INSTANCE {
+    if instance == DEFAULT_INSTANCE {
         format!("worker-{id}")
     } else {
         format!("{instance}-worker-{id}")

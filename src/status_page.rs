@@ -10,7 +10,11 @@ use sqlx::PgPool;
 
 use crate::metrics::{LastPass, Metrics};
 use crate::store::StoreError;
+use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::overview::{self, WorkerOverview};
+
+/// How many of each worker's latest dead letters the page gets.
+pub const ERRORS_PER_WORKER: i64 = 5;
 
 /// The page itself. It renders nothing from the server: its script fetches
 /// [`StatusView`] from `api/workers` and draws the table.
@@ -28,20 +32,24 @@ pub struct StatusView {
     pub last_pass: Option<LastPass>,
     /// Every worker, by name then id.
     pub workers: Vec<WorkerOverview>,
+    /// The latest dead letters of each worker, newest first.
+    pub recent_errors: Vec<DeadLetter>,
 }
 
-/// Reads the view: one query of the overview read model.
+/// Reads the view: one query of the overview read model, one of the dead letters.
 pub async fn view(
     pool: &PgPool,
     instance: &str,
     metrics: &Metrics,
 ) -> Result<StatusView, StoreError> {
     let workers = overview::list(pool).await?;
+    let recent_errors = dead_letters::recent(pool, ERRORS_PER_WORKER).await?;
     Ok(StatusView {
         instance: instance.to_string(),
         generated_at: Utc::now(),
         last_pass: metrics.last_pass(),
         workers,
+        recent_errors,
     })
 }
 

@@ -2,10 +2,17 @@
 //! Postgres goes through [`WorkerStore`]. The reconciler sees rows as
 //! [`WorkerRow`] values and never builds SQL; `postgres.rs` is the one real
 //! implementation.
+//!
+//! Beside it: `admin.rs` (the writes and look-ups people make), `overview.rs`
+//! (the read model people look at), `schedules.rs` and `dead_letters.rs`
+//! (workerctl's own tables for triggers). Only this module speaks SQL.
 
+pub mod admin;
+pub mod dead_letters;
 pub mod overview;
 pub mod postgres;
 pub mod scale;
+pub mod schedules;
 
 use std::future::Future;
 
@@ -66,6 +73,35 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+}
+
+/// Postgres' code for "relation does not exist": the migrations never ran.
+const UNDEFINED_TABLE: &str = "42P01";
+
+/// What kind of failure a query met, for saying what to do about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// A table is missing: the migrations never ran on this database.
+    NotMigrated,
+    /// The connection failed or none could be had: the database is away.
+    Unreachable,
+    /// The database answered, and refused the statement.
+    Query,
+}
+
+/// The one classification of sqlx errors that every caller shares.
+pub fn classify(e: &sqlx::Error) -> Failure {
+    let code = e.as_database_error().and_then(|d| d.code());
+    if code.as_deref() == Some(UNDEFINED_TABLE) {
+        return Failure::NotMigrated;
+    }
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => Failure::Unreachable,
+        _ => Failure::Query,
+    }
 }
 
 /// The reconciler's view of Postgres. Every method is one SQL statement, so

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::model::{Status, WorkerState};
 
 /// One worker as a person sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -15,11 +16,13 @@ pub struct WorkerOverview {
     pub id: Uuid,
     pub name: String,
     pub description: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: WorkerState,
     pub language: String,
     /// The revision the store wants.
     pub revision: i32,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: Status,
     pub status_info: String,
     pub entrypoint: String,
     /// The revision of the container that runs, if one runs.

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::invoke::InvokeError;
+use crate::store::admin::DbError;
+
 /// Exit codes of `workerctl worker …`.
 pub mod exit {
     /// The command did what was asked.
@@ -170,6 +173,32 @@ impl CliError {
     pub fn report(&self) -> ExitCode {
         eprintln!("workerctl: {}", self.one_line());
         ExitCode::from(self.exit_code())
+    }
+}
+
+impl From<InvokeError> for CliError {
+    fn from(e: InvokeError) -> Self {
+        match e {
+            InvokeError::Unreachable { at, source } => CliError::Broker { at, source },
+            InvokeError::Refused { what, source } => CliError::Amqp { what, source },
+            InvokeError::Said(what) => CliError::BrokerSaid(what),
+        }
+    }
+}
+
+impl From<DbError> for CliError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Url(source) => CliError::DatabaseUrl(source),
+            DbError::Unreachable { at, source } => CliError::Database { at, source },
+            DbError::Refused { at, source } => CliError::DatabaseRefused { at, source },
+            DbError::NotMigrated { at } => CliError::NotMigrated { at },
+            DbError::Query { what, source } => CliError::Query { what, source },
+            DbError::UnknownName(name) => CliError::UnknownName(name),
+            DbError::UnknownId(id) => CliError::UnknownId(id),
+            DbError::AmbiguousName { name, ids } => CliError::AmbiguousName { name, ids },
+            DbError::NameTaken { name, id } => CliError::NameTaken { name, id },
+        }
     }
 }
 

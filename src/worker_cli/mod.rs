@@ -11,12 +11,11 @@
 //! (formatting), `wait` (`--wait`), `logs` (Docker logs), `invoke` (AMQP).
 
 mod code;
+mod dev;
 mod error;
-mod invoke;
-mod logs;
+pub(crate) mod logs;
 mod scale;
-mod store;
-mod table;
+pub(crate) mod table;
 mod wait;
 
 use std::io::Read;
@@ -30,10 +29,12 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::invoke::{self, Verdict};
+use crate::model::{Status, WorkerState};
 use crate::runtime::ContainerRuntime;
+use crate::store::admin::{self as store, Changes, Db, NewWorker, Target};
 use crate::store::overview::WorkerOverview;
 pub use error::{CliError, EXIT_CODES_HELP, exit};
-use store::{Changes, Db, NewWorker, Target};
 
 #[derive(Debug, Subcommand)]
 #[command(after_long_help = EXIT_CODES_HELP)]
@@ -72,6 +73,10 @@ pub enum WorkerCommand {
     /// per --per-replica ready messages in its queue.
     #[command(after_long_help = EXIT_CODES_HELP)]
     Scale(scale::ScaleArgs),
+    /// Watch mode: deploy FILE on every save, wait until ready, invoke the
+    /// message if given and print the result, with the logs in between.
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    Dev(dev::DevArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -225,11 +230,12 @@ async fn run(command: WorkerCommand, config: &Config) -> Result<(), CliError> {
         WorkerCommand::Logs(a) => print_logs(config, a).await,
         WorkerCommand::Invoke(a) => invoke(config, a).await,
         WorkerCommand::Scale(a) => scale::run(config, a).await,
+        WorkerCommand::Dev(a) => dev::dev(config, a).await,
     }
 }
 
 async fn list(config: &Config, a: ListArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let workers = db.list().await?;
     match a.output {
         Output::Json => println!("{}", pretty(&workers)),
@@ -244,7 +250,7 @@ async fn list(config: &Config, a: ListArgs) -> Result<(), CliError> {
 }
 
 async fn show(config: &Config, a: ShowArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let worker = db
         .overview(target.id)
@@ -321,7 +327,7 @@ async fn create(config: &Config, a: CreateArgs) -> Result<(), CliError> {
         None => crate::archive::sensorbucket_archive(crate::archive::DEFAULT_USERCODE)
             .map_err(|e| CliError::BadArgument(format!("cannot build the code archive: {e}")))?,
     };
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let new = NewWorker {
         id: Uuid::now_v7(),
         name: a.name.clone(),
@@ -358,7 +364,7 @@ async fn update(config: &Config, a: UpdateArgs) -> Result<(), CliError> {
     }
     // Read before touching the database: a bad file changes nothing.
     let new_code = a.code.as_deref().map(code::read).transpose()?;
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let mut report = Vec::new();
     let (changes, revision) = db
@@ -426,20 +432,24 @@ fn decide(
 }
 
 async fn enable(config: &Config, a: EnableArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     set_state(&db, &target, true).await?;
     wait_if_asked(&db, &target, &a.wait).await
 }
 
 async fn disable(config: &Config, a: TargetArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     set_state(&db, &target, false).await
 }
 
 async fn set_state(db: &Db, target: &Target, enabled: bool) -> Result<(), CliError> {
-    let new = if enabled { "enabled" } else { "disabled" };
+    let new = if enabled {
+        WorkerState::Enabled
+    } else {
+        WorkerState::Disabled
+    };
     let old = db
         .set_state(target.id, enabled)
         .await?
@@ -453,7 +463,7 @@ async fn set_state(db: &Db, target: &Target, enabled: bool) -> Result<(), CliErr
 }
 
 async fn delete(config: &Config, a: TargetArgs) -> Result<(), CliError> {
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     if !db.delete(target.id).await? {
         return Err(CliError::UnknownId(target.id));
@@ -471,7 +481,7 @@ async fn print_logs(config: &Config, a: LogsArgs) -> Result<(), CliError> {
         .as_deref()
         .map(|s| logs::parse_since(s, Utc::now()))
         .transpose()?;
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let docker = logs::docker(&config.instance).await?;
     let no_container = || CliError::NoContainer {
@@ -495,7 +505,7 @@ async fn print_logs(config: &Config, a: LogsArgs) -> Result<(), CliError> {
 
 async fn invoke(config: &Config, a: InvokeArgs) -> Result<(), CliError> {
     let message = read_message(&a.message)?;
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let now_ms = Utc::now().timestamp_millis();
     let prepared =
@@ -516,7 +526,13 @@ async fn invoke(config: &Config, a: InvokeArgs) -> Result<(), CliError> {
         prepared.next_key,
         invoke::ERRORS_KEY
     );
-    match invoke::invoke(&config.amqp, target.id, &prepared, a.timeout).await? {
+    let waiting = |worker: Uuid| {
+        eprintln!(
+            "no queue takes routing key {worker} yet (is the worker still starting?); \
+             publishing again until the timeout"
+        );
+    };
+    match invoke::invoke(&config.amqp, target.id, &prepared, a.timeout, &waiting).await? {
         invoke::Outcome::Answer {
             routing_key,
             body,
@@ -536,35 +552,28 @@ fn answer(
     body: &[u8],
     elapsed: Duration,
 ) -> Result<(), CliError> {
-    let parsed = serde_json::from_slice::<Value>(body).ok();
-    match &parsed {
-        Some(v) => println!("{}", pretty(v)),
-        None => println!("{}", String::from_utf8_lossy(body)),
+    let verdict = invoke::verdict(routing_key, body);
+    let shown = match &verdict {
+        Verdict::Output(v) | Verdict::Failed { body: v, .. } => v,
+    };
+    match shown {
+        Value::String(text) => println!("{text}"),
+        v => println!("{}", pretty(v)),
     }
     eprintln!(
         "came out on routing key {routing_key} after {} ms",
         elapsed.as_millis()
     );
-    if routing_key != invoke::ERRORS_KEY {
+    let Verdict::Failed { body, reason } = verdict else {
         return Ok(());
-    }
-    let error = parsed
-        .as_ref()
-        .and_then(|v| v.get("error"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    };
+    let error = body.get("error").and_then(Value::as_str).unwrap_or("");
     if !error.is_empty() {
         eprintln!("{}", error.trim_end());
     }
-    let last = error
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("see the error body");
     Err(CliError::WorkerFailed(format!(
-        "worker {} failed: {}",
-        target.name,
-        last.trim()
+        "worker {} failed: {reason}",
+        target.name
     )))
 }
 
@@ -577,11 +586,11 @@ fn no_answer(
 ) -> CliError {
     let name = &target.name;
     let why = match worker {
-        Some(w) if w.state != "enabled" => format!(
+        Some(w) if !w.state.is_enabled() => format!(
             "the worker is {}; enable it: workerctl worker enable {name}",
             w.state
         ),
-        Some(w) if w.status == "error" => {
+        Some(w) if w.status == Status::Error => {
             format!("the worker has status error: {}", w.status_info)
         }
         _ if !routed => format!(
@@ -595,7 +604,7 @@ fn no_answer(
     ))
 }
 
-fn read_message(path: &Path) -> Result<Value, CliError> {
+pub(crate) fn read_message(path: &Path) -> Result<Value, CliError> {
     let text = if path == Path::new("-") {
         let mut text = String::new();
         std::io::stdin()
@@ -639,6 +648,6 @@ fn check_name(name: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn pretty(value: &impl serde::Serialize) -> String {
+pub(crate) fn pretty(value: &impl serde::Serialize) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

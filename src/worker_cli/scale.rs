@@ -36,7 +36,7 @@ pub async fn run(config: &Config, a: ScaleArgs) -> Result<(), CliError> {
             "nothing to set: give --min, --max or --per-replica".into(),
         ));
     }
-    let db = store::connect(&config.database_url).await?;
+    let db = store::connect(config.database_url.expose()).await?;
     let target = db.resolve(&a.worker).await?;
     let id = WorkerId(target.id);
     let current = scale_store::load(db.pool(), id)

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::store::CodeSummary;
+use crate::store::admin::CodeSummary;
 use crate::store::overview::WorkerOverview;
 
 const LIST_HEADER: [&str; 8] = [
@@ -27,9 +27,9 @@ pub fn list(workers: &[WorkerOverview], now: DateTime<Utc>) -> String {
         vec![
             w.name.clone(),
             w.id.to_string(),
-            w.state.clone(),
+            w.state.to_string(),
             revision(w),
-            w.status.clone(),
+            w.status.to_string(),
             w.container_state.clone().unwrap_or_else(|| "-".into()),
             w.restarts.to_string(),
             created(w.id).map_or_else(|| "-".into(), |t| age(now - t)),
@@ -95,11 +95,11 @@ pub fn show(w: &WorkerOverview, code: Option<&CodeSummary>, now: DateTime<Utc>) 
         ("name", w.name.clone()),
         ("id", w.id.to_string()),
         ("description", w.description.clone()),
-        ("state", w.state.clone()),
+        ("state", w.state.to_string()),
         ("language", w.language.clone()),
         ("entrypoint", w.entrypoint.clone()),
         ("revision", revision(w)),
-        ("status", w.status.clone()),
+        ("status", w.status.to_string()),
         ("reason", w.status_info.clone()),
         ("container", container(w)),
         ("restarts", w.restarts.to_string()),
@@ -149,10 +149,10 @@ mod tests {
             id,
             name: name.into(),
             description: String::new(),
-            state: "enabled".into(),
+            state: crate::model::WorkerState::Enabled,
             language: "python".into(),
             revision: 2,
-            status: "ready".into(),
+            status: crate::model::Status::Ready,
             status_info: "running revision 2".into(),
             entrypoint: "main.main".into(),
             running_revision: Some(1),

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::error::CliError;
-use super::store::{Db, Target};
+use crate::model::Status;
+use crate::store::admin::{Db, Target};
 use crate::store::overview::WorkerOverview;
 
 const POLL: Duration = Duration::from_millis(100);
@@ -33,12 +34,12 @@ pub enum Progress {
 }
 
 pub fn progress(w: &WorkerOverview) -> Progress {
-    if w.state != "enabled" {
+    if !w.state.is_enabled() {
         return Progress::Disabled;
     }
-    match w.status.as_str() {
-        "error" => Progress::Failed(w.status_info.clone()),
-        "ready" if w.running_revision == Some(w.revision) => Progress::Ready,
+    match w.status {
+        Status::Error => Progress::Failed(w.status_info.clone()),
+        Status::Ready if w.running_revision == Some(w.revision) => Progress::Ready,
         _ => Progress::Pending,
     }
 }
@@ -133,10 +134,10 @@ mod tests {
             id: Uuid::nil(),
             name: "w".into(),
             description: String::new(),
-            state: state.into(),
+            state: crate::model::WorkerState::from(state.to_string()),
             language: "python".into(),
             revision,
-            status: status.into(),
+            status: Status::from_column(status),
             status_info: "why".into(),
             entrypoint: "main.main".into(),
             running_revision: running,

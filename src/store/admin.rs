@@ -1,11 +1,12 @@
-//! The worker commands' side of Postgres: a fail-fast connection, ID|NAME
-//! resolution, and the writes (create, update, enable/disable, delete).
+//! The writes and look-ups people make, from the command line or the HTTP
+//! API: a fail-fast connection, ID|NAME resolution, and the writes (create,
+//! update, enable/disable, delete) a dashboard would make.
 //!
 //! Every command is one statement, or one transaction when it must read
 //! before it writes (`update`), so an interrupted command leaves nothing
-//! half-written. Reads for people go through [`crate::store::overview`].
-//! Decisions (what an update changes) are made by the caller; this file
-//! only runs SQL and maps its errors to [`CliError`].
+//! half-written. Reads for people go through [`super::overview`]. Decisions
+//! (what an update changes) are made by the caller; this file only runs SQL
+//! and classifies its errors ([`DbError`]).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,16 +15,61 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::error::{CliError, no_answer};
-use crate::config::Secret;
-use crate::store::StoreError;
-use crate::store::overview::{self, WorkerOverview};
+use super::overview::{self, WorkerOverview};
+use super::{Failure, StoreError, classify};
+use crate::model::WorkerState;
 
 /// A dead or unreachable database must fail a command at once, not hang it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Postgres' code for "relation does not exist": the migrations never ran.
-const UNDEFINED_TABLE: &str = "42P01";
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong talking to the database, or finding a worker in it.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database_url")]
+    Url(#[source] sqlx::Error),
+    #[error("cannot reach the database at {at}")]
+    Unreachable {
+        at: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("the database at {at} refused the connection")]
+    Refused {
+        at: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the database at {at} has no `user_workers` table")]
+    NotMigrated { at: String },
+    #[error("database request failed ({what})")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("no worker named {0:?} (see `workerctl worker list`)")]
+    UnknownName(String),
+    #[error("no worker has the id {0} (see `workerctl worker list`)")]
+    UnknownId(Uuid),
+    #[error("{} workers are named {name:?}: {}; use the id", ids.len(), join(ids))]
+    AmbiguousName { name: String, ids: Vec<Uuid> },
+    #[error("a worker named {name:?} already exists ({id}); choose another name")]
+    NameTaken { name: String, id: Uuid },
+}
+
+fn join(ids: &[Uuid]) -> String {
+    ids.iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "no answer within 3s", as a cause.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {}", humantime::format_duration(*.0))]
+pub struct NoAnswer(pub Duration);
 
 /// A worker named on the command line, once found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +123,8 @@ pub struct CodeSummary {
     pub source: Option<Vec<u8>>,
 }
 
-/// The database the worker commands use.
+/// The database people's commands use.
+#[derive(Clone, Debug)]
 pub struct Db {
     pool: PgPool,
     /// host:port, for messages (never the URL: it carries the password).
@@ -86,9 +133,9 @@ pub struct Db {
 
 /// Connects, failing within [`CONNECT_TIMEOUT`] with the reason when the
 /// database does not answer.
-pub async fn connect(url: &Secret) -> Result<Db, CliError> {
-    let options = PgConnectOptions::from_str(url.expose())
-        .map_err(CliError::DatabaseUrl)?
+pub async fn connect(url: &str) -> Result<Db, DbError> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(DbError::Url)?
         .application_name("workerctl-cli")
         .disable_statement_logging();
     let at = format!("{}:{}", options.get_host(), options.get_port());
@@ -98,18 +145,18 @@ pub async fn connect(url: &Secret) -> Result<Db, CliError> {
         Ok(Ok(probe)) => drop(probe.close().await),
         // The server answered, and said no: wrong user, password or database.
         Ok(Err(source @ sqlx::Error::Database(_))) => {
-            return Err(CliError::DatabaseRefused { at, source });
+            return Err(DbError::Refused { at, source });
         }
         Ok(Err(e)) => {
-            return Err(CliError::Database {
+            return Err(DbError::Unreachable {
                 at,
                 source: Box::new(e),
             });
         }
         Err(_) => {
-            return Err(CliError::Database {
+            return Err(DbError::Unreachable {
                 at,
-                source: no_answer(CONNECT_TIMEOUT),
+                source: Box::new(NoAnswer(CONNECT_TIMEOUT)),
             });
         }
     }
@@ -121,13 +168,20 @@ pub async fn connect(url: &Secret) -> Result<Db, CliError> {
 }
 
 impl Db {
+    /// On a pool the caller already has (the daemon's, for its HTTP API).
+    pub fn from_pool(pool: PgPool) -> Db {
+        let options = pool.connect_options();
+        let at = format!("{}:{}", options.get_host(), options.get_port());
+        Db { pool, at }
+    }
+
     /// The pool, for statements that live in [`crate::store`].
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
     /// A UUID is looked up as an id, anything else as an exact name.
-    pub async fn resolve(&self, worker: &str) -> Result<Target, CliError> {
+    pub async fn resolve(&self, worker: &str) -> Result<Target, DbError> {
         if let Ok(id) = Uuid::parse_str(worker) {
             let name: Option<(String,)> =
                 sqlx::query_as("SELECT COALESCE(name::text, '') FROM user_workers WHERE id = $1")
@@ -137,24 +191,24 @@ impl Db {
                     .map_err(|e| self.failed("look up the worker", e))?;
             return match name {
                 Some((name,)) => Ok(Target { id, name }),
-                None => Err(CliError::UnknownId(id)),
+                None => Err(DbError::UnknownId(id)),
             };
         }
         let ids = self.ids_named(worker).await?;
         match ids.as_slice() {
-            [] => Err(CliError::UnknownName(worker.to_string())),
+            [] => Err(DbError::UnknownName(worker.to_string())),
             [id] => Ok(Target {
                 id: *id,
                 name: worker.to_string(),
             }),
-            _ => Err(CliError::AmbiguousName {
+            _ => Err(DbError::AmbiguousName {
                 name: worker.to_string(),
                 ids,
             }),
         }
     }
 
-    async fn ids_named(&self, name: &str) -> Result<Vec<Uuid>, CliError> {
+    async fn ids_named(&self, name: &str) -> Result<Vec<Uuid>, DbError> {
         let rows: Vec<(Uuid,)> =
             sqlx::query_as("SELECT id FROM user_workers WHERE name = $1 ORDER BY id")
                 .bind(name)
@@ -164,19 +218,19 @@ impl Db {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
-    pub async fn list(&self) -> Result<Vec<WorkerOverview>, CliError> {
+    pub async fn list(&self) -> Result<Vec<WorkerOverview>, DbError> {
         overview::list(&self.pool)
             .await
             .map_err(|e| self.store_failed(e))
     }
 
-    pub async fn overview(&self, id: Uuid) -> Result<Option<WorkerOverview>, CliError> {
+    pub async fn overview(&self, id: Uuid) -> Result<Option<WorkerOverview>, DbError> {
         overview::get(&self.pool, id)
             .await
             .map_err(|e| self.store_failed(e))
     }
 
-    pub async fn code(&self, id: Uuid) -> Result<Option<CodeSummary>, CliError> {
+    pub async fn code(&self, id: Uuid) -> Result<Option<CodeSummary>, DbError> {
         sqlx::query_as(
             "SELECT octet_length(source)::int8 AS bytes,
                     encode(sha256(source), 'hex') AS sha256,
@@ -190,7 +244,7 @@ impl Db {
     }
 
     /// Inserts the worker unless another one already has its name.
-    pub async fn create(&self, new: &NewWorker) -> Result<(), CliError> {
+    pub async fn create(&self, new: &NewWorker) -> Result<(), DbError> {
         let state = if new.enabled { "enabled" } else { "disabled" };
         let info = if new.enabled {
             "created; waiting for workerctl to start revision 1"
@@ -218,7 +272,7 @@ impl Db {
             return Ok(());
         }
         let id = self.ids_named(&new.name).await?.first().copied();
-        Err(CliError::NameTaken {
+        Err(DbError::NameTaken {
             name: new.name.clone(),
             id: id.unwrap_or(Uuid::nil()),
         })
@@ -227,9 +281,10 @@ impl Db {
     /// Reads the worker under a row lock, lets `decide` say what changes, and
     /// writes that, all in one transaction. Returns the changes written and
     /// the revision after them.
-    pub async fn update<F>(&self, target: &Target, decide: F) -> Result<(Changes, i32), CliError>
+    pub async fn update<F, E>(&self, target: &Target, decide: F) -> Result<(Changes, i32), E>
     where
-        F: FnOnce(&Current) -> Result<Changes, CliError>,
+        F: FnOnce(&Current) -> Result<Changes, E>,
+        E: From<DbError>,
     {
         let what = "update the worker";
         let mut tx = self.pool.begin().await.map_err(|e| self.failed(what, e))?;
@@ -245,7 +300,7 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await
         .map_err(|e| self.failed(what, e))?;
-        let current = current.ok_or(CliError::UnknownId(target.id))?;
+        let current = current.ok_or(DbError::UnknownId(target.id))?;
         let changes = decide(&current)?;
         if changes.is_empty() {
             return Ok((changes, current.revision));
@@ -263,7 +318,7 @@ impl Db {
         tx: &mut Transaction<'_, Postgres>,
         name: &str,
         id: Uuid,
-    ) -> Result<(), CliError> {
+    ) -> Result<(), DbError> {
         let other: Option<(Uuid,)> =
             sqlx::query_as("SELECT id FROM user_workers WHERE name = $1 AND id <> $2 LIMIT 1")
                 .bind(name)
@@ -272,7 +327,7 @@ impl Db {
                 .await
                 .map_err(|e| self.failed("update the worker", e))?;
         match other {
-            Some((other,)) => Err(CliError::NameTaken {
+            Some((other,)) => Err(DbError::NameTaken {
                 name: name.to_string(),
                 id: other,
             }),
@@ -288,7 +343,7 @@ impl Db {
         tx: &mut Transaction<'_, Postgres>,
         id: Uuid,
         changes: &Changes,
-    ) -> Result<i32, CliError> {
+    ) -> Result<i32, DbError> {
         let (revision,): (i32,) = sqlx::query_as(
             "UPDATE user_workers
                 SET name        = COALESCE($2, name),
@@ -315,7 +370,7 @@ impl Db {
 
     /// Sets `state`; returns the state before, `None` if the worker is gone.
     /// A real change resets the status, which spoke of the old state.
-    pub async fn set_state(&self, id: Uuid, enabled: bool) -> Result<Option<String>, CliError> {
+    pub async fn set_state(&self, id: Uuid, enabled: bool) -> Result<Option<WorkerState>, DbError> {
         let (state, info) = if enabled {
             ("enabled", "enabled; waiting for workerctl to start it")
         } else {
@@ -339,12 +394,12 @@ impl Db {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| self.failed("change the worker's state", e))?;
-        Ok(old.map(|(s,)| s))
+        Ok(old.map(|(s,)| WorkerState::from(s)))
     }
 
     /// Deletes the row; the daemon then removes the container. Returns
     /// whether there was a row.
-    pub async fn delete(&self, id: Uuid) -> Result<bool, CliError> {
+    pub async fn delete(&self, id: Uuid) -> Result<bool, DbError> {
         let done = sqlx::query("DELETE FROM user_workers WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
@@ -355,28 +410,23 @@ impl Db {
 
     /// Maps a failed query: a missing table means the migrations never ran,
     /// a lost connection is an unreachable database.
-    fn failed(&self, what: &'static str, e: sqlx::Error) -> CliError {
-        let code = e.as_database_error().and_then(|d| d.code());
-        if code.as_deref() == Some(UNDEFINED_TABLE) {
-            return CliError::NotMigrated {
+    pub fn failed(&self, what: &'static str, e: sqlx::Error) -> DbError {
+        match classify(&e) {
+            Failure::NotMigrated => DbError::NotMigrated {
                 at: self.at.clone(),
-            };
-        }
-        match e {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => {
-                CliError::Database {
-                    at: self.at.clone(),
-                    source: Box::new(e),
-                }
-            }
-            source => CliError::Query { what, source },
+            },
+            Failure::Unreachable => DbError::Unreachable {
+                at: self.at.clone(),
+                source: Box::new(e),
+            },
+            Failure::Query => DbError::Query { what, source: e },
         }
     }
 
-    pub(super) fn store_failed(&self, e: StoreError) -> CliError {
+    pub fn store_failed(&self, e: StoreError) -> DbError {
         match e {
             StoreError::Query { source, .. } => self.failed("read the workers", source),
-            other => CliError::Database {
+            other => DbError::Unreachable {
                 at: self.at.clone(),
                 source: Box::new(other),
             },

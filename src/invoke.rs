@@ -1,5 +1,7 @@
-//! `worker invoke`: send one pipeline message (CONTRACT.md §4) to a worker
-//! and catch what comes out of it, on the next step or on `errors`.
+//! Invoking a worker: send one pipeline message (CONTRACT.md §4) to it and
+//! catch what comes out of it, on the next step or on `errors`. The one
+//! implementation behind both doors: `workerctl worker invoke` and
+//! `POST /api/workers/{id}/invoke`.
 //!
 //! The order matters: the exchange is declared and a private queue is bound
 //! to the next step's key and to `errors` *before* publishing, so that the
@@ -8,7 +10,8 @@
 //! published again until the timeout, and a message nobody processes expires
 //! with the timeout instead of surprising the worker later.
 //!
-//! [`prepare`] (filling in a minimal message) is pure and tested here.
+//! [`prepare`] (filling in a minimal message) and [`verdict`] (what came
+//! out, read) are pure and tested here.
 
 use std::time::Duration;
 
@@ -25,8 +28,35 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::error::{CliError, no_answer};
 use crate::config::AmqpConfig;
+
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an invocation could not be carried out (a worker that fails is not
+/// an error here: it is a [`Verdict`]).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("cannot reach RabbitMQ at {at}")]
+    Unreachable {
+        at: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("RabbitMQ refused to {what}")]
+    Refused {
+        what: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused or dropped something without an error value.
+    #[error("RabbitMQ {0}")]
+    Said(String),
+}
+
+/// "no answer within 3s", as a cause.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {}", humantime::format_duration(*.0))]
+struct NoAnswer(Duration);
 
 /// The routing key failures are published with (CONTRACT.md §4).
 pub const ERRORS_KEY: &str = "errors";
@@ -165,22 +195,62 @@ pub enum Outcome {
     TimedOut { routed: bool },
 }
 
+/// What came out of a worker, read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// `process` returned: the message the worker published to the next step.
+    Output(Value),
+    /// `process` failed: the error body from `errors`, and the last line of
+    /// its traceback.
+    Failed { body: Value, reason: String },
+}
+
+/// Reads an answer: anything on `errors` is a failure, anything else the
+/// output. A body that is not JSON is kept as a string.
+pub fn verdict(routing_key: &str, body: &[u8]) -> Verdict {
+    let value = serde_json::from_slice::<Value>(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+    if routing_key != ERRORS_KEY {
+        return Verdict::Output(value);
+    }
+    let error = value.get("error").and_then(Value::as_str).unwrap_or("");
+    let reason = error
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("see the error body")
+        .trim()
+        .to_string();
+    Verdict::Failed {
+        body: value,
+        reason,
+    }
+}
+
+/// Told once when the worker's routing key takes no message yet (it is
+/// still starting), so that a person knows why the answer takes long.
+pub type OnUnroutable<'a> = &'a (dyn Fn(Uuid) + Send + Sync);
+
 /// Publishes `prepared` to `worker` and waits up to `timeout` for its answer.
 pub async fn invoke(
     amqp: &AmqpConfig,
     worker: Uuid,
     prepared: &Prepared,
     timeout: Duration,
-) -> Result<Outcome, CliError> {
+    on_unroutable: OnUnroutable<'_>,
+) -> Result<Outcome, InvokeError> {
     let start = Instant::now();
-    let connection = connect(amqp).await?;
+    let connection = connect(amqp, "workerctl invoke").await?;
     let outcome = exchange(
         &connection,
         &amqp.exchange,
         worker,
         prepared,
-        timeout,
-        start,
+        Limits {
+            timeout,
+            start,
+            on_unroutable,
+        },
     )
     .await;
     // The private queue goes with the connection.
@@ -188,20 +258,20 @@ pub async fn invoke(
     outcome
 }
 
-async fn connect(amqp: &AmqpConfig) -> Result<Connection, CliError> {
+/// A connection to the broker, failing fast with the reason.
+pub async fn connect(amqp: &AmqpConfig, name: &str) -> Result<Connection, InvokeError> {
     let url = amqp.url.expose();
     let at = broker_address(url);
-    let properties =
-        ConnectionProperties::default().with_connection_name("workerctl invoke".into());
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(CliError::Broker {
+        Ok(Err(e)) => Err(InvokeError::Unreachable {
             at,
             source: Box::new(e),
         }),
-        Err(_) => Err(CliError::Broker {
+        Err(_) => Err(InvokeError::Unreachable {
             at,
-            source: no_answer(CONNECT_TIMEOUT),
+            source: Box::new(NoAnswer(CONNECT_TIMEOUT)),
         }),
     }
 }
@@ -218,8 +288,15 @@ fn broker_address(url: &str) -> String {
     }
 }
 
-fn refused(what: &'static str) -> impl FnOnce(lapin::Error) -> CliError {
-    move |source| CliError::Amqp { what, source }
+pub(crate) fn refused(what: &'static str) -> impl FnOnce(lapin::Error) -> InvokeError {
+    move |source| InvokeError::Refused { what, source }
+}
+
+/// How long an invocation may take, and whom to tell when it waits.
+struct Limits<'a> {
+    timeout: Duration,
+    start: Instant,
+    on_unroutable: OnUnroutable<'a>,
 }
 
 async fn exchange(
@@ -227,9 +304,13 @@ async fn exchange(
     exchange: &str,
     worker: Uuid,
     prepared: &Prepared,
-    timeout: Duration,
-    start: Instant,
-) -> Result<Outcome, CliError> {
+    limits: Limits<'_>,
+) -> Result<Outcome, InvokeError> {
+    let Limits {
+        timeout,
+        start,
+        on_unroutable,
+    } = limits;
     let deadline = start + timeout;
     let channel = connection
         .create_channel()
@@ -241,10 +322,17 @@ async fn exchange(
         .await
         .map_err(refused("enable publisher confirms"))?;
     let message_id = Uuid::now_v7().to_string();
-    let body =
-        serde_json::to_vec(&prepared.body).map_err(|e| CliError::BadArgument(e.to_string()))?;
+    // Serialising a serde_json::Value cannot fail.
+    let body = serde_json::to_vec(&prepared.body).unwrap_or_default();
     let properties = properties(&message_id, timeout);
-    let routed = publish(&channel, exchange, worker, &body, properties, deadline).await?;
+    let target = Target {
+        exchange,
+        routing_key: &worker.to_string(),
+    };
+    let routed = publish(&channel, target, &body, properties, deadline, &|| {
+        on_unroutable(worker)
+    })
+    .await?;
     if !routed {
         return Ok(Outcome::TimedOut { routed: false });
     }
@@ -252,7 +340,7 @@ async fn exchange(
         let delivery = match tokio::time::timeout_at(deadline, answers.next()).await {
             Err(_) => return Ok(Outcome::TimedOut { routed: true }),
             Ok(None) => {
-                return Err(CliError::BrokerSaid(
+                return Err(InvokeError::Said(
                     "closed the answer queue before the answer came".into(),
                 ));
             }
@@ -279,20 +367,8 @@ async fn listen(
     channel: &Channel,
     exchange: &str,
     next_key: &str,
-) -> Result<lapin::Consumer, CliError> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(refused("declare the exchange"))?;
+) -> Result<lapin::Consumer, InvokeError> {
+    declare_exchange(channel, exchange).await?;
     let private = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
@@ -329,11 +405,34 @@ async fn listen(
         .map_err(refused("consume the answer queue"))
 }
 
+/// Declares the pipeline exchange as the workers do: a durable topic exchange.
+pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), InvokeError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(refused("declare the exchange"))
+}
+
 /// As the pipeline publishes: persistent JSON with a message_id and a
 /// `timestamp` header (Unix ms); expiring with the timeout, so that a
 /// message no worker took in time is not processed long after.
 fn properties(message_id: &str, timeout: Duration) -> BasicProperties {
-    let mut headers = FieldTable::default();
+    pipeline_properties(message_id, FieldTable::default())
+        .with_expiration(timeout.as_millis().max(1).to_string().into())
+}
+
+/// What every message workerctl puts into the pipeline carries: persistent
+/// JSON with a message_id and a `timestamp` header (Unix ms), beside `headers`.
+pub fn pipeline_properties(message_id: &str, mut headers: FieldTable) -> BasicProperties {
     headers.insert(
         "timestamp".into(),
         AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
@@ -343,58 +442,72 @@ fn properties(message_id: &str, timeout: Duration) -> BasicProperties {
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_headers(headers)
-        .with_expiration(timeout.as_millis().max(1).to_string().into())
+}
+
+/// Where a message goes.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+}
+
+/// Publishes once, confirmed and mandatory: `Ok(true)` if a queue took
+/// it, `Ok(false)` if none is bound to the key. The channel must be in
+/// confirm mode.
+pub async fn publish_once(
+    channel: &Channel,
+    target: Target<'_>,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<bool, InvokeError> {
+    let mandatory = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            target.exchange.into(),
+            target.routing_key.into(),
+            mandatory,
+            body,
+            properties,
+        )
+        .await
+        .map_err(refused("publish the message"))?
+        .await
+        .map_err(refused("confirm the message"))?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(true),
+        Confirmation::Nack(_) => Err(InvokeError::Said(
+            "did not accept the message (nack)".into(),
+        )),
+        Confirmation::Ack(Some(_returned)) => Ok(false),
+    }
 }
 
 /// Publishes until a queue takes the message (confirmed, not returned);
 /// `false` if none did before `deadline`.
 async fn publish(
     channel: &Channel,
-    exchange: &str,
-    worker: Uuid,
+    target: Target<'_>,
     body: &[u8],
     properties: BasicProperties,
     deadline: Instant,
-) -> Result<bool, CliError> {
-    let mandatory = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
+    on_unroutable: &(dyn Fn() + Send + Sync),
+) -> Result<bool, InvokeError> {
     let mut said = false;
     loop {
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                worker.to_string().into(),
-                mandatory,
-                body,
-                properties.clone(),
-            )
-            .await
-            .map_err(refused("publish the message"))?
-            .await
-            .map_err(refused("confirm the message"))?;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => return Ok(true),
-            Confirmation::Nack(_) => {
-                return Err(CliError::BrokerSaid(
-                    "did not accept the message (nack)".into(),
-                ));
-            }
-            Confirmation::Ack(Some(_returned)) => {
-                if !said {
-                    eprintln!(
-                        "no queue takes routing key {worker} yet (is the worker still starting?); \
-                         publishing again until the timeout"
-                    );
-                    said = true;
-                }
-                if Instant::now() + REPUBLISH_AFTER >= deadline {
-                    return Ok(false);
-                }
-                tokio::time::sleep(REPUBLISH_AFTER).await;
-            }
+        if publish_once(channel, target, body, properties.clone()).await? {
+            return Ok(true);
         }
+        if !said {
+            on_unroutable();
+            said = true;
+        }
+        if Instant::now() + REPUBLISH_AFTER >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(REPUBLISH_AFTER).await;
     }
 }
 
@@ -496,5 +609,25 @@ mod tests {
             "m",
             "t"
         ));
+    }
+
+    #[test]
+    fn what_comes_out_on_errors_is_a_failure_with_the_last_line_of_the_traceback() {
+        let body = br#"{"error": "Traceback:\n  line 2\nValueError: no good\n\n", "worker": "w"}"#;
+        match verdict("errors", body) {
+            Verdict::Failed { body, reason } => {
+                assert_eq!(reason, "ValueError: no good");
+                assert_eq!(body["worker"], "w");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            verdict("storage", br#"{"a": 1}"#),
+            Verdict::Output(json!({"a": 1}))
+        );
+        assert_eq!(
+            verdict("storage", b"plain"),
+            Verdict::Output(json!("plain"))
+        );
     }
 }
