@@ -13,7 +13,7 @@ channel), the number `Listener.on_confirm` later speaks of; once
 and `publish` raises `BrokerLost`.
 
 Also here: pika's plaintext transport sends each frame with its own
-`send()` (three per publish, one per ack); `_coalesce_writes` makes it send
+`send()` (three per publish, one per ack); `coalesce_writes` makes it send
 what was written in one loop turn with one system call.
 
 Topology (all idempotent): the durable topic exchange AMQP_XCHG; the durable
@@ -234,7 +234,9 @@ class Bridge:
             connection.close()
         try:
             await asyncio.wait_for(closed, timeout=2.0)
-        except (*BROKER_ERRORS, asyncio.CancelledError):
+        except BROKER_ERRORS:
+            pass
+        except asyncio.CancelledError:
             pass
 
     # -- pika's callbacks ------------------------------------------------------------
@@ -329,7 +331,7 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
         future.set_exception(error)
 
 
-def _coalesce_writes() -> None:
+def coalesce_writes() -> None:
     """Make pika's plaintext transport join its waiting frames into one `send()`.
 
     pika queues every frame as its own buffer and sends them one by one: a
@@ -359,4 +361,4 @@ def _coalesce_writes() -> None:
     transport._dockerworker_coalesces = True
 
 
-_coalesce_writes()
+coalesce_writes()

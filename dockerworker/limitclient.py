@@ -6,7 +6,10 @@ input (one `multiple` ack per run of confirmed inputs), with the same
 prefetch, and so the same bound on unconfirmed publishes, but nothing else:
 no user code, no `Message`, no log line, no user thread, no retry or error
 paths. The body is parsed, `step_index` advanced and the result serialised
-(what routing to the next step needs), with the stdlib's `json`.
+(what routing to the next step needs), with the stdlib's `json`. It writes
+to the socket as the dockerworker does (`amqp.coalesce_writes`: the frames
+of one loop turn in one `send()`), so that the difference between the two
+is what the dockerworker does per message, not how pika writes.
 
 Its rate on a given broker and machine is what the dockerworker's is
 measured against (`python -m dockerworker.bench` prints both, in one run).
@@ -32,6 +35,8 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
+
+from .amqp import coalesce_writes
 
 
 class LimitClient:
@@ -115,6 +120,7 @@ class LimitClient:
 
 
 def main() -> int:
+    coalesce_writes()
     env = os.environ
     client = LimitClient(
         env["AMQP_HOST"], env.get("AMQP_XCHG", "pipeline.messages"), env["WORKER_ID"], int(env.get("WORKER_PREFETCH", "64"))

@@ -81,7 +81,7 @@ class _CaptureRouter(io.TextIOBase):
         self._real = real
 
     def write(self, text: str) -> int:
-        captured = getattr(_local, "capture", None)
+        captured: Captured | None = getattr(_local, "capture", None)
         if captured is not None:
             return captured.write(text)
         return self._real.write(text)

@@ -117,8 +117,10 @@ def _log_stats(stats: Stats, interval_s: float | None) -> None:
     total = sum(counts.values())
     if not total:
         return
-    rate = {"per_s": round(total / interval_s, 1), "interval_s": round(interval_s, 1)} if interval_s else {}
-    logs.event("messages", total=total, **rate, **{verdict.value: count for verdict, count in sorted(counts.items())})
+    fields: dict[str, float] = {verdict.value: count for verdict, count in sorted(counts.items())}
+    if interval_s:
+        fields.update(per_s=round(total / interval_s, 1), interval_s=round(interval_s, 1))
+    logs.event("messages", logs.INFO, total=total, **fields)
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
