@@ -27,7 +27,8 @@ class Ledger(Generic[Record]):
 
     def __init__(self) -> None:
         self._in_hand: deque[int] = deque()
-        self._settled: set[int] = set()
+        # Settled inputs: True when acked, False when handed back (nacked).
+        self._settled: dict[int, bool] = {}
         # Insertion order is publish order, which `confirmed` relies on.
         self._unconfirmed: dict[int, Record] = {}
 
@@ -66,17 +67,21 @@ class Ledger(Generic[Record]):
         """The oldest publish still awaiting its confirm for which `matches` holds."""
         return next((record for record in self._unconfirmed.values() if matches(record)), None)
 
-    def settle(self, tag: int) -> None:
-        """Input `tag` is done with (acked, or handed back with a nack sent already)."""
-        self._settled.add(tag)
+    def settle(self, tag: int, *, acked: bool = True) -> None:
+        """Input `tag` is done with: to be acked, or (`acked=False`) handed back
+        with a nack the caller has sent already."""
+        self._settled[tag] = acked
 
     def take_ack(self) -> int | None:
         """The tag to acknowledge with `multiple` now, or None: the longest run
-        of settled inputs from the oldest in hand is removed and its last tag returned."""
+        of settled inputs from the oldest in hand is removed, and the last
+        acked tag in it returned. Never a nacked tag: the broker no longer
+        knows it, and a `multiple` ack of an unknown tag closes the channel."""
         highest = None
         while self._in_hand and self._in_hand[0] in self._settled:
-            highest = self._in_hand.popleft()
-            self._settled.discard(highest)
+            tag = self._in_hand.popleft()
+            if self._settled.pop(tag):
+                highest = tag
         return highest
 
     def abandon(self) -> list[Record]:

@@ -390,7 +390,7 @@ class Pump:
     def _settle(self, delivery: Delivery, outcome: Outcome, verdict: Verdict, started: float, *, ack: bool) -> None:
         if not ack and self.outlet is not None:
             self.outlet.nack(delivery.tag)  # before any `multiple` ack that could cover its tag
-        self.ledger.settle(delivery.tag)
+        self.ledger.settle(delivery.tag, acked=ack)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Runs after the other settles of the same confirm batch.
