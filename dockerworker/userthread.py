@@ -53,11 +53,13 @@ class UserThread:
         while True:
             function, args, loop, future = self._jobs.get()
             try:
-                result = function(*args)
+                result, error = function(*args), None
             except BaseException as exc:  # handed to the awaiting side, which decides
-                loop.call_soon_threadsafe(_resolve, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_resolve, future, result, None)
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_resolve, future, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits for this any more
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
