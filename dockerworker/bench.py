@@ -16,13 +16,14 @@ maximum rate, for both.
                                  [--profile DIR]
 
 How a rate is measured: each worker has its own queue, filled before the
-worker starts (`--messages` for one worker; for a fleet of N, max(2,000,
-2 × messages / N) each), and its own next-step queue (a quorum queue, like
-the next worker's), whose length is sampled. The rate is the messages that
-arrived on the next-step queues while *every* worker of the fleet was busy
-(from the moment each had forwarded something to the moment the first had
-forwarded all of its own), divided by that time. For one worker that is
-its first arrival to its last.
+workers start (`--messages` split over the fleet, at least 4,000 each), and
+its own next-step queue (a quorum queue, like the next worker's), whose
+length is sampled (every 20 ms for one worker, 50 ms for a fleet): no
+consumer of the benchmark's competes for the CPU. The rate is the messages
+that arrived on the next-step queues while *every* worker of the fleet was
+busy (from the first sample in which each had forwarded something to the
+first in which one had forwarded all of its own), divided by that time. For
+one worker that is its first arrival to its last.
 
 `--image`: containers started the way workerctl starts one (host network,
 read-only root, tmpfs /tmp, all capabilities dropped, no-new-privileges,
@@ -70,8 +71,8 @@ OURS = "dockerworker"
 LIMIT = "limit client"
 _READY_TIMEOUT_S = 60.0
 _STALL_TIMEOUT_S = 30.0
-# Fewer per worker and the fleet is done before the publisher is.
-_MIN_PER_WORKER = 2_000
+# Enough that every worker of a fleet is still busy when the last one starts.
+_MIN_PER_WORKER = 4_000
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dockerworker.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="run workers as containers of this image")
     parser.add_argument("--local", action="store_true", help="run workers as local subprocesses instead")
-    parser.add_argument("--messages", type=int, default=20_000, help="messages per fleet (at least 2,000 per worker)")
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per fleet (at least 4,000 per worker)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per fleet size")
     parser.add_argument("--fleet", default="1,5,20", help="fleet sizes, comma-separated")
     parser.add_argument("--prefetch", type=int, default=64)
@@ -151,23 +152,22 @@ def measure_fleet(setup: Setup, size: int, messages: int, rounds: int) -> list[R
 def measure_rate(setup: Setup, client: str, size: int, per_worker: int) -> Rate:
     with Broker(setup.amqp_url) as broker:
         lanes = [broker.lane() for _ in range(size)]
+        broker.fill(lanes, per_worker)
         with Fleet(setup, client, lanes) as fleet:
             fleet.wait_attached(broker)
-            cpu_before = fleet.cpu_s()
-            broker.fill(lanes, per_worker)
-            published = time.perf_counter()
+            cpu_before, counted_before = fleet.cpu_s(), sum(broker.sink_count(lane) for lane in lanes)
             samples = broker.sample_until_done(lanes, per_worker, interval=0.02 if size == 1 else 0.05)
             cpu = fleet.cpu_s()
-        rate, window = busy_rate(samples, published, per_worker)
-        done = sum(samples[-1][1])
-        cpu_us = (cpu - cpu_before) / done * 1e6 if cpu is not None and cpu_before is not None and done else None
+        rate, window = busy_rate(samples, per_worker)
+        done = sum(samples[-1][1]) - counted_before
+        cpu_us = (cpu - cpu_before) / done * 1e6 if cpu is not None and cpu_before is not None and done > 0 else None
         return Rate(client, size, rate, None if cpu_us is None else round(cpu_us, 1), window)
 
 
-def busy_rate(samples: list[tuple[float, list[int]]], published: float, per_worker: int) -> tuple[float | None, float]:
-    """Messages per second while every lane was busy and the publisher done: from
-    the first sample after the last publish to the first in which a lane is done."""
-    start = next((s for s in samples if s[0] >= published), None)
+def busy_rate(samples: list[tuple[float, list[int]]], per_worker: int) -> tuple[float | None, float]:
+    """Messages per second while every lane was busy: from the first sample in
+    which each lane has forwarded something to the first in which one lane is done."""
+    start = next((s for s in samples if all(count > 0 for count in s[1])), None)
     end = next((s for s in samples if any(count >= per_worker for count in s[1])), None)
     if start is None or end is None or end[0] <= start[0]:
         return None, 0.0
@@ -380,7 +380,8 @@ class Fleet:
         self.setup = setup
         self.client = client
         self.lanes = lanes
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        # All at once, so that the last starts soon after the first.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(lanes), 20))) as pool:
             self.workers = list(pool.map(self._start, lanes))
 
     def __enter__(self) -> "Fleet":
