@@ -15,8 +15,9 @@ maximum rate, for both.
                                  [--prefetch 64] [--latency-messages 10000]
                                  [--profile DIR]
 
-How a rate is measured: each worker has its own queue, filled before the
-workers start (`--messages` split over the fleet, at least 4,000 each), and
+How a rate is measured: each worker has its own queue, filled while the
+workers are attached but frozen (`docker pause`, SIGSTOP), so that they all
+start together (`--messages` split over the fleet, at least 4,000 each), and
 its own next-step queue (a quorum queue, like the next worker's), whose
 length is sampled (every 20 ms for one worker, 50 ms for a fleet): no
 consumer of the benchmark's competes for the CPU. The rate is the messages
@@ -59,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -71,7 +72,7 @@ OURS = "dockerworker"
 LIMIT = "limit client"
 _READY_TIMEOUT_S = 60.0
 _STALL_TIMEOUT_S = 30.0
-# Enough that every worker of a fleet is still busy when the last one starts.
+# Enough for a window of a second or more with every worker busy.
 _MIN_PER_WORKER = 4_000
 
 
@@ -152,14 +153,17 @@ def measure_fleet(setup: Setup, size: int, messages: int, rounds: int) -> list[R
 def measure_rate(setup: Setup, client: str, size: int, per_worker: int) -> Rate:
     with Broker(setup.amqp_url) as broker:
         lanes = [broker.lane() for _ in range(size)]
-        broker.fill(lanes, per_worker)
         with Fleet(setup, client, lanes) as fleet:
             fleet.wait_attached(broker)
-            cpu_before, counted_before = fleet.cpu_s(), sum(broker.sink_count(lane) for lane in lanes)
+            # Frozen while their queues fill, so that all start together.
+            fleet.pause()
+            broker.fill(lanes, per_worker)
+            cpu_before = fleet.cpu_s()
+            fleet.resume()
             samples = broker.sample_until_done(lanes, per_worker, interval=0.02 if size == 1 else 0.05)
             cpu = fleet.cpu_s()
         rate, window = busy_rate(samples, per_worker)
-        done = sum(samples[-1][1]) - counted_before
+        done = sum(samples[-1][1])
         cpu_us = (cpu - cpu_before) / done * 1e6 if cpu is not None and cpu_before is not None and done > 0 else None
         return Rate(client, size, rate, None if cpu_us is None else round(cpu_us, 1), window)
 
@@ -422,6 +426,16 @@ class Fleet:
                     waiting.remove((lane, worker))
             time.sleep(0.05)
 
+    def pause(self) -> None:
+        self._each(lambda worker: worker.pause())
+
+    def resume(self) -> None:
+        self._each(lambda worker: worker.resume())
+
+    def _each(self, action: Callable[[_Worker], None]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self.workers), 20))) as pool:
+            list(pool.map(action, self.workers))
+
     def cpu_s(self) -> float | None:
         times = [worker.cpu_s() for worker in self.workers]
         return None if any(t is None for t in times) else sum(t for t in times if t is not None)
@@ -429,6 +443,12 @@ class Fleet:
 
 class _Worker:
     def exited(self) -> int | None:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        raise NotImplementedError
+
+    def resume(self) -> None:
         raise NotImplementedError
 
     def cpu_s(self) -> float | None:
@@ -464,6 +484,12 @@ class _Container(_Worker):
         state = _docker("inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", self.name).split()
         return None if state[0] == "true" else int(state[1])
 
+    def pause(self) -> None:
+        _docker("pause", self.name)
+
+    def resume(self) -> None:
+        _docker("unpause", self.name)
+
     def cpu_s(self) -> float | None:
         if self._pid is None:
             self._pid = int(_docker("inspect", "--format", "{{.State.Pid}}", self.name))
@@ -488,11 +514,19 @@ class _Process(_Worker):
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             output = profile / f"{env['WORKER_ID']}.folded"
             command = [spy, "record", "--rate", "250", "--format", "raw", "--output", str(output), "--", *command]
-        process = subprocess.Popen(command, env=local, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, env=local, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         return cls(process, measured=profile is None)
 
     def exited(self) -> int | None:
         return self.process.poll()
+
+    def pause(self) -> None:
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
 
     def cpu_s(self) -> float | None:
         return process_cpu_s(self.process.pid) if self.measured else None

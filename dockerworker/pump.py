@@ -1,8 +1,7 @@
 """The pump: deliveries in, user code on its thread, results out, acks after confirms.
 
 Owns: the path of every message through one connection's life: taking
-deliveries in arrival order, handing them to the user thread in batches,
-publishing each outcome (next step, `errors`, or the retry queue), acting on
+deliveries in arrival order, handing them to the user thread, publishing each outcome (next step, `errors`, or the retry queue), acting on
 each confirm (a refused or unroutable result becomes a retry or an error),
 the acknowledgements (through `ledger`), the per-message log line, the
 process timeout, and the drain at shutdown. It talks to the broker only
@@ -16,11 +15,12 @@ at-least-once. At most `prefetch` inputs are in hand (the broker's bound),
 so at most `prefetch` publishes await a confirm.
 
 Throughput comes from pipelining, not from parallel user code: `process`
-runs for one message at a time, in arrival order, on one thread; results are
-published as soon as their batch is done, and the next batch starts without
-waiting for confirms. Every method runs on the event-loop thread except
-`_handle_batch`, which runs on the user thread and shares only the batch, its
-results list and `_current` with the loop.
+runs for one message at a time, in arrival order, on one thread; each result
+is published the next time the loop runs, and the next message is taken
+without waiting for confirms. Every method runs on the event-loop thread
+except `_serve`, which runs on the user thread and shares with the loop only
+the inbox (a `queue.SimpleQueue`), the `_done` deque, and the flags
+`_signalled`, `_abandoned` and `_current`.
 
 A `process` that has not returned after `process_timeout_s` cannot be
 stopped (Python cannot kill a thread): its message goes to `errors` with
@@ -38,7 +38,7 @@ import asyncio
 import enum
 import json
 import os
-import threading
+import queue
 import time
 import traceback
 from collections import Counter, deque
@@ -55,9 +55,9 @@ from .ledger import Ledger
 from .processing import Outcome, Verdict
 from .userthread import UserThread
 
-# How long one hand-over to the user thread may keep processing before the
-# results so far are published.
-MAX_BATCH_S = 0.05
+# Results the user thread leaves before it wakes the loop (if no confirm or
+# delivery has had the loop take them first).
+_WAKE_AFTER = 16
 # How often the user thread is checked against the process timeout.
 WATCH_INTERVAL_S = 0.5
 # Headers that describe this hop's delivery, not the message: not passed on.
@@ -142,28 +142,36 @@ class Pump:
         self.outlet: Outlet | None = None
         self.ledger: Ledger[_Publish] = Ledger()
         self.lost: Exception | None = None
-        self._pending: deque[Delivery] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._stopping = False
-        self._drain_deadline: float | None = None
         self._flush_scheduled = False
-        # The batch the user thread is on: resolved with None when it is
-        # done, or by the watchdog with the index of the message that hangs.
-        self._batch: asyncio.Future[int | None] | None = None
-        # Set by the user thread: which message of the batch it is on, and
-        # since when (time.monotonic()); None between batches.
-        self._current: tuple[int, float] | None = None
-        self._stop_requested = threading.Event()
+        # Shared with the user thread (see `_serve`): deliveries in, results
+        # out, and a flag so that at most one wake-up of the loop is on its way.
+        self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._done: deque[tuple[Delivery, Outcome, float]] = deque()
+        self._signalled = False
+        # Set by the user thread: the message it is on, and since when
+        # (time.monotonic()); None between messages.
+        self._current: tuple[Delivery, float] | None = None
+        # Set by the loop: the user thread must take no further message.
+        self._abandoned = False
+        self._drain_deadline: float | None = None
+        self._stuck: Delivery | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Resolved when `run` must return: the job ended, the broker went
+        # away, or the watchdog gave up on a message.
+        self._finished: asyncio.Future[None] | None = None
 
     # -- the Listener side (called by the bridge) -------------------------------------
 
     def on_delivery(self, delivery: Delivery) -> None:
-        self._pending.append(delivery)
-        self._wake()
+        self._inbox.put(delivery)
+        if self._done:
+            self._take_done()
 
     def on_confirm(self, seq: int, multiple: bool, acked: bool) -> None:
         for record in self.ledger.confirmed(seq, multiple):
             self._confirmed(record, acked)
+        if self._done:
+            self._take_done()
 
     def on_return(self, routing_key: str, body: bytes) -> None:
         # Returns carry no publish number; the routing key and body identify it.
@@ -181,38 +189,39 @@ class Pump:
             logs.event("broker_connection_lost", level=logs.WARNING, error=str(error))
         for record in self.ledger.abandon():
             self._log(record.delivery, record.outcome.with_error(str(error)), Verdict.REQUEUED, record.started)
-        self._wake()
+        self._abandoned = True
+        self._inbox.put(None)
+        self._finish()
 
     # -- the loop ------------------------------------------------------------------
 
     async def run(self, outlet: Outlet) -> None:
         """Process messages in arrival order until stopped or disconnected.
 
-        Messages that are already waiting go to the user thread together, so
-        the cost of the hand-over is paid once per batch, not per message.
+        One job on the user thread (`_serve`) takes deliveries as they come
+        and leaves results in `_done`; the loop publishes them whenever it
+        runs (a confirm, a delivery, or the user thread's wake-up), so the
+        hand-over costs no task, future or wake-up per message.
         """
         self.outlet = outlet
+        self._loop = loop = asyncio.get_running_loop()
+        self._finished = finished = loop.create_future()
+        job = self.user_thread.submit(self._serve)
+        job.add_done_callback(self._on_job_done)
         watchdog = asyncio.ensure_future(self._watchdog()) if self.config.process_timeout_s > 0 else None
         try:
-            while self.lost is None:
-                if not self._pending:
-                    if self._stopping:
-                        return
-                    await self._wait()
-                    continue
-                if self._past_drain_deadline():
-                    return  # what is still in hand goes back to the queue on close
-                await self._process()
+            await finished
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+        self._take_done()
+        if self._stuck is not None and self.lost is None:
+            self._give_up_on(self._stuck)
 
     def stop(self, grace_s: float) -> None:
         """Finish what is in hand within `grace_s`, then return from `run`."""
-        self._stopping = True
-        self._stop_requested.set()
         self._drain_deadline = time.monotonic() + grace_s
-        self._wake()
+        self._inbox.put(None)  # after every delivery so far; later ones go back to the queue
 
     async def wait_confirms(self, timeout_s: float) -> None:
         """Give unconfirmed publishes time to be confirmed, then send the last ack."""
@@ -222,53 +231,63 @@ class Pump:
         if self.lost is None:
             self._flush()
 
-    async def _wait(self) -> None:
-        self._wakeup = asyncio.get_running_loop().create_future()
-        await self._wakeup
-        self._wakeup = None
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
 
-    def _wake(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+    def _on_job_done(self, job: asyncio.Future[Any]) -> None:
+        finished = self._finished
+        if finished is None or finished.done():
+            return
+        if not job.cancelled() and job.exception() is not None:
+            finished.set_exception(job.exception())  # type: ignore[arg-type]  # an internal error
+        else:
+            finished.set_result(None)
 
-    def _past_drain_deadline(self) -> bool:
-        return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
+    def _serve(self) -> None:
+        """On the user thread: process deliveries in order until told to stop."""
+        inbox, done, function, context = self._inbox, self._done, self.code.function, self.context
+        loop = self._loop
+        assert loop is not None
+        while not self._abandoned:
+            delivery = inbox.get()
+            deadline = self._drain_deadline
+            if delivery is None or self._abandoned or (deadline is not None and time.monotonic() > deadline):
+                return  # what is still in the inbox goes back to the queue on close
+            started = time.perf_counter()
+            self._current = (delivery, time.monotonic())
+            outcome = processing.handle(delivery.body, delivery.headers, function, context)
+            self._current = None
+            if self._given_up():
+                return  # the session is over, or the watchdog gave up on this one
+            done.append((delivery, outcome, started))
+            # Wake the loop when the thread is about to wait, or when results
+            # pile up; otherwise the loop's next confirm or delivery takes them.
+            if not self._signalled and (inbox.empty() or len(done) >= _WAKE_AFTER):
+                self._signalled = True
+                try:
+                    loop.call_soon_threadsafe(self._on_signal)
+                except RuntimeError:
+                    return  # the loop is closed
 
-    async def _process(self) -> None:
-        """Run user code on a prefix of what is pending and publish the outcomes."""
-        batch = list(self._pending)
-        results: list[tuple[Outcome, float]] = []
-        loop = asyncio.get_running_loop()
-        self._batch = batch_done = loop.create_future()
-        call = self.user_thread.submit(self._handle_batch, batch, results)
-        call.add_done_callback(lambda done: _resolve_batch(batch_done, done))
-        stuck_at = await batch_done
-        self._batch = None
-        for outcome, started in results[:stuck_at]:
-            delivery = self._pending.popleft()
-            if self.lost is not None:
-                return  # the broker requeues it; nothing to publish on
+    def _given_up(self) -> bool:
+        # A method, not the attribute: the loop sets it while `_serve` runs.
+        return self._abandoned
+
+    def _on_signal(self) -> None:
+        self._signalled = False  # before taking: a result added meanwhile signals again
+        self._take_done()
+
+    def _take_done(self) -> None:
+        """Publish the results the user thread has left, in delivery order."""
+        done = self._done
+        while done:
+            delivery, outcome, started = done.popleft()
+            if self.lost is not None or delivery is self._stuck:
+                continue  # the broker requeues it; or it is given up on
             self.ledger.received(delivery.tag)
             # Published now, confirmed later: the next message does not wait.
             self._publish_outcome(delivery, outcome, started)
-        if stuck_at is not None and self.lost is None:
-            self._give_up_on(self._pending.popleft())
-
-    def _handle_batch(self, batch: list[Delivery], results: list[tuple[Outcome, float]]) -> None:
-        """On the user thread: process messages in order until the batch is done
-        or its time is up, appending to `results` as each one is done."""
-        batch_started = time.perf_counter()
-        function, context = self.code.function, self.context
-        for index, delivery in enumerate(batch):
-            started = time.perf_counter()
-            self._current = (index, time.monotonic())
-            results.append((processing.handle(delivery.body, delivery.headers, function, context), started))
-            # Slow code must not hold every result back until the whole
-            # batch is done, nor delay a shutdown by more than one message.
-            if self._stop_requested.is_set() or time.perf_counter() - batch_started > MAX_BATCH_S:
-                break
-        self._current = None
 
     # -- the process timeout ----------------------------------------------------------
 
@@ -276,13 +295,14 @@ class Pump:
         limit = self.config.process_timeout_s
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            current, batch = self._current, self._batch
-            if current is not None and batch is not None and time.monotonic() - current[1] > limit:
+            current = self._current
+            if current is not None and time.monotonic() - current[1] > limit:
                 # The thread may finish this message any moment now; it is
-                # given up on regardless, and stops after it.
-                self._stop_requested.set()
-                if not batch.done():
-                    batch.set_result(current[0])
+                # given up on regardless, and takes no other.
+                self._stuck = current[0]
+                self._abandoned = True
+                self._finish()
+                return
 
     def _give_up_on(self, delivery: Delivery) -> None:
         """Send the message `process` hangs on to `errors`, then end the pump."""
@@ -292,6 +312,7 @@ class Pump:
         reason = f"process() did not return within {limit:g}s for message {delivery.message_id}{place}"
         where = "It was running:\n" + "".join(traceback.format_list(frames)) if frames else ""
         outcome = processing.timed_out(delivery.body, delivery.headers, reason, where, self.context)
+        self._stuck = None
         self.ledger.received(delivery.tag)
         self._publish_outcome(delivery, outcome, time.perf_counter() - limit)
         raise ProcessStuck(f"{reason}; restarting to get the worker's thread back")
@@ -434,17 +455,6 @@ def message_level(verdict: Verdict, outcome: Outcome) -> int:
     if verdict is Verdict.FORWARDED:
         return logs.INFO if outcome.output else logs.DEBUG
     return logs.WARNING
-
-
-def _resolve_batch(batch_done: asyncio.Future[int | None], call: asyncio.Future[Any]) -> None:
-    if batch_done.done():
-        return  # the watchdog gave up on it first
-    if call.cancelled():
-        batch_done.cancel()
-    elif call.exception() is not None:
-        batch_done.set_exception(call.exception())  # type: ignore[arg-type]
-    else:
-        batch_done.set_result(None)
 
 
 def _passed_on(headers: dict[str, Any], *, timestamp: bool) -> dict[str, Any]:
