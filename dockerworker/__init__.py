@@ -9,22 +9,28 @@ Code map (one concern per module):
 - `config`      the environment variables, their defaults and validation
 - `codefetch`   downloading the code archive (retries, backoff, sha256)
 - `codeload`    safe unpacking and importing; which function to call
-- `message`     the message API user code sees (`Message`, measurements)
+- `message`     the message API user code sees (`Message`, measurements); wire JSON
 - `devices`     the devices endpoint behind `Message.match_device`
-- `processing`  the decision for one message, without AMQP (pure but for user code)
-- `messaging`   AMQP (pika): declare, consume, publish with confirms, ack, reconnect
+- `processing`  the decision for one message (`Verdict`), without AMQP (pure but for user code)
+- `messaging`   the connection lives: sessions, reconnect backoff, readiness, shutdown
+- `amqp`        the pika bridge: connect, declare, consume, publish, ack, as plain calls
+- `pump`        the message path: batches to the user thread, publishes, confirms, acks
+- `ledger`      which inputs may be acknowledged (pure bookkeeping)
 - `userthread`  the one thread user code runs on, off the event loop
 - `health`      `/healthz` and `/readyz`
-- `logs`        JSON log lines; capture of user prints per message
+- `logs`        JSON log lines, named levels; capture of user prints per message
 - `app`         the container's command: wiring, signals, exit codes
 - `harness`     `run-once`: one message through user code, no broker
-- `bench`       the throughput benchmark against a real broker
+- `bench`       the throughput benchmark against a real broker, beside `limitclient`
+- `limitclient` the least a worker can do per message: the benchmark's yardstick
 
-Architecture invariants: `processing` and `message` never touch AMQP; an
-input is acknowledged only after the broker confirmed the publish of its
-result; user code runs on one thread, one message at a time.
+Architecture invariants: `processing` and `message` never touch AMQP; only
+`amqp` calls pika; an input is acknowledged only after the broker confirmed
+the publish of its result (`pump`, `ledger`); user code runs on one thread,
+one message at a time.
 
-Exit codes of `run` (see `app`): 0 clean shutdown, 1 internal error,
-2 configuration error, 3 code download failed, 4 code invalid,
-5 broker refused the topology.
+Exit codes of `run` (see `app.ExitCode`): 0 clean shutdown, 1 internal error,
+2 configuration error, 3 code download failed, 4 code invalid, 5 broker
+refused the topology, 6 `process` did not return within
+WORKER_PROCESS_TIMEOUT_S.
 """

@@ -66,6 +66,7 @@ def run(env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         logs.event("config_error", level=logging.ERROR, error=str(exc))
         return ExitCode.CONFIG
+    logs.setup(level=config.log_level)
     stop = threading.Event()
     _install_signal_handlers(stop)
     try:

@@ -12,6 +12,7 @@ names still gets a working worker.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Config:
     shutdown_grace_s: float = 5.0
     process_timeout_s: float = 60.0
     ready_url: str | None = None
+    log_level: int = logging.INFO
+    stats_interval_s: float = 10.0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -101,6 +104,8 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
         shutdown_grace_s=_float(env, "WORKER_SHUTDOWN_GRACE_S", 5.0),
         process_timeout_s=_float(env, "WORKER_PROCESS_TIMEOUT_S", 60.0),
         ready_url=_http_url(env, "WORKER_READY_URL"),
+        log_level=_log_level(env),
+        stats_interval_s=_float(env, "WORKER_STATS_INTERVAL_S", 10.0),
         limits=Limits(
             max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", Limits.max_unpacked_bytes, minimum=1),
             max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", Limits.max_members, minimum=1),
@@ -158,6 +163,16 @@ def _http_url(env: Mapping[str, str], name: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http:// or https:// URL, got scheme {parts.scheme!r}")
     return value
+
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _log_level(env: Mapping[str, str]) -> int:
+    value = (_optional(env, "WORKER_LOG_LEVEL") or "info").lower()
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"WORKER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return LOG_LEVELS[value]
 
 
 def _sha256(env: Mapping[str, str]) -> str | None:

@@ -20,6 +20,8 @@ import json
 from datetime import date, datetime
 from typing import Any
 
+import orjson
+
 from . import devices
 from .devices import MissingRequiredEnvironmentVariable, PropertiesMatchedNotExactlyOneDevice  # noqa: F401 (re-export)
 
@@ -68,11 +70,32 @@ class Serializer(json.JSONEncoder):
 
 
 _ENCODER = Serializer(separators=(",", ":"))
+# Keys that are not strings are written as strings, as the stdlib does.
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _orjson_default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray)):
+        return base64.b64encode(obj).decode("ascii")
+    if callable(getattr(obj, "json_dict", None)):
+        return obj.json_dict()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def dumps(value: Any) -> bytes:
-    """Serialise a message (or an error body) to the bytes that go on the wire."""
-    return _ENCODER.encode(value).encode("utf-8")
+    """Serialise a message (or an error body) to the bytes that go on the wire.
+
+    orjson first (a tenth of the stdlib's time for a pipeline message); what
+    it refuses (an integer wider than 64 bits, an object it does not know)
+    goes through the stdlib `Serializer`, whose output and errors are the
+    reference. Unlike the stdlib, a NaN or infinite float is written as
+    `null`: JSON has no such numbers, and the next step's parser may refuse
+    them.
+    """
+    try:
+        return orjson.dumps(value, default=_orjson_default, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _ENCODER.encode(value).encode("utf-8")
 
 
 class Measurement:
@@ -236,9 +259,14 @@ class MeasurementBuilder:
 def parse_json(body: str | bytes) -> dict[str, Any]:
     """The body as a JSON object, or `PoisonMessage`."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PoisonMessage(f"body is not valid JSON: {exc}") from exc
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # The stdlib accepts a little more (NaN, Infinity) and words its
+        # errors as users know them.
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PoisonMessage(f"body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PoisonMessage(f"body is JSON {type(data).__name__}, not an object")
     return data

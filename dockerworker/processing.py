@@ -3,13 +3,13 @@
 Owns: parse → `process(message)` → next step, and the verdict for every way
 that can go wrong, returned as an `Outcome` value that says where the result
 goes (the next step, `errors`, or the retry queue) and with what body.
-Both the broker loop (`consumer`) and the local harness (`harness`) use it,
-so `run-once` shows exactly what the container would publish.
+Both the broker side (`pump`) and the local harness (`harness`) use it, so
+`run-once` shows exactly what the container would publish.
 
 Must not do: any AMQP; the only effects are the user's own (its prints are
 captured, its `match_device` calls go out).
 
-Verdicts:
+Verdicts (`Verdict`, also the `outcome` of a message's log line):
 - forwarded: the result goes to `pipeline_steps[step_index + 1]`;
 - failed: user code raised, returned something that is not a message, or the
   pipeline has no next step: an error body (CONTRACT.md section 4) to `errors`;
@@ -20,15 +20,19 @@ Verdicts:
 - dead_lettered: a retryable failure with no attempts left, or a message the
   broker keeps redelivering (the worker probably dies on it): to `errors`;
 - timed_out: `process` did not return within the time allowed: to `errors`
-  (decided by the messaging side, which watches the clock).
+  (decided by the pump, which watches the clock);
+- unroutable, requeued: decided by the pump from the broker's answer to a
+  publish (no queue bound for the next step; the publish to `errors` or to
+  the retry queue failed, so the input goes back to the queue).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from . import logs
@@ -52,12 +56,18 @@ LAST_ERROR_HEADER = "x-workerctl-last-error"
 # Set by quorum queues on every redelivery of an unacknowledged message.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
-FORWARDED = "forwarded"
-FAILED = "failed"
-POISON = "poison"
-RETRY = "retry"
-DEAD_LETTERED = "dead_lettered"
-TIMED_OUT = "timed_out"
+
+class Verdict(enum.StrEnum):
+    """What became of a message; the value is what its log line says."""
+
+    FORWARDED = "forwarded"
+    FAILED = "failed"
+    POISON = "poison"
+    RETRY = "retry"
+    DEAD_LETTERED = "dead_lettered"
+    TIMED_OUT = "timed_out"
+    UNROUTABLE = "unroutable"
+    REQUEUED = "requeued"
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class Context:
 class Outcome:
     """Where a processed message goes next, and why."""
 
-    verdict: str
+    verdict: Verdict
     routing_key: str | None  # None for a retry: it goes to the retry queue
     body: bytes
     attempt: int
@@ -86,6 +96,10 @@ class Outcome:
     @property
     def is_error(self) -> bool:
         return self.routing_key == ERRORS_ROUTING_KEY
+
+    def with_error(self, error: str) -> "Outcome":
+        """The same outcome, with `error` as the reason in its log line."""
+        return replace(self, error=error)
 
 
 def attempt_of(headers: Mapping[str, Any]) -> int:
@@ -109,7 +123,7 @@ def handle(body: bytes, headers: Mapping[str, Any], function: Callable[[Any], An
     tracing_id = str(data.get("tracing_id"))
     if redeliveries_of(headers) >= ctx.max_redeliveries:
         reason = f"redelivered {redeliveries_of(headers)} times without being settled; the worker may be crashing on it"
-        return _to_errors(DEAD_LETTERED, data, message, reason, attempt, tracing_id, ctx, "")
+        return _to_errors(Verdict.DEAD_LETTERED, data, message, reason, attempt, tracing_id, ctx, "")
     return _run_user_code(data, message, function, attempt, tracing_id, ctx)
 
 
@@ -122,7 +136,7 @@ def timed_out(body: bytes, headers: Mapping[str, Any], reason: str, where: str, 
         received = body.decode("utf-8", errors="replace")
     attempt = attempt_of(headers)
     error_body = error_document(received, None, f"{reason}\n{where}", attempt, ctx)
-    return Outcome(TIMED_OUT, ERRORS_ROUTING_KEY, error_body, attempt, _tracing_id_of(body), error=reason)
+    return Outcome(Verdict.TIMED_OUT, ERRORS_ROUTING_KEY, error_body, attempt, _tracing_id_of(body), error=reason)
 
 
 def _run_user_code(
@@ -141,8 +155,8 @@ def _run_user_code(
             output = captured.getvalue()
             if _is_transient(exc):
                 return _transient(data, message, exc, attempt, tracing_id, ctx, output)
-            return _to_errors(FAILED, data, message, traceback.format_exc(), attempt, tracing_id, ctx, output)
-    return Outcome(FORWARDED, routing_key, body, attempt, tracing_id, output=captured.getvalue())
+            return _to_errors(Verdict.FAILED, data, message, traceback.format_exc(), attempt, tracing_id, ctx, output)
+    return Outcome(Verdict.FORWARDED, routing_key, body, attempt, tracing_id, output=captured.getvalue())
 
 
 def _next_hop(result: Any) -> tuple[str, bytes]:
@@ -179,19 +193,19 @@ def _transient(
 ) -> Outcome:
     if attempt >= ctx.max_attempts:
         reason = f"gave up after {attempt} attempts; last failure:\n{traceback.format_exc()}"
-        return _to_errors(DEAD_LETTERED, data, message, reason, attempt, tracing_id, ctx, output)
-    return Outcome(RETRY, None, b"", attempt, tracing_id, error=_one_line(exc), output=output)
+        return _to_errors(Verdict.DEAD_LETTERED, data, message, reason, attempt, tracing_id, ctx, output)
+    return Outcome(Verdict.RETRY, None, b"", attempt, tracing_id, error=_one_line(exc), output=output)
 
 
 def _poison(body: bytes, exc: PoisonMessage, attempt: int, ctx: Context) -> Outcome:
     received = body.decode("utf-8", errors="replace")
     tracing_id = _tracing_id_of(body)
     error_body = error_document(received, None, str(exc), attempt, ctx)
-    return Outcome(POISON, ERRORS_ROUTING_KEY, error_body, attempt, tracing_id, error=str(exc))
+    return Outcome(Verdict.POISON, ERRORS_ROUTING_KEY, error_body, attempt, tracing_id, error=str(exc))
 
 
 def _to_errors(
-    verdict: str,
+    verdict: Verdict,
     data: dict[str, Any],
     message: Message,
     error: str,

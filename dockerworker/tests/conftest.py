@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -84,6 +84,9 @@ def make_worker(tmp_path: Path, http_stub: Callable[..., HttpStub]) -> Iterator[
             "WORKER_HEALTH_PORT": str(free_port()),
             "WORKER_CODE_DIR": str(tmp_path / f"code-{worker_id}"),
             "WORKER_SHUTDOWN_GRACE_S": "4",
+            # The tests follow each message through its log line; the
+            # default level (info) leaves out forwarded ones.
+            "WORKER_LOG_LEVEL": "debug",
         }
         env.update(extra_env)
         if broker is not None:

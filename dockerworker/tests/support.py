@@ -80,7 +80,7 @@ def pipeline_message(**overrides: Any) -> dict[str, Any]:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -250,7 +250,7 @@ class Broker:
         return True
 
     def message_count(self, queue: str) -> int:
-        return self._channel.queue_declare(queue, passive=True).method.message_count
+        return int(self._channel.queue_declare(queue, passive=True).method.message_count)
 
     def consumer_count(self, queue: str) -> int:
         return int(self._channel.queue_declare(queue, passive=True).method.consumer_count)
@@ -362,7 +362,7 @@ class TcpProxy:
 
     @property
     def port(self) -> int:
-        return self._listener.getsockname()[1]
+        return int(self._listener.getsockname()[1])
 
     def _accept(self) -> None:
         while True:
@@ -408,7 +408,7 @@ class TcpProxy:
 def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=1) as answer:
-            return answer.status
+            return int(answer.status)
     except urllib.error.HTTPError as error:
         return error.code
     except OSError:

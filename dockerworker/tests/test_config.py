@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from dockerworker.config import ConfigError, load
@@ -89,3 +91,17 @@ def test_the_harness_does_not_need_a_code_url():
     del env["CODE_URL"]
 
     assert load(env, need_code_url=False).code_url is None
+
+
+@pytest.mark.parametrize(
+    "value, level", [(None, logging.INFO), ("debug", logging.DEBUG), ("WARNING", logging.WARNING), ("error", logging.ERROR)]
+)
+def test_the_log_level_is_named_and_info_by_default(value, level):
+    env = {**CONTRACT_ONLY, **({"WORKER_LOG_LEVEL": value} if value else {})}
+
+    assert load(env).log_level == level
+
+
+def test_an_unknown_log_level_is_a_configuration_error():
+    with pytest.raises(ConfigError, match="WORKER_LOG_LEVEL must be one of debug, info, warning, error"):
+        load({**CONTRACT_ONLY, "WORKER_LOG_LEVEL": "verbose"})

@@ -361,3 +361,24 @@ def test_code_from_a_controller_that_is_still_starting_is_fetched_after_retries(
     assert len(controller.script.requests) == 3
     assert len(worker.events("code_fetch_retry")) == 2
     assert worker.stop() == 0
+
+
+def test_at_the_default_level_only_failures_get_a_line_each_and_a_summary_counts_them_all(broker: Broker, make_worker):
+    code = "def process(msg):\n    if msg.metadata.get('fail'):\n        raise ValueError('no')\n    return msg\n"
+    sink = broker.sink("next")
+    errors = broker.sink("errors")
+    worker = make_worker(broker, code, WORKER_LOG_LEVEL="info", WORKER_STATS_INTERVAL_S="0.2").start().wait_ready()
+
+    for index in range(3):
+        broker.publish(worker.worker_id, pipeline_message(), message_id=f"ok-{index}")
+    broker.publish(worker.worker_id, pipeline_message(metadata={"fail": True}), message_id="bad")
+    broker.take(sink, 3)
+    broker.take(errors, 1)
+
+    def counted(outcome: str) -> int:
+        return sum(line.get(outcome, 0) for line in worker.events("messages"))
+
+    wait_until(lambda: counted("forwarded") == 3 and counted("failed") == 1, 10, "the summary lines")
+    assert [(line["outcome"], line["level"]) for line in worker.events("message")] == [("failed", "warning")]
+    assert worker.events("messages")[0]["level"] == "info"
+    assert worker.stop() == 0

@@ -9,7 +9,7 @@ import pytest
 
 from dockerworker import processing
 from dockerworker.devices import DevicesEndpointUnavailable, TransientFailure
-from dockerworker.processing import Context, handle
+from dockerworker.processing import Context, Verdict, handle
 
 from .support import pipeline_message
 
@@ -28,7 +28,7 @@ def identity(msg):
 def test_the_result_goes_to_the_next_step_with_step_index_advanced():
     outcome = run(identity, pipeline_message(pipeline_steps=["a", "b", "c"], step_index=1))
 
-    assert (outcome.verdict, outcome.routing_key) == (processing.FORWARDED, "c")
+    assert (outcome.verdict, outcome.routing_key) == (Verdict.FORWARDED, "c")
     assert json.loads(outcome.body)["step_index"] == 2
 
 
@@ -58,7 +58,7 @@ def test_user_errors_go_to_errors_with_the_traceback(function, error):
 
     outcome = run(function, message)
 
-    assert (outcome.verdict, outcome.routing_key) == (processing.FAILED, "errors")
+    assert (outcome.verdict, outcome.routing_key) == (Verdict.FAILED, "errors")
     body = json.loads(outcome.body)
     assert error in body["error"] and "Traceback" in body["error"]
     assert body["received_by_worker"] == message
@@ -100,14 +100,14 @@ def test_a_user_exit_is_a_failure_not_an_exit():
     def leaves(msg):
         raise SystemExit(1)
 
-    assert run(leaves).verdict == processing.FAILED
+    assert run(leaves).verdict == Verdict.FAILED
 
 
 @pytest.mark.parametrize("body", [b"\xff\xfe", b"{}", b'"string"'])
 def test_poison_goes_to_errors_with_the_raw_body(body):
     outcome = run(identity, body)
 
-    assert (outcome.verdict, outcome.routing_key) == (processing.POISON, "errors")
+    assert (outcome.verdict, outcome.routing_key) == (Verdict.POISON, "errors")
     assert json.loads(outcome.body)["processing_attempt"] is None
 
 
@@ -117,7 +117,7 @@ def test_a_timed_out_message_goes_to_errors_with_where_it_hung():
         json.dumps(message).encode(), {"x-delivery-count": 1}, "process() did not return within 1s", "at line 3", CTX
     )
 
-    assert (outcome.verdict, outcome.routing_key, outcome.attempt) == (processing.TIMED_OUT, "errors", 2)
+    assert (outcome.verdict, outcome.routing_key, outcome.attempt) == (Verdict.TIMED_OUT, "errors", 2)
     body = json.loads(outcome.body)
     assert body["received_by_worker"] == message
     assert body["error"] == "process() did not return within 1s\nat line 3"
@@ -131,8 +131,8 @@ def test_a_transient_failure_asks_for_a_retry_while_attempts_remain():
     first = run(flaky)
     last = run(flaky, headers={processing.ATTEMPT_HEADER: 3})
 
-    assert (first.verdict, first.routing_key, first.attempt) == (processing.RETRY, None, 1)
-    assert (last.verdict, last.routing_key) == (processing.DEAD_LETTERED, "errors")
+    assert (first.verdict, first.routing_key, first.attempt) == (Verdict.RETRY, None, 1)
+    assert (last.verdict, last.routing_key) == (Verdict.DEAD_LETTERED, "errors")
     assert "gave up after 3 attempts" in json.loads(last.body)["error"]
 
 
@@ -143,7 +143,7 @@ def test_a_transient_failure_wrapped_by_user_code_is_still_transient():
         except TransientFailure as exc:
             raise RuntimeError("my own error") from exc
 
-    assert run(wraps).verdict == processing.RETRY
+    assert run(wraps).verdict == Verdict.RETRY
 
 
 def test_broker_redeliveries_count_as_attempts():
@@ -157,7 +157,7 @@ def test_a_message_redelivered_past_the_limit_is_dead_lettered_without_running_u
 
     outcome = run(lambda msg: calls.append(msg), headers={"x-delivery-count": 5})
 
-    assert outcome.verdict == processing.DEAD_LETTERED
+    assert outcome.verdict == Verdict.DEAD_LETTERED
     assert "redelivered 5 times" in json.loads(outcome.body)["error"]
     assert calls == []
 

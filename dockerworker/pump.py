@@ -1,0 +1,474 @@
+"""The pump: deliveries in, user code on its thread, results out, acks after confirms.
+
+Owns: the path of every message through one connection's life: taking
+deliveries in arrival order, handing them to the user thread, publishing each outcome (next step, `errors`, or the retry queue), acting on
+each confirm (a refused or unroutable result becomes a retry or an error),
+the acknowledgements (through `ledger`), the per-message log line, the
+process timeout, and the drain at shutdown. It talks to the broker only
+through an `Outlet` (the `amqp.Bridge`, or a scripted one in tests) and is
+its `Listener`.
+
+Architecture Invariant: **an input is acknowledged only after the broker
+confirmed the publish of its result**. If the connection dies first, the
+input stays unacknowledged and the broker redelivers it: delivery is
+at-least-once. At most `prefetch` inputs are in hand (the broker's bound),
+so at most `prefetch` publishes await a confirm.
+
+Throughput comes from pipelining, not from parallel user code: `process`
+runs for one message at a time, in arrival order, on one thread; each result
+is published the next time the loop runs, and the next message is taken
+without waiting for confirms. Every method runs on the event-loop thread
+except `_serve`, which runs on the user thread and shares with the loop only
+the inbox (a `queue.SimpleQueue`), the `_done` deque, and the flags
+`_signalled`, `_abandoned` and `_current`.
+
+A `process` that has not returned after `process_timeout_s` cannot be
+stopped (Python cannot kill a thread): its message goes to `errors` with
+where the thread was, the messages before it are settled as usual, and the
+pump ends with `ProcessStuck` so that the worker exits and is restarted; the
+messages after it go back to the queue unacknowledged.
+
+Must not do: call pika (that is `amqp`), decide what user code's result
+means (that is `processing`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+import queue
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from . import logs, processing
+from .amqp import BrokerLost, Delivery
+from .codeload import UserCode
+from .config import ERRORS_ROUTING_KEY, Config
+from .ledger import Ledger
+from .processing import Outcome, Verdict
+from .userthread import UserThread
+
+# Results the user thread leaves before it wakes the loop (if no confirm or
+# delivery has had the loop take them first).
+_WAKE_AFTER = 16
+# How often the user thread is checked against the process timeout.
+WATCH_INTERVAL_S = 0.5
+# Headers that describe this hop's delivery, not the message: not passed on.
+_HOP_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-", "x-workerctl-")
+
+
+class ProcessStuck(Exception):
+    """`process` did not return within `process_timeout_s` (exit code 6): its
+    message went to `errors`, and the worker must restart to get its thread back."""
+
+
+class PublishKind(enum.Enum):
+    """What a publish was for, which decides what its confirm leads to."""
+
+    RESULT = "result"  # to the next step (or `errors` for a failure processing decided)
+    ERRORS = "errors"  # to `errors`, decided after a confirm (unroutable, out of attempts)
+    RETRY = "retry"  # to the retry queue
+
+
+class Outlet(Protocol):
+    """What the pump needs of the broker side (`amqp.Bridge`)."""
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str | None,
+        headers: dict[str, Any],
+        mandatory: bool,
+        content_type: str | None = "application/json",
+        expiration: str | None = None,
+    ) -> int: ...
+
+    def ack(self, tag: int, *, multiple: bool) -> None: ...
+
+    def nack(self, tag: int) -> None: ...
+
+
+@dataclass
+class _Publish:
+    """A publish waiting for its confirm, and the input it settles."""
+
+    delivery: Delivery
+    outcome: Outcome
+    started: float
+    kind: PublishKind
+    verdict: Verdict
+    routing_key: str
+    body: bytes
+    mandatory: bool
+    returned: bool = False
+
+
+class Stats:
+    """Messages settled per verdict since the last report (read by `messaging`)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[Verdict] = Counter()
+
+    def take(self) -> Counter[Verdict]:
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+
+class Pump:
+    """The message path of one connection; see the module's invariant."""
+
+    def __init__(self, config: Config, code: UserCode, user_thread: UserThread, stats: Stats) -> None:
+        self.config = config
+        self.code = code
+        self.user_thread = user_thread
+        self.stats = stats
+        self.context = processing.Context(
+            worker_id=config.worker_id,
+            queue=config.queue,
+            max_attempts=config.max_attempts,
+            max_redeliveries=config.max_redeliveries,
+            devices_endpoint=config.devices_endpoint,
+        )
+        self.outlet: Outlet | None = None
+        self.ledger: Ledger[_Publish] = Ledger()
+        self.lost: Exception | None = None
+        self._flush_scheduled = False
+        # Shared with the user thread (see `_serve`): deliveries in, results
+        # out, and a flag so that at most one wake-up of the loop is on its way.
+        self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._done: deque[tuple[Delivery, Outcome, float]] = deque()
+        self._signalled = False
+        # Set by the user thread: the message it is on, and since when
+        # (time.monotonic()); None between messages.
+        self._current: tuple[Delivery, float] | None = None
+        # Set by the loop: the user thread must take no further message.
+        self._abandoned = False
+        self._drain_deadline: float | None = None
+        self._stuck: Delivery | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Resolved when `run` must return: the job ended, the broker went
+        # away, or the watchdog gave up on a message.
+        self._finished: asyncio.Future[None] | None = None
+
+    # -- the Listener side (called by the bridge) -------------------------------------
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        self._inbox.put(delivery)
+        if self._done:
+            self._take_done()
+
+    def on_confirm(self, seq: int, multiple: bool, acked: bool) -> None:
+        for record in self.ledger.confirmed(seq, multiple):
+            self._confirmed(record, acked)
+        if self._done:
+            self._take_done()
+
+    def on_return(self, routing_key: str, body: bytes) -> None:
+        # Returns carry no publish number; the routing key and body identify it.
+        record = self.ledger.find_unconfirmed(
+            lambda r: r.mandatory and not r.returned and r.routing_key == routing_key and r.body == body
+        )
+        if record is not None:
+            record.returned = True
+
+    def on_lost(self, error: Exception, *, expected: bool) -> None:
+        if self.lost is not None:
+            return
+        self.lost = error
+        if not expected:
+            logs.event("broker_connection_lost", level=logs.WARNING, error=str(error))
+        for record in self.ledger.abandon():
+            self._log(record.delivery, record.outcome.with_error(str(error)), Verdict.REQUEUED, record.started)
+        self._abandoned = True
+        self._inbox.put(None)
+        self._finish()
+
+    # -- the loop ------------------------------------------------------------------
+
+    async def run(self, outlet: Outlet) -> None:
+        """Process messages in arrival order until stopped or disconnected.
+
+        One job on the user thread (`_serve`) takes deliveries as they come
+        and leaves results in `_done`; the loop publishes them whenever it
+        runs (a confirm, a delivery, or the user thread's wake-up), so the
+        hand-over costs no task, future or wake-up per message.
+        """
+        self.outlet = outlet
+        self._loop = loop = asyncio.get_running_loop()
+        self._finished = finished = loop.create_future()
+        job = self.user_thread.submit(self._serve)
+        job.add_done_callback(self._on_job_done)
+        watchdog = asyncio.ensure_future(self._watchdog()) if self.config.process_timeout_s > 0 else None
+        try:
+            await finished
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        self._take_done()
+        if self._stuck is not None and self.lost is None:
+            self._give_up_on(self._stuck)
+
+    def stop(self, grace_s: float) -> None:
+        """Finish what is in hand within `grace_s`, then return from `run`."""
+        self._drain_deadline = time.monotonic() + grace_s
+        self._inbox.put(None)  # after every delivery so far; later ones go back to the queue
+
+    async def wait_confirms(self, timeout_s: float) -> None:
+        """Give unconfirmed publishes time to be confirmed, then send the last ack."""
+        deadline = time.monotonic() + timeout_s
+        while self.ledger.awaiting_confirm and self.lost is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.lost is None:
+            self._flush()
+
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+
+    def _on_job_done(self, job: asyncio.Future[Any]) -> None:
+        finished = self._finished
+        if finished is None or finished.done():
+            return
+        if not job.cancelled() and job.exception() is not None:
+            finished.set_exception(job.exception())  # type: ignore[arg-type]  # an internal error
+        else:
+            finished.set_result(None)
+
+    def _serve(self) -> None:
+        """On the user thread: process deliveries in order until told to stop."""
+        inbox, done, function, context = self._inbox, self._done, self.code.function, self.context
+        loop = self._loop
+        assert loop is not None
+        while not self._abandoned:
+            delivery = inbox.get()
+            deadline = self._drain_deadline
+            if delivery is None or self._abandoned or (deadline is not None and time.monotonic() > deadline):
+                return  # what is still in the inbox goes back to the queue on close
+            started = time.perf_counter()
+            self._current = (delivery, time.monotonic())
+            outcome = processing.handle(delivery.body, delivery.headers, function, context)
+            self._current = None
+            if self._given_up():
+                return  # the session is over, or the watchdog gave up on this one
+            done.append((delivery, outcome, started))
+            # Wake the loop when the thread is about to wait, or when results
+            # pile up; otherwise the loop's next confirm or delivery takes them.
+            if not self._signalled and (inbox.empty() or len(done) >= _WAKE_AFTER):
+                self._signalled = True
+                try:
+                    loop.call_soon_threadsafe(self._on_signal)
+                except RuntimeError:
+                    return  # the loop is closed
+
+    def _given_up(self) -> bool:
+        # A method, not the attribute: the loop sets it while `_serve` runs.
+        return self._abandoned
+
+    def _on_signal(self) -> None:
+        self._signalled = False  # before taking: a result added meanwhile signals again
+        self._take_done()
+
+    def _take_done(self) -> None:
+        """Publish the results the user thread has left, in delivery order."""
+        done = self._done
+        while done:
+            delivery, outcome, started = done.popleft()
+            if self.lost is not None or delivery is self._stuck:
+                continue  # the broker requeues it; or it is given up on
+            self.ledger.received(delivery.tag)
+            # Published now, confirmed later: the next message does not wait.
+            self._publish_outcome(delivery, outcome, started)
+
+    # -- the process timeout ----------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        limit = self.config.process_timeout_s
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            current = self._current
+            if current is not None and time.monotonic() - current[1] > limit:
+                # The thread may finish this message any moment now; it is
+                # given up on regardless, and takes no other.
+                self._stuck = current[0]
+                self._abandoned = True
+                self._finish()
+                return
+
+    def _give_up_on(self, delivery: Delivery) -> None:
+        """Send the message `process` hangs on to `errors`, then end the pump."""
+        limit = self.config.process_timeout_s
+        frames = self._user_frames(self.user_thread.where(frames=12))
+        place = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+        reason = f"process() did not return within {limit:g}s for message {delivery.message_id}{place}"
+        where = "It was running:\n" + "".join(traceback.format_list(frames)) if frames else ""
+        outcome = processing.timed_out(delivery.body, delivery.headers, reason, where, self.context)
+        self._stuck = None
+        self.ledger.received(delivery.tag)
+        self._publish_outcome(delivery, outcome, time.perf_counter() - limit)
+        raise ProcessStuck(f"{reason}; restarting to get the worker's thread back")
+
+    def _user_frames(self, frames: list[traceback.FrameSummary]) -> list[traceback.FrameSummary]:
+        """From the first frame of the user's code inward, with the user's
+        files named as in the archive; all of `frames` if none is the user's."""
+        first = None
+        for index, frame in enumerate(frames):
+            if frame.filename.startswith(f"{self.code.root}{os.sep}"):
+                frame.filename = os.path.relpath(frame.filename, self.code.root)
+                first = index if first is None else first
+        return frames[first:] if first is not None else frames
+
+    # -- publishing, and what each confirm leads to -----------------------------------
+
+    def _publish_outcome(self, delivery: Delivery, outcome: Outcome, started: float) -> None:
+        if outcome.verdict is Verdict.RETRY:
+            self._publish_retry(delivery, outcome, started)
+        else:
+            record = _Publish(
+                delivery, outcome, started, PublishKind.RESULT, outcome.verdict, outcome.routing_key or "",
+                outcome.body, True,
+            )
+            self._publish(record, self.config.exchange, _passed_on(delivery.headers, timestamp=True))
+
+    def _publish_retry(self, delivery: Delivery, outcome: Outcome, started: float) -> None:
+        if outcome.attempt >= self.config.max_attempts:
+            self._publish_to_errors(delivery, outcome, started, Verdict.DEAD_LETTERED, outcome.error or "")
+            return
+        headers = _passed_on(delivery.headers, timestamp=False)
+        headers[processing.ATTEMPT_HEADER] = outcome.attempt + 1
+        headers[processing.LAST_ERROR_HEADER] = (outcome.error or "")[:500]
+        record = _Publish(
+            delivery, outcome, started, PublishKind.RETRY, Verdict.RETRY, self.config.retry_queue, delivery.body, True
+        )
+        # Through the default exchange, straight into the retry queue.
+        self._publish(
+            record, "", headers, content_type=delivery.content_type, expiration=str(self.config.retry_delay_ms)
+        )
+
+    def _publish_to_errors(self, delivery: Delivery, outcome: Outcome, started: float, verdict: Verdict, reason: str) -> None:
+        attempted = _json_or_text(outcome.body) if outcome.body else None
+        document = processing.error_document(
+            _json_or_text(delivery.body), attempted, reason, outcome.attempt, self.context
+        )
+        # Not mandatory: if nobody listens on `errors` there is nowhere left
+        # to send it; the log line still carries the reason.
+        record = _Publish(delivery, outcome, started, PublishKind.ERRORS, verdict, ERRORS_ROUTING_KEY, document, False)
+        self._publish(record, self.config.exchange, _passed_on(delivery.headers, timestamp=True))
+
+    def _publish(
+        self,
+        record: _Publish,
+        exchange: str,
+        headers: dict[str, Any],
+        content_type: str | None = "application/json",
+        expiration: str | None = None,
+    ) -> None:
+        assert self.outlet is not None, "run() sets the outlet"
+        try:
+            seq = self.outlet.publish(
+                exchange,
+                record.routing_key,
+                record.body,
+                message_id=record.delivery.message_id,
+                headers=headers,
+                mandatory=record.mandatory,
+                content_type=content_type,
+                expiration=expiration,
+            )
+        except BrokerLost as exc:
+            # The channel is already gone: the broker redelivers the input.
+            self._log(record.delivery, record.outcome.with_error(str(exc)), Verdict.REQUEUED, record.started)
+            return
+        self.ledger.published(seq, record)
+
+    def _confirmed(self, record: _Publish, acked: bool) -> None:
+        delivery, outcome, started = record.delivery, record.outcome, record.started
+        if record.kind is PublishKind.RESULT and not acked:
+            # The broker refused the publish: a failure that may pass.
+            self._publish_retry(delivery, outcome.with_error("publish refused by the broker"), started)
+        elif record.kind is PublishKind.RESULT and record.returned:
+            reason = (
+                f"no queue is bound to routing key {record.routing_key!r} on exchange {self.config.exchange!r}: "
+                "the next pipeline step does not exist or is not running"
+            )
+            self._publish_to_errors(delivery, outcome, started, Verdict.UNROUTABLE, reason)
+        elif acked and not record.returned:
+            self._settle(delivery, outcome, record.verdict, started, ack=True)
+        else:
+            # The retry queue or `errors` refused it: hand the input back.
+            refused = outcome.with_error(f"{record.kind.value} publish refused")
+            self._settle(delivery, refused, Verdict.REQUEUED, started, ack=False)
+
+    def _settle(self, delivery: Delivery, outcome: Outcome, verdict: Verdict, started: float, *, ack: bool) -> None:
+        if not ack and self.outlet is not None:
+            self.outlet.nack(delivery.tag)  # before any `multiple` ack that could cover its tag
+        self.ledger.settle(delivery.tag, acked=ack)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Runs after the other settles of the same confirm batch.
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._log(delivery, outcome, verdict, started)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        tag = self.ledger.take_ack()
+        if tag is not None and self.outlet is not None and self.lost is None:
+            self.outlet.ack(tag, multiple=True)
+
+    # -- the log line ----------------------------------------------------------------
+
+    def _log(self, delivery: Delivery, outcome: Outcome, verdict: Verdict, started: float) -> None:
+        self.stats.counts[verdict] += 1
+        level = message_level(verdict, outcome)
+        if not logs.enabled(level):
+            return
+        fields: dict[str, Any] = {
+            "outcome": verdict,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "tracing_id": outcome.tracing_id,
+            "worker_id": self.config.worker_id,
+            "revision": self.config.revision,
+            "routing_key": outcome.routing_key,
+            "message_id": delivery.message_id,
+            "attempt": outcome.attempt,
+        }
+        if outcome.error:
+            fields["error"] = outcome.error
+        if outcome.output:
+            fields["output"] = logs.clip(outcome.output)
+        logs.event("message", level=level, **fields)
+
+
+def message_level(verdict: Verdict, outcome: Outcome) -> int:
+    """The level of a message's log line: a forwarded message is `debug`
+    unless user code printed something (`info`, so that the print is seen);
+    every other outcome is a `warning`."""
+    if verdict is Verdict.FORWARDED:
+        return logs.INFO if outcome.output else logs.DEBUG
+    return logs.WARNING
+
+
+def _passed_on(headers: dict[str, Any], *, timestamp: bool) -> dict[str, Any]:
+    passed = {key: value for key, value in headers.items() if not key.startswith(_HOP_HEADERS)} if headers else {}
+    if timestamp:
+        passed["timestamp"] = int(time.time() * 1000)
+    return passed
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(body)  # NaN and the like
+        except (ValueError, UnicodeDecodeError):
+            return body.decode("utf-8", errors="replace")

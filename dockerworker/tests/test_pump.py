@@ -1,0 +1,293 @@
+"""The pump with a scripted broker side: what is published, and when an input is acknowledged.
+
+The outlet here records every publish, ack and nack; the test plays the
+broker by calling the pump's listener methods (`on_confirm`, `on_return`,
+`on_lost`) as the bridge would. User code runs on a real user thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+from dockerworker import processing
+from dockerworker.amqp import BrokerLost, Delivery
+from dockerworker.codeload import UserCode
+from dockerworker.config import Config
+from dockerworker.processing import Verdict
+from dockerworker.pump import ProcessStuck, Pump, Stats
+from dockerworker.userthread import UserThread
+
+from .support import pipeline_message
+
+WORKER_ID = "0b6f8f0e-5d4a-4a39-9a43-0c8f8c1e2a11"
+
+
+@dataclass
+class Published:
+    seq: int
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    mandatory: bool
+    expiration: str | None
+
+
+@dataclass
+class ScriptedOutlet:
+    """Stands in for `amqp.Bridge`: numbers publishes like a confirm-mode channel."""
+
+    published: list[Published] = field(default_factory=list)
+    acks: list[tuple[int, bool]] = field(default_factory=list)
+    nacks: list[int] = field(default_factory=list)
+    refuse_publishes: bool = False
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str | None,
+        headers: dict[str, Any],
+        mandatory: bool,
+        content_type: str | None = "application/json",
+        expiration: str | None = None,
+    ) -> int:
+        if self.refuse_publishes:
+            raise BrokerLost("publish failed: the channel is closed")
+        seq = len(self.published) + 1
+        self.published.append(Published(seq, exchange, routing_key, body, headers, mandatory, expiration))
+        return seq
+
+    def ack(self, tag: int, *, multiple: bool) -> None:
+        self.acks.append((tag, multiple))
+
+    def nack(self, tag: int) -> None:
+        self.nacks.append(tag)
+
+
+def identity(msg: Any) -> Any:
+    return msg
+
+
+def delivery(tag: int, **overrides: Any) -> Delivery:
+    body = json.dumps(pipeline_message(**overrides)).encode()
+    return Delivery(tag, body, f"m-{tag}", "application/json", {})
+
+
+def make_pump(function: Callable[[Any], Any] = identity, **config: Any) -> Pump:
+    settings: dict[str, Any] = dict(
+        worker_id=WORKER_ID, amqp_url="amqp://unused", exchange="pipeline.messages", code_url=None
+    )
+    settings.update(config)
+    code = UserCode(function, "usercode", "process", Path("/nonexistent"))
+    return Pump(Config(**settings), code, UserThread(), Stats())
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+def pumping(test: Callable[[Pump, ScriptedOutlet], Awaitable[None]], pump: Pump | None = None) -> None:
+    """Run `test` with a pump that is running against a scripted outlet."""
+
+    async def main() -> None:
+        the_pump = pump or make_pump()
+        outlet = ScriptedOutlet()
+        task = asyncio.ensure_future(the_pump.run(outlet))
+        try:
+            await test(the_pump, outlet)
+        finally:
+            if not task.done():
+                the_pump.on_lost(BrokerLost("test over"), expected=True)
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_an_input_is_acknowledged_only_after_the_confirm_of_its_result():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        pump.on_delivery(delivery(1))
+        await until(lambda: len(outlet.published) == 1, "the result's publish")
+
+        [result] = outlet.published
+        assert (result.exchange, result.routing_key, result.mandatory) == ("pipeline.messages", "next", True)
+        assert json.loads(result.body)["step_index"] == 1
+        assert isinstance(result.headers["timestamp"], int)
+        await asyncio.sleep(0.05)
+        assert outlet.acks == []
+
+        pump.on_confirm(1, multiple=False, acked=True)
+        await until(lambda: outlet.acks != [], "the ack")
+        assert outlet.acks == [(1, True)]
+        assert pump.stats.counts == {Verdict.FORWARDED: 1}
+
+    pumping(test)
+
+
+def test_acks_go_out_in_delivery_order_as_one_multiple_ack_per_run():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        for tag in (1, 2, 3):
+            pump.on_delivery(delivery(tag))
+        await until(lambda: len(outlet.published) == 3, "three publishes")
+
+        pump.on_confirm(3, multiple=False, acked=True)  # the youngest first
+        await asyncio.sleep(0.02)
+        assert outlet.acks == []
+        pump.on_confirm(2, multiple=True, acked=True)
+        await until(lambda: outlet.acks != [], "the ack")
+        assert outlet.acks == [(3, True)]
+
+    pumping(test)
+
+
+def test_a_result_the_broker_refuses_goes_to_the_retry_queue_and_is_acked_after_that_confirm():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        pump.on_delivery(delivery(1))
+        await until(lambda: len(outlet.published) == 1, "the result's publish")
+
+        pump.on_confirm(1, multiple=False, acked=False)
+        await until(lambda: len(outlet.published) == 2, "the retry publish")
+        retry = outlet.published[1]
+        assert (retry.exchange, retry.routing_key, retry.expiration) == ("", f"worker_{WORKER_ID}.retry", "5000")
+        assert retry.headers[processing.ATTEMPT_HEADER] == 2
+        assert "publish refused" in retry.headers[processing.LAST_ERROR_HEADER]
+        assert outlet.acks == []
+
+        pump.on_confirm(2, multiple=False, acked=True)
+        await until(lambda: outlet.acks != [], "the ack")
+        assert outlet.acks == [(1, True)]
+        assert pump.stats.counts == {Verdict.RETRY: 1}
+
+    pumping(test)
+
+
+def test_a_returned_result_is_reported_on_errors_as_unroutable():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        pump.on_delivery(delivery(1, pipeline_steps=["me", "nobody-home"]))
+        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        result = outlet.published[0]
+
+        pump.on_return(result.routing_key, result.body)
+        pump.on_confirm(1, multiple=False, acked=True)
+        await until(lambda: len(outlet.published) == 2, "the error publish")
+        error = outlet.published[1]
+        assert (error.routing_key, error.mandatory) == ("errors", False)
+        assert "nobody-home" in json.loads(error.body)["error"]
+        assert outlet.acks == []
+
+        pump.on_confirm(2, multiple=False, acked=True)
+        await until(lambda: outlet.acks != [], "the ack")
+        assert pump.stats.counts == {Verdict.UNROUTABLE: 1}
+
+    pumping(test)
+
+
+def test_an_error_publish_the_broker_refuses_hands_the_input_back():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        pump.on_delivery(delivery(1, pipeline_steps=["me", "nobody-home"]))
+        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        pump.on_return(outlet.published[0].routing_key, outlet.published[0].body)
+        pump.on_confirm(1, multiple=False, acked=True)
+        await until(lambda: len(outlet.published) == 2, "the error publish")
+
+        pump.on_confirm(2, multiple=False, acked=False)
+        await until(lambda: outlet.nacks != [], "the nack")
+        assert outlet.nacks == [1]
+        assert pump.stats.counts == {Verdict.REQUEUED: 1}
+        await asyncio.sleep(0.02)
+        assert outlet.acks == []  # the broker no longer knows tag 1: acking it would close the channel
+
+    pumping(test)
+
+
+def test_a_lost_connection_acknowledges_nothing_and_ends_the_pump():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        pump.on_delivery(delivery(1))
+        await until(lambda: len(outlet.published) == 1, "the result's publish")
+
+        pump.on_lost(BrokerLost("connection closed"), expected=False)
+        pump.on_confirm(1, multiple=False, acked=True)  # too late: the broker requeued it
+        await asyncio.sleep(0.02)
+
+        assert outlet.acks == []
+        assert pump.stats.counts == {Verdict.REQUEUED: 1}
+
+    pumping(test)
+
+
+def test_a_publish_on_a_closed_channel_leaves_the_input_to_the_broker():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        outlet.refuse_publishes = True
+        pump.on_delivery(delivery(1))
+        await until(lambda: pump.stats.counts[Verdict.REQUEUED] == 1, "the requeued verdict")
+
+        assert pump.ledger.awaiting_confirm == 0
+        assert outlet.acks == []
+
+    pumping(test)
+
+
+def test_stop_finishes_what_is_in_hand_then_returns():
+    release = threading.Event()
+
+    def slow(msg: Any) -> Any:
+        release.wait(5)
+        return msg
+
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        run = asyncio.ensure_future(pump.run(outlet))
+        for tag in (1, 2):
+            pump.on_delivery(delivery(tag))
+        pump.stop(grace_s=5)
+        release.set()
+        await asyncio.wait_for(run, timeout=5)
+
+        assert [p.routing_key for p in outlet.published] == ["next", "next"]
+        pump.on_confirm(2, multiple=True, acked=True)
+        await pump.wait_confirms(1.0)
+        assert outlet.acks == [(2, True)]
+
+    async def main() -> None:
+        await test(make_pump(slow), ScriptedOutlet())
+
+    asyncio.run(main())
+
+
+def test_a_process_that_hangs_goes_to_errors_and_ends_the_pump_with_process_stuck():
+    hang = threading.Event()
+
+    def hangs(msg: Any) -> Any:
+        if msg.metadata.get("hang"):
+            hang.wait(30)
+        return msg
+
+    async def main() -> None:
+        pump = make_pump(hangs, process_timeout_s=0.2)
+        outlet = ScriptedOutlet()
+        pump.on_delivery(delivery(1))
+        pump.on_delivery(delivery(2, metadata={"hang": True}))
+        pump.on_delivery(delivery(3))
+        with pytest.raises(ProcessStuck, match="did not return within 0.2s for message m-2"):
+            await asyncio.wait_for(pump.run(outlet), timeout=5)
+        hang.set()
+
+        assert [p.routing_key for p in outlet.published] == ["next", "errors"]
+        error = json.loads(outlet.published[1].body)
+        assert error["received_by_worker"]["metadata"] == {"hang": True}
+        assert pump.ledger.in_hand == 2  # message 3 is never taken: the broker requeues it
+
+    asyncio.run(main())
