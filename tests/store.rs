@@ -370,14 +370,24 @@ async fn migrating_twice_is_a_no_op(pool: PgPool) {
         .await
         .expect("re-running every migration succeeds");
     assert_eq!(row_of(&store, id).await.revision, Revision(5));
-    let triggers: i64 = scalar(
-        &pool,
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'user_workers'::regclass AND NOT tgisinternal",
+    let triggers: Vec<(String,)> = sqlx::query_as(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'user_workers'::regclass AND NOT tgisinternal ORDER BY 1",
     )
-    .await;
+    .fetch_all(&pool)
+    .await
+    .expect("list triggers");
+    let names: Vec<&str> = triggers.iter().map(|(n,)| n.as_str()).collect();
     assert_eq!(
-        triggers, 2,
-        "workerctl_notify and workerctl_forget_observed, once each"
+        names,
+        [
+            "workerctl_forget_observed",
+            "workerctl_forget_scale",
+            "workerctl_forget_scale_all",
+            "workerctl_forget_schedules",
+            "workerctl_forget_schedules_all",
+            "workerctl_notify",
+        ],
+        "each trigger once"
     );
 }
 

@@ -15,15 +15,12 @@ use crate::store::admin::{Db, Target};
 use crate::store::overview::WorkerOverview;
 
 const POLL: Duration = Duration::from_millis(100);
-/// How long "ready" must hold before the wait is over. The daemon calls a
-/// worker ready once its container started; code that cannot load makes the
-/// container exit within a second or so, and this catches that.
-const SETTLE: Duration = Duration::from_secs(2);
 
 /// What one snapshot of the worker says about the wait.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Progress {
-    /// Its current revision runs and the daemon calls it ready.
+    /// Its current revision runs and the daemon calls it ready: its
+    /// container consumes its queue.
     Ready,
     /// The daemon reports an error for it; the reason.
     Failed(String),
@@ -59,13 +56,12 @@ fn describe(w: &WorkerOverview) -> String {
     format!("revision {} {}{info} ({container})", w.revision, w.status)
 }
 
-/// Waits until the worker's current revision is ready and stays so for
-/// [`SETTLE`]; fails if it reports an error, is disabled or deleted, or
-/// `timeout` passes first.
+/// Waits until the worker's current revision is ready (the daemon writes
+/// `ready` only once its container consumes its queue); fails if it reports
+/// an error, is disabled or deleted, or `timeout` passes first.
 pub async fn until_ready(db: &Db, target: &Target, timeout: Duration) -> Result<(), CliError> {
     let start = Instant::now();
     let mut last_line = String::new();
-    let mut ready_since: Option<Instant> = None;
     loop {
         let w = db
             .overview(target.id)
@@ -78,15 +74,11 @@ pub async fn until_ready(db: &Db, target: &Target, timeout: Duration) -> Result<
         }
         match progress(&w) {
             Progress::Ready => {
-                let since = *ready_since.get_or_insert_with(Instant::now);
-                // Ready now is good enough when the time is up.
-                if since.elapsed() >= SETTLE || start.elapsed() >= timeout {
-                    eprintln!(
-                        "worker {} runs revision {} and is ready",
-                        target.name, w.revision
-                    );
-                    return Ok(());
-                }
+                eprintln!(
+                    "worker {} runs revision {} and is ready",
+                    target.name, w.revision
+                );
+                return Ok(());
             }
             Progress::Failed(reason) => {
                 return Err(CliError::WorkerFailed(format!(
@@ -100,9 +92,9 @@ pub async fn until_ready(db: &Db, target: &Target, timeout: Duration) -> Result<
                     target.name, w.state, target.name
                 )));
             }
-            Progress::Pending => ready_since = None,
+            Progress::Pending => {}
         }
-        if ready_since.is_none() && start.elapsed() >= timeout {
+        if start.elapsed() >= timeout {
             return Err(timed_out(target, timeout, &w));
         }
         tokio::time::sleep(POLL).await;
