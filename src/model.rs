@@ -449,7 +449,26 @@ mod tests {
 
     #[test]
     fn spec_hash_changes_with_env() {
-        let mut spec = ContainerSpec {
+        let mut spec = spec();
+        let before = spec.hash();
+        spec.env.insert("A".into(), "b".into());
+        assert_ne!(before, spec.hash());
+        let before = spec.hash();
+        spec.hardening.tmpfs.push("/usercode".into());
+        assert_ne!(before, spec.hash(), "hardening is part of the spec");
+    }
+
+    #[test]
+    fn the_ready_url_is_not_part_of_the_hash() {
+        let with_url = ContainerSpec {
+            ready_url: Some("http://ctl/x/ready".into()),
+            ..spec()
+        };
+        assert_eq!(spec().hash(), with_url.hash());
+    }
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
             worker_id: WorkerId(Uuid::nil()),
             revision: Revision(1),
             name: "worker-x".into(),
@@ -469,42 +488,6 @@ mod tests {
                 tmpfs: vec!["/tmp".into()],
             },
             ready_url: None,
-        };
-        let before = spec.hash();
-        spec.env.insert("A".into(), "b".into());
-        assert_ne!(before, spec.hash());
-        let before = spec.hash();
-        spec.hardening.tmpfs.push("/usercode".into());
-        assert_ne!(before, spec.hash(), "hardening is part of the spec");
-    }
-
-    #[test]
-    fn the_ready_url_is_not_part_of_the_hash() {
-        let spec = ContainerSpec {
-            worker_id: WorkerId(Uuid::nil()),
-            revision: Revision(1),
-            name: "worker-x".into(),
-            image: "img".into(),
-            image_id: "sha256:1".into(),
-            env: BTreeMap::new(),
-            network: "host".into(),
-            limits: Limits {
-                memory_bytes: 1,
-                nano_cpus: 1,
-                pids: 1,
-            },
-            hardening: Hardening {
-                read_only_rootfs: true,
-                no_new_privileges: true,
-                cap_drop: vec![],
-                tmpfs: vec![],
-            },
-            ready_url: None,
-        };
-        let with_url = ContainerSpec {
-            ready_url: Some("http://ctl/x/ready".into()),
-            ..spec.clone()
-        };
-        assert_eq!(spec.hash(), with_url.hash());
+        }
     }
 }
