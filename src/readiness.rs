@@ -60,17 +60,23 @@ impl ReadyReports {
     }
 
     /// The reports that still mean something, given the containers listed
-    /// now: a report of a container seen stopped is dropped (a restarted
-    /// container must report again), and so is one that has named no
-    /// listed container for a while.
-    pub fn current(&self, containers: &[ManagedContainer]) -> BTreeSet<ReadyReport> {
+    /// at `listed_at`: a report of a container that list saw stopped is
+    /// dropped (a restarted container must report again) unless it came in
+    /// after the list was taken; a container just created, not yet started,
+    /// keeps its report (it may report before the engine says it runs); and
+    /// a report that has named no listed container for a while is dropped.
+    pub fn current(
+        &self,
+        containers: &[ManagedContainer],
+        listed_at: Instant,
+    ) -> BTreeSet<ReadyReport> {
         let mut reports = self.lock();
         reports.retain(|report, at| {
             let listed = containers.iter().find(|c| {
                 c.name == report.container && c.spec_hash.as_ref() == Some(&report.spec_hash)
             });
             match listed {
-                Some(c) => c.state == RunState::Running,
+                Some(c) => !stopped(&c.state) || *at > listed_at,
                 None => at.elapsed() < UNMATCHED_TTL,
             }
         });
@@ -83,6 +89,11 @@ impl ReadyReports {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Whether a container in `state` has stopped since it last ran.
+fn stopped(state: &RunState) -> bool {
+    matches!(state, RunState::Exited(_) | RunState::Other(_))
 }
 
 #[cfg(test)]
@@ -122,24 +133,41 @@ mod tests {
         reports.report(report("a"));
         wake.notified().await;
         let running = [container("a", RunState::Running)];
-        assert_eq!(reports.current(&running).len(), 1);
-        assert_eq!(reports.current(&running).len(), 1, "still there");
+        assert_eq!(reports.current(&running, Instant::now()).len(), 1);
+        let again = reports.current(&running, Instant::now());
+        assert_eq!(again.len(), 1, "still there");
     }
 
     #[tokio::test]
     async fn a_report_of_a_stopped_container_is_forgotten() {
         let reports = ReadyReports::new(Arc::default());
         reports.report(report("a"));
+        let exited = [container("a", RunState::Exited(Some(1)))];
+        assert!(reports.current(&exited, Instant::now()).is_empty());
+        let running = [container("a", RunState::Running)];
         assert!(
-            reports
-                .current(&[container("a", RunState::Exited(Some(1)))])
-                .is_empty()
-        );
-        assert!(
-            reports
-                .current(&[container("a", RunState::Running)])
-                .is_empty(),
+            reports.current(&running, Instant::now()).is_empty(),
             "a restarted container must report again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_that_beats_the_list_or_the_start_is_kept() {
+        let reports = ReadyReports::new(Arc::default());
+        let listed_at = Instant::now();
+        tokio::time::advance(std::time::Duration::from_millis(5)).await;
+        reports.report(report("a"));
+        let exited = [container("a", RunState::Exited(Some(1)))];
+        assert_eq!(
+            reports.current(&exited, listed_at).len(),
+            1,
+            "it came after the list that saw the container stopped"
+        );
+        let created = [container("a", RunState::Created)];
+        assert_eq!(
+            reports.current(&created, Instant::now()).len(),
+            1,
+            "the engine did not say yet that it runs"
         );
     }
 
@@ -147,9 +175,9 @@ mod tests {
     async fn a_report_naming_no_container_is_kept_a_while_then_dropped() {
         let reports = ReadyReports::new(Arc::default());
         reports.report(report("soon"));
-        assert_eq!(reports.current(&[]).len(), 1);
+        assert_eq!(reports.current(&[], Instant::now()).len(), 1);
         tokio::time::advance(UNMATCHED_TTL).await;
-        assert!(reports.current(&[]).is_empty());
+        assert!(reports.current(&[], Instant::now()).is_empty());
     }
 
     #[tokio::test]
@@ -158,6 +186,6 @@ mod tests {
         for n in 0..CAPACITY + 10 {
             reports.report(report(&format!("c{n}")));
         }
-        assert_eq!(reports.current(&[]).len(), CAPACITY);
+        assert_eq!(reports.current(&[], Instant::now()).len(), CAPACITY);
     }
 }

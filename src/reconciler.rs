@@ -177,6 +177,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// number of Docker calls, whatever the number of workers.
     pub async fn observe(&self) -> Result<Snapshot, PassError> {
         let rows = self.store.load_workers().await.map_err(PassError::Store)?;
+        let listed_at = Instant::now();
         let containers = self.runtime.list().await.map_err(PassError::Runtime)?;
         let image = self
             .runtime
@@ -185,7 +186,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             .map_err(PassError::Runtime)?;
         let network = self.network().await?;
         let last_words = self.last_words(&containers).await;
-        let reports = self.reports.current(&containers);
+        let reports = self.reports.current(&containers, listed_at);
         Ok(Snapshot {
             rows,
             image,
