@@ -335,6 +335,8 @@ mod tests {
         Jail::expect_with(|_| {
             let config = Config::load(Some(&path)).expect("example config loads");
             assert_eq!(config.amqp.exchange, "pipeline.messages");
+            assert_eq!(config.dead_letters.queue, "workerctl.errors");
+            assert!(config.api.token.is_none(), "the example turns no write API on");
             Ok(())
         });
     }
@@ -383,6 +385,16 @@ mod tests {
             jail.set_env("WORKERCTL_RECONCILE__CONCURRENCY", "0");
             let err = Config::load(None).expect_err("must fail");
             assert!(err.to_string().contains("reconcile.concurrency"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_short_api_token_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WORKERCTL_API__TOKEN", "short");
+            let err = Config::load(None).expect_err("must fail");
+            assert!(err.to_string().contains("api.token"), "{err}");
             Ok(())
         });
     }
