@@ -336,7 +336,10 @@ mod tests {
             let config = Config::load(Some(&path)).expect("example config loads");
             assert_eq!(config.amqp.exchange, "pipeline.messages");
             assert_eq!(config.dead_letters.queue, "workerctl.errors");
-            assert!(config.api.token.is_none(), "the example turns no write API on");
+            assert!(
+                config.api.token.is_none(),
+                "the example turns no write API on"
+            );
             Ok(())
         });
     }

@@ -344,8 +344,14 @@ mod tests {
 
     #[test]
     fn column_values_read_as_typed_states_and_statuses() {
-        assert_eq!(WorkerState::from("enabled".to_string()), WorkerState::Enabled);
-        assert_eq!(WorkerState::from("disabled".to_string()), WorkerState::Disabled);
+        assert_eq!(
+            WorkerState::from("enabled".to_string()),
+            WorkerState::Enabled
+        );
+        assert_eq!(
+            WorkerState::from("disabled".to_string()),
+            WorkerState::Disabled
+        );
         let odd = WorkerState::from("paused".to_string());
         assert_eq!(odd, WorkerState::Other("paused".into()));
         assert_eq!(odd.to_string(), "paused");

@@ -734,3 +734,24 @@ async fn dev_mode_deploys_each_save_shows_a_broken_one_at_once_and_leaves_the_wo
     let row = cli.row(id).await;
     assert_eq!((row.state.as_str(), row.revision), ("enabled", 3));
 }
+
+#[sqlx::test(migrations = false)]
+async fn dev_mode_with_rm_deletes_the_worker_on_ctrl_c(pool: PgPool) {
+    let (cli, mut daemon) = pipeline(pool).await;
+    let code = cli.file("rm.py", harness::ECHO_PY.as_bytes());
+    let term = Terminal::start(&cli, &["worker", "dev", "gone", "--code", s(&code), "--rm"]);
+    term.wait_for("revision 1 ready", 1).await;
+    let id = sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM user_workers WHERE name = 'gone'")
+        .fetch_one(&cli.pool)
+        .await
+        .expect("created");
+    daemon.remember(id);
+    term.keys("C-c");
+    term.wait_for("worker gone deleted", 1).await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM user_workers WHERE id = $1")
+        .bind(id)
+        .fetch_one(&cli.pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+}
