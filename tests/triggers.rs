@@ -755,3 +755,76 @@ async fn dev_mode_with_rm_deletes_the_worker_on_ctrl_c(pool: PgPool) {
         .expect("count");
     assert_eq!(left, 0);
 }
+
+// ------------------------------------------------------- the tables, alone --
+
+#[sqlx::test(migrations = false)]
+async fn a_fire_time_is_won_by_one_compare_and_set_only(pool: PgPool) {
+    use workerctl::store::schedules;
+    let cli = Cli::new(pool).await;
+    let worker = cli.insert("cas").await;
+    let new = schedules::NewSchedule {
+        worker_id: worker,
+        cron: "* * * * * *".into(),
+        timezone: "UTC".into(),
+        message: json!({}),
+    };
+    let id = schedules::add(&cli.pool, &new).await.expect("added");
+    let at = chrono::Utc::now();
+    let (a, b) = tokio::join!(
+        schedules::record_fire(&cli.pool, id, at),
+        schedules::record_fire(&cli.pool, id, at)
+    );
+    let won = [a.expect("a"), b.expect("b")];
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    let earlier = at - chrono::Duration::seconds(1);
+    assert!(
+        !schedules::record_fire(&cli.pool, id, earlier)
+            .await
+            .expect("older"),
+        "never backwards"
+    );
+    let row = schedules::get(&cli.pool, id)
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(row.fires, 1);
+    sqlx::query("DELETE FROM user_workers WHERE id = $1")
+        .bind(worker)
+        .execute(&cli.pool)
+        .await
+        .expect("delete");
+    assert!(
+        schedules::get(&cli.pool, id).await.expect("get").is_none(),
+        "schedules go with their worker"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_dead_letter_table_keeps_the_newest_and_stores_a_redelivery_once(pool: PgPool) {
+    use workerctl::dead_letters::read_letter;
+    use workerctl::store::dead_letters;
+    let cli = Cli::new(pool).await;
+    for n in 0..5 {
+        let body = json!({"error": format!("E{n}"), "received_by_worker": {}}).to_string();
+        let letter = read_letter(body.as_bytes(), Some(&format!("m{n}")), chrono::Utc::now());
+        assert!(
+            dead_letters::insert(&cli.pool, &letter, 3)
+                .await
+                .expect("insert")
+        );
+        if n == 4 {
+            assert!(
+                !dead_letters::insert(&cli.pool, &letter, 3)
+                    .await
+                    .expect("again"),
+                "a redelivery is one row"
+            );
+        }
+    }
+    let all = dead_letters::list(&cli.pool, &dead_letters::Filter::default())
+        .await
+        .expect("list");
+    let errors: Vec<_> = all.iter().map(|d| d.error.as_str()).collect();
+    assert_eq!(errors, ["E4", "E3", "E2"]);
+}
