@@ -486,6 +486,11 @@ mod tests {
         Jail::expect_with(|_| {
             let config = Config::load(Some(&path)).expect("example config loads");
             assert_eq!(config.amqp.exchange, "pipeline.messages");
+            assert_eq!(config.dead_letters.queue, "workerctl.errors");
+            assert!(
+                config.api.token.is_none(),
+                "the example turns no write API on"
+            );
             Ok(())
         });
     }
@@ -572,6 +577,16 @@ mod tests {
             jail.set_env("WORKERCTL_LEADER__HEARTBEAT", "5s");
             let err = Config::load(None).expect_err("must fail");
             assert!(err.to_string().contains("leader.heartbeat"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_short_api_token_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WORKERCTL_API__TOKEN", "short");
+            let err = Config::load(None).expect_err("must fail");
+            assert!(err.to_string().contains("api.token"), "{err}");
             Ok(())
         });
     }

@@ -380,6 +380,25 @@ mod tests {
     }
 
     #[test]
+    fn column_values_read_as_typed_states_and_statuses() {
+        assert_eq!(
+            WorkerState::from("enabled".to_string()),
+            WorkerState::Enabled
+        );
+        assert_eq!(
+            WorkerState::from("disabled".to_string()),
+            WorkerState::Disabled
+        );
+        let odd = WorkerState::from("paused".to_string());
+        assert_eq!(odd, WorkerState::Other("paused".into()));
+        assert_eq!(odd.to_string(), "paused");
+        assert_eq!(serde_json::to_value(&odd).expect("json"), "paused");
+        assert_eq!(Status::from_column("ready"), Status::Ready);
+        assert_eq!(Status::from_column("error"), Status::Error);
+        assert_eq!(Status::from_column("???"), Status::Unknown);
+    }
+
+    #[test]
     fn enabled_python_zip_runs() {
         assert!(matches!(intent_of(&row()), Intent::Run(_)));
     }

@@ -8,10 +8,9 @@
 //! (what an update changes) are made by the caller; this file only runs SQL
 //! and classifies its errors ([`DbError`]).
 
-use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -134,9 +133,8 @@ pub struct Db {
 /// Connects, failing within [`CONNECT_TIMEOUT`] with the reason when the
 /// database does not answer.
 pub async fn connect(url: &str) -> Result<Db, DbError> {
-    let options = PgConnectOptions::from_str(url)
+    let options = super::postgres::connect_options(url, "workerctl-cli")
         .map_err(DbError::Url)?
-        .application_name("workerctl-cli")
         .disable_statement_logging();
     let at = format!("{}:{}", options.get_host(), options.get_port());
     // One plain connection first: a pool retries a refused connection until

@@ -52,9 +52,7 @@ impl PgStore {
     /// for a malformed URL; an unreachable database fails the first query
     /// within [`ACQUIRE_TIMEOUT`].
     pub fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(StoreError::Connect)?
-            .application_name(APPLICATION_NAME);
+        let options = connect_options(url, APPLICATION_NAME).map_err(StoreError::Connect)?;
         let pool = PgPoolOptions::new()
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
@@ -103,6 +101,12 @@ impl PgStore {
     fn count_statement(&self) {
         self.statements.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The connection options of every workerctl session: the URL, and a name in
+/// `pg_stat_activity` that tells an operator which part of workerctl it is.
+pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(url)?.application_name(application_name))
 }
 
 /// Every column is COALESCEd and cast so that hand-edited or legacy rows
@@ -377,7 +381,7 @@ async fn listen_session(url: &str, on_wake: &impl Fn(Wake)) -> ListenError {
 /// share the store's fail-fast timeout, and a lost connection is reported to
 /// us (not silently re-made) so that we can wake the controller.
 async fn subscribe(url: &str) -> Result<PgListener, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?.application_name(LISTENER_APPLICATION_NAME);
+    let options = connect_options(url, LISTENER_APPLICATION_NAME)?;
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -11,7 +11,7 @@
 //! `invoke`, `logs`); nothing here is specific but the loop.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -186,8 +186,8 @@ async fn deploy(
 ) -> Result<Option<i32>, CliError> {
     let new = code::read(&a.code)?;
     code::check_callable(&new, &a.code, code::DEFAULT_ENTRYPOINT)?;
-    if let code::Code::Python { .. } = new {
-        syntax_check(&a.code)?;
+    if let code::Code::Python { usercode, .. } = &new {
+        syntax_check(&a.code, usercode)?;
     }
     let (changes, revision) = db
         .update(target, |current| {
@@ -211,23 +211,33 @@ async fn deploy(
     Ok(Some(revision))
 }
 
-/// Compiles the file with the local `python3`, if there is one: a syntax
-/// error is shown at once, with its line and caret, and nothing is stored.
-fn syntax_check(path: &Path) -> Result<(), CliError> {
+/// Compiles the code read (the very bytes that would be stored, given on
+/// stdin) with the local `python3`, if there is one: a syntax error is shown
+/// at once, with its line and caret, and nothing is stored.
+fn syntax_check(path: &Path, usercode: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
     const CHECK: &str = "import ast, sys\n\
-        src = open(sys.argv[1], encoding='utf-8').read()\n\
+        src = sys.stdin.read()\n\
         try:\n    ast.parse(src, 'usercode.py')\n\
         except SyntaxError as e:\n\
         \x20   line = (e.text or '').rstrip()\n\
         \x20   print(f'  File \"usercode.py\", line {e.lineno}\\n    {line}\\n    {\" \" * max((e.offset or 1) - 1, 0)}^\\nSyntaxError: {e.msg}')\n\
         \x20   sys.exit(1)\n";
-    let Ok(out) = Command::new("python3")
+    let child = Command::new("python3")
         .arg("-c")
         .arg(CHECK)
-        .arg(path)
-        .output()
-    else {
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
         return Ok(()); // No python3 here: the worker's container will say.
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(usercode.as_bytes());
+    }
+    let Ok(out) = child.wait_with_output() else {
+        return Ok(());
     };
     if out.status.success() {
         return Ok(());
