@@ -13,12 +13,14 @@ pub mod exit;
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod readiness;
 pub mod reconciler;
 pub mod runtime;
+pub mod scale;
 pub mod status_page;
 pub mod store;
 pub mod worker_cli;

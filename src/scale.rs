@@ -1,0 +1,554 @@
+//! How many replicas a worker should run, from the depth of its queue:
+//! KEDA's RabbitMQ scaler in `QueueLength` mode. Demand is
+//! `ceil(ready messages / per_replica)`, clamped to the worker's
+//! `[min, max]`; more replicas are wanted at once, fewer only after the
+//! demand has stayed lower for a whole cooldown.
+//!
+//! Pure: the caller brings the depth, the bounds, the state this function
+//! returned last time and the time; no I/O, no clock. It belongs with the
+//! planner (and moves under `plan/` with it).
+
+use std::fmt;
+
+/// The most replicas a worker may ask for; a typo like `--max 1000` is
+/// refused rather than obeyed.
+pub const MAX_REPLICAS: u32 = 64;
+/// Ready messages one replica is expected to handle (KEDA's default `value`).
+pub const DEFAULT_PER_REPLICA: u32 = 20;
+
+/// A worker's scale settings: between `min` and `max` replicas, one per
+/// `per_replica` ready messages. Made by [`ScaleBounds::new`], so always
+/// `min ≤ max`, `1 ≤ max ≤ MAX_REPLICAS` and `per_replica ≥ 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScaleBounds {
+    min: u32,
+    max: u32,
+    per_replica: u32,
+}
+
+/// Why scale settings were refused; each says which value to change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BoundsError {
+    #[error("--min {min} is more than --max {max}")]
+    MinAboveMax { min: u32, max: u32 },
+    #[error("--max must be at least 1 (to run no replica, disable the worker)")]
+    MaxZero,
+    #[error("--max {max} is more than {MAX_REPLICAS}, the most replicas a worker may have")]
+    MaxTooHigh { max: u32 },
+    #[error("--per-replica must be at least 1")]
+    PerReplicaZero,
+}
+
+impl ScaleBounds {
+    pub fn new(min: u32, max: u32, per_replica: u32) -> Result<ScaleBounds, BoundsError> {
+        if max == 0 {
+            return Err(BoundsError::MaxZero);
+        }
+        if max > MAX_REPLICAS {
+            return Err(BoundsError::MaxTooHigh { max });
+        }
+        if min > max {
+            return Err(BoundsError::MinAboveMax { min, max });
+        }
+        if per_replica == 0 {
+            return Err(BoundsError::PerReplicaZero);
+        }
+        Ok(ScaleBounds {
+            min,
+            max,
+            per_replica,
+        })
+    }
+
+    /// Settings read from a row that may have been edited by hand: clamped
+    /// into range rather than refused, so a bad row still runs something.
+    pub fn lenient(min: i64, max: i64, per_replica: i64) -> ScaleBounds {
+        let clamp = |v: i64, lo: u32, hi: u32| v.clamp(i64::from(lo), i64::from(hi)) as u32;
+        let max = clamp(max, 1, MAX_REPLICAS);
+        ScaleBounds {
+            min: clamp(min, 0, max),
+            max,
+            per_replica: clamp(per_replica, 1, u32::MAX),
+        }
+    }
+
+    pub fn min(&self) -> u32 {
+        self.min
+    }
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+    pub fn per_replica(&self) -> u32 {
+        self.per_replica
+    }
+
+    /// Whether the replica count is fixed (`min == max`): no queue depth needed.
+    pub fn is_fixed(&self) -> bool {
+        self.min == self.max
+    }
+
+    fn clamp(&self, n: u32) -> u32 {
+        n.clamp(self.min, self.max)
+    }
+}
+
+impl Default for ScaleBounds {
+    /// One replica, always: what every worker had before replicas.
+    fn default() -> Self {
+        ScaleBounds {
+            min: 1,
+            max: 1,
+            per_replica: DEFAULT_PER_REPLICA,
+        }
+    }
+}
+
+/// What the scaler remembers of a worker between passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaleState {
+    /// The replica count decided last.
+    pub desired: u32,
+    /// While demand is below `desired`: since when (Unix ms), and the
+    /// highest demand seen since then (what a scale-down may go to).
+    pub lower: Option<Lower>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lower {
+    pub since_ms: i64,
+    pub peak: u32,
+}
+
+impl ScaleState {
+    /// The state of a worker seen for the first time (or after a restart of
+    /// the daemon): whatever runs is what was decided, so a restarted
+    /// daemon scales nothing down before a cooldown has passed.
+    pub fn adopt(running: u32) -> ScaleState {
+        ScaleState {
+            desired: running,
+            lower: None,
+        }
+    }
+}
+
+/// Why the replica count is what it is, for the status line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleReason {
+    /// `min == max`: nothing to decide.
+    Fixed,
+    /// Demand, within bounds.
+    Demand { ready: u64 },
+    /// Demand was below `min` or above `max`.
+    Clamped { ready: u64 },
+    /// Demand is lower, but not yet for a whole cooldown.
+    CoolingDown { ready: u64, until_ms: i64 },
+    /// The queue depth could not be read: the count is held.
+    DepthUnknown,
+}
+
+impl fmt::Display for ScaleReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScaleReason::Fixed => f.write_str("fixed replica count"),
+            ScaleReason::Demand { ready } => write!(f, "{ready} messages ready"),
+            ScaleReason::Clamped { ready } => {
+                write!(f, "{ready} messages ready, held within min and max")
+            }
+            ScaleReason::CoolingDown { ready, until_ms } => write!(
+                f,
+                "{ready} messages ready; scaling down once demand stays lower until {}",
+                fmt_ms(*until_ms)
+            ),
+            ScaleReason::DepthUnknown => {
+                f.write_str("queue depth unknown: replica count held, autoscaling paused")
+            }
+        }
+    }
+}
+
+fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// One decision of [`desired_replicas`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaleDecision {
+    pub desired: u32,
+    /// What to pass back next time.
+    pub state: ScaleState,
+    /// When to decide again although nothing else happened: the end of a
+    /// cooldown, when a scale-down falls due.
+    pub wake_at_ms: Option<i64>,
+    pub reason: ScaleReason,
+}
+
+/// The replica count for a worker whose queue holds `ready` messages
+/// (`None`: unknown), given what was decided last time.
+///
+/// - demand = `ceil(ready / per_replica)`, clamped to `[min, max]`;
+/// - above the last count: that many, at once;
+/// - below it: the count holds until demand has stayed lower for
+///   `cooldown_ms`, then drops to the highest demand seen meanwhile (no
+///   replica goes that was needed at any time in the cooldown);
+/// - min = 0 scales to zero, and one ready message brings a replica back;
+/// - bounds changed by hand apply at once;
+/// - depth unknown: the last count holds (clamped), and never less than
+///   one replica — without a depth, a worker at zero could never be woken.
+pub fn desired_replicas(
+    ready: Option<u64>,
+    bounds: ScaleBounds,
+    previous: ScaleState,
+    cooldown_ms: i64,
+    now_ms: i64,
+) -> ScaleDecision {
+    let current = bounds.clamp(previous.desired);
+    if bounds.is_fixed() {
+        return settled(current, ScaleReason::Fixed);
+    }
+    let Some(ready) = ready else {
+        let held = current.max(1.min(bounds.max));
+        return settled(held, ScaleReason::DepthUnknown);
+    };
+    let demand = ready.div_ceil(u64::from(bounds.per_replica));
+    let target = bounds.clamp(u32::try_from(demand).unwrap_or(u32::MAX));
+    let reason = if u64::from(target) == demand {
+        ScaleReason::Demand { ready }
+    } else {
+        ScaleReason::Clamped { ready }
+    };
+    if target >= current {
+        return settled(target, reason);
+    }
+    let lower = match previous.lower {
+        Some(l) => Lower {
+            since_ms: l.since_ms,
+            peak: l.peak.max(target),
+        },
+        None => Lower {
+            since_ms: now_ms,
+            peak: target,
+        },
+    };
+    let due = lower.since_ms.saturating_add(cooldown_ms);
+    if now_ms >= due {
+        let next = Lower {
+            since_ms: now_ms,
+            peak: target,
+        };
+        return scale_down_to(lower.peak, next, cooldown_ms, reason);
+    }
+    ScaleDecision {
+        desired: current,
+        state: ScaleState {
+            desired: current,
+            lower: Some(lower),
+        },
+        wake_at_ms: Some(due),
+        reason: ScaleReason::CoolingDown {
+            ready,
+            until_ms: due,
+        },
+    }
+}
+
+/// The cooldown is over: down to the peak demand of the cooldown; if the
+/// demand now (`next.peak`) is lower still, the next cooldown starts now.
+fn scale_down_to(peak: u32, next: Lower, cooldown_ms: i64, reason: ScaleReason) -> ScaleDecision {
+    let lower = (next.peak < peak).then_some(next);
+    ScaleDecision {
+        desired: peak,
+        state: ScaleState {
+            desired: peak,
+            lower,
+        },
+        wake_at_ms: lower.map(|l| l.since_ms.saturating_add(cooldown_ms)),
+        reason,
+    }
+}
+
+fn settled(desired: u32, reason: ScaleReason) -> ScaleDecision {
+    ScaleDecision {
+        desired,
+        state: ScaleState {
+            desired,
+            lower: None,
+        },
+        wake_at_ms: None,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COOLDOWN: i64 = 60_000;
+    const T0: i64 = 1_000_000;
+
+    fn bounds(min: u32, max: u32) -> ScaleBounds {
+        ScaleBounds::new(min, max, 20).expect("valid bounds")
+    }
+
+    fn state(desired: u32) -> ScaleState {
+        ScaleState::adopt(desired)
+    }
+
+    fn cooling(desired: u32, since_ms: i64, peak: u32) -> ScaleState {
+        ScaleState {
+            desired,
+            lower: Some(Lower { since_ms, peak }),
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        ready: Option<u64>,
+        bounds: ScaleBounds,
+        previous: ScaleState,
+        now: i64,
+        desired: u32,
+        wake_at: Option<i64>,
+    }
+
+    #[test]
+    fn replica_counts_follow_the_queue_like_keda_queue_length() {
+        let cases = [
+            Case {
+                name: "an empty queue at min 1 keeps one replica",
+                ready: Some(0),
+                bounds: bounds(1, 4),
+                previous: state(1),
+                now: T0,
+                desired: 1,
+                wake_at: None,
+            },
+            Case {
+                name: "demand is ready messages over per_replica, rounded up",
+                ready: Some(41),
+                bounds: bounds(1, 10),
+                previous: state(1),
+                now: T0,
+                desired: 3,
+                wake_at: None,
+            },
+            Case {
+                name: "exactly one replica's worth is one replica",
+                ready: Some(20),
+                bounds: bounds(0, 10),
+                previous: state(0),
+                now: T0,
+                desired: 1,
+                wake_at: None,
+            },
+            Case {
+                name: "demand above max is clamped to max",
+                ready: Some(20_000),
+                bounds: bounds(1, 4),
+                previous: state(1),
+                now: T0,
+                desired: 4,
+                wake_at: None,
+            },
+            Case {
+                name: "a scale-up happens at once, even while cooling down",
+                ready: Some(100),
+                bounds: bounds(1, 10),
+                previous: cooling(3, T0 - 1_000, 1),
+                now: T0,
+                desired: 5,
+                wake_at: None,
+            },
+            Case {
+                name: "lower demand starts a cooldown and holds the count",
+                ready: Some(0),
+                bounds: bounds(1, 4),
+                previous: state(4),
+                now: T0,
+                desired: 4,
+                wake_at: Some(T0 + COOLDOWN),
+            },
+            Case {
+                name: "a cooldown not yet over still holds",
+                ready: Some(0),
+                bounds: bounds(1, 4),
+                previous: cooling(4, T0, 1),
+                now: T0 + COOLDOWN - 1,
+                desired: 4,
+                wake_at: Some(T0 + COOLDOWN),
+            },
+            Case {
+                name: "after the cooldown the count drops to the peak demand seen in it",
+                ready: Some(0),
+                bounds: bounds(1, 4),
+                previous: cooling(4, T0, 2),
+                now: T0 + COOLDOWN,
+                desired: 2,
+                wake_at: Some(T0 + 2 * COOLDOWN),
+            },
+            Case {
+                name: "min 0 scales an idle worker to zero after the cooldown",
+                ready: Some(0),
+                bounds: bounds(0, 4),
+                previous: cooling(1, T0, 0),
+                now: T0 + COOLDOWN,
+                desired: 0,
+                wake_at: None,
+            },
+            Case {
+                name: "one message brings a worker at zero back at once",
+                ready: Some(1),
+                bounds: bounds(0, 4),
+                previous: state(0),
+                now: T0,
+                desired: 1,
+                wake_at: None,
+            },
+            Case {
+                name: "never below min, whatever the queue",
+                ready: Some(0),
+                bounds: bounds(2, 4),
+                previous: cooling(4, T0, 0),
+                now: T0 + 10 * COOLDOWN,
+                desired: 2,
+                wake_at: None,
+            },
+            Case {
+                name: "an unknown depth holds the count",
+                ready: None,
+                bounds: bounds(1, 4),
+                previous: cooling(3, T0, 1),
+                now: T0 + 10 * COOLDOWN,
+                desired: 3,
+                wake_at: None,
+            },
+            Case {
+                name: "an unknown depth never leaves a worker at zero",
+                ready: None,
+                bounds: bounds(0, 4),
+                previous: state(0),
+                now: T0,
+                desired: 1,
+                wake_at: None,
+            },
+            Case {
+                name: "a max lowered by hand applies at once",
+                ready: Some(20_000),
+                bounds: bounds(1, 2),
+                previous: state(4),
+                now: T0,
+                desired: 2,
+                wake_at: None,
+            },
+            Case {
+                name: "a min raised by hand applies at once",
+                ready: Some(0),
+                bounds: bounds(3, 4),
+                previous: state(1),
+                now: T0,
+                desired: 3,
+                wake_at: None,
+            },
+            Case {
+                name: "fixed bounds need no depth",
+                ready: None,
+                bounds: ScaleBounds::default(),
+                previous: state(0),
+                now: T0,
+                desired: 1,
+                wake_at: None,
+            },
+        ];
+        for c in cases {
+            let d = desired_replicas(c.ready, c.bounds, c.previous, COOLDOWN, c.now);
+            assert_eq!(d.desired, c.desired, "{}", c.name);
+            assert_eq!(d.wake_at_ms, c.wake_at, "{}", c.name);
+            assert_eq!(d.state.desired, d.desired, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn a_cooldown_remembers_its_start_and_the_highest_demand_in_it() {
+        let b = bounds(1, 4);
+        let first = desired_replicas(Some(0), b, state(4), COOLDOWN, T0);
+        let second = desired_replicas(Some(45), b, first.state, COOLDOWN, T0 + 10_000);
+        let third = desired_replicas(Some(0), b, second.state, COOLDOWN, T0 + 20_000);
+        assert_eq!(
+            third.state.lower,
+            Some(Lower {
+                since_ms: T0,
+                peak: 3
+            })
+        );
+        let due = desired_replicas(Some(0), b, third.state, COOLDOWN, T0 + COOLDOWN);
+        assert_eq!(due.desired, 3);
+    }
+
+    #[test]
+    fn demand_back_at_the_count_ends_the_cooldown() {
+        let b = bounds(1, 4);
+        let cooling = desired_replicas(Some(0), b, state(2), COOLDOWN, T0);
+        let back = desired_replicas(Some(40), b, cooling.state, COOLDOWN, T0 + 1_000);
+        assert_eq!(back.state, state(2));
+        let again = desired_replicas(Some(0), b, back.state, COOLDOWN, T0 + COOLDOWN);
+        assert_eq!(again.desired, 2, "a new cooldown starts from here");
+        assert_eq!(again.wake_at_ms, Some(T0 + 2 * COOLDOWN));
+    }
+
+    #[test]
+    fn a_scale_down_to_the_peak_starts_the_next_cooldown_when_demand_is_lower_still() {
+        let d = desired_replicas(
+            Some(0),
+            bounds(0, 4),
+            cooling(4, T0, 2),
+            COOLDOWN,
+            T0 + COOLDOWN,
+        );
+        assert_eq!(d.desired, 2);
+        let next = Lower {
+            since_ms: T0 + COOLDOWN,
+            peak: 0,
+        };
+        assert_eq!(d.state.lower, Some(next));
+    }
+
+    #[test]
+    fn reasons_say_what_the_status_line_shows() {
+        let cool = desired_replicas(Some(0), bounds(1, 4), state(4), COOLDOWN, 0);
+        assert!(
+            cool.reason.to_string().contains("scaling down"),
+            "{}",
+            cool.reason
+        );
+        let unknown = desired_replicas(None, bounds(1, 4), state(2), COOLDOWN, 0);
+        assert!(unknown.reason.to_string().contains("autoscaling paused"));
+        let clamped = desired_replicas(Some(9_999), bounds(1, 4), state(1), COOLDOWN, 0);
+        assert_eq!(clamped.reason, ScaleReason::Clamped { ready: 9_999 });
+    }
+
+    #[test]
+    fn bounds_are_refused_with_the_value_to_change() {
+        assert_eq!(
+            ScaleBounds::new(5, 4, 20),
+            Err(BoundsError::MinAboveMax { min: 5, max: 4 })
+        );
+        assert_eq!(ScaleBounds::new(0, 0, 20), Err(BoundsError::MaxZero));
+        assert_eq!(
+            ScaleBounds::new(1, MAX_REPLICAS + 1, 20),
+            Err(BoundsError::MaxTooHigh {
+                max: MAX_REPLICAS + 1
+            })
+        );
+        assert_eq!(ScaleBounds::new(1, 2, 0), Err(BoundsError::PerReplicaZero));
+        assert!(ScaleBounds::new(0, MAX_REPLICAS, 1).is_ok());
+    }
+
+    #[test]
+    fn rows_edited_by_hand_are_clamped_into_range() {
+        let b = ScaleBounds::lenient(-3, 1_000, 0);
+        assert_eq!((b.min(), b.max(), b.per_replica()), (0, MAX_REPLICAS, 1));
+        let b = ScaleBounds::lenient(9, 2, 20);
+        assert_eq!((b.min(), b.max()), (2, 2));
+    }
+}
