@@ -54,6 +54,61 @@ pub struct Config {
     pub code_server: CodeServerConfig,
     pub amqp: AmqpConfig,
     pub log: LogConfig,
+    pub leader: LeaderConfig,
+    pub scale: ScaleConfig,
+    pub runtime: RuntimeConfig,
+    pub swarm: SwarmConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderConfig {
+    /// How often the leader confirms its lock and a standby tries to take it.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// How long a confirmation of the lock stays good; the leader stops
+    /// acting when it is older. The server ends a silent session after twice this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleConfig {
+    /// RabbitMQ's management API, read for queue depths (credentials in the
+    /// URL, else those of `amqp.url`); empty: no autoscaling.
+    pub management_url: Secret,
+    /// How often queue depths are read.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long demand must stay lower before replicas are removed.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+/// Which engine runs the workers.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Plain containers on one Docker engine.
+    Docker,
+    /// One Docker Swarm service per worker, through a swarm manager.
+    Swarm,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub backend: Backend,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmConfig {
+    /// How long Swarm watches each updated task before the next; a task
+    /// that fails (or turns unhealthy) within it rolls the update back.
+    #[serde(with = "humantime_serde")]
+    pub update_monitor: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -183,6 +238,21 @@ impl Default for Config {
                 format: LogFormat::Text,
                 filter: "info".into(),
             },
+            leader: LeaderConfig {
+                heartbeat: Duration::from_secs(1),
+                lease: Duration::from_secs(5),
+            },
+            scale: ScaleConfig {
+                management_url: Secret::new("http://127.0.0.1:15672"),
+                poll_interval: Duration::from_secs(5),
+                cooldown: Duration::from_secs(60),
+            },
+            runtime: RuntimeConfig {
+                backend: Backend::Docker,
+            },
+            swarm: SwarmConfig {
+                update_monitor: Duration::from_secs(10),
+            },
         }
     }
 }
@@ -272,6 +342,36 @@ impl Config {
                 "must be an absolute URL like http://host:3000",
             );
         }
+        self.validate_scale_out()
+    }
+
+    /// The keys of leader election, autoscaling and Swarm.
+    fn validate_scale_out(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            })
+        };
+        if self.leader.heartbeat.is_zero() || self.leader.heartbeat >= self.leader.lease {
+            return invalid(
+                "leader.heartbeat",
+                "must be longer than 0s and shorter than leader.lease",
+            );
+        }
+        if self.leader.lease < Duration::from_millis(100) {
+            return invalid("leader.lease", "must be at least 100ms");
+        }
+        if self.scale.poll_interval.is_zero() {
+            return invalid("scale.poll_interval", "must be longer than 0s");
+        }
+        let url = self.scale.management_url.expose();
+        if !url.is_empty() && reqwest::Url::parse(url).is_err() {
+            return invalid(
+                "scale.management_url",
+                "must be empty (no autoscaling) or a URL like http://user:password@host:15672",
+            );
+        }
         Ok(())
     }
 
@@ -282,6 +382,14 @@ impl Config {
             no_new_privileges: self.docker.no_new_privileges,
             cap_drop: self.docker.cap_drop.clone(),
             tmpfs: self.docker.tmpfs.clone(),
+        }
+    }
+
+    /// How the leader lock is kept.
+    pub fn leader_timing(&self) -> crate::leader::LeaderTiming {
+        crate::leader::LeaderTiming {
+            heartbeat: self.leader.heartbeat,
+            lease: self.leader.lease,
         }
     }
 
@@ -371,6 +479,34 @@ mod tests {
             jail.create_file("c.toml", "[docker]\ntmpfs = [\"/tmp\", \"usercode\"]\n")?;
             let err = Config::load(Some(Path::new("c.toml"))).expect_err("must fail");
             assert!(err.to_string().contains("docker.tmpfs"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn scale_out_keys_have_defaults_that_change_nothing() {
+        let config = Config::default();
+        assert_eq!(config.runtime.backend, Backend::Docker);
+        assert_eq!(config.scale.cooldown, Duration::from_secs(60));
+        assert_eq!(config.scale.poll_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_swarm_backend_is_chosen_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WORKERCTL_RUNTIME__BACKEND", "swarm");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.runtime.backend, Backend::Swarm);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_heartbeat_not_shorter_than_the_lease_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WORKERCTL_LEADER__HEARTBEAT", "5s");
+            let err = Config::load(None).expect_err("must fail");
+            assert!(err.to_string().contains("leader.heartbeat"), "{err}");
             Ok(())
         });
     }

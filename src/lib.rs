@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod backoff;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod controller;

@@ -1,0 +1,370 @@
+//! The queue-depth boundary: how many messages wait in each worker's queue,
+//! read from RabbitMQ's management HTTP API with **one** request for all
+//! queues (`GET /api/queues/<vhost>?columns=name,messages_ready,consumers`),
+//! whatever the number of workers.
+//!
+//! Only queues named `worker_<uuid>` count; everything else on the vhost is
+//! ignored. The management API's figures lag the broker by its statistics
+//! interval (5 s by default), which is fine for scaling.
+//!
+//! Without the management API (plugin disabled, wrong URL or credentials)
+//! every read fails with a [`BrokerError`] that says what to do, and the
+//! scaler holds each worker's replica count (see `scale.rs`): no
+//! autoscaling, workers keep running. This module decides nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url};
+use serde::Deserialize;
+
+use crate::config::Secret;
+use crate::model::WorkerId;
+
+/// A management API that has not answered by then is treated as absent for
+/// this read: the next poll tries again.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The queue name prefix of a worker (CONTRACT §4).
+const QUEUE_PREFIX: &str = "worker_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid scale.management_url: {problem}")]
+    Url { problem: String },
+    #[error(
+        "the RabbitMQ management API at {at} does not answer; enable it \
+         (rabbitmq-plugins enable rabbitmq_management) or set scale.management_url"
+    )]
+    Unreachable {
+        at: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error(
+        "the RabbitMQ management API at {at} refused the credentials (HTTP {status}); \
+         put a user with the monitoring tag in scale.management_url"
+    )]
+    Unauthorized { at: String, status: u16 },
+    #[error(
+        "{at} has no queues of vhost {vhost:?} (HTTP 404): is it RabbitMQ's management API, \
+         and does the vhost of amqp.url exist?"
+    )]
+    NotFound { at: String, vhost: String },
+    #[error("the RabbitMQ management API at {at} answered HTTP {status}")]
+    Status { at: String, status: u16 },
+    #[error("cannot read the queue list from the management API at {at}")]
+    Decode {
+        at: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// What is known of one worker's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Messages waiting for a consumer; `None` while the broker has not yet
+    /// published statistics for a new queue.
+    pub ready: Option<u64>,
+    pub consumers: u32,
+}
+
+/// The depths of every worker queue on the vhost, from one read. A worker
+/// absent here has no queue (yet): its dockerworker declares it on start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueDepths {
+    pub by_worker: HashMap<WorkerId, QueueDepth>,
+}
+
+impl QueueDepths {
+    pub fn get(&self, id: WorkerId) -> Option<QueueDepth> {
+        self.by_worker.get(&id).copied()
+    }
+}
+
+/// One queue as the management API lists it (only the requested columns).
+#[derive(Debug, Deserialize)]
+struct QueueRow {
+    name: String,
+    messages_ready: Option<u64>,
+    consumers: Option<u32>,
+}
+
+/// A client of the management API for one vhost. Counts its requests, so a
+/// benchmark can show one per read.
+#[derive(Debug)]
+pub struct QueueMonitor {
+    http: reqwest::Client,
+    queues_url: Url,
+    user: String,
+    password: Secret,
+    /// host:port, for messages (never the URL: it may carry a password).
+    at: String,
+    vhost: String,
+    calls: AtomicU64,
+}
+
+impl QueueMonitor {
+    /// A monitor of `vhost` through the API at `management_url`. Credentials
+    /// are the URL's (`http://user:password@host:15672`); without any, those
+    /// of `amqp_url` (the same broker user, usually). `vhost` is the one of
+    /// `amqp_url` (`/%2f` or none: `/`).
+    pub fn new(management_url: &str, amqp_url: &str) -> Result<QueueMonitor, BrokerError> {
+        let bad = |problem: String| BrokerError::Url { problem };
+        let base = Url::parse(management_url).map_err(|e| bad(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(bad(format!("{management_url:?} is not an http:// URL")));
+        }
+        let amqp = Url::parse(amqp_url).ok();
+        let (user, password) = credentials(&base, amqp.as_ref());
+        let vhost = amqp.as_ref().map_or_else(|| "/".to_string(), vhost_of);
+        let queues_url = queues_url(&base, &vhost).ok_or_else(|| bad("cannot be a base".into()))?;
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(QueueMonitor {
+            http,
+            at: format!(
+                "{}:{}",
+                base.host_str().unwrap_or("?"),
+                base.port_or_known_default().unwrap_or(15672)
+            ),
+            queues_url,
+            user,
+            password: Secret::new(password),
+            vhost,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// How many requests this monitor has made.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The depth of every worker queue, in one request.
+    pub async fn depths(&self) -> Result<QueueDepths, BrokerError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .http
+            .get(self.queues_url.clone())
+            .basic_auth(&self.user, Some(self.password.expose()))
+            .send()
+            .await
+            .map_err(|source| BrokerError::Unreachable {
+                at: self.at.clone(),
+                source,
+            })?;
+        self.check(response.status())?;
+        let rows: Vec<QueueRow> = response
+            .json()
+            .await
+            .map_err(|source| BrokerError::Decode {
+                at: self.at.clone(),
+                source,
+            })?;
+        Ok(depths_of(rows))
+    }
+
+    fn check(&self, status: StatusCode) -> Result<(), BrokerError> {
+        let at = self.at.clone();
+        match status.as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err(BrokerError::Unauthorized {
+                at,
+                status: status.as_u16(),
+            }),
+            404 => Err(BrokerError::NotFound {
+                at,
+                vhost: self.vhost.clone(),
+            }),
+            other => Err(BrokerError::Status { at, status: other }),
+        }
+    }
+}
+
+/// The worker queues among `rows`.
+fn depths_of(rows: Vec<QueueRow>) -> QueueDepths {
+    let by_worker = rows
+        .into_iter()
+        .filter_map(|row| {
+            let id = row.name.strip_prefix(QUEUE_PREFIX)?.parse().ok()?;
+            let depth = QueueDepth {
+                ready: row.messages_ready,
+                consumers: row.consumers.unwrap_or(0),
+            };
+            Some((id, depth))
+        })
+        .collect();
+    QueueDepths { by_worker }
+}
+
+/// `<base>/api/queues/<vhost>?columns=…`, the vhost as one path segment
+/// (so `/` is sent as `%2F`).
+fn queues_url(base: &Url, vhost: &str) -> Option<Url> {
+    let mut url = base.clone();
+    url.set_username("").ok()?;
+    url.set_password(None).ok()?;
+    url.path_segments_mut()
+        .ok()?
+        .pop_if_empty()
+        .extend(["api", "queues", vhost]);
+    url.set_query(Some("columns=name,messages_ready,consumers"));
+    Some(url)
+}
+
+/// The user and password of the management URL, else of the AMQP URL,
+/// else RabbitMQ's default.
+fn credentials(management: &Url, amqp: Option<&Url>) -> (String, String) {
+    let of = |u: &Url| {
+        (!u.username().is_empty()).then(|| {
+            (
+                decode(u.username()),
+                u.password().map(decode).unwrap_or_default(),
+            )
+        })
+    };
+    of(management)
+        .or_else(|| amqp.and_then(of))
+        .unwrap_or_else(|| ("guest".into(), "guest".into()))
+}
+
+/// The vhost an AMQP URL names: its path without the leading `/`,
+/// percent-decoded; none means `/`.
+fn vhost_of(amqp: &Url) -> String {
+    let path = amqp.path().strip_prefix('/').unwrap_or(amqp.path());
+    if path.is_empty() {
+        "/".into()
+    } else {
+        decode(path)
+    }
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).expect("valid URL")
+    }
+
+    #[test]
+    fn the_default_vhost_is_sent_as_one_encoded_segment() {
+        let u = queues_url(&url("http://u:p@127.0.0.1:15672"), "/").expect("base");
+        assert_eq!(
+            u.as_str(),
+            "http://127.0.0.1:15672/api/queues/%2F?columns=name,messages_ready,consumers"
+        );
+    }
+
+    #[test]
+    fn a_path_prefix_of_the_management_url_is_kept() {
+        let u = queues_url(&url("http://mq/rabbit/"), "prod").expect("base");
+        assert_eq!(u.path(), "/rabbit/api/queues/prod");
+    }
+
+    #[test]
+    fn the_vhost_comes_from_the_amqp_url() {
+        assert_eq!(vhost_of(&url("amqp://u:p@h:5672/%2f")), "/");
+        assert_eq!(vhost_of(&url("amqp://u:p@h:5672")), "/");
+        assert_eq!(
+            vhost_of(&url("amqp://u:p@h:5672/sensor%20bucket")),
+            "sensor bucket"
+        );
+    }
+
+    #[test]
+    fn credentials_of_the_management_url_win_then_those_of_the_amqp_url() {
+        let amqp = url("amqp://mq-user:mq%40pw@h/%2f");
+        assert_eq!(
+            credentials(&url("http://admin:s3cr%3At@h:15672"), Some(&amqp)),
+            ("admin".into(), "s3cr:t".into())
+        );
+        assert_eq!(
+            credentials(&url("http://h:15672"), Some(&amqp)),
+            ("mq-user".into(), "mq@pw".into())
+        );
+        assert_eq!(
+            credentials(&url("http://h:15672"), None),
+            ("guest".into(), "guest".into())
+        );
+    }
+
+    #[test]
+    fn only_worker_queues_count_and_missing_stats_are_unknown() {
+        let id = Uuid::now_v7();
+        let rows = vec![
+            QueueRow {
+                name: format!("worker_{id}"),
+                messages_ready: Some(12),
+                consumers: Some(2),
+            },
+            QueueRow {
+                name: "storage".into(),
+                messages_ready: Some(99),
+                consumers: Some(1),
+            },
+            QueueRow {
+                name: "worker_not-a-uuid".into(),
+                messages_ready: Some(1),
+                consumers: None,
+            },
+        ];
+        let depths = depths_of(rows);
+        assert_eq!(depths.by_worker.len(), 1);
+        let depth = depths.get(WorkerId(id)).expect("the worker's queue");
+        assert_eq!(
+            depth,
+            QueueDepth {
+                ready: Some(12),
+                consumers: 2
+            }
+        );
+        let fresh = depths_of(vec![QueueRow {
+            name: format!("worker_{id}"),
+            messages_ready: None,
+            consumers: None,
+        }]);
+        assert_eq!(fresh.get(WorkerId(id)).and_then(|d| d.ready), None);
+    }
+
+    #[test]
+    fn a_management_url_that_is_not_http_is_refused_by_name() {
+        let err = QueueMonitor::new("amqp://h:5672", "amqp://h/%2f").expect_err("refused");
+        assert!(err.to_string().contains("scale.management_url"), "{err}");
+    }
+
+    #[test]
+    fn messages_never_carry_the_password() {
+        let m = QueueMonitor::new("http://u:hunter2@h:15672", "amqp://h/%2f").expect("valid");
+        assert_eq!(m.at, "h:15672");
+        assert!(!m.queues_url.as_str().contains("hunter2"));
+        assert!(!format!("{m:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,143 @@
+//! The queue-depth boundary against the real RabbitMQ and its management
+//! API (scripts/services enables the plugin; 127.0.0.1:15672, the
+//! workerctl user): messages published to a fresh worker queue are read
+//! back as its depth, in one request for every queue; a management API
+//! that is absent or refuses the credentials is an error that says so.
+//!
+//! Without a reachable broker every test fails; none is skipped.
+
+mod common;
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use uuid::Uuid;
+use workerctl::broker::{BrokerError, QueueMonitor};
+use workerctl::model::WorkerId;
+
+const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
+/// Management statistics lag the broker by seconds; this only catches a hang.
+const MUST_HAPPEN: Duration = Duration::from_secs(60);
+
+fn management_url() -> String {
+    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| MANAGEMENT_URL.into())
+}
+
+async fn channel() -> (Connection, Channel) {
+    let conn = Connection::connect(&common::amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ answers at AMQP_URL (scripts/services starts it)");
+    let channel = conn.create_channel().await.expect("a channel opens");
+    (conn, channel)
+}
+
+/// A durable quorum queue named like a worker's (CONTRACT §4).
+async fn worker_queue(channel: &Channel, id: WorkerId) -> String {
+    let name = format!("worker_{id}");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.as_str().into(), durable, args)
+        .await
+        .expect("the queue is declared");
+    name
+}
+
+async fn publish(channel: &Channel, queue: &str, n: usize) {
+    for i in 0..n {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("{{\"n\": {i}}}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publishes")
+            .await
+            .expect("the broker takes it");
+    }
+}
+
+/// Reads the depths until `id`'s queue shows `ready` messages, counting reads.
+async fn wait_for_depth(monitor: &QueueMonitor, id: WorkerId, ready: u64) -> u64 {
+    let mut reads = 0;
+    let wait = async {
+        loop {
+            reads += 1;
+            let depths = monitor.depths().await.expect("the management API answers");
+            if depths.get(id).and_then(|d| d.ready) == Some(ready) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::time::timeout(MUST_HAPPEN, wait)
+        .await
+        .unwrap_or_else(|_| panic!("queue of {id} never showed {ready} ready messages"));
+    reads
+}
+
+#[tokio::test]
+async fn messages_in_a_worker_queue_are_read_back_as_its_depth_in_one_call_per_read() {
+    let (conn, channel) = channel().await;
+    let (busy, idle) = (WorkerId(Uuid::now_v7()), WorkerId(Uuid::now_v7()));
+    let busy_queue = worker_queue(&channel, busy).await;
+    let idle_queue = worker_queue(&channel, idle).await;
+    publish(&channel, &busy_queue, 7).await;
+
+    let monitor = QueueMonitor::new(&management_url(), &common::amqp_url()).expect("valid URLs");
+    let reads = wait_for_depth(&monitor, busy, 7).await;
+    assert_eq!(
+        monitor.calls(),
+        reads,
+        "one request per read, for all queues"
+    );
+    let depths = monitor.depths().await.expect("answers");
+    let idle_depth = depths.get(idle).expect("the idle queue is listed");
+    assert_eq!((idle_depth.ready, idle_depth.consumers), (Some(0), 0));
+
+    for queue in [busy_queue, idle_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn an_absent_management_api_says_how_to_enable_it() {
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let monitor = QueueMonitor::new(&url, &common::amqp_url()).expect("valid URLs");
+    let err = monitor.depths().await.expect_err("nothing listens there");
+    assert!(matches!(err, BrokerError::Unreachable { .. }), "{err:?}");
+    let text = workerctl::backoff::error_chain(&err);
+    assert!(text.contains("rabbitmq_management"), "{text}");
+    assert!(text.contains("scale.management_url"), "{text}");
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_named_as_such() {
+    let base = reqwest::Url::parse(&management_url()).expect("a URL");
+    let mut url = base.clone();
+    url.set_username("workerctl").expect("has a host");
+    url.set_password(Some("not-the-password"))
+        .expect("has a host");
+    let monitor = QueueMonitor::new(url.as_str(), &common::amqp_url()).expect("valid URLs");
+    let err = monitor.depths().await.expect_err("refused");
+    assert!(
+        matches!(err, BrokerError::Unauthorized { status: 401, .. }),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("not-the-password"), "{err}");
+}
