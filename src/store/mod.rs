@@ -5,6 +5,7 @@
 
 pub mod overview;
 pub mod postgres;
+pub mod scale;
 
 use std::future::Future;
 

@@ -14,6 +14,7 @@ mod code;
 mod error;
 mod invoke;
 mod logs;
+mod scale;
 mod store;
 mod table;
 mod wait;
@@ -67,6 +68,10 @@ pub enum WorkerCommand {
     /// (the next step's message, or the error body on `errors`).
     #[command(after_long_help = EXIT_CODES_HELP)]
     Invoke(InvokeArgs),
+    /// Set how many replicas a worker runs: between --min and --max, one
+    /// per --per-replica ready messages in its queue.
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -219,6 +224,7 @@ async fn run(command: WorkerCommand, config: &Config) -> Result<(), CliError> {
         WorkerCommand::Delete(a) => delete(config, a).await,
         WorkerCommand::Logs(a) => print_logs(config, a).await,
         WorkerCommand::Invoke(a) => invoke(config, a).await,
+        WorkerCommand::Scale(a) => scale::run(config, a).await,
     }
 }
 

@@ -121,6 +121,11 @@ pub async fn connect(url: &Secret) -> Result<Db, CliError> {
 }
 
 impl Db {
+    /// The pool, for statements that live in [`crate::store`].
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// A UUID is looked up as an id, anything else as an exact name.
     pub async fn resolve(&self, worker: &str) -> Result<Target, CliError> {
         if let Ok(id) = Uuid::parse_str(worker) {
@@ -368,7 +373,7 @@ impl Db {
         }
     }
 
-    fn store_failed(&self, e: StoreError) -> CliError {
+    pub(super) fn store_failed(&self, e: StoreError) -> CliError {
         match e {
             StoreError::Query { source, .. } => self.failed("read the workers", source),
             other => CliError::Database {
