@@ -24,4 +24,8 @@ pub mod runtime;
 pub mod scale;
 pub mod status_page;
 pub mod store;
+/// The Swarm runtime lives beside `runtime/docker.rs`; it joins the
+/// `runtime` module when the runtime trait grows a second implementation.
+#[path = "runtime/swarm.rs"]
+pub mod swarm;
 pub mod worker_cli;

@@ -1,0 +1,625 @@
+//! Docker Swarm implementation of the runtime boundary (bollard): one
+//! replicated *service* per worker instead of containers, so that a swarm
+//! manager spreads a worker's replicas over its nodes.
+//!
+//! This file owns the translation between Swarm API types and the model:
+//! [`ContainerSpec`] + a replica count → `ServiceSpec`, services carrying
+//! this instance's label → [`ManagedService`]. It makes no decisions: which
+//! service to create, update or remove, and how many replicas, is the
+//! planner's business. Revision rollouts are Swarm's own rolling update:
+//! one task at a time, start-first, each new task counted only once its
+//! image's HEALTHCHECK passes, watched for `update_monitor`, rolled back on
+//! failure.
+//!
+//! What Swarm on Engine 20.10 (API 1.41) can and cannot enforce, beside the
+//! plain-container hardening of `docker.rs`: read-only root filesystem, all
+//! capabilities dropped, memory/CPU/pids limits and a tmpfs `/tmp` — yes;
+//! `no-new-privileges` — **no** (services gain it with API 1.44), and the
+//! tmpfs is mounted `noexec` (mount options arrive with API 1.46).
+//! [`SwarmRuntime::limitations`] says so for the status page.
+//!
+//! **Invariant:** every API call goes through [`SwarmRuntime::api`], so
+//! [`SwarmRuntime::api_calls`] counts all of them; [`SwarmRuntime::list`] is
+//! one call for every service and its task counts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    Limit, LocalNodeState, Mount, MountTmpfsOptions, MountType, NetworkAttachmentConfig, Service,
+    ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecRollbackConfig,
+    ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, ServiceUpdateStatusStateEnum, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecLogDriver, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum,
+};
+use bollard::query_parameters::{ListServicesOptionsBuilder, UpdateServiceOptionsBuilder};
+use tracing::warn;
+
+use crate::model::{ContainerSpec, Revision, WorkerId, labels};
+
+/// The label of a worker's replica number. Swarm numbers a service's
+/// tasks itself (its *slot*); containers get it in `WORKERCTL_REPLICA`
+/// and their hostname, which Swarm fills in per task.
+pub const REPLICA_ENV: &str = "WORKERCTL_REPLICA";
+const SLOT_TEMPLATE: &str = "{{.Task.Slot}}";
+
+/// The worker's only writable place, as in `docker.rs`.
+const TMPFS_BYTES: i64 = 64 << 20;
+/// Swarm restarts a task that exits; this long after it exited.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("cannot reach the Docker engine")]
+    Connect(#[source] DockerError),
+    #[error(
+        "the Docker engine is not a swarm manager (swarm state: {state}); \
+         run `docker swarm init` there, or point DOCKER_HOST at a manager, or set runtime.backend = \"docker\""
+    )]
+    NotManager { state: String },
+    #[error("cannot list services")]
+    List(#[source] DockerError),
+    #[error(
+        "the service name {name} is taken by a service this workerctl instance does not own; \
+         remove it (docker service rm {name}) or give this daemon another `instance`"
+    )]
+    NameTaken { name: String },
+    #[error("cannot create service {name}")]
+    Create {
+        name: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot update service {service}")]
+    Update {
+        service: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot remove service {service}")]
+    Remove {
+        service: String,
+        #[source]
+        source: DockerError,
+    },
+}
+
+/// How services are rolled out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwarmOptions {
+    /// Watch each updated task this long; a failure within it rolls back.
+    pub update_monitor: Duration,
+    /// SIGTERM, then this long, then SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+/// What one worker's service should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerService {
+    pub spec: ContainerSpec,
+    pub replicas: u32,
+}
+
+/// Where a service's rolling update stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// No update, or the last one completed.
+    Settled,
+    Updating,
+    /// Swarm paused the update (a rollback that failed too).
+    Paused {
+        message: String,
+    },
+    RollingBack {
+        message: String,
+    },
+    /// The last update failed and the previous spec is back in place.
+    RolledBack {
+        message: String,
+    },
+}
+
+/// A service carrying this instance's label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedService {
+    pub id: String,
+    pub name: String,
+    /// Swarm's version of the spec: an update must name the one it changes.
+    pub version: u64,
+    /// `None` when the label is missing or unreadable: an orphan.
+    pub worker_id: Option<WorkerId>,
+    pub revision: Option<Revision>,
+    pub spec_hash: Option<String>,
+    /// The replica count the spec asks for.
+    pub replicas: u32,
+    /// Tasks running (and, with a HEALTHCHECK, healthy).
+    pub running: u64,
+    /// Tasks Swarm is trying to keep.
+    pub desired_tasks: u64,
+    pub rollout: Rollout,
+}
+
+/// The bollard-backed Swarm runtime; one per daemon, scoped to one `instance`.
+pub struct SwarmRuntime {
+    docker: Docker,
+    instance: String,
+    options: SwarmOptions,
+    calls: AtomicU64,
+}
+
+impl SwarmRuntime {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket),
+    /// negotiates the API version and checks that it is a swarm manager.
+    pub async fn connect(instance: &str, options: SwarmOptions) -> Result<Self, SwarmError> {
+        let docker = Docker::connect_with_local_defaults().map_err(SwarmError::Connect)?;
+        Self::with_client(docker, instance, options).await
+    }
+
+    /// Like [`connect`](Self::connect), on a client the caller configured.
+    pub async fn with_client(
+        docker: Docker,
+        instance: &str,
+        options: SwarmOptions,
+    ) -> Result<Self, SwarmError> {
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(SwarmError::Connect)?;
+        let runtime = SwarmRuntime {
+            docker,
+            instance: instance.to_string(),
+            options,
+            calls: AtomicU64::new(1),
+        };
+        runtime.check_manager().await?;
+        Ok(runtime)
+    }
+
+    /// Fails unless the engine manages a swarm: only a manager takes
+    /// service requests.
+    pub async fn check_manager(&self) -> Result<(), SwarmError> {
+        let info = self.api().info().await.map_err(SwarmError::Connect)?;
+        let swarm = info.swarm.unwrap_or_default();
+        let state = swarm.local_node_state.unwrap_or(LocalNodeState::EMPTY);
+        if state == LocalNodeState::ACTIVE && swarm.control_available == Some(true) {
+            return Ok(());
+        }
+        let state = match (state, swarm.control_available) {
+            (LocalNodeState::ACTIVE, _) => "a worker node, not a manager".to_string(),
+            (LocalNodeState::EMPTY, _) => "unknown".to_string(),
+            (other, _) => other.to_string(),
+        };
+        Err(SwarmError::NotManager { state })
+    }
+
+    /// How many API calls this runtime has made.
+    pub fn api_calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The hardening a Swarm service cannot have on this engine, in words
+    /// for the README and the status page. Honest, not aspirational.
+    pub fn limitations(&self) -> Vec<&'static str> {
+        let version = self.docker.client_version();
+        let at_least = |minor: usize| {
+            version.major_version > 1
+                || (version.major_version == 1 && version.minor_version >= minor)
+        };
+        let mut missing = Vec::new();
+        if !at_least(44) {
+            missing.push("no-new-privileges is not set: Swarm services support it from Docker API 1.44 (Engine 25)");
+        }
+        if !at_least(46) {
+            missing.push("/tmp is mounted noexec: tmpfs options for services arrive with Docker API 1.46 (Engine 27)");
+        }
+        missing
+    }
+
+    fn api(&self) -> &Docker {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        &self.docker
+    }
+
+    fn instance_filter(&self) -> String {
+        format!("{}={}", labels::INSTANCE, self.instance)
+    }
+
+    /// Every service carrying this instance's label, with its running and
+    /// desired task counts: one API call.
+    pub async fn list(&self) -> Result<Vec<ManagedService>, SwarmError> {
+        let filters = HashMap::from([("label", vec![self.instance_filter()])]);
+        let options = ListServicesOptionsBuilder::default()
+            .filters(&filters)
+            .status(true)
+            .build();
+        let services = self
+            .api()
+            .list_services(Some(options))
+            .await
+            .map_err(SwarmError::List)?;
+        Ok(services.into_iter().filter_map(managed_service).collect())
+    }
+
+    /// Creates a worker's service; returns its id. A name held by a service
+    /// of someone else is [`SwarmError::NameTaken`].
+    pub async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
+        let spec = service_spec(service, &self.instance, self.options);
+        let name = service.spec.name.clone();
+        match self.api().create_service(spec, None).await {
+            Ok(created) => {
+                for warning in created.warnings.unwrap_or_default() {
+                    warn!(service = %name, %warning, "Docker warned on service create");
+                }
+                Ok(created.id.unwrap_or_default())
+            }
+            Err(e) if status_code(&e) == Some(409) => Err(SwarmError::NameTaken { name }),
+            Err(source) => Err(SwarmError::Create { name, source }),
+        }
+    }
+
+    /// Replaces a service's spec: a new revision or spec rolls out as a
+    /// rolling update; a new replica count alone just adds or removes tasks.
+    /// `current` must be what [`list`](Self::list) returned (its version): a
+    /// service changed since is refused by Swarm, and the next pass re-plans.
+    pub async fn update(
+        &self,
+        current: &ManagedService,
+        service: &WorkerService,
+    ) -> Result<(), SwarmError> {
+        let spec = service_spec(service, &self.instance, self.options);
+        let version = i32::try_from(current.version).unwrap_or(i32::MAX);
+        let options = UpdateServiceOptionsBuilder::default()
+            .version(version)
+            .build();
+        let updated = self
+            .api()
+            .update_service(&current.id, spec, options, None)
+            .await
+            .map_err(|source| SwarmError::Update {
+                service: current.name.clone(),
+                source,
+            })?;
+        for warning in updated.warnings.unwrap_or_default() {
+            warn!(service = %current.name, %warning, "Docker warned on service update");
+        }
+        Ok(())
+    }
+
+    /// Removes a service; Swarm stops its tasks gracefully (SIGTERM, the
+    /// stop grace period, then SIGKILL). Removing a vanished one is fine.
+    pub async fn remove(&self, id: &str) -> Result<(), SwarmError> {
+        match self.api().delete_service(id).await {
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            other => other.map_err(|source| SwarmError::Remove {
+                service: id.to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+fn status_code(error: &DockerError) -> Option<u16> {
+    match error {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The image a service runs. Pinned like a plain container's, to what the
+/// tag resolved to, so that a rebuilt tag rolls out: an image id, which
+/// Swarm never tries to pull (single node, or nodes loaded with the same
+/// image), unless the configured image is already a registry digest
+/// (`repo@sha256:…`), which every node can pull.
+fn pinned_image(spec: &ContainerSpec) -> String {
+    if spec.image.contains('@') || spec.image_id.is_empty() {
+        spec.image.clone()
+    } else {
+        spec.image_id.clone()
+    }
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// The service a worker's container spec describes.
+pub fn service_spec(service: &WorkerService, instance: &str, options: SwarmOptions) -> ServiceSpec {
+    let spec = &service.spec;
+    let labels: HashMap<String, String> = spec.labels(instance).into_iter().collect();
+    ServiceSpec {
+        name: Some(spec.name.clone()),
+        labels: Some(labels.clone()),
+        task_template: Some(task_spec(spec, labels, options)),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(i64::from(service.replicas)),
+            }),
+            ..Default::default()
+        }),
+        update_config: Some(update_config(options)),
+        rollback_config: Some(rollback_config(options)),
+        ..Default::default()
+    }
+}
+
+/// One task at a time, the new one started (and healthy) before the old
+/// one stops, watched for `update_monitor`; any failure rolls back.
+fn update_config(options: SwarmOptions) -> ServiceSpecUpdateConfig {
+    ServiceSpecUpdateConfig {
+        parallelism: Some(1),
+        delay: Some(0),
+        failure_action: Some(ServiceSpecUpdateConfigFailureActionEnum::ROLLBACK),
+        monitor: Some(nanos(options.update_monitor)),
+        max_failure_ratio: Some(0.0),
+        order: Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST),
+    }
+}
+
+/// A rollback goes the same careful way; if it fails too, Swarm pauses and
+/// the status says so.
+fn rollback_config(options: SwarmOptions) -> ServiceSpecRollbackConfig {
+    ServiceSpecRollbackConfig {
+        parallelism: Some(1),
+        delay: Some(0),
+        failure_action: Some(ServiceSpecRollbackConfigFailureActionEnum::PAUSE),
+        monitor: Some(nanos(options.update_monitor)),
+        max_failure_ratio: Some(0.0),
+        order: Some(ServiceSpecRollbackConfigOrderEnum::START_FIRST),
+    }
+}
+
+fn task_spec(
+    spec: &ContainerSpec,
+    labels: HashMap<String, String>,
+    options: SwarmOptions,
+) -> TaskSpec {
+    let limits = &spec.limits;
+    TaskSpec {
+        container_spec: Some(container_spec(spec, labels, options)),
+        resources: Some(TaskSpecResources {
+            limits: Some(Limit {
+                nano_cpus: Some(limits.nano_cpus),
+                memory_bytes: Some(limits.memory_bytes),
+                pids: Some(limits.pids),
+            }),
+            ..Default::default()
+        }),
+        restart_policy: Some(TaskSpecRestartPolicy {
+            condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
+            delay: Some(nanos(RESTART_DELAY)),
+            max_attempts: Some(0),
+            window: Some(0),
+        }),
+        networks: Some(vec![NetworkAttachmentConfig {
+            target: Some(spec.network.clone()),
+            ..Default::default()
+        }]),
+        log_driver: Some(TaskSpecLogDriver {
+            name: Some("json-file".into()),
+            options: Some(HashMap::from([
+                ("max-size".into(), "10m".into()),
+                ("max-file".into(), "3".into()),
+            ])),
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_spec(
+    spec: &ContainerSpec,
+    labels: HashMap<String, String>,
+    options: SwarmOptions,
+) -> TaskSpecContainerSpec {
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.push(format!("{REPLICA_ENV}={SLOT_TEMPLATE}"));
+    TaskSpecContainerSpec {
+        image: Some(pinned_image(spec)),
+        labels: Some(labels),
+        hostname: Some(format!("{}-{SLOT_TEMPLATE}", spec.name)),
+        env: Some(env),
+        read_only: Some(true),
+        capability_drop: Some(vec!["ALL".into()]),
+        mounts: Some(vec![Mount {
+            target: Some("/tmp".into()),
+            typ: Some(MountType::TMPFS),
+            tmpfs_options: Some(MountTmpfsOptions {
+                size_bytes: Some(TMPFS_BYTES),
+                mode: Some(0o1777),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        stop_signal: Some("SIGTERM".into()),
+        stop_grace_period: Some(nanos(options.stop_timeout)),
+        // The worker image brings its own init (tini).
+        init: Some(false),
+        ..Default::default()
+    }
+}
+
+/// A listed service in model terms; `None` for one without an id.
+fn managed_service(service: Service) -> Option<ManagedService> {
+    let spec = service.spec.unwrap_or_default();
+    let labels = spec.labels.unwrap_or_default();
+    let status = service.service_status.unwrap_or_default();
+    let replicas = spec
+        .mode
+        .and_then(|m| m.replicated)
+        .and_then(|r| r.replicas)
+        .unwrap_or(0);
+    Some(ManagedService {
+        id: service.id?,
+        name: spec.name.unwrap_or_default(),
+        version: service.version.and_then(|v| v.index).unwrap_or(0),
+        worker_id: labels
+            .get(labels::WORKER_ID)
+            .and_then(|v| v.parse::<WorkerId>().ok()),
+        revision: labels
+            .get(labels::REVISION)
+            .and_then(|v| v.parse().ok())
+            .map(Revision),
+        spec_hash: labels
+            .get(labels::SPEC_HASH)
+            .filter(|v| !v.is_empty())
+            .cloned(),
+        replicas: u32::try_from(replicas).unwrap_or(0),
+        running: status.running_tasks.unwrap_or(0),
+        desired_tasks: status.desired_tasks.unwrap_or(0),
+        rollout: rollout_of(service.update_status),
+    })
+}
+
+fn rollout_of(status: Option<bollard::models::ServiceUpdateStatus>) -> Rollout {
+    use ServiceUpdateStatusStateEnum as S;
+    let Some(status) = status else {
+        return Rollout::Settled;
+    };
+    let message = status.message.unwrap_or_default();
+    match status.state {
+        Some(S::UPDATING) => Rollout::Updating,
+        Some(S::PAUSED | S::ROLLBACK_PAUSED) => Rollout::Paused { message },
+        Some(S::ROLLBACK_STARTED) => Rollout::RollingBack { message },
+        Some(S::ROLLBACK_COMPLETED) => Rollout::RolledBack { message },
+        Some(S::COMPLETED | S::EMPTY) | None => Rollout::Settled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Limits;
+    use std::collections::BTreeMap;
+    use uuid::Uuid;
+
+    const NANOS_PER_SEC: i64 = 1_000_000_000;
+    const OPTIONS: SwarmOptions = SwarmOptions {
+        update_monitor: Duration::from_secs(10),
+        stop_timeout: Duration::from_secs(10),
+    };
+
+    fn worker(image: &str, image_id: &str) -> WorkerService {
+        WorkerService {
+            spec: ContainerSpec {
+                worker_id: WorkerId(Uuid::nil()),
+                revision: Revision(3),
+                name: "worker-x".into(),
+                image: image.into(),
+                image_id: image_id.into(),
+                env: BTreeMap::from([("WORKER_REVISION".into(), "3".into())]),
+                network: "host".into(),
+                limits: Limits {
+                    memory_bytes: 64 << 20,
+                    nano_cpus: 500_000_000,
+                    pids: 32,
+                },
+            },
+            replicas: 4,
+        }
+    }
+
+    #[test]
+    fn the_image_is_pinned_to_its_id_unless_it_is_a_registry_digest() {
+        assert_eq!(
+            pinned_image(&worker("img:latest", "sha256:1").spec),
+            "sha256:1"
+        );
+        assert_eq!(pinned_image(&worker("img:latest", "").spec), "img:latest");
+        let digest = "reg/img@sha256:abc";
+        assert_eq!(pinned_image(&worker(digest, "sha256:1").spec), digest);
+    }
+
+    #[test]
+    fn a_revision_rolls_out_one_task_at_a_time_start_first_and_rolls_back_on_failure() {
+        let spec = service_spec(&worker("i", ""), "inst", OPTIONS);
+        let update = spec.update_config.expect("update config");
+        assert_eq!(update.parallelism, Some(1));
+        assert_eq!(
+            update.order,
+            Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST)
+        );
+        assert_eq!(
+            update.failure_action,
+            Some(ServiceSpecUpdateConfigFailureActionEnum::ROLLBACK)
+        );
+        assert_eq!(update.monitor, Some(10 * NANOS_PER_SEC));
+        let rollback = spec.rollback_config.expect("rollback config");
+        assert_eq!(
+            rollback.order,
+            Some(ServiceSpecRollbackConfigOrderEnum::START_FIRST)
+        );
+    }
+
+    #[test]
+    fn the_service_carries_replicas_labels_limits_and_hardening() {
+        let spec = service_spec(&worker("i", ""), "inst", OPTIONS);
+        let replicas = spec
+            .mode
+            .and_then(|m| m.replicated)
+            .and_then(|r| r.replicas);
+        assert_eq!(replicas, Some(4));
+        let labels = spec.labels.expect("labels");
+        assert_eq!(
+            labels.get(labels::INSTANCE).map(String::as_str),
+            Some("inst")
+        );
+        assert_eq!(labels.get(labels::REVISION).map(String::as_str), Some("3"));
+        let task = spec.task_template.expect("task");
+        let limits = task.resources.and_then(|r| r.limits).expect("limits");
+        assert_eq!(
+            (limits.pids, limits.memory_bytes),
+            (Some(32), Some(64 << 20))
+        );
+        let c = task.container_spec.expect("container");
+        assert_eq!(c.read_only, Some(true));
+        assert_eq!(c.capability_drop, Some(vec!["ALL".to_string()]));
+        let env = c.env.expect("env");
+        assert!(env.contains(&"WORKER_REVISION=3".to_string()));
+        assert!(env.contains(&format!("{REPLICA_ENV}={{{{.Task.Slot}}}}")));
+        let tmp = c.mounts.expect("mounts");
+        assert_eq!(tmp[0].typ, Some(MountType::TMPFS));
+        assert_eq!(tmp[0].target.as_deref(), Some("/tmp"));
+    }
+
+    #[test]
+    fn listed_services_map_to_the_model() {
+        let id = Uuid::now_v7();
+        let mut spec = service_spec(&worker("i", ""), "inst", OPTIONS);
+        let mut labels = spec.labels.take().expect("labels");
+        labels.insert(labels::WORKER_ID.into(), id.to_string());
+        spec.labels = Some(labels);
+        let service = Service {
+            id: Some("svc1".into()),
+            version: Some(bollard::models::ObjectVersion { index: Some(42) }),
+            spec: Some(spec),
+            service_status: Some(bollard::models::ServiceServiceStatus {
+                running_tasks: Some(3),
+                desired_tasks: Some(4),
+                completed_tasks: None,
+            }),
+            update_status: Some(bollard::models::ServiceUpdateStatus {
+                state: Some(ServiceUpdateStatusStateEnum::ROLLBACK_COMPLETED),
+                message: Some("rollback completed".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let m = managed_service(service).expect("has an id");
+        assert_eq!(
+            (m.version, m.replicas, m.running, m.desired_tasks),
+            (42, 4, 3, 4)
+        );
+        assert_eq!(m.worker_id, Some(WorkerId(id)));
+        assert_eq!(m.revision, Some(Revision(3)));
+        assert_eq!(
+            m.rollout,
+            Rollout::RolledBack {
+                message: "rollback completed".into()
+            }
+        );
+    }
+}

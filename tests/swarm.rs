@@ -1,0 +1,389 @@
+//! `SwarmRuntime` against a real single-node swarm, which this test makes
+//! (`docker swarm init --advertise-addr 127.0.0.1`) and leaves again at the
+//! end (`docker swarm leave --force`), whether it passed or not.
+//!
+//! It never touches a swarm it did not make: the node it makes carries the
+//! label `workerctl.test-swarm`, and if the engine is already in a swarm
+//! without that label the test fails and says so. Swarm tests of several
+//! processes on one engine take turns (a lock file), and the steps run in
+//! sequence in one test.
+//!
+//! Needs the `workerctl/busybox:latest` image (`scripts/build-images`);
+//! nothing is pulled: services run a locally built image by its id.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
+use uuid::Uuid;
+use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name, labels};
+use workerctl::swarm::{
+    ManagedService, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime, WorkerService,
+};
+
+const BUSYBOX: &str = "workerctl/busybox:latest";
+/// Ready (its HEALTHCHECK passes) once it has started, unless its
+/// entrypoint is `broken.*`: then it runs but never becomes healthy.
+const IMAGE: &str = "workerctl-test/swarm-worker:latest";
+const SCRIPT: &str = r#"trap 'exit 0' TERM; case "$CODE_ENTRYPOINT" in broken.*) echo never ready;; *) echo "revision $WORKER_REVISION replica $WORKERCTL_REPLICA"; touch /tmp/ready;; esac; while :; do sleep 0.2; done"#;
+/// The label of a node this test made a swarm on.
+const MARKER: &str = "workerctl.test-swarm";
+/// Held while a process runs swarm tests on this machine.
+const LOCK_FILE: &str = "/tmp/workerctl-swarm-tests.lock";
+/// Only catches a hang: convergence takes seconds.
+const MUST_HAPPEN: Duration = Duration::from_secs(180);
+const OPTIONS: SwarmOptions = SwarmOptions {
+    update_monitor: Duration::from_secs(2),
+    stop_timeout: Duration::from_secs(2),
+};
+
+fn docker_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI must be installed");
+    let text = if out.status.success() {
+        String::from_utf8_lossy(&out.stdout)
+    } else {
+        String::from_utf8_lossy(&out.stderr)
+    };
+    (out.status.success(), text.trim().to_string())
+}
+
+fn image() -> (&'static str, &'static str) {
+    static ID: OnceLock<String> = OnceLock::new();
+    let id = ID.get_or_init(|| {
+        let (present, _) = docker_cli(&["image", "inspect", BUSYBOX]);
+        assert!(present, "{BUSYBOX} is missing: run scripts/build-images first");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cmd = serde_json::to_string(&["/bin/sh", "-c", SCRIPT]).expect("json");
+        let dockerfile = format!(
+            "FROM {BUSYBOX}\nHEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD test -f /tmp/ready\nCMD {cmd}\n"
+        );
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+        let dir = dir.path().to_str().expect("utf-8 path");
+        let (built, text) = docker_cli(&["build", "-q", "-t", IMAGE, dir]);
+        assert!(built, "building {IMAGE} failed: {text}");
+        let (ok, id) = docker_cli(&["image", "inspect", "--format", "{{.Id}}", IMAGE]);
+        assert!(ok, "{id}");
+        id
+    });
+    (IMAGE, id.as_str())
+}
+
+/// This test's turn on the engine, and the swarm it makes; leaves the
+/// swarm when dropped (also on panic).
+struct TestSwarm {
+    _turn: File,
+    made: bool,
+}
+
+impl TestSwarm {
+    /// Takes this machine's turn and makes sure the engine is in no swarm —
+    /// unless it is in one this test did not make, which it refuses.
+    fn take_turn() -> TestSwarm {
+        let turn = File::create(LOCK_FILE).expect("the lock file opens");
+        turn.lock().expect("waits for the other swarm tests");
+        let (_, state) = docker_cli(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        if state != "inactive" {
+            let format = format!("{{{{index .Spec.Labels \"{MARKER}\"}}}}");
+            let (_, marker) = docker_cli(&["node", "inspect", "self", "--format", &format]);
+            assert!(
+                marker == "yes",
+                "this Docker engine is in a swarm (state {state:?}) that the swarm tests did not make; \
+                 they refuse to touch it. Run them on an engine outside any swarm."
+            );
+            // A swarm an interrupted earlier run left behind.
+            leave();
+        }
+        TestSwarm {
+            _turn: turn,
+            made: false,
+        }
+    }
+
+    /// A single-node swarm, its node labelled as made here.
+    fn init(&mut self) {
+        let (made, text) = docker_cli(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        assert!(made, "docker swarm init failed: {text}");
+        self.made = true;
+        let label = format!("{MARKER}=yes");
+        let (labelled, text) = docker_cli(&["node", "update", "--label-add", &label, "self"]);
+        assert!(labelled, "cannot label the test swarm's node: {text}");
+    }
+}
+
+impl Drop for TestSwarm {
+    fn drop(&mut self) {
+        if self.made {
+            leave();
+        }
+    }
+}
+
+fn leave() {
+    let (left, text) = docker_cli(&["swarm", "leave", "--force"]);
+    if !left {
+        eprintln!("docker swarm leave --force failed: {text}");
+    }
+}
+
+fn worker(instance: &str, revision: i32, entrypoint: &str, replicas: u32) -> WorkerService {
+    let (image, image_id) = image();
+    let id = WorkerId(Uuid::from_u128(0x5a));
+    WorkerService {
+        spec: ContainerSpec {
+            worker_id: id,
+            revision: Revision(revision),
+            name: container_name(instance, id),
+            image: image.into(),
+            image_id: image_id.into(),
+            env: BTreeMap::from([
+                ("WORKER_REVISION".into(), revision.to_string()),
+                ("CODE_ENTRYPOINT".into(), entrypoint.into()),
+            ]),
+            network: "host".into(),
+            limits: Limits {
+                memory_bytes: 64 << 20,
+                nano_cpus: 250_000_000,
+                pids: 48,
+            },
+        },
+        replicas,
+    }
+}
+
+async fn the_service(rt: &SwarmRuntime) -> ManagedService {
+    let mut listed = rt.list().await.expect("services list");
+    assert_eq!(
+        listed.len(),
+        1,
+        "exactly this instance's service: {listed:?}"
+    );
+    listed.remove(0)
+}
+
+/// The running task containers of a service: (id, revision label, env).
+async fn task_containers(docker: &Docker, service: &str) -> Vec<(String, String, Vec<String>)> {
+    let filters = HashMap::from([
+        (
+            "label",
+            vec![format!("com.docker.swarm.service.name={service}")],
+        ),
+        ("status", vec!["running".to_string()]),
+    ]);
+    let options = ListContainersOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let listed = docker
+        .list_containers(Some(options))
+        .await
+        .expect("containers list");
+    let mut out = Vec::new();
+    for c in listed {
+        let id = c.id.unwrap_or_default();
+        let labels = c.labels.unwrap_or_default();
+        let revision = labels.get(labels::REVISION).cloned().unwrap_or_default();
+        let inspect = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await;
+        let env = inspect
+            .ok()
+            .and_then(|i| i.config)
+            .and_then(|c| c.env)
+            .unwrap_or_default();
+        out.push((id, revision, env));
+    }
+    out
+}
+
+/// Polls the service until `done`, keeping the fewest running tasks seen.
+async fn converge(
+    rt: &SwarmRuntime,
+    what: &str,
+    mut done: impl AsyncFnMut(&ManagedService) -> bool,
+) -> (ManagedService, u64) {
+    let mut fewest = u64::MAX;
+    let wait = async {
+        loop {
+            let service = the_service(rt).await;
+            fewest = fewest.min(service.running);
+            if done(&service).await {
+                return service;
+            }
+            assert!(
+                !matches!(service.rollout, Rollout::Paused { .. }),
+                "{what}: the rollout paused: {service:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let service = tokio::time::timeout(MUST_HAPPEN, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {MUST_HAPPEN:?}"));
+    (service, fewest)
+}
+
+async fn all_at(docker: &Docker, service: &ManagedService, revision: &str, n: usize) -> bool {
+    let tasks = task_containers(docker, &service.name).await;
+    tasks.len() == n && tasks.iter().all(|(_, r, _)| r == revision)
+}
+
+#[tokio::test]
+async fn one_service_per_worker_rolls_out_start_first_rolls_back_a_broken_revision_and_scales() {
+    let docker = Docker::connect_with_local_defaults().expect("a Docker client");
+    image();
+    let instance = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
+
+    let mut swarm = TestSwarm::take_turn();
+    let refused = SwarmRuntime::with_client(docker.clone(), &instance, OPTIONS).await;
+    let Err(err) = refused else {
+        panic!("the runtime started on an engine in no swarm");
+    };
+    assert!(matches!(err, SwarmError::NotManager { .. }), "{err:?}");
+    assert!(err.to_string().contains("docker swarm init"), "{err}");
+    swarm.init();
+    let rt = SwarmRuntime::with_client(docker.clone(), &instance, OPTIONS)
+        .await
+        .expect("the test swarm's manager answers");
+    let other_instance = format!("{instance}-other");
+    let other = SwarmRuntime::with_client(docker.clone(), &other_instance, OPTIONS)
+        .await
+        .expect("connects");
+
+    // Two replicas of revision 1, each told its replica number.
+    rt.create(&worker(&instance, 1, "main.main", 2))
+        .await
+        .expect("creates");
+    other
+        .create(&worker(&other_instance, 1, "main.main", 1))
+        .await
+        .expect("creates");
+    let (created, _) = converge(&rt, "two replicas run", async |s| s.running == 2).await;
+    assert_eq!((created.replicas, created.revision), (2, Some(Revision(1))));
+    assert_eq!(
+        other.list().await.expect("lists").len(),
+        1,
+        "instances see only their own"
+    );
+    check_hardening(&docker, &created.name).await;
+    let tasks = task_containers(&docker, &created.name).await;
+    let mut replicas: Vec<String> = tasks
+        .iter()
+        .flat_map(|(_, _, env)| env.iter().filter(|e| e.starts_with(REPLICA_ENV)).cloned())
+        .collect();
+    replicas.sort();
+    assert_eq!(
+        replicas,
+        [format!("{REPLICA_ENV}=1"), format!("{REPLICA_ENV}=2")]
+    );
+
+    // A good revision rolls out; never fewer than two healthy replicas.
+    rt.update(&created, &worker(&instance, 2, "main.main", 2))
+        .await
+        .expect("updates");
+    let (updated, fewest) = converge(&rt, "revision 2 rolls out", async |s| {
+        s.rollout == Rollout::Settled && all_at(&docker, s, "2", 2).await
+    })
+    .await;
+    assert!(
+        fewest >= 2,
+        "a replica went before its successor was ready ({fewest} ran)"
+    );
+
+    // A revision that never becomes healthy is rolled back, and costs no replica.
+    rt.update(&updated, &worker(&instance, 3, "broken.main", 2))
+        .await
+        .expect("updates");
+    let (rolled_back, fewest) = converge(&rt, "revision 3 is rolled back", async |s| {
+        matches!(s.rollout, Rollout::RolledBack { .. })
+    })
+    .await;
+    assert!(
+        fewest >= 2,
+        "the broken revision took a replica away ({fewest} ran)"
+    );
+    assert_eq!(
+        rolled_back.revision,
+        Some(Revision(2)),
+        "the previous spec is back"
+    );
+    let (rolled_back, _) = converge(&rt, "revision 2 runs again", async |s| {
+        all_at(&docker, s, "2", 2).await
+    })
+    .await;
+
+    // A new replica count alone adds a task and replaces none.
+    let before: Vec<String> = task_containers(&docker, &rolled_back.name)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    rt.update(&rolled_back, &worker(&instance, 2, "main.main", 3))
+        .await
+        .expect("scales");
+    let (scaled, _) = converge(&rt, "three replicas run", async |s| {
+        s.running == 3 && all_at(&docker, s, "2", 3).await
+    })
+    .await;
+    let after: Vec<String> = task_containers(&docker, &scaled.name)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert!(
+        before.iter().all(|id| after.contains(id)),
+        "scaling replaced a replica"
+    );
+
+    // A stale version is refused: Swarm's optimistic lock.
+    let stale = rt
+        .update(&created, &worker(&instance, 2, "main.main", 1))
+        .await;
+    assert!(matches!(stale, Err(SwarmError::Update { .. })), "{stale:?}");
+
+    rt.remove(&scaled.id).await.expect("removes");
+    rt.remove(&scaled.id)
+        .await
+        .expect("removing a removed service is fine");
+    assert!(rt.list().await.expect("lists").is_empty());
+    for s in other.list().await.expect("lists") {
+        other.remove(&s.id).await.expect("removes");
+    }
+    assert!(
+        !rt.limitations().is_empty(),
+        "Engine 20.10 cannot do everything: say what"
+    );
+}
+
+/// What a task container of the service got from its spec.
+async fn check_hardening(docker: &Docker, service: &str) {
+    let tasks = task_containers(docker, service).await;
+    let (id, _, _) = tasks.first().expect("a task container");
+    let inspect = docker
+        .inspect_container(id, None::<InspectContainerOptions>)
+        .await
+        .expect("inspects");
+    let host = inspect.host_config.expect("host config");
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(host.pids_limit, Some(48));
+    assert_eq!(host.memory, Some(64 << 20));
+    assert_eq!(host.nano_cpus, Some(250_000_000));
+    let mounts = host.mounts.unwrap_or_default();
+    assert!(
+        mounts.iter().any(|m| m.target.as_deref() == Some("/tmp")),
+        "/tmp is a tmpfs: {mounts:?}"
+    );
+    let container_labels = inspect.config.and_then(|c| c.labels).unwrap_or_default();
+    assert!(
+        container_labels.contains_key(labels::INSTANCE),
+        "{container_labels:?}"
+    );
+}
