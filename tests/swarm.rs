@@ -114,7 +114,8 @@ impl TestSwarm {
         assert!(made, "docker swarm init failed: {text}");
         self.made = true;
         let label = format!("{MARKER}=yes");
-        let (labelled, text) = docker_cli(&["node", "update", "--label-add", &label, "self"]);
+        let (_, node) = docker_cli(&["info", "--format", "{{.Swarm.NodeID}}"]);
+        let (labelled, text) = docker_cli(&["node", "update", "--label-add", &label, &node]);
         assert!(labelled, "cannot label the test swarm's node: {text}");
     }
 }
