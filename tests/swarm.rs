@@ -41,6 +41,8 @@ const MUST_HAPPEN: Duration = Duration::from_secs(180);
 const OPTIONS: SwarmOptions = SwarmOptions {
     update_monitor: Duration::from_secs(2),
     stop_timeout: Duration::from_secs(2),
+    // The test image's own HEALTHCHECK gates.
+    readiness: None,
 };
 
 fn docker_cli(args: &[&str]) -> (bool, String) {
@@ -243,18 +245,18 @@ async fn one_service_per_worker_rolls_out_start_first_rolls_back_a_broken_revisi
     let instance = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
 
     let mut swarm = TestSwarm::take_turn();
-    let refused = SwarmRuntime::with_client(docker.clone(), &instance, OPTIONS).await;
+    let refused = SwarmRuntime::with_client(docker.clone(), &instance, OPTIONS.clone()).await;
     let Err(err) = refused else {
         panic!("the runtime started on an engine in no swarm");
     };
     assert!(matches!(err, SwarmError::NotManager { .. }), "{err:?}");
     assert!(err.to_string().contains("docker swarm init"), "{err}");
     swarm.init();
-    let rt = SwarmRuntime::with_client(docker.clone(), &instance, OPTIONS)
+    let rt = SwarmRuntime::with_client(docker.clone(), &instance, OPTIONS.clone())
         .await
         .expect("the test swarm's manager answers");
     let other_instance = format!("{instance}-other");
-    let other = SwarmRuntime::with_client(docker.clone(), &other_instance, OPTIONS)
+    let other = SwarmRuntime::with_client(docker.clone(), &other_instance, OPTIONS.clone())
         .await
         .expect("connects");
 

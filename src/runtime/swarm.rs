@@ -29,13 +29,13 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    Limit, LocalNodeState, Mount, MountTmpfsOptions, MountType, NetworkAttachmentConfig, Service,
-    ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecRollbackConfig,
-    ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum,
-    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
-    ServiceSpecUpdateConfigOrderEnum, ServiceUpdateStatusStateEnum, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecLogDriver, TaskSpecResources, TaskSpecRestartPolicy,
-    TaskSpecRestartPolicyConditionEnum,
+    HealthConfig, Limit, LocalNodeState, Mount, MountTmpfsOptions, MountType,
+    NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
+    ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
+    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum,
+    ServiceUpdateStatusStateEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
+    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
 };
 use bollard::query_parameters::{ListServicesOptionsBuilder, UpdateServiceOptionsBuilder};
 use tracing::warn;
@@ -90,12 +90,60 @@ pub enum SwarmError {
 }
 
 /// How services are rolled out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwarmOptions {
     /// Watch each updated task this long; a failure within it rolls back.
     pub update_monitor: Duration,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_timeout: Duration,
+    /// What makes a task count as started in a rollout. `None`: the image's
+    /// own HEALTHCHECK (the dockerworker's checks liveness only, so the
+    /// daemon passes [`Probe::dockerworker_ready`]).
+    pub readiness: Option<Probe>,
+}
+
+/// A health check run inside each task; Swarm counts a task as running only
+/// once it passes, which is what gates a rolling update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// Run directly (no shell), exit 0 = ready.
+    pub command: Vec<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Failures in a row after which the task is unhealthy (and replaced).
+    pub retries: u32,
+    /// Failures in this time after start do not count (the code download).
+    pub start_period: Duration,
+}
+
+impl Probe {
+    /// The dockerworker's readiness: `/readyz` answers 200 once the code is
+    /// loaded and a consumer is attached to the worker's queue.
+    pub fn dockerworker_ready() -> Probe {
+        const READYZ: &str = "import urllib.request; \
+            port = open('/tmp/dockerworker.health-port').read().strip(); \
+            urllib.request.urlopen('http://127.0.0.1:%s/readyz' % port, timeout=2)";
+        Probe {
+            command: vec!["python".into(), "-c".into(), READYZ.into()],
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            retries: 3,
+            start_period: Duration::from_secs(30),
+        }
+    }
+
+    fn health_config(&self) -> HealthConfig {
+        let mut test = vec!["CMD".to_string()];
+        test.extend(self.command.iter().cloned());
+        HealthConfig {
+            test: Some(test),
+            interval: Some(nanos(self.interval)),
+            timeout: Some(nanos(self.timeout)),
+            retries: Some(i64::from(self.retries)),
+            start_period: Some(nanos(self.start_period)),
+            ..Default::default()
+        }
+    }
 }
 
 /// What one worker's service should be.
@@ -248,7 +296,7 @@ impl SwarmRuntime {
     /// Creates a worker's service; returns its id. A name held by a service
     /// of someone else is [`SwarmError::NameTaken`].
     pub async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
-        let spec = service_spec(service, &self.instance, self.options);
+        let spec = service_spec(service, &self.instance, &self.options);
         let name = service.spec.name.clone();
         match self.api().create_service(spec, None).await {
             Ok(created) => {
@@ -271,7 +319,7 @@ impl SwarmRuntime {
         current: &ManagedService,
         service: &WorkerService,
     ) -> Result<(), SwarmError> {
-        let spec = service_spec(service, &self.instance, self.options);
+        let spec = service_spec(service, &self.instance, &self.options);
         let version = i32::try_from(current.version).unwrap_or(i32::MAX);
         let options = UpdateServiceOptionsBuilder::default()
             .version(version)
@@ -328,7 +376,11 @@ fn nanos(d: Duration) -> i64 {
 }
 
 /// The service a worker's container spec describes.
-pub fn service_spec(service: &WorkerService, instance: &str, options: SwarmOptions) -> ServiceSpec {
+pub fn service_spec(
+    service: &WorkerService,
+    instance: &str,
+    options: &SwarmOptions,
+) -> ServiceSpec {
     let spec = &service.spec;
     let labels: HashMap<String, String> = spec.labels(instance).into_iter().collect();
     ServiceSpec {
@@ -349,7 +401,7 @@ pub fn service_spec(service: &WorkerService, instance: &str, options: SwarmOptio
 
 /// One task at a time, the new one started (and healthy) before the old
 /// one stops, watched for `update_monitor`; any failure rolls back.
-fn update_config(options: SwarmOptions) -> ServiceSpecUpdateConfig {
+fn update_config(options: &SwarmOptions) -> ServiceSpecUpdateConfig {
     ServiceSpecUpdateConfig {
         parallelism: Some(1),
         delay: Some(0),
@@ -362,7 +414,7 @@ fn update_config(options: SwarmOptions) -> ServiceSpecUpdateConfig {
 
 /// A rollback goes the same careful way; if it fails too, Swarm pauses and
 /// the status says so.
-fn rollback_config(options: SwarmOptions) -> ServiceSpecRollbackConfig {
+fn rollback_config(options: &SwarmOptions) -> ServiceSpecRollbackConfig {
     ServiceSpecRollbackConfig {
         parallelism: Some(1),
         delay: Some(0),
@@ -376,7 +428,7 @@ fn rollback_config(options: SwarmOptions) -> ServiceSpecRollbackConfig {
 fn task_spec(
     spec: &ContainerSpec,
     labels: HashMap<String, String>,
-    options: SwarmOptions,
+    options: &SwarmOptions,
 ) -> TaskSpec {
     let limits = &spec.limits;
     TaskSpec {
@@ -413,7 +465,7 @@ fn task_spec(
 fn container_spec(
     spec: &ContainerSpec,
     labels: HashMap<String, String>,
-    options: SwarmOptions,
+    options: &SwarmOptions,
 ) -> TaskSpecContainerSpec {
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("{REPLICA_ENV}={SLOT_TEMPLATE}"));
@@ -436,6 +488,7 @@ fn container_spec(
         }]),
         stop_signal: Some("SIGTERM".into()),
         stop_grace_period: Some(nanos(options.stop_timeout)),
+        health_check: options.readiness.as_ref().map(Probe::health_config),
         // The worker image brings its own init (tini).
         init: Some(false),
         ..Default::default()
@@ -500,6 +553,7 @@ mod tests {
     const OPTIONS: SwarmOptions = SwarmOptions {
         update_monitor: Duration::from_secs(10),
         stop_timeout: Duration::from_secs(10),
+        readiness: None,
     };
 
     fn worker(image: &str, image_id: &str) -> WorkerService {
@@ -535,7 +589,7 @@ mod tests {
 
     #[test]
     fn a_revision_rolls_out_one_task_at_a_time_start_first_and_rolls_back_on_failure() {
-        let spec = service_spec(&worker("i", ""), "inst", OPTIONS);
+        let spec = service_spec(&worker("i", ""), "inst", &OPTIONS);
         let update = spec.update_config.expect("update config");
         assert_eq!(update.parallelism, Some(1));
         assert_eq!(
@@ -556,7 +610,7 @@ mod tests {
 
     #[test]
     fn the_service_carries_replicas_labels_limits_and_hardening() {
-        let spec = service_spec(&worker("i", ""), "inst", OPTIONS);
+        let spec = service_spec(&worker("i", ""), "inst", &OPTIONS);
         let replicas = spec
             .mode
             .and_then(|m| m.replicated)
@@ -586,9 +640,30 @@ mod tests {
     }
 
     #[test]
+    fn without_a_probe_the_image_healthcheck_gates_and_with_one_it_replaces_it() {
+        let inherit = service_spec(&worker("i", ""), "inst", &OPTIONS);
+        let c = inherit.task_template.and_then(|t| t.container_spec);
+        assert_eq!(c.and_then(|c| c.health_check), None);
+        let options = SwarmOptions {
+            readiness: Some(Probe::dockerworker_ready()),
+            ..OPTIONS
+        };
+        let probed = service_spec(&worker("i", ""), "inst", &options);
+        let health = probed
+            .task_template
+            .and_then(|t| t.container_spec)
+            .and_then(|c| c.health_check)
+            .expect("a health check");
+        let test = health.test.expect("a test");
+        assert_eq!(&test[..3], ["CMD", "python", "-c"]);
+        assert!(test[3].contains("/readyz"), "{}", test[3]);
+        assert_eq!(health.retries, Some(3));
+    }
+
+    #[test]
     fn listed_services_map_to_the_model() {
         let id = Uuid::now_v7();
-        let mut spec = service_spec(&worker("i", ""), "inst", OPTIONS);
+        let mut spec = service_spec(&worker("i", ""), "inst", &OPTIONS);
         let mut labels = spec.labels.take().expect("labels");
         labels.insert(labels::WORKER_ID.into(), id.to_string());
         spec.labels = Some(labels);
