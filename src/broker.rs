@@ -13,11 +13,17 @@
 //! autoscaling, workers keep running. This module decides nothing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backoff::error_chain;
 
 use crate::config::Secret;
 use crate::model::WorkerId;
@@ -182,6 +188,77 @@ impl QueueMonitor {
             }),
             other => Err(BrokerError::Status { at, status: other }),
         }
+    }
+}
+
+/// The latest queue-depth read, as the pass and the status page see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// Nothing read yet.
+    NotYet,
+    Depths(QueueDepths),
+    /// The last read failed: the reason, on one line (the scaler holds
+    /// every replica count meanwhile).
+    Unavailable(String),
+}
+
+impl Reading {
+    /// The depths, if the last read succeeded.
+    pub fn depths(&self) -> Option<&QueueDepths> {
+        match self {
+            Reading::Depths(d) => Some(d),
+            Reading::NotYet | Reading::Unavailable(_) => None,
+        }
+    }
+}
+
+/// Reads the depths every `every` until `shutdown`, publishing each reading
+/// that differs from the last on `readings` and waking the controller
+/// (`wake`) for it: an unchanged queue wakes nothing, so an idle system
+/// costs one request per poll and no pass. A failure is logged when it
+/// starts and when it ends, not at every poll.
+pub async fn poll(
+    monitor: Arc<QueueMonitor>,
+    every: Duration,
+    readings: watch::Sender<Reading>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let reading = tokio::select! {
+            // Cancel-safe: a request dropped midway changes nothing.
+            () = shutdown.cancelled() => return,
+            read = monitor.depths() => match read {
+                Ok(depths) => Reading::Depths(depths),
+                Err(e) => Reading::Unavailable(error_chain(&e)),
+            },
+        };
+        log_transition(&readings.borrow(), &reading);
+        let changed = readings.send_if_modified(|current| {
+            let changed = *current != reading;
+            *current = reading;
+            changed
+        });
+        if changed {
+            wake.notify_one();
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+fn log_transition(before: &Reading, after: &Reading) {
+    match (before, after) {
+        (Reading::Unavailable(_), Reading::Depths(_)) => {
+            info!("queue depths readable again: autoscaling resumes");
+        }
+        (Reading::Unavailable(old), Reading::Unavailable(new)) if old == new => {}
+        (_, Reading::Unavailable(why)) => {
+            warn!(reason = %why, "cannot read queue depths: replica counts held, autoscaling paused");
+        }
+        _ => {}
     }
 }
 
