@@ -22,6 +22,7 @@ pub mod readiness;
 pub mod reconciler;
 pub mod runtime;
 pub mod scale;
+pub mod scale_metrics;
 pub mod status_page;
 pub mod store;
 /// The Swarm runtime lives beside `runtime/docker.rs`; it joins the
