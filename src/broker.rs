@@ -27,6 +27,7 @@ use crate::backoff::error_chain;
 
 use crate::config::Secret;
 use crate::model::WorkerId;
+use crate::scale::Demand;
 
 /// A management API that has not answered by then is treated as absent for
 /// this read: the next poll tries again.
@@ -203,6 +204,20 @@ pub enum Reading {
 }
 
 impl Reading {
+    /// What the scaler knows of a worker's queue from this reading.
+    pub fn demand(&self, id: WorkerId) -> Demand {
+        let Some(depths) = self.depths() else {
+            return Demand::Unknown;
+        };
+        match depths.get(id) {
+            None => Demand::NoQueue,
+            Some(QueueDepth { ready: None, .. }) => Demand::Unknown,
+            Some(QueueDepth {
+                ready: Some(ready), ..
+            }) => Demand::Ready(ready),
+        }
+    }
+
     /// The depths, if the last read succeeded.
     pub fn depths(&self) -> Option<&QueueDepths> {
         match self {
@@ -429,6 +444,33 @@ mod tests {
             consumers: None,
         }]);
         assert_eq!(fresh.get(WorkerId(id)).and_then(|d| d.ready), None);
+    }
+
+    #[test]
+    fn a_reading_tells_the_scaler_what_is_known_of_each_queue() {
+        let (known, fresh, absent) = (
+            WorkerId(Uuid::now_v7()),
+            WorkerId(Uuid::now_v7()),
+            WorkerId(Uuid::now_v7()),
+        );
+        let reading = Reading::Depths(depths_of(vec![
+            QueueRow {
+                name: format!("worker_{known}"),
+                messages_ready: Some(7),
+                consumers: Some(1),
+            },
+            QueueRow {
+                name: format!("worker_{fresh}"),
+                messages_ready: None,
+                consumers: None,
+            },
+        ]));
+        assert_eq!(reading.demand(known), Demand::Ready(7));
+        assert_eq!(reading.demand(fresh), Demand::Unknown);
+        assert_eq!(reading.demand(absent), Demand::NoQueue);
+        let down = Reading::Unavailable("no answer".into());
+        assert_eq!(down.demand(known), Demand::Unknown);
+        assert_eq!(Reading::NotYet.demand(known), Demand::Unknown);
     }
 
     #[test]
