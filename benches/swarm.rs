@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::query_parameters::ListContainersOptionsBuilder;
 use uuid::Uuid;
+use workerctl::config::Config;
 use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name, labels};
 use workerctl::swarm::{ManagedService, SwarmOptions, SwarmRuntime, WorkerService};
 
@@ -129,6 +130,8 @@ fn worker(instance: &str, image_id: &str, revision: i32, replicas: u32) -> Worke
                 nano_cpus: 100_000_000,
                 pids: 16,
             },
+            hardening: Config::default().hardening(),
+            ready_url: None,
         },
         replicas,
     }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
 use uuid::Uuid;
+use workerctl::config::Config;
 use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name, labels};
 use workerctl::swarm::{
     ManagedService, Probe, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime,
@@ -158,6 +159,8 @@ fn worker(instance: &str, revision: i32, entrypoint: &str, replicas: u32) -> Wor
                 nano_cpus: 250_000_000,
                 pids: 48,
             },
+            hardening: Config::default().hardening(),
+            ready_url: None,
         },
         replicas,
     }
