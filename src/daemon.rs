@@ -17,6 +17,7 @@ use tracing::error;
 use crate::config::Config;
 use crate::controller::{self, LoopSettings};
 use crate::http;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::readiness::ReadyReports;
 use crate::reconciler::{PassSettings, Reconciler};
@@ -51,6 +52,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Where the HTTP server listens.
     pub http: SocketAddr,
+    /// Whether this daemon leads its instance (and acts) or stands by.
+    pub leadership: Leadership,
 }
 
 impl Daemon {
@@ -102,7 +105,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let wake = Arc::new(Notify::new());
         let reports = Arc::new(ReadyReports::new(wake.clone()));
         let addr = listener.local_addr()?;
-        self.spawn_http(listener, &reports, tracker, shutdown);
+        let leadership = self.spawn_campaign(&wake, tracker, shutdown);
+        self.spawn_http(listener, &reports, &leadership, tracker, shutdown);
         self.spawn_wake_sources(&wake, tracker, shutdown);
         let config = &self.config;
         let reconciler = Reconciler::new(
@@ -111,7 +115,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             PassSettings::from_config(config),
             self.metrics.clone(),
             reports.clone(),
-        );
+        )
+        .led_by(leadership.clone());
         let settings = LoopSettings {
             resync: config.reconcile.interval,
             drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
@@ -127,7 +132,42 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             reports,
             metrics: self.metrics,
             http: addr,
+            leadership,
         })
+    }
+
+    /// Campaigns for the leadership of the instance (Postgres advisory lock
+    /// on a connection of its own), and wakes the loop whenever the role
+    /// changes: a daemon that starts leading passes at once. The lock is
+    /// released on shutdown, so a standby takes over without waiting.
+    fn spawn_campaign(
+        &self,
+        wake: &Arc<Notify>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Leadership {
+        let config = &self.config;
+        let leadership = Leadership::new(
+            config.database_url.expose(),
+            &config.instance,
+            config.leader_timing(),
+        );
+        let (l, s) = (leadership.clone(), shutdown.clone());
+        tracker.spawn(async move { l.run(s).await });
+        let (mut roles, w, s) = (leadership.subscribe(), wake.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    // Cancel-safe: `changed` loses no change when dropped.
+                    () = s.cancelled() => return,
+                    changed = roles.changed() => match changed {
+                        Ok(()) => w.notify_one(),
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+        leadership
     }
 
     /// The HTTP server; if it cannot serve, the daemon shuts down.
@@ -135,6 +175,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         &self,
         listener: TcpListener,
         reports: &Arc<ReadyReports>,
+        leadership: &Leadership,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
@@ -148,6 +189,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 http::Probe::docker(self.runtime.clone()),
             ]),
             reports: reports.clone(),
+            leadership: Some(leadership.clone()),
         };
         let server = http::serve_on(listener, state, shutdown.clone());
         let stop = shutdown.clone();
