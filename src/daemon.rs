@@ -155,13 +155,17 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let (l, s) = (leadership.clone(), shutdown.clone());
         tracker.spawn(async move { l.run(s).await });
         let (mut roles, w, s) = (leadership.subscribe(), wake.clone(), shutdown.clone());
+        let metrics = self.metrics.clone();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     // Cancel-safe: `changed` loses no change when dropped.
                     () = s.cancelled() => return,
                     changed = roles.changed() => match changed {
-                        Ok(()) => w.notify_one(),
+                        Ok(()) => {
+                            metrics.scale.set_leader(roles.borrow().is_leader());
+                            w.notify_one();
+                        }
                         Err(_) => return,
                     },
                 }

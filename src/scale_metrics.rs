@@ -1,6 +1,7 @@
 //! Prometheus metrics of scale-out: desired and running replicas and the
 //! queue depth of each worker, queue-depth reads, and whether this daemon
-//! leads. Registered into the daemon's one registry (`/metrics`); recording
+//! leads. Registered into the daemon's one registry (`/metrics`, by
+//! `metrics.rs`); the leader gauge is set by `daemon.rs`; recording
 //! is cheap and never fails; nothing here decides anything.
 
 use std::collections::BTreeSet;

@@ -121,6 +121,15 @@ impl Daemon {
         response.text().await.ok()
     }
 
+    /// The `workerctl_leader` gauge on `/metrics`.
+    async fn leader_gauge(&self) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("workerctl_leader "))
+            .map(str::to_string)
+    }
+
     async fn leads(&self) -> bool {
         self.readyz().await.as_deref() == Some("ready\n")
     }
@@ -232,6 +241,8 @@ async fn the_standby_finishes_a_rollout_whose_leader_was_killed(pool: PgPool) {
     } else {
         (&mut b, &mut a)
     };
+    assert_eq!(leader.leader_gauge().await.as_deref(), Some("1"));
+    assert_eq!(standby.leader_gauge().await.as_deref(), Some("0"));
 
     // A new revision, which says it is ready only through its health check
     // (a second or so): the leader starts it beside the old one ...
