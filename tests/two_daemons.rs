@@ -279,3 +279,41 @@ async fn the_standby_finishes_a_rollout_whose_leader_was_killed(pool: PgPool) {
 
     let _ = standby.child.start_kill();
 }
+
+#[sqlx::test]
+async fn a_one_off_pass_refuses_to_run_beside_a_leading_daemon(pool: PgPool) {
+    PgStore::from_pool(pool.clone())
+        .migrate()
+        .await
+        .expect("migrations apply");
+    let url = common::database_url(&pool);
+    let instance = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let _cleanup = Cleanup(instance.clone());
+    let once = async || {
+        Command::new(BIN)
+            .args(["reconcile", "--once"])
+            .env_remove("WORKERCTL_CONFIG")
+            .env("WORKERCTL_DATABASE_URL", &url)
+            .env("WORKERCTL_INSTANCE", &instance)
+            .env("WORKERCTL_DOCKER__IMAGE", image())
+            .output()
+            .await
+            .expect("the binary runs")
+    };
+    let alone = once().await;
+    let said = String::from_utf8_lossy(&alone.stderr);
+    assert!(alone.status.success(), "with no daemon a pass runs: {said}");
+    let mut daemon = Daemon::start(&url, &instance, None);
+    tokio::time::timeout(MUST_HAPPEN, async {
+        while !daemon.leads().await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the daemon leads");
+    let out = once().await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is led by workerctl-leader"), "{stderr}");
+    let _ = daemon.child.start_kill();
+}
