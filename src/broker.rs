@@ -13,14 +13,21 @@
 //! autoscaling, workers keep running. This module decides nothing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backoff::error_chain;
 
 use crate::config::Secret;
 use crate::model::WorkerId;
+use crate::scale::Demand;
 
 /// A management API that has not answered by then is treated as absent for
 /// this read: the next poll tries again.
@@ -182,6 +189,91 @@ impl QueueMonitor {
             }),
             other => Err(BrokerError::Status { at, status: other }),
         }
+    }
+}
+
+/// The latest queue-depth read, as the pass and the status page see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// Nothing read yet.
+    NotYet,
+    Depths(QueueDepths),
+    /// The last read failed: the reason, on one line (the scaler holds
+    /// every replica count meanwhile).
+    Unavailable(String),
+}
+
+impl Reading {
+    /// What the scaler knows of a worker's queue from this reading.
+    pub fn demand(&self, id: WorkerId) -> Demand {
+        let Some(depths) = self.depths() else {
+            return Demand::Unknown;
+        };
+        match depths.get(id) {
+            None => Demand::NoQueue,
+            Some(QueueDepth { ready: None, .. }) => Demand::Unknown,
+            Some(QueueDepth {
+                ready: Some(ready), ..
+            }) => Demand::Ready(ready),
+        }
+    }
+
+    /// The depths, if the last read succeeded.
+    pub fn depths(&self) -> Option<&QueueDepths> {
+        match self {
+            Reading::Depths(d) => Some(d),
+            Reading::NotYet | Reading::Unavailable(_) => None,
+        }
+    }
+}
+
+/// Reads the depths every `every` until `shutdown`, publishing each reading
+/// that differs from the last on `readings` and waking the controller
+/// (`wake`) for it: an unchanged queue wakes nothing, so an idle system
+/// costs one request per poll and no pass. A failure is logged when it
+/// starts and when it ends, not at every poll.
+pub async fn poll(
+    monitor: Arc<QueueMonitor>,
+    every: Duration,
+    readings: watch::Sender<Reading>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let reading = tokio::select! {
+            // Cancel-safe: a request dropped midway changes nothing.
+            () = shutdown.cancelled() => return,
+            read = monitor.depths() => match read {
+                Ok(depths) => Reading::Depths(depths),
+                Err(e) => Reading::Unavailable(error_chain(&e)),
+            },
+        };
+        log_transition(&readings.borrow(), &reading);
+        let changed = readings.send_if_modified(|current| {
+            let changed = *current != reading;
+            *current = reading;
+            changed
+        });
+        if changed {
+            wake.notify_one();
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+fn log_transition(before: &Reading, after: &Reading) {
+    match (before, after) {
+        (Reading::Unavailable(_), Reading::Depths(_)) => {
+            info!("queue depths readable again: autoscaling resumes");
+        }
+        (Reading::Unavailable(old), Reading::Unavailable(new)) if old == new => {}
+        (_, Reading::Unavailable(why)) => {
+            warn!(reason = %why, "cannot read queue depths: replica counts held, autoscaling paused");
+        }
+        _ => {}
     }
 }
 
@@ -352,6 +444,33 @@ mod tests {
             consumers: None,
         }]);
         assert_eq!(fresh.get(WorkerId(id)).and_then(|d| d.ready), None);
+    }
+
+    #[test]
+    fn a_reading_tells_the_scaler_what_is_known_of_each_queue() {
+        let (known, fresh, absent) = (
+            WorkerId(Uuid::now_v7()),
+            WorkerId(Uuid::now_v7()),
+            WorkerId(Uuid::now_v7()),
+        );
+        let reading = Reading::Depths(depths_of(vec![
+            QueueRow {
+                name: format!("worker_{known}"),
+                messages_ready: Some(7),
+                consumers: Some(1),
+            },
+            QueueRow {
+                name: format!("worker_{fresh}"),
+                messages_ready: None,
+                consumers: None,
+            },
+        ]));
+        assert_eq!(reading.demand(known), Demand::Ready(7));
+        assert_eq!(reading.demand(fresh), Demand::Unknown);
+        assert_eq!(reading.demand(absent), Demand::NoQueue);
+        let down = Reading::Unavailable("no answer".into());
+        assert_eq!(down.demand(known), Demand::Unknown);
+        assert_eq!(Reading::NotYet.demand(known), Demand::Unknown);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tracing::error;
 use crate::config::Config;
 use crate::controller::{self, LoopSettings};
 use crate::http;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::readiness::ReadyReports;
 use crate::reconciler::{PassSettings, Reconciler};
@@ -52,6 +53,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Where the HTTP server listens.
     pub http: SocketAddr,
+    /// Whether this daemon leads its instance (and acts) or stands by.
+    pub leadership: Leadership,
 }
 
 impl Daemon {
@@ -103,7 +106,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let wake = Arc::new(Notify::new());
         let reports = Arc::new(ReadyReports::new(wake.clone()));
         let addr = listener.local_addr()?;
-        self.spawn_http(listener, &reports, tracker, shutdown);
+        let leadership = self.spawn_campaign(&wake, tracker, shutdown);
+        self.spawn_http(listener, &reports, &leadership, tracker, shutdown);
         self.spawn_wake_sources(&wake, tracker, shutdown);
         self.spawn_triggers(tracker, shutdown);
         let config = &self.config;
@@ -113,7 +117,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             PassSettings::from_config(config),
             self.metrics.clone(),
             reports.clone(),
-        );
+        )
+        .led_by(leadership.clone());
         let settings = LoopSettings {
             resync: config.reconcile.interval,
             drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
@@ -129,7 +134,46 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             reports,
             metrics: self.metrics,
             http: addr,
+            leadership,
         })
+    }
+
+    /// Campaigns for the leadership of the instance (Postgres advisory lock
+    /// on a connection of its own), and wakes the loop whenever the role
+    /// changes: a daemon that starts leading passes at once. The lock is
+    /// released on shutdown, so a standby takes over without waiting.
+    fn spawn_campaign(
+        &self,
+        wake: &Arc<Notify>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Leadership {
+        let config = &self.config;
+        let leadership = Leadership::new(
+            config.database_url.expose(),
+            &config.instance,
+            config.leader_timing(),
+        );
+        let (l, s) = (leadership.clone(), shutdown.clone());
+        tracker.spawn(async move { l.run(s).await });
+        let (mut roles, w, s) = (leadership.subscribe(), wake.clone(), shutdown.clone());
+        let metrics = self.metrics.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    // Cancel-safe: `changed` loses no change when dropped.
+                    () = s.cancelled() => return,
+                    changed = roles.changed() => match changed {
+                        Ok(()) => {
+                            metrics.scale.set_leader(roles.borrow().is_leader());
+                            w.notify_one();
+                        }
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+        leadership
     }
 
     /// The HTTP server; if it cannot serve, the daemon shuts down.
@@ -137,6 +181,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         &self,
         listener: TcpListener,
         reports: &Arc<ReadyReports>,
+        leadership: &Leadership,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
@@ -150,6 +195,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 http::Probe::docker(self.runtime.clone()),
             ]),
             reports: reports.clone(),
+            leadership: Some(leadership.clone()),
         };
         let api = http::api::routes(http::api::ApiState {
             db: crate::store::admin::Db::from_pool(self.store.pool().clone()),

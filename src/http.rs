@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::error_chain;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::model::WorkerId;
 use crate::plan::ReadyReport;
@@ -50,6 +51,9 @@ pub struct AppState<S> {
     pub probes: Arc<[Probe]>,
     /// Where ready reports go.
     pub reports: Arc<ReadyReports>,
+    /// This daemon's leadership of its instance, if it campaigns: a standby
+    /// serves everything and `/readyz` says it stands by.
+    pub leadership: Option<Leadership>,
 }
 
 impl<S> Clone for AppState<S> {
@@ -61,6 +65,7 @@ impl<S> Clone for AppState<S> {
             pool: self.pool.clone(),
             probes: self.probes.clone(),
             reports: self.reports.clone(),
+            leadership: self.leadership.clone(),
         }
     }
 }
@@ -256,7 +261,15 @@ async fn readyz<S: WorkerStore>(State(state): State<AppState<S>>) -> Response {
         .into_iter()
         .flatten()
         .collect();
-    if failures.is_empty() {
+    let standby = state
+        .leadership
+        .as_ref()
+        .map(Leadership::role)
+        .filter(|role| !role.is_leader());
+    if let (true, Some(role)) = (failures.is_empty(), standby) {
+        // Ready to serve; another daemon acts.
+        (StatusCode::OK, format!("ready, {role}\n")).into_response()
+    } else if failures.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         error(

@@ -24,6 +24,7 @@ pub mod readiness;
 pub mod reconciler;
 pub mod runtime;
 pub mod scale;
+pub mod scale_metrics;
 pub mod schedule;
 pub mod scheduler;
 pub mod status_page;

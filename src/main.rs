@@ -16,6 +16,7 @@ use workerctl::backoff::{self, error_chain};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Config, LogFormat};
 use workerctl::daemon::Daemon;
+use workerctl::leader::LockSession;
 use workerctl::metrics::Metrics;
 use workerctl::model::Status;
 use workerctl::readiness::ReadyReports;
@@ -120,10 +121,24 @@ async fn plan(config: Config) -> Result<()> {
 }
 
 async fn reconcile_once(config: Config) -> Result<ExitCode> {
+    // A pass beside a daemon that leads this instance would race it: take
+    // the instance's lock for the pass, or refuse.
+    let url = config.database_url.expose();
+    let mut lock = LockSession::connect(url, &config.instance, config.leader_timing()).await?;
+    if !lock.try_acquire().await? {
+        let who = lock.holder().await.ok().flatten();
+        anyhow::bail!(
+            "instance {} is led by {}: a pass now would race it; stop that daemon first \
+             (`workerctl plan` shows what a pass would do)",
+            config.instance,
+            who.as_deref().unwrap_or("a running daemon")
+        );
+    }
     let mut reconciler = reconciler(&config, Arc::default()).await?;
     let report = reconciler.pass().await?;
     // One pass: its actions run to their end, however long a stop takes.
     let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
+    lock.release().await;
     let failures: Vec<String> = done
         .iter()
         .filter_map(|d| {

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub workers: Family<StatusLabels, Gauge>,
     pub restarts: Counter,
     pub change_to_running_seconds: Histogram,
+    /// Replicas, queue depths and leadership (`scale_metrics.rs`).
+    pub scale: crate::scale_metrics::ScaleMetrics,
     timing: Mutex<Timing>,
 }
 
@@ -103,8 +105,11 @@ impl Metrics {
             "Time from a change announced by the store to its container running",
             change_to_running_seconds.clone(),
         );
+        let scale = crate::scale_metrics::ScaleMetrics::default();
+        scale.register(&mut registry);
         Metrics {
             registry,
+            scale,
             passes,
             pass_errors,
             pass_seconds,

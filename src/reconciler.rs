@@ -27,6 +27,7 @@ use crate::backoff::error_chain;
 use crate::config::Config;
 use crate::execute;
 use crate::exit;
+use crate::leader::{LeaderError, Leadership};
 use crate::metrics::Metrics;
 use crate::model::{ManagedContainer, RunState, Status, WorkerId, WorkerRow};
 use crate::plan::{
@@ -46,6 +47,17 @@ pub enum PassError {
     Runtime(#[source] RuntimeError),
 }
 
+/// Why an action was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Checked just before the first Docker call: a daemon that cannot be
+    /// sure it leads its instance changes nothing.
+    #[error("not done: this daemon cannot confirm that it leads its instance")]
+    NotLeader(#[source] LeaderError),
+}
+
 /// What a pass did.
 #[derive(Debug, Default)]
 pub struct PassReport {
@@ -60,7 +72,7 @@ pub struct PassReport {
 pub struct Done {
     pub action: Action,
     /// The container it started, if any, or why it failed.
-    pub result: Result<Option<String>, RuntimeError>,
+    pub result: Result<Option<String>, ActionError>,
     /// The change announced by the store that the pass which decided it
     /// reacted to, if any: a container it starts is timed from it.
     pub change: Option<std::time::Instant>,
@@ -116,6 +128,8 @@ pub struct Reconciler<S, R> {
     busy: HashMap<Id, Slot>,
     permits: Arc<Semaphore>,
     clock: Clock,
+    /// When set, passes and actions run only while the lock is confirmed.
+    leadership: Option<Leadership>,
 }
 
 /// Unix milliseconds that advance with tokio's clock, so that tests with
@@ -170,6 +184,28 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             busy: HashMap::new(),
             permits,
             clock: Clock::new(),
+            leadership: None,
+        }
+    }
+
+    /// The same reconciler, acting only while `leadership` holds: each pass
+    /// and each action first confirms the lock with the server.
+    pub fn led_by(mut self, leadership: Leadership) -> Self {
+        self.leadership = Some(leadership);
+        self
+    }
+
+    /// Whether this daemon may act now (always, without leader election).
+    async fn may_act(&self) -> bool {
+        match &self.leadership {
+            None => true,
+            Some(l) => match l.verify().await {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!("standing by, no pass: {}", error_chain(&e));
+                    false
+                }
+            },
         }
     }
 
@@ -271,6 +307,9 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     }
 
     async fn pass_inner(&mut self) -> Result<PassReport, PassError> {
+        if !self.may_act().await {
+            return Ok(PassReport::default());
+        }
         let snapshot = self.observe().await?;
         let plan = plan(&snapshot, &self.settings.template, &self.settings.policy);
         self.books = plan.books.clone();
@@ -299,10 +338,20 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let stop_timeout = self.settings.stop_timeout;
         let slot = action.slot.clone();
         let change = self.metrics.change_in_pass();
+        let leadership = self.leadership.clone();
         let task = async move {
             // Never closed: the semaphore lives as long as the reconciler.
             let _permit = permits.acquire_owned().await.ok();
-            let result = execute::apply(&*runtime, &action.step, stop_timeout).await;
+            let confirmed = match &leadership {
+                Some(l) => l.verify().await.map_err(ActionError::NotLeader),
+                None => Ok(()),
+            };
+            let result = match confirmed {
+                Ok(()) => execute::apply(&*runtime, &action.step, stop_timeout)
+                    .await
+                    .map_err(ActionError::from),
+                Err(e) => Err(e),
+            };
             Done {
                 action,
                 result,
@@ -376,6 +425,16 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
                         .insert(container.clone(), self.clock.now_ms());
                     self.record_start(&action.step, done.change);
                 }
+            }
+            Err(e @ ActionError::NotLeader(_)) => {
+                // Not the worker's failure: no backoff for it.
+                warn!(
+                    container = action.target(),
+                    "{} {}: {}",
+                    action.kind(),
+                    action.target(),
+                    error_chain(e)
+                );
             }
             Err(e) => {
                 let error = error_chain(e);

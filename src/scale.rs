@@ -103,6 +103,20 @@ impl Default for ScaleBounds {
     }
 }
 
+/// What is known of the messages waiting for a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Demand {
+    /// The queue depth could not be read (no management API, or no
+    /// statistics yet for a new queue).
+    Unknown,
+    /// The worker's queue does not exist yet: its dockerworker declares it
+    /// on start, and until then messages routed to the worker are dropped
+    /// by the broker. So at least one replica runs, whatever `min`.
+    NoQueue,
+    /// Messages ready for a consumer.
+    Ready(u64),
+}
+
 /// What the scaler remembers of a worker between passes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScaleState {
@@ -144,6 +158,8 @@ pub enum ScaleReason {
     CoolingDown { ready: u64, until_ms: i64 },
     /// The queue depth could not be read: the count is held.
     DepthUnknown,
+    /// The queue does not exist yet: one replica runs to declare it.
+    NoQueue,
 }
 
 impl fmt::Display for ScaleReason {
@@ -162,6 +178,7 @@ impl fmt::Display for ScaleReason {
             ScaleReason::DepthUnknown => {
                 f.write_str("queue depth unknown: replica count held, autoscaling paused")
             }
+            ScaleReason::NoQueue => f.write_str("no queue yet: one replica runs to declare it"),
         }
     }
 }
@@ -184,8 +201,8 @@ pub struct ScaleDecision {
     pub reason: ScaleReason,
 }
 
-/// The replica count for a worker whose queue holds `ready` messages
-/// (`None`: unknown), given what was decided last time.
+/// The replica count for a worker, from what is known of its queue, given
+/// what was decided last time.
 ///
 /// - demand = `ceil(ready / per_replica)`, clamped to `[min, max]`;
 /// - above the last count: that many, at once;
@@ -195,9 +212,10 @@ pub struct ScaleDecision {
 /// - min = 0 scales to zero, and one ready message brings a replica back;
 /// - bounds changed by hand apply at once;
 /// - depth unknown: the last count holds (clamped), and never less than
-///   one replica — without a depth, a worker at zero could never be woken.
+///   one replica — without a depth, a worker at zero could never be woken;
+/// - no queue yet: at least one replica, so that the queue gets declared.
 pub fn desired_replicas(
-    ready: Option<u64>,
+    demand: Demand,
     bounds: ScaleBounds,
     previous: ScaleState,
     cooldown_ms: i64,
@@ -207,9 +225,10 @@ pub fn desired_replicas(
     if bounds.is_fixed() {
         return settled(current, ScaleReason::Fixed);
     }
-    let Some(ready) = ready else {
-        let held = current.max(1.min(bounds.max));
-        return settled(held, ScaleReason::DepthUnknown);
+    let ready = match demand {
+        Demand::Ready(ready) => ready,
+        Demand::Unknown => return settled(current.max(1), ScaleReason::DepthUnknown),
+        Demand::NoQueue => return settled(current.max(1), ScaleReason::NoQueue),
     };
     let demand = ready.div_ceil(u64::from(bounds.per_replica));
     let target = bounds.clamp(u32::try_from(demand).unwrap_or(u32::MAX));
@@ -282,6 +301,7 @@ fn settled(desired: u32, reason: ScaleReason) -> ScaleDecision {
 
 #[cfg(test)]
 mod tests {
+    use super::Demand::{NoQueue, Ready, Unknown};
     use super::*;
 
     const COOLDOWN: i64 = 60_000;
@@ -304,7 +324,7 @@ mod tests {
 
     struct Case {
         name: &'static str,
-        ready: Option<u64>,
+        demand: Demand,
         bounds: ScaleBounds,
         previous: ScaleState,
         now: i64,
@@ -317,7 +337,7 @@ mod tests {
         let cases = [
             Case {
                 name: "an empty queue at min 1 keeps one replica",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(1, 4),
                 previous: state(1),
                 now: T0,
@@ -326,7 +346,7 @@ mod tests {
             },
             Case {
                 name: "demand is ready messages over per_replica, rounded up",
-                ready: Some(41),
+                demand: Ready(41),
                 bounds: bounds(1, 10),
                 previous: state(1),
                 now: T0,
@@ -335,7 +355,7 @@ mod tests {
             },
             Case {
                 name: "exactly one replica's worth is one replica",
-                ready: Some(20),
+                demand: Ready(20),
                 bounds: bounds(0, 10),
                 previous: state(0),
                 now: T0,
@@ -344,7 +364,7 @@ mod tests {
             },
             Case {
                 name: "demand above max is clamped to max",
-                ready: Some(20_000),
+                demand: Ready(20_000),
                 bounds: bounds(1, 4),
                 previous: state(1),
                 now: T0,
@@ -353,7 +373,7 @@ mod tests {
             },
             Case {
                 name: "a scale-up happens at once, even while cooling down",
-                ready: Some(100),
+                demand: Ready(100),
                 bounds: bounds(1, 10),
                 previous: cooling(3, T0 - 1_000, 1),
                 now: T0,
@@ -362,7 +382,7 @@ mod tests {
             },
             Case {
                 name: "lower demand starts a cooldown and holds the count",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(1, 4),
                 previous: state(4),
                 now: T0,
@@ -371,7 +391,7 @@ mod tests {
             },
             Case {
                 name: "a cooldown not yet over still holds",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(1, 4),
                 previous: cooling(4, T0, 1),
                 now: T0 + COOLDOWN - 1,
@@ -380,7 +400,7 @@ mod tests {
             },
             Case {
                 name: "after the cooldown the count drops to the peak demand seen in it",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(1, 4),
                 previous: cooling(4, T0, 2),
                 now: T0 + COOLDOWN,
@@ -389,7 +409,7 @@ mod tests {
             },
             Case {
                 name: "min 0 scales an idle worker to zero after the cooldown",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(0, 4),
                 previous: cooling(1, T0, 0),
                 now: T0 + COOLDOWN,
@@ -398,7 +418,7 @@ mod tests {
             },
             Case {
                 name: "one message brings a worker at zero back at once",
-                ready: Some(1),
+                demand: Ready(1),
                 bounds: bounds(0, 4),
                 previous: state(0),
                 now: T0,
@@ -407,7 +427,7 @@ mod tests {
             },
             Case {
                 name: "never below min, whatever the queue",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(2, 4),
                 previous: cooling(4, T0, 0),
                 now: T0 + 10 * COOLDOWN,
@@ -416,7 +436,7 @@ mod tests {
             },
             Case {
                 name: "an unknown depth holds the count",
-                ready: None,
+                demand: Unknown,
                 bounds: bounds(1, 4),
                 previous: cooling(3, T0, 1),
                 now: T0 + 10 * COOLDOWN,
@@ -425,7 +445,7 @@ mod tests {
             },
             Case {
                 name: "an unknown depth never leaves a worker at zero",
-                ready: None,
+                demand: Unknown,
                 bounds: bounds(0, 4),
                 previous: state(0),
                 now: T0,
@@ -433,8 +453,26 @@ mod tests {
                 wake_at: None,
             },
             Case {
+                name: "a worker without a queue yet runs one replica, even at min 0",
+                demand: NoQueue,
+                bounds: bounds(0, 4),
+                previous: state(0),
+                now: T0,
+                desired: 1,
+                wake_at: None,
+            },
+            Case {
+                name: "a worker without a queue keeps the replicas it has",
+                demand: NoQueue,
+                bounds: bounds(0, 4),
+                previous: state(3),
+                now: T0,
+                desired: 3,
+                wake_at: None,
+            },
+            Case {
                 name: "a max lowered by hand applies at once",
-                ready: Some(20_000),
+                demand: Ready(20_000),
                 bounds: bounds(1, 2),
                 previous: state(4),
                 now: T0,
@@ -443,7 +481,7 @@ mod tests {
             },
             Case {
                 name: "a min raised by hand applies at once",
-                ready: Some(0),
+                demand: Ready(0),
                 bounds: bounds(3, 4),
                 previous: state(1),
                 now: T0,
@@ -452,7 +490,7 @@ mod tests {
             },
             Case {
                 name: "fixed bounds need no depth",
-                ready: None,
+                demand: Unknown,
                 bounds: ScaleBounds::default(),
                 previous: state(0),
                 now: T0,
@@ -461,7 +499,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let d = desired_replicas(c.ready, c.bounds, c.previous, COOLDOWN, c.now);
+            let d = desired_replicas(c.demand, c.bounds, c.previous, COOLDOWN, c.now);
             assert_eq!(d.desired, c.desired, "{}", c.name);
             assert_eq!(d.wake_at_ms, c.wake_at, "{}", c.name);
             assert_eq!(d.state.desired, d.desired, "{}", c.name);
@@ -471,9 +509,9 @@ mod tests {
     #[test]
     fn a_cooldown_remembers_its_start_and_the_highest_demand_in_it() {
         let b = bounds(1, 4);
-        let first = desired_replicas(Some(0), b, state(4), COOLDOWN, T0);
-        let second = desired_replicas(Some(45), b, first.state, COOLDOWN, T0 + 10_000);
-        let third = desired_replicas(Some(0), b, second.state, COOLDOWN, T0 + 20_000);
+        let first = desired_replicas(Ready(0), b, state(4), COOLDOWN, T0);
+        let second = desired_replicas(Ready(45), b, first.state, COOLDOWN, T0 + 10_000);
+        let third = desired_replicas(Ready(0), b, second.state, COOLDOWN, T0 + 20_000);
         assert_eq!(
             third.state.lower,
             Some(Lower {
@@ -481,17 +519,17 @@ mod tests {
                 peak: 3
             })
         );
-        let due = desired_replicas(Some(0), b, third.state, COOLDOWN, T0 + COOLDOWN);
+        let due = desired_replicas(Ready(0), b, third.state, COOLDOWN, T0 + COOLDOWN);
         assert_eq!(due.desired, 3);
     }
 
     #[test]
     fn demand_back_at_the_count_ends_the_cooldown() {
         let b = bounds(1, 4);
-        let cooling = desired_replicas(Some(0), b, state(2), COOLDOWN, T0);
-        let back = desired_replicas(Some(40), b, cooling.state, COOLDOWN, T0 + 1_000);
+        let cooling = desired_replicas(Ready(0), b, state(2), COOLDOWN, T0);
+        let back = desired_replicas(Ready(40), b, cooling.state, COOLDOWN, T0 + 1_000);
         assert_eq!(back.state, state(2));
-        let again = desired_replicas(Some(0), b, back.state, COOLDOWN, T0 + COOLDOWN);
+        let again = desired_replicas(Ready(0), b, back.state, COOLDOWN, T0 + COOLDOWN);
         assert_eq!(again.desired, 2, "a new cooldown starts from here");
         assert_eq!(again.wake_at_ms, Some(T0 + 2 * COOLDOWN));
     }
@@ -499,7 +537,7 @@ mod tests {
     #[test]
     fn a_scale_down_to_the_peak_starts_the_next_cooldown_when_demand_is_lower_still() {
         let d = desired_replicas(
-            Some(0),
+            Ready(0),
             bounds(0, 4),
             cooling(4, T0, 2),
             COOLDOWN,
@@ -515,15 +553,15 @@ mod tests {
 
     #[test]
     fn reasons_say_what_the_status_line_shows() {
-        let cool = desired_replicas(Some(0), bounds(1, 4), state(4), COOLDOWN, 0);
+        let cool = desired_replicas(Ready(0), bounds(1, 4), state(4), COOLDOWN, 0);
         assert!(
             cool.reason.to_string().contains("scaling down"),
             "{}",
             cool.reason
         );
-        let unknown = desired_replicas(None, bounds(1, 4), state(2), COOLDOWN, 0);
+        let unknown = desired_replicas(Unknown, bounds(1, 4), state(2), COOLDOWN, 0);
         assert!(unknown.reason.to_string().contains("autoscaling paused"));
-        let clamped = desired_replicas(Some(9_999), bounds(1, 4), state(1), COOLDOWN, 0);
+        let clamped = desired_replicas(Ready(9_999), bounds(1, 4), state(1), COOLDOWN, 0);
         assert_eq!(clamped.reason, ScaleReason::Clamped { ready: 9_999 });
     }
 

@@ -8,13 +8,16 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use workerctl::broker::{BrokerError, QueueMonitor};
+use workerctl::broker::{BrokerError, QueueMonitor, Reading, poll};
 use workerctl::model::WorkerId;
 
 const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
@@ -140,4 +143,78 @@ async fn wrong_credentials_are_named_as_such() {
         "{err:?}"
     );
     assert!(!err.to_string().contains("not-the-password"), "{err}");
+}
+
+/// A poller on `url` every 200 ms: its readings, its wake-ups, and its stop.
+fn poller(url: &str) -> (watch::Receiver<Reading>, Arc<Notify>, CancellationToken) {
+    let monitor = Arc::new(QueueMonitor::new(url, &common::amqp_url()).expect("valid URLs"));
+    let (tx, rx) = watch::channel(Reading::NotYet);
+    let wake = Arc::new(Notify::new());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(poll(
+        monitor,
+        Duration::from_millis(200),
+        tx,
+        wake.clone(),
+        shutdown.clone(),
+    ));
+    (rx, wake, shutdown)
+}
+
+#[tokio::test]
+async fn the_poller_wakes_the_controller_when_messages_arrive() {
+    let (conn, channel) = channel().await;
+    let id = WorkerId(Uuid::now_v7());
+    let queue = worker_queue(&channel, id).await;
+    let (mut readings, wake, shutdown) = poller(&management_url());
+    let shows = |n: u64| {
+        move |r: &Reading| r.depths().and_then(|d| d.get(id)).and_then(|q| q.ready) == Some(n)
+    };
+    tokio::time::timeout(MUST_HAPPEN, readings.wait_for(shows(0)))
+        .await
+        .expect("the empty queue is read")
+        .expect("the poller runs");
+    // Consume the wake-ups so far: the next one is for the messages.
+    let _ = tokio::time::timeout(Duration::from_millis(10), wake.notified()).await;
+    publish(&channel, &queue, 3).await;
+    tokio::time::timeout(MUST_HAPPEN, wake.notified())
+        .await
+        .expect("a wake-up for the new depth");
+    tokio::time::timeout(MUST_HAPPEN, readings.wait_for(shows(3)))
+        .await
+        .expect("the new depth is published")
+        .expect("the poller runs");
+    shutdown.cancel();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn an_unreadable_management_api_is_published_once_with_its_reason() {
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let (mut readings, wake, shutdown) = poller(&url);
+    let reading = tokio::time::timeout(
+        MUST_HAPPEN,
+        readings.wait_for(|r| matches!(r, Reading::Unavailable(_))),
+    )
+    .await
+    .expect("the failure is published")
+    .expect("the poller runs")
+    .clone();
+    let Reading::Unavailable(why) = reading else {
+        unreachable!("waited for it")
+    };
+    assert!(why.contains("rabbitmq_management"), "{why}");
+    wake.notified().await;
+    // Polls keep failing the same way: no further wake-up, no new reading.
+    readings.mark_unchanged();
+    let quiet = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+    assert!(
+        quiet.is_err(),
+        "an unchanged failure woke the controller again"
+    );
+    assert!(!readings.has_changed().expect("the poller runs"));
+    shutdown.cancel();
 }

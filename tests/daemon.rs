@@ -515,6 +515,7 @@ async fn code_endpoint_serves_enabled_workers_to_their_token_only(pool: PgPool) 
         pool: d.pool.clone(),
         probes: Arc::new([]),
         reports: Arc::new(ReadyReports::new(Arc::default())),
+        leadership: None,
     };
     let server = tokio::spawn(async move { axum::serve(listener, http::router(state)).await });
     let get = |path: String| async move {

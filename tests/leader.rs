@@ -237,3 +237,36 @@ async fn a_session_confirms_its_lock_whatever_the_sign_of_the_key(pool: PgPool) 
     }
     assert_eq!(signs, (true, true), "keys of both signs were tried");
 }
+
+#[sqlx::test]
+async fn a_waiting_acquire_gets_the_lock_once_its_holder_releases_it(pool: PgPool) {
+    let url = common::database_url(&pool);
+    let mut holder = LockSession::connect(&url, "wait", TIMING)
+        .await
+        .expect("connects");
+    assert!(holder.try_acquire().await.expect("tries"));
+    let mut waiter = LockSession::connect(&url, "wait", TIMING)
+        .await
+        .expect("connects");
+    let waiting = tokio::spawn(async move {
+        waiter.acquire().await.expect("waits, then takes it");
+        waiter
+    });
+    eventually("the waiter waits in the server", async || {
+        let waits: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("pg_locks reads");
+        waits
+    })
+    .await;
+    assert!(!waiting.is_finished(), "the lock is still held");
+    holder.release().await;
+    let mut waiter = within("the waiter gets the lock", waiting)
+        .await
+        .expect("the waiter does not panic");
+    assert!(waiter.verify().await.expect("asks"));
+    waiter.release().await;
+}

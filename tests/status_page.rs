@@ -54,6 +54,7 @@ impl Server {
             pool,
             probes: probes.into(),
             reports: Arc::new(ReadyReports::new(Arc::default())),
+            leadership: None,
         };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await

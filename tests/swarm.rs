@@ -22,9 +22,11 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
 use uuid::Uuid;
+use workerctl::config::Config;
 use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name, labels};
 use workerctl::swarm::{
-    ManagedService, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime, WorkerService,
+    ManagedService, Probe, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime,
+    WorkerService,
 };
 
 const BUSYBOX: &str = "workerctl/busybox:latest";
@@ -157,12 +159,7 @@ fn worker(instance: &str, revision: i32, entrypoint: &str, replicas: u32) -> Wor
                 nano_cpus: 250_000_000,
                 pids: 48,
             },
-            hardening: workerctl::model::Hardening {
-                read_only_rootfs: true,
-                no_new_privileges: true,
-                cap_drop: vec!["ALL".into()],
-                tmpfs: vec!["/tmp".into()],
-            },
+            hardening: Config::default().hardening(),
             ready_url: None,
         },
         replicas,
@@ -395,5 +392,78 @@ async fn check_hardening(docker: &Docker, service: &str) {
     assert!(
         container_labels.contains_key(labels::INSTANCE),
         "{container_labels:?}"
+    );
+}
+
+/// The readiness probe the daemon gives Swarm services, run in a real
+/// dockerworker container whose code cannot be fetched (so it is alive but
+/// not ready), with the noexec tmpfs /tmp Swarm gives it: the probe reaches
+/// `/readyz` and fails, where the image's own HEALTHCHECK (liveness) passes.
+/// No swarm needed: a plain container, removed at the end.
+#[tokio::test]
+async fn the_readiness_probe_fails_while_the_dockerworker_is_alive_but_not_ready() {
+    let image = common::worker_image();
+    let (started, id) = docker_cli(&[
+        "run",
+        "-d",
+        "--network",
+        "host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,noexec,nosuid,nodev,size=64m",
+        "-e",
+        "WORKER_HEALTH_PORT=0",
+        "-e",
+        "WORKER_ID=00000000-0000-0000-0000-0000000000aa",
+        "-e",
+        &format!("AMQP_HOST={}", common::amqp_url()),
+        "-e",
+        "AMQP_XCHG=pipeline.messages",
+        "-e",
+        &format!("CODE_URL=http://127.0.0.1:{}/x/source", common::free_port()),
+        "-e",
+        "CODE_ENTRYPOINT=main.main",
+        "-e",
+        "ENDPOINT_DEVICES=http://127.0.0.1:9/devices",
+        image,
+    ]);
+    assert!(started, "the dockerworker starts: {id}");
+    let probe = Probe::dockerworker_ready();
+    let exec = |command: &[String]| {
+        let mut args = vec!["exec".to_string(), id.clone()];
+        args.extend(command.iter().cloned());
+        let out = Command::new("docker")
+            .args(&args)
+            .output()
+            .expect("docker exec runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let verdict = loop {
+        let (ready, stderr) = exec(&probe.command);
+        if ready || stderr.contains("HTTP Error 503") || std::time::Instant::now() > deadline {
+            break (ready, stderr);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let liveness = probe
+        .command
+        .iter()
+        .map(|part| part.replace("/readyz", "/healthz"))
+        .collect::<Vec<_>>();
+    let (alive, alive_err) = exec(&liveness);
+    let _ = docker_cli(&["rm", "-f", &id]);
+    assert!(!verdict.0, "ready without its code");
+    assert!(
+        verdict.1.contains("HTTP Error 503"),
+        "the probe reached /readyz: {}",
+        verdict.1
+    );
+    assert!(
+        alive,
+        "the liveness check the image has passes meanwhile: {alive_err}"
     );
 }

@@ -467,6 +467,9 @@ fn container_spec(
     labels: HashMap<String, String>,
     options: &SwarmOptions,
 ) -> TaskSpecContainerSpec {
+    let hardening = &spec.hardening;
+    // No WORKER_READY_URL: a task's readiness is the health probe, which
+    // Swarm itself waits for.
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("{REPLICA_ENV}={SLOT_TEMPLATE}"));
     TaskSpecContainerSpec {
@@ -474,23 +477,29 @@ fn container_spec(
         labels: Some(labels),
         hostname: Some(format!("{}-{SLOT_TEMPLATE}", spec.name)),
         env: Some(env),
-        read_only: Some(true),
-        capability_drop: Some(vec!["ALL".into()]),
-        mounts: Some(vec![Mount {
-            target: Some("/tmp".into()),
-            typ: Some(MountType::TMPFS),
-            tmpfs_options: Some(MountTmpfsOptions {
-                size_bytes: Some(TMPFS_BYTES),
-                mode: Some(0o1777),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        read_only: Some(hardening.read_only_rootfs),
+        capability_drop: Some(hardening.cap_drop.clone()),
+        mounts: Some(hardening.tmpfs.iter().map(|path| tmpfs(path)).collect()),
         stop_signal: Some("SIGTERM".into()),
         stop_grace_period: Some(nanos(options.stop_timeout)),
         health_check: options.readiness.as_ref().map(Probe::health_config),
         // The worker image brings its own init (tini).
         init: Some(false),
+        ..Default::default()
+    }
+}
+
+/// A writable tmpfs at `path`, open to the image's user (as Docker's own
+/// `--tmpfs` is).
+fn tmpfs(path: &str) -> Mount {
+    Mount {
+        target: Some(path.to_string()),
+        typ: Some(MountType::TMPFS),
+        tmpfs_options: Some(MountTmpfsOptions {
+            size_bytes: Some(TMPFS_BYTES),
+            mode: Some(0o1777),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -545,7 +554,7 @@ fn rollout_of(status: Option<bollard::models::ServiceUpdateStatus>) -> Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Limits;
+    use crate::model::{Hardening, Limits};
     use std::collections::BTreeMap;
     use uuid::Uuid;
 
@@ -571,13 +580,13 @@ mod tests {
                     nano_cpus: 500_000_000,
                     pids: 32,
                 },
-                hardening: crate::model::Hardening {
+                hardening: Hardening {
                     read_only_rootfs: true,
                     no_new_privileges: true,
                     cap_drop: vec!["ALL".into()],
-                    tmpfs: vec!["/tmp".into()],
+                    tmpfs: vec!["/tmp".into(), "/usercode".into()],
                 },
-                ready_url: None,
+                ready_url: Some("http://ctl/x/ready".into()),
             },
             replicas: 4,
         }
@@ -641,9 +650,14 @@ mod tests {
         let env = c.env.expect("env");
         assert!(env.contains(&"WORKER_REVISION=3".to_string()));
         assert!(env.contains(&format!("{REPLICA_ENV}={{{{.Task.Slot}}}}")));
-        let tmp = c.mounts.expect("mounts");
-        assert_eq!(tmp[0].typ, Some(MountType::TMPFS));
-        assert_eq!(tmp[0].target.as_deref(), Some("/tmp"));
+        let mounts = c.mounts.expect("mounts");
+        let targets: Vec<_> = mounts.iter().filter_map(|m| m.target.as_deref()).collect();
+        assert_eq!(targets, ["/tmp", "/usercode"]);
+        assert!(mounts.iter().all(|m| m.typ == Some(MountType::TMPFS)));
+        assert!(
+            !env.iter().any(|e| e.starts_with("WORKER_READY_URL=")),
+            "readiness is the probe's"
+        );
     }
 
     #[test]

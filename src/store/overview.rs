@@ -33,6 +33,10 @@ pub struct WorkerOverview {
     pub last_exit_code: Option<i64>,
     /// When the observation last changed.
     pub observed_at: Option<DateTime<Utc>>,
+    /// Replica bounds (`workerctl worker scale`; 1, 1, 20 when never set).
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub per_replica: i32,
 }
 
 const SELECT: &str = "
@@ -50,9 +54,13 @@ const SELECT: &str = "
            o.container_state,
            COALESCE(o.restarts, 0) AS restarts,
            o.last_exit_code,
-           o.updated_at AS observed_at
+           o.updated_at AS observed_at,
+           COALESCE(s.min_replicas, 1) AS min_replicas,
+           COALESCE(s.max_replicas, 1) AS max_replicas,
+           COALESCE(s.per_replica, 20) AS per_replica
       FROM user_workers w
-      LEFT JOIN workerctl_observed o ON o.worker_id = w.id";
+      LEFT JOIN workerctl_observed o ON o.worker_id = w.id
+      LEFT JOIN workerctl_worker_scale s ON s.worker_id = w.id";
 
 /// Every worker, by name then id.
 pub async fn list(pool: &PgPool) -> Result<Vec<WorkerOverview>, StoreError> {

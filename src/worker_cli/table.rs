@@ -89,6 +89,18 @@ pub fn age(d: chrono::TimeDelta) -> String {
 }
 
 /// The `show` page: every field, the reason of the status, the code's digest.
+/// The replica bounds in words.
+fn replicas(w: &WorkerOverview) -> String {
+    if w.min_replicas == w.max_replicas {
+        format!("{} (fixed)", w.min_replicas)
+    } else {
+        format!(
+            "{} to {}, one per {} ready messages",
+            w.min_replicas, w.max_replicas, w.per_replica
+        )
+    }
+}
+
 pub fn show(w: &WorkerOverview, code: Option<&CodeSummary>, now: DateTime<Utc>) -> String {
     let ago = |t: DateTime<Utc>| format!("{} ago ({})", age(now - t), t.format("%F %T UTC"));
     let mut fields: Vec<(&str, String)> = vec![
@@ -103,6 +115,7 @@ pub fn show(w: &WorkerOverview, code: Option<&CodeSummary>, now: DateTime<Utc>) 
         ("reason", w.status_info.clone()),
         ("container", container(w)),
         ("restarts", w.restarts.to_string()),
+        ("replicas", replicas(w)),
     ];
     if let Some(code) = w.last_exit_code {
         fields.push(("last exit code", code.to_string()));
@@ -161,6 +174,9 @@ mod tests {
             restarts: 0,
             last_exit_code: None,
             observed_at: None,
+            min_replicas: 1,
+            max_replicas: 1,
+            per_replica: 20,
         }
     }
 
@@ -205,5 +221,6 @@ mod tests {
         assert!(text.contains("running revision 2"), "{text}");
         assert!(text.contains("description:"), "{text}");
         assert!(text.contains("code:"), "{text}");
+        assert!(text.contains("1 (fixed)"), "{text}");
     }
 }

@@ -138,6 +138,9 @@ mod tests {
             restarts: 0,
             last_exit_code: None,
             observed_at: None,
+            min_replicas: 1,
+            max_replicas: 1,
+            per_replica: 20,
         }
     }
 
