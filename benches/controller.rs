@@ -532,12 +532,19 @@ impl Daemon {
             ..Config::default()
         };
         config.docker.image = IMAGE.into();
+        // The daemon's HTTP server (code and ready reports) on a free port;
+        // the config says where, so that every reconciler builds the same specs.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind a free port");
+        let addr = listener.local_addr().expect("address");
+        config.code_server.public_url = format!("http://{addr}");
         let store = Arc::new(PgStore::connect(&db_url).expect("database URL parses"));
         store.migrate().await.expect("migrations apply");
         let docker = Docker::connect_with_local_defaults().expect("Docker client");
         let starts = watch_starts(docker, &config.instance, tasks);
         let trace = Arc::new(Trace::default());
-        spawn_daemon(&config, store, trace.clone(), tasks).await;
+        spawn_daemon(&config, store, listener, trace.clone(), tasks).await;
         progress(format_args!(
             "daemon running as instance {}",
             config.instance
@@ -675,17 +682,19 @@ impl Daemon {
 
 /// The daemon, assembled as `workerctl run` assembles it ([`daemon::Daemon`]),
 /// with the store and runtime of the control loop recorded in `trace`.
-async fn spawn_daemon(config: &Config, store: Arc<PgStore>, trace: Arc<Trace>, tasks: &Tasks) {
+async fn spawn_daemon(
+    config: &Config,
+    store: Arc<PgStore>,
+    listener: tokio::net::TcpListener,
+    trace: Arc<Trace>,
+    tasks: &Tasks,
+) {
     let docker = Arc::new(
         DockerRuntime::connect(&config.instance)
             .await
             .expect("Docker answers"),
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .expect("bind a free port");
-    let mut config = config.clone();
-    config.code_server.public_url = format!("http://{}", listener.local_addr().expect("address"));
+    let config = config.clone();
     let t = trace.clone();
     let daemon = daemon::Daemon::new(config, store.clone(), docker.clone())
         .looping_through(
@@ -753,6 +762,8 @@ fn run_args(spec: &ContainerSpec, instance: &str) -> Vec<String> {
         "--read-only",
         "--tmpfs",
         "/tmp:rw,exec,nosuid,nodev,size=64m",
+        "--tmpfs",
+        "/usercode:rw,exec,nosuid,nodev,size=64m",
         "--log-driver",
         "json-file",
         "--log-opt",
@@ -767,6 +778,9 @@ fn run_args(spec: &ContainerSpec, instance: &str) -> Vec<String> {
     }
     for (k, v) in &spec.env {
         args.extend(["--env".into(), format!("{k}={v}")]);
+    }
+    if let Some(url) = &spec.ready_url {
+        args.extend(["--env".into(), format!("WORKER_READY_URL={url}")]);
     }
     args.push(spec.image.clone());
     args
@@ -1091,7 +1105,11 @@ async fn idle_pass(d: &Daemon, workers: usize) -> Idle {
         Arc::new(Metrics::new()),
         Arc::new(ReadyReports::new(Arc::default())),
     );
-    reconciler.pass().await.expect("first pass");
+    let first = reconciler.pass().await.expect("first pass");
+    assert_eq!(
+        first.started, 0,
+        "a fresh reconciler over converged workers does nothing"
+    );
     let first_statements = store.statements();
     let (calls, statements) = (docker.api_calls(), store.statements());
     let start = Instant::now();
