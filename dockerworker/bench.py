@@ -13,7 +13,7 @@ maximum rate, for both.
     python -m dockerworker.bench [--image workerctl/dockerworker:latest | --local]
                                  [--messages 10000] [--rounds 3] [--fleet 1,5,20]
                                  [--prefetch 64] [--latency-messages 10000]
-                                 [--profile DIR]
+                                 [--profile DIR] [--worker-env NAME=VALUE]
 
 How a rate is measured: each worker has its own queue, filled while the
 workers are attached but frozen (`docker pause`, SIGSTOP), so that they all
@@ -85,6 +85,7 @@ class Setup:
     prefetch: int
     code_url: str
     profile_dir: Path | None = None
+    worker_env: tuple[tuple[str, str], ...] = ()  # extra environment of the dockerworker
 
 
 @dataclass
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     fleets = [int(size) for size in args.fleet.split(",") if size]
     code_server = CodeServer(zip_code({"usercode.py": TRIVIAL_CODE, "main.py": "import usercode\n"}))
     image = None if args.local else args.image
-    setup = Setup(amqp_url, image, args.prefetch, code_server.url, Path(args.profile) if args.profile else None)
+    worker_env = tuple((name, value) for name, _, value in (item.partition("=") for item in args.worker_env))
+    setup = Setup(
+        amqp_url, image, args.prefetch, code_server.url, Path(args.profile) if args.profile else None, worker_env
+    )
     _say(f"workers: {'local subprocesses' if image is None else 'containers of ' + image}; prefetch {args.prefetch}; "
          f"load average {_load()}")
     try:
@@ -130,7 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fleet", default="1,5,20", help="fleet sizes, comma-separated")
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--latency-messages", type=int, default=10_000, help="0: skip the latency measurement")
-    parser.add_argument("--profile", help="with --local: py-spy flame graphs of the dockerworker into this directory")
+    parser.add_argument("--profile", help="with --local: py-spy profiles of the dockerworker into this directory")
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra environment of the dockerworker, e.g. WORKER_LOG_LEVEL=debug (repeatable)",
+    )
     return parser
 
 
@@ -404,6 +412,8 @@ class Fleet:
             WORKER_HEALTH_PORT="0",
             WORKER_PREFETCH=str(self.setup.prefetch),
         )
+        if self.client == OURS:
+            env.update(self.setup.worker_env)
         module = "dockerworker" if self.client == OURS else "dockerworker.limitclient"
         args = ["run"] if self.client == OURS else []
         if self.setup.image is not None:

@@ -2,8 +2,8 @@
 
 Owns: nothing the runtime uses. It runs the same loop as the dockerworker,
 consume → publish the result → wait for the broker's confirm → ack the
-input (one `multiple` ack per run of confirmed inputs), with the same
-prefetch, and so the same bound on unconfirmed publishes, but nothing else:
+input (one `multiple` ack per run of confirmed inputs, once per turn of its
+I/O loop), with the same prefetch, and so the same bound on unconfirmed publishes, but nothing else:
 no user code, no `Message`, no log line, no user thread, no retry or error
 paths. The body is parsed, `step_index` advanced and the result serialised
 (what routing to the next step needs), with the stdlib's `json`. It writes
@@ -53,6 +53,7 @@ class LimitClient:
         # numbers map to entries of this deque.
         self.in_hand: deque[list[Any]] = deque()
         self.by_seq: dict[int, list[Any]] = {}
+        self.flush_scheduled = False
         parameters = pika.URLParameters(amqp_url)
         self.connection = SelectConnection(parameters, on_open_callback=self._on_open)
 
@@ -112,6 +113,14 @@ class LimitClient:
                 self.by_seq.pop(seq)[1] = True
         else:
             self.by_seq.pop(method.delivery_tag)[1] = True
+        if not self.flush_scheduled:
+            # Once per loop turn, after every confirm that turn read, as the
+            # dockerworker does: fewer ack frames for the broker to handle.
+            self.flush_scheduled = True
+            self.connection.ioloop.call_later(0, self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
         highest = None
         while self.in_hand and self.in_hand[0][1]:
             highest = self.in_hand.popleft()[0]
