@@ -6,7 +6,8 @@ input (one `multiple` ack per run of confirmed inputs, once per turn of its
 I/O loop), with the same prefetch, and so the same bound on unconfirmed publishes, but nothing else:
 no user code, no `Message`, no log line, no user thread, no retry or error
 paths. The body is parsed, `step_index` advanced and the result serialised
-(what routing to the next step needs), with the stdlib's `json`. It writes
+(what routing to the next step needs), with orjson, as the dockerworker
+parses and serialises. It writes
 to the socket as the dockerworker does (`amqp.coalesce_writes`: the frames
 of one loop turn in one `send()`), so that the difference between the two
 is what the dockerworker does per message, not how pika writes.
@@ -30,6 +31,7 @@ import time
 from collections import deque
 from typing import Any
 
+import orjson
 import pika
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
@@ -92,7 +94,7 @@ class LimitClient:
         print(json.dumps({"event": "consuming", "queue": self.queue}), flush=True)
 
     def _on_message(self, channel: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-        data = json.loads(body)
+        data = orjson.loads(body)
         data["step_index"] += 1
         headers = dict(properties.headers or {})
         headers["timestamp"] = int(time.time() * 1000)
@@ -100,7 +102,7 @@ class LimitClient:
             message_id=properties.message_id, content_type="application/json", headers=headers, delivery_mode=2
         )
         routing_key = data["pipeline_steps"][data["step_index"]]
-        channel.basic_publish(self.exchange, routing_key, json.dumps(data).encode(), forwarded)
+        channel.basic_publish(self.exchange, routing_key, orjson.dumps(data), forwarded)
         self.publish_seq += 1
         entry = [method.delivery_tag, False]
         self.in_hand.append(entry)
