@@ -12,7 +12,7 @@ maximum rate, for both.
 
     python -m dockerworker.bench [--image workerctl/dockerworker:latest | --local]
                                  [--messages 10000] [--rounds 3] [--fleet 1,5,20]
-                                 [--prefetch 64] [--latency-messages 10000]
+                                 [--prefetch 64] [--latency-messages 10000] [--latency-rate R]
                                  [--profile DIR] [--worker-env NAME=VALUE]
 
 How a rate is measured: each worker has its own queue, filled while the
@@ -102,7 +102,7 @@ class Rate:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    fleets = [int(size) for size in args.fleet.split(",") if size]
+    fleets = [int(size) for size in args.fleet.split(",") if size and size != "0"]
     code_server = CodeServer(zip_code({"usercode.py": TRIVIAL_CODE, "main.py": "import usercode\n"}))
     image = None if args.local else args.image
     worker_env = tuple((name, value) for name, _, value in (item.partition("=") for item in args.worker_env))
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = {size: measure_fleet(setup, size, args.messages, args.rounds) for size in fleets}
         latency = None
         ours_single = _median([r.messages_per_s for r in rates.get(1, []) if r.client == OURS])
-        if args.latency_messages and ours_single:
-            latency = measure_latency(setup, ours_single / 2, args.latency_messages)
+        latency_rate = args.latency_rate or (ours_single / 2 if ours_single else None)
+        if args.latency_messages and latency_rate:
+            latency = measure_latency(setup, latency_rate, args.latency_messages)
     finally:
         code_server.shutdown()
     summary = summarise(rates, latency)
@@ -134,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fleet", default="1,5,20", help="fleet sizes, comma-separated")
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--latency-messages", type=int, default=10_000, help="0: skip the latency measurement")
+    parser.add_argument(
+        "--latency-rate", type=float, help="publish rate of the latency measurement (default: half the measured rate)"
+    )
     parser.add_argument("--profile", help="with --local: py-spy profiles of the dockerworker into this directory")
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="NAME=VALUE",
