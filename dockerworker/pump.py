@@ -146,6 +146,8 @@ class Pump:
         # Shared with the user thread (see `_serve`): deliveries in, results
         # out, and a flag so that at most one wake-up of the loop is on its way.
         self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._arrived: list[Delivery] = []
+        self._hand_over_scheduled = False
         self._done: deque[tuple[Delivery, Outcome, float]] = deque()
         self._signalled = False
         # Set by the user thread: the message it is on, and since when
@@ -163,9 +165,21 @@ class Pump:
     # -- the Listener side (called by the bridge) -------------------------------------
 
     def on_delivery(self, delivery: Delivery) -> None:
-        self._inbox.put(delivery)
+        # Handed over once per loop turn, after every delivery that turn read:
+        # the user thread then wakes once and does not contend for the GIL
+        # while the loop is still parsing frames.
+        self._arrived.append(delivery)
+        if not self._hand_over_scheduled:
+            self._hand_over_scheduled = True
+            asyncio.get_running_loop().call_soon(self._hand_over)
         if self._done:
             self._take_done()
+
+    def _hand_over(self) -> None:
+        self._hand_over_scheduled = False
+        arrived, self._arrived = self._arrived, []
+        for delivery in arrived:
+            self._inbox.put(delivery)
 
     def on_confirm(self, seq: int, multiple: bool, acked: bool) -> None:
         for record in self.ledger.confirmed(seq, multiple):
@@ -221,6 +235,7 @@ class Pump:
     def stop(self, grace_s: float) -> None:
         """Finish what is in hand within `grace_s`, then return from `run`."""
         self._drain_deadline = time.monotonic() + grace_s
+        self._hand_over()
         self._inbox.put(None)  # after every delivery so far; later ones go back to the queue
 
     async def wait_confirms(self, timeout_s: float) -> None:
