@@ -499,10 +499,19 @@ class _Container(_Worker):
         return None if state[0] == "true" else int(state[1])
 
     def pause(self) -> None:
-        _docker("pause", self.name)
+        self._control("pause")
 
     def resume(self) -> None:
-        _docker("unpause", self.name)
+        self._control("unpause")
+
+    def _control(self, command: str) -> None:
+        done = subprocess.run(["docker", command, self.name], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            logs = subprocess.run(["docker", "logs", "--tail", "5", self.name], capture_output=True, text=True)
+            raise RuntimeError(
+                f"docker {command} {self.name} failed ({done.stderr.strip()}); exit code {self.exited()}; "
+                f"last lines: {logs.stdout.strip()} {logs.stderr.strip()}"
+            )
 
     def cpu_s(self) -> float | None:
         if self._pid is None:
