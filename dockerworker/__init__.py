@@ -14,7 +14,8 @@ Code map (one concern per module):
 - `processing`  the decision for one message (`Verdict`), without AMQP (pure but for user code)
 - `messaging`   the connection lives: sessions, reconnect backoff, readiness, shutdown
 - `amqp`        the pika bridge: connect, declare, consume, publish, ack, as plain calls
-- `pump`        the message path: batches to the user thread, publishes, confirms, acks
+- `pump`        the message path: to the user thread, publishes, confirms, acks
+- `handover`    all that the event loop and the user thread share (deliveries in, results out)
 - `ledger`      which inputs may be acknowledged (pure bookkeeping)
 - `userthread`  the one thread user code runs on, off the event loop
 - `health`      `/healthz` and `/readyz`

@@ -12,8 +12,8 @@ maximum rate, for both.
 
     python -m dockerworker.bench [--image workerctl/dockerworker:latest | --local]
                                  [--messages 10000] [--rounds 3] [--fleet 1,5,20]
-                                 [--prefetch 64] [--latency-messages 10000]
-                                 [--profile DIR]
+                                 [--prefetch 64] [--latency-messages 10000] [--latency-rate R]
+                                 [--profile DIR] [--worker-env NAME=VALUE]
 
 How a rate is measured: each worker has its own queue, filled while the
 workers are attached but frozen (`docker pause`, SIGSTOP), so that they all
@@ -85,6 +85,7 @@ class Setup:
     prefetch: int
     code_url: str
     profile_dir: Path | None = None
+    worker_env: tuple[tuple[str, str], ...] = ()  # extra environment of the dockerworker
 
 
 @dataclass
@@ -101,18 +102,22 @@ class Rate:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    fleets = [int(size) for size in args.fleet.split(",") if size]
+    fleets = [int(size) for size in args.fleet.split(",") if size and size != "0"]
     code_server = CodeServer(zip_code({"usercode.py": TRIVIAL_CODE, "main.py": "import usercode\n"}))
     image = None if args.local else args.image
-    setup = Setup(amqp_url, image, args.prefetch, code_server.url, Path(args.profile) if args.profile else None)
+    worker_env = tuple((name, value) for name, _, value in (item.partition("=") for item in args.worker_env))
+    setup = Setup(
+        amqp_url, image, args.prefetch, code_server.url, Path(args.profile) if args.profile else None, worker_env
+    )
     _say(f"workers: {'local subprocesses' if image is None else 'containers of ' + image}; prefetch {args.prefetch}; "
          f"load average {_load()}")
     try:
         rates = {size: measure_fleet(setup, size, args.messages, args.rounds) for size in fleets}
         latency = None
         ours_single = _median([r.messages_per_s for r in rates.get(1, []) if r.client == OURS])
-        if args.latency_messages and ours_single:
-            latency = measure_latency(setup, ours_single / 2, args.latency_messages)
+        latency_rate = args.latency_rate or (ours_single / 2 if ours_single else None)
+        if args.latency_messages and latency_rate:
+            latency = measure_latency(setup, latency_rate, args.latency_messages)
     finally:
         code_server.shutdown()
     summary = summarise(rates, latency)
@@ -130,7 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fleet", default="1,5,20", help="fleet sizes, comma-separated")
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--latency-messages", type=int, default=10_000, help="0: skip the latency measurement")
-    parser.add_argument("--profile", help="with --local: py-spy flame graphs of the dockerworker into this directory")
+    parser.add_argument(
+        "--latency-rate", type=float, help="publish rate of the latency measurement (default: half the measured rate)"
+    )
+    parser.add_argument("--profile", help="with --local: py-spy profiles of the dockerworker into this directory")
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra environment of the dockerworker, e.g. WORKER_LOG_LEVEL=debug (repeatable)",
+    )
     return parser
 
 
@@ -404,6 +416,8 @@ class Fleet:
             WORKER_HEALTH_PORT="0",
             WORKER_PREFETCH=str(self.setup.prefetch),
         )
+        if self.client == OURS:
+            env.update(self.setup.worker_env)
         module = "dockerworker" if self.client == OURS else "dockerworker.limitclient"
         args = ["run"] if self.client == OURS else []
         if self.setup.image is not None:
@@ -485,10 +499,19 @@ class _Container(_Worker):
         return None if state[0] == "true" else int(state[1])
 
     def pause(self) -> None:
-        _docker("pause", self.name)
+        self._control("pause")
 
     def resume(self) -> None:
-        _docker("unpause", self.name)
+        self._control("unpause")
+
+    def _control(self, command: str) -> None:
+        done = subprocess.run(["docker", command, self.name], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            logs = subprocess.run(["docker", "logs", "--tail", "5", self.name], capture_output=True, text=True)
+            raise RuntimeError(
+                f"docker {command} {self.name} failed ({done.stderr.strip()}); exit code {self.exited()}; "
+                f"last lines: {logs.stdout.strip()} {logs.stderr.strip()}"
+            )
 
     def cpu_s(self) -> float | None:
         if self._pid is None:

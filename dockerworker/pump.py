@@ -1,9 +1,10 @@
 """The pump: deliveries in, user code on its thread, results out, acks after confirms.
 
 Owns: the path of every message through one connection's life: taking
-deliveries in arrival order, handing them to the user thread, publishing each outcome (next step, `errors`, or the retry queue), acting on
-each confirm (a refused or unroutable result becomes a retry or an error),
-the acknowledgements (through `ledger`), the per-message log line, the
+deliveries in arrival order, handing them to the user thread (through
+`handover`), publishing each outcome (next step, `errors`, or the retry
+queue), acting on each confirm (a refused or unroutable result becomes a
+retry or an error), the acknowledgements (through `ledger`), the per-message log line, the
 process timeout, and the drain at shutdown. It talks to the broker only
 through an `Outlet` (the `amqp.Bridge`, or a scripted one in tests) and is
 its `Listener`.
@@ -17,10 +18,8 @@ so at most `prefetch` publishes await a confirm.
 Throughput comes from pipelining, not from parallel user code: `process`
 runs for one message at a time, in arrival order, on one thread; each result
 is published the next time the loop runs, and the next message is taken
-without waiting for confirms. Every method runs on the event-loop thread
-except `_serve`, which runs on the user thread and shares with the loop only
-the inbox (a `queue.SimpleQueue`), the `_done` deque, and the flags
-`_signalled`, `_abandoned` and `_current`.
+without waiting for confirms. Every method runs on the event-loop thread;
+what the user thread shares with it is all in `handover`.
 
 A `process` that has not returned after `process_timeout_s` cannot be
 stopped (Python cannot kill a thread): its message goes to `errors` with
@@ -38,10 +37,9 @@ import asyncio
 import enum
 import json
 import os
-import queue
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,13 +49,11 @@ from . import logs, processing
 from .amqp import BrokerLost, Delivery
 from .codeload import UserCode
 from .config import ERRORS_ROUTING_KEY, Config
+from .handover import Handover
 from .ledger import Ledger
 from .processing import Outcome, Verdict
 from .userthread import UserThread
 
-# Results the user thread leaves before it wakes the loop (if no confirm or
-# delivery has had the loop take them first).
-_WAKE_AFTER = 16
 # How often the user thread is checked against the process timeout.
 WATCH_INTERVAL_S = 0.5
 # Headers that describe this hop's delivery, not the message: not passed on.
@@ -143,19 +139,9 @@ class Pump:
         self.ledger: Ledger[_Publish] = Ledger()
         self.lost: Exception | None = None
         self._flush_scheduled = False
-        # Shared with the user thread (see `_serve`): deliveries in, results
-        # out, and a flag so that at most one wake-up of the loop is on its way.
-        self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._done: deque[tuple[Delivery, Outcome, float]] = deque()
-        self._signalled = False
-        # Set by the user thread: the message it is on, and since when
-        # (time.monotonic()); None between messages.
-        self._current: tuple[Delivery, float] | None = None
-        # Set by the loop: the user thread must take no further message.
-        self._abandoned = False
-        self._drain_deadline: float | None = None
+        # All that the user thread shares with the loop is in there.
+        self.handover = Handover(code.function, self.context, on_results=self._take_done)
         self._stuck: Delivery | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Resolved when `run` must return: the job ended, the broker went
         # away, or the watchdog gave up on a message.
         self._finished: asyncio.Future[None] | None = None
@@ -163,14 +149,14 @@ class Pump:
     # -- the Listener side (called by the bridge) -------------------------------------
 
     def on_delivery(self, delivery: Delivery) -> None:
-        self._inbox.put(delivery)
-        if self._done:
+        self.handover.give(delivery)
+        if self.handover.has_results:
             self._take_done()
 
     def on_confirm(self, seq: int, multiple: bool, acked: bool) -> None:
         for record in self.ledger.confirmed(seq, multiple):
             self._confirmed(record, acked)
-        if self._done:
+        if self.handover.has_results:
             self._take_done()
 
     def on_return(self, routing_key: str, body: bytes) -> None:
@@ -189,8 +175,7 @@ class Pump:
             logs.event("broker_connection_lost", level=logs.WARNING, error=str(error))
         for record in self.ledger.abandon():
             self._log(record.delivery, record.outcome.with_error(str(error)), Verdict.REQUEUED, record.started)
-        self._abandoned = True
-        self._inbox.put(None)
+        self.handover.abandon()
         self._finish()
 
     # -- the loop ------------------------------------------------------------------
@@ -198,15 +183,14 @@ class Pump:
     async def run(self, outlet: Outlet) -> None:
         """Process messages in arrival order until stopped or disconnected.
 
-        One job on the user thread (`_serve`) takes deliveries as they come
-        and leaves results in `_done`; the loop publishes them whenever it
-        runs (a confirm, a delivery, or the user thread's wake-up), so the
-        hand-over costs no task, future or wake-up per message.
+        One job on the user thread (`Handover.serve`) takes deliveries as
+        they come and leaves their results; the loop publishes them whenever
+        it runs (a confirm, a delivery, or the user thread's wake-up).
         """
         self.outlet = outlet
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self._finished = finished = loop.create_future()
-        job = self.user_thread.submit(self._serve)
+        job = self.user_thread.submit(self.handover.serve, loop)
         job.add_done_callback(self._on_job_done)
         watchdog = asyncio.ensure_future(self._watchdog()) if self.config.process_timeout_s > 0 else None
         try:
@@ -220,8 +204,7 @@ class Pump:
 
     def stop(self, grace_s: float) -> None:
         """Finish what is in hand within `grace_s`, then return from `run`."""
-        self._drain_deadline = time.monotonic() + grace_s
-        self._inbox.put(None)  # after every delivery so far; later ones go back to the queue
+        self.handover.end(deadline=time.monotonic() + grace_s)
 
     async def wait_confirms(self, timeout_s: float) -> None:
         """Give unconfirmed publishes time to be confirmed, then send the last ack."""
@@ -244,45 +227,9 @@ class Pump:
         else:
             finished.set_result(None)
 
-    def _serve(self) -> None:
-        """On the user thread: process deliveries in order until told to stop."""
-        inbox, done, function, context = self._inbox, self._done, self.code.function, self.context
-        loop = self._loop
-        assert loop is not None
-        while not self._abandoned:
-            delivery = inbox.get()
-            deadline = self._drain_deadline
-            if delivery is None or self._abandoned or (deadline is not None and time.monotonic() > deadline):
-                return  # what is still in the inbox goes back to the queue on close
-            started = time.perf_counter()
-            self._current = (delivery, time.monotonic())
-            outcome = processing.handle(delivery.body, delivery.headers, function, context)
-            self._current = None
-            if self._given_up():
-                return  # the session is over, or the watchdog gave up on this one
-            done.append((delivery, outcome, started))
-            # Wake the loop when the thread is about to wait, or when results
-            # pile up; otherwise the loop's next confirm or delivery takes them.
-            if not self._signalled and (inbox.empty() or len(done) >= _WAKE_AFTER):
-                self._signalled = True
-                try:
-                    loop.call_soon_threadsafe(self._on_signal)
-                except RuntimeError:
-                    return  # the loop is closed
-
-    def _given_up(self) -> bool:
-        # A method, not the attribute: the loop sets it while `_serve` runs.
-        return self._abandoned
-
-    def _on_signal(self) -> None:
-        self._signalled = False  # before taking: a result added meanwhile signals again
-        self._take_done()
-
     def _take_done(self) -> None:
         """Publish the results the user thread has left, in delivery order."""
-        done = self._done
-        while done:
-            delivery, outcome, started = done.popleft()
+        for delivery, outcome, started in self.handover.results():
             if self.lost is not None or delivery is self._stuck:
                 continue  # the broker requeues it; or it is given up on
             self.ledger.received(delivery.tag)
@@ -295,12 +242,12 @@ class Pump:
         limit = self.config.process_timeout_s
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            current = self._current
+            current = self.handover.current
             if current is not None and time.monotonic() - current[1] > limit:
                 # The thread may finish this message any moment now; it is
                 # given up on regardless, and takes no other.
                 self._stuck = current[0]
-                self._abandoned = True
+                self.handover.abandon()
                 self._finish()
                 return
 

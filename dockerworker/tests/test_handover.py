@@ -1,68 +1,88 @@
-"""A rollout's hand-over: on SIGTERM the old container cancels its consumer first.
-
-From the cancel on, the broker sends the queue's messages to the other
-consumer (the new revision's container) while the old one is still finishing
-what it holds; then it waits for the confirms and exits 0.
-
-How the test tells: a message the broker had still pushed to the old
-consumer would wait in its hands, unprocessed, until it exits and the close
-hands it back; so every message arriving on the next step while the old
-worker is still alive went through the new one. (The queue's consumer count
-does not show the cancel: a quorum queue keeps counting a cancelled consumer
-until its messages are settled.)
-"""
+"""The hand-over to the user thread: order, wake-ups, the end of a job, and giving up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import signal
+import threading
 import time
-import uuid
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from .support import Broker, Worker, pipeline_message, wait_until
+from dockerworker.amqp import Delivery
+from dockerworker.handover import Handover
+from dockerworker.processing import Context, Verdict
+from dockerworker.userthread import UserThread
 
+from .support import pipeline_message
 
-def tagging_code(tag: str, marker: Path) -> str:
-    """Code that marks each message with `tag`; a message with metadata `slow` takes 3 s."""
-    return (
-        "import time\n\n"
-        "def process(msg):\n"
-        "    if msg.metadata.get('slow'):\n"
-        f"        open({str(marker)!r}, 'w').close()\n"
-        "        time.sleep(3)\n"
-        f"    msg.metadata['by'] = {tag!r}\n"
-        "    return msg\n"
-    )
+CTX = Context(worker_id="w-1", queue="worker_w-1", max_attempts=3, max_redeliveries=5)
 
 
-def test_after_sigterm_new_messages_go_to_the_other_consumer_while_the_old_one_finishes(
-    broker: Broker, make_worker: Callable[..., Worker], tmp_path: Path
-) -> None:
-    worker_id = str(uuid.uuid4())
-    sink = broker.sink("next")
-    marker = tmp_path / "old-is-busy"
-    old = make_worker(broker, tagging_code("old", marker), worker_id=worker_id, WORKER_SHUTDOWN_GRACE_S="10")
-    old.start().wait_ready()
-    broker.publish(worker_id, pipeline_message(metadata={"slow": True}), message_id="in-hand")
-    wait_until(marker.exists, 20, "the old worker to be busy with its message")
+def delivery(tag: int, **overrides: Any) -> Delivery:
+    return Delivery(tag, json.dumps(pipeline_message(**overrides)).encode(), f"m-{tag}", None, {})
 
-    new = make_worker(broker, tagging_code("new", tmp_path / "unused"), worker_id=worker_id).start().wait_ready()
-    assert broker.consumer_count(old.queue) == 2
-    assert old.process is not None
-    old.process.send_signal(signal.SIGTERM)
-    wait_until(lambda: bool(old.events("shutdown_requested")), 5, "the old worker to take the signal")
-    time.sleep(0.3)  # the basic.cancel round trip
 
-    ids = {f"after-{i}" for i in range(20)}
-    broker.publish_many(worker_id, [(message_id, json.dumps(pipeline_message()).encode()) for message_id in ids])
-    arrived = broker.take_ids(sink, ids, timeout=10)
-    assert old.process.poll() is None, "the old worker must still be finishing its message"
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
 
-    assert {json.loads(message.body)["metadata"]["by"] for message in arrived} == {"new"}
-    [finished] = broker.take(sink, 1, timeout=10)
-    assert (finished.message_id, json.loads(finished.body)["metadata"]["by"]) == ("in-hand", "old")
-    assert old.wait(10) == 0
-    assert [line["message_id"] for line in old.events("message")] == ["in-hand"]
-    assert new.stop() == 0
+
+def test_results_come_back_in_delivery_order_and_the_idle_thread_wakes_the_loop():
+    async def main() -> None:
+        woken: list[int] = []
+        handover = Handover(lambda msg: msg, CTX, on_results=lambda: woken.append(1))
+        job = UserThread().submit(handover.serve, asyncio.get_running_loop())
+        for tag in range(1, 6):
+            handover.give(delivery(tag))
+
+        await until(lambda: woken != [], "the wake-up")
+        await until(lambda: len(handover._done) == 5, "five results")
+        taken = [d.tag for d, outcome, _ in handover.results() if outcome.verdict is Verdict.FORWARDED]
+        assert taken == [1, 2, 3, 4, 5]
+        assert not handover.has_results
+        handover.end(deadline=time.monotonic() + 1)
+        await asyncio.wait_for(job, timeout=5)
+
+    asyncio.run(main())
+
+
+def test_a_job_ends_after_what_was_given_before_the_end():
+    async def main() -> None:
+        handover = Handover(lambda msg: msg, CTX, on_results=lambda: None)
+        job = UserThread().submit(handover.serve, asyncio.get_running_loop())
+        handover.give(delivery(1))
+        handover.give(delivery(2))
+        handover.end(deadline=time.monotonic() + 5)
+        handover.give(delivery(3))  # after the end: left to the broker
+
+        await asyncio.wait_for(job, timeout=5)
+        await asyncio.sleep(0.01)
+        assert [d.tag for d, _, _ in handover.results()] == [1, 2]
+
+    asyncio.run(main())
+
+
+def test_an_abandoned_job_drops_the_result_of_the_message_it_was_on_and_takes_no_other():
+    release = threading.Event()
+
+    def slow(msg: Any) -> Any:
+        release.wait(5)
+        return msg
+
+    async def main() -> None:
+        handover = Handover(slow, CTX, on_results=lambda: None)
+        job = UserThread().submit(handover.serve, asyncio.get_running_loop())
+        handover.give(delivery(1))
+        handover.give(delivery(2))
+        await until(lambda: handover.current is not None, "the thread to be on message 1")
+        assert handover.current is not None and handover.current[0].tag == 1
+
+        handover.abandon()
+        release.set()
+        await asyncio.wait_for(job, timeout=5)
+        assert not handover.has_results
+
+    asyncio.run(main())
