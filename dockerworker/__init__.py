@@ -2,7 +2,7 @@
 
 It downloads the worker's code from the controller, loads the user's
 `process(message)`, consumes the worker's quorum queue and publishes each
-result to the next pipeline step (CONTRACT.md sections 2 to 4).
+result to the next pipeline step (docs/compatibility.md §2 to 4).
 
 Code map (one concern per module):
 
@@ -18,12 +18,13 @@ Code map (one concern per module):
 - `handover`    all that the event loop and the user thread share (deliveries in, results out)
 - `ledger`      which inputs may be acknowledged (pure bookkeeping)
 - `userthread`  the one thread user code runs on, off the event loop
-- `health`      `/healthz` and `/readyz`
+- `health`      `/healthz`, `/readyz` and the ready report to `WORKER_READY_URL`
 - `logs`        JSON log lines, named levels; capture of user prints per message
 - `app`         the container's command: wiring, signals, exit codes
 - `harness`     `run-once`: one message through user code, no broker
 - `bench`       the throughput benchmark against a real broker, beside `limitclient`
 - `limitclient` the least a worker can do per message: the benchmark's yardstick
+- `startbench`  container start → consuming, per image (the start-up benchmark)
 
 Architecture invariants: `processing` and `message` never touch AMQP; only
 `amqp` calls pika; an input is acknowledged only after the broker confirmed

@@ -4,7 +4,7 @@ Owns: the names of every environment variable the dockerworker reads, their
 defaults and their validation. Everything else receives a `Config` value and
 never looks at `os.environ` itself.
 
-The names of CONTRACT.md section 3 (WORKER_ID, AMQP_HOST, AMQP_XCHG, CODE_URL,
+The names of docs/compatibility.md §3 (WORKER_ID, AMQP_HOST, AMQP_XCHG, CODE_URL,
 CODE_ENTRYPOINT, ENDPOINT_DEVICES) are enough to run; everything else is an
 optional extra with a default, so an older controller that only knows those
 names still gets a working worker.
@@ -65,7 +65,7 @@ class Config:
 
     @property
     def queue(self) -> str:
-        """The worker's own quorum queue, as CONTRACT.md section 4 names it."""
+        """The worker's own quorum queue, as docs/compatibility.md §4 names it."""
         return f"worker_{self.worker_id}"
 
     @property

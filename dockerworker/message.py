@@ -1,4 +1,4 @@
-"""The pipeline message as user code sees it (CONTRACT.md section 4).
+"""The pipeline message as user code sees it (docs/compatibility.md §4).
 
 Owns: `Message`, `Measurement` and `MeasurementBuilder`, with the names and
 behaviour of SensorBucket's own Python wrapper, so code written for the

@@ -12,7 +12,7 @@ captured, its `match_device` calls go out).
 Verdicts (`Verdict`, also the `outcome` of a message's log line):
 - forwarded: the result goes to `pipeline_steps[step_index + 1]`;
 - failed: user code raised, returned something that is not a message, or the
-  pipeline has no next step: an error body (CONTRACT.md section 4) to `errors`;
+  pipeline has no next step: an error body (docs/compatibility.md §4) to `errors`;
 - poison: the body is not JSON or not a pipeline message: an error body to
   `errors`, never retried;
 - retry: a failure that may pass (`TransientFailure`, e.g. the devices
@@ -219,7 +219,7 @@ def _to_errors(
 
 
 def error_document(received: Any, attempted: Any, error: str, attempt: int, ctx: Context) -> bytes:
-    """The body published to `errors` (CONTRACT.md section 4, plus `attempt`)."""
+    """The body published to `errors` (docs/compatibility.md §4, plus `attempt`)."""
     document = {
         "received_by_worker": received,
         "processing_attempt": attempted,

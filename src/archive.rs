@@ -1,4 +1,4 @@
-//! The SensorBucket code archive (CONTRACT.md §2): building it from a user's
+//! The SensorBucket code archive (docs/compatibility.md §2): building it from a user's
 //! `process` code, as the dashboard's API does, so that workers created from
 //! the command line are indistinguishable from the dashboard's.
 

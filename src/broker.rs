@@ -32,7 +32,7 @@ use crate::scale::Demand;
 /// A management API that has not answered by then is treated as absent for
 /// this read: the next poll tries again.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The queue name prefix of a worker (CONTRACT §4).
+/// The queue name prefix of a worker (docs/compatibility.md §4).
 const QUEUE_PREFIX: &str = "worker_";
 
 #[derive(Debug, thiserror::Error)]

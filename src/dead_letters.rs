@@ -58,7 +58,7 @@ pub enum CollectError {
     Store(#[source] StoreError),
 }
 
-/// An error body (CONTRACT.md §4) as a row: the worker, queue, attempt,
+/// An error body (docs/compatibility.md §4) as a row: the worker, queue, attempt,
 /// time and traceback it names; the whole body kept. A body that is not
 /// JSON is kept as a string with nothing else known.
 pub fn read_letter(body: &[u8], message_id: Option<&str>, now: DateTime<Utc>) -> NewDeadLetter {

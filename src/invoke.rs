@@ -1,4 +1,4 @@
-//! Invoking a worker: send one pipeline message (CONTRACT.md §4) to it and
+//! Invoking a worker: send one pipeline message (docs/compatibility.md §4) to it and
 //! catch what comes out of it, on the next step or on `errors`. The one
 //! implementation behind both doors: `workerctl worker invoke` and
 //! `POST /api/workers/{id}/invoke`.
@@ -58,7 +58,7 @@ pub enum InvokeError {
 #[error("no answer within {}", humantime::format_duration(*.0))]
 struct NoAnswer(Duration);
 
-/// The routing key failures are published with (CONTRACT.md §4).
+/// The routing key failures are published with (docs/compatibility.md §4).
 pub const ERRORS_KEY: &str = "errors";
 /// Prefix of the step key appended when the message has no step after the worker.
 const INVOKE_KEY_PREFIX: &str = "workerctl.invoke.";

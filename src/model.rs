@@ -105,7 +105,7 @@ impl From<String> for Status {
 }
 
 /// The value of the `state` column. Only 'enabled' and 'disabled' exist
-/// (CONTRACT.md §1); anything else is kept, so that it can be shown and
+/// (docs/compatibility.md §1); anything else is kept, so that it can be shown and
 /// reported as an error rather than guessed at.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum WorkerState {

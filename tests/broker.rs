@@ -36,7 +36,7 @@ async fn channel() -> (Connection, Channel) {
     (conn, channel)
 }
 
-/// A durable quorum queue named like a worker's (CONTRACT §4).
+/// A durable quorum queue named like a worker's (docs/compatibility.md §4).
 async fn worker_queue(channel: &Channel, id: WorkerId) -> String {
     let name = format!("worker_{id}");
     let mut args = FieldTable::default();

@@ -301,7 +301,7 @@ impl Pipeline {
 
     // -- messages --------------------------------------------------------------
 
-    /// A pipeline message with every CONTRACT §4 field, for `worker` then the
+    /// A pipeline message with every docs/compatibility.md §4 field, for `worker` then the
     /// test's next step.
     fn message(&self, worker: WorkerId, n: usize) -> Value {
         let now = now_ms();

@@ -4,7 +4,7 @@ Owns: nothing workerctl ships. It exists so that workerctl's tests can run a
 worker image that behaves like the one a drop-in user points `docker.image`
 at, and show that workerctl's defaults (read-only root, a tmpfs at /tmp and
 at /usercode, capabilities dropped) still run it. Like that image it runs as
-root, reads only the environment of CONTRACT.md section 3, writes the
+root, reads only the environment of docs/compatibility.md §3, writes the
 downloaded zip to /tmp/code.zip, unpacks it into /usercode, imports
 CODE_ENTRYPOINT (`main.main`: the archive's wrapper, which calls
 `usercode.process`) from there and calls it with each message as a dict.

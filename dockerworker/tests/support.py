@@ -256,7 +256,7 @@ class Broker:
         return int(self._channel.queue_declare(queue, passive=True).method.consumer_count)
 
     def declare_worker_queue(self, worker_id: str) -> str:
-        """`worker_<id>` as a worker declares it (CONTRACT.md section 4), bound on the test exchange."""
+        """`worker_<id>` as a worker declares it (docs/compatibility.md §4), bound on the test exchange."""
         name = f"worker_{worker_id}"
         self._channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
         self._channel.queue_bind(name, self.exchange_name, worker_id)
