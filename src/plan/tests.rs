@@ -36,6 +36,7 @@ fn template() -> SpecTemplate {
 
 const READY_TIMEOUT_MS: i64 = 30_000;
 const ASSUME_READY_MS: i64 = 3_000;
+const COOLDOWN_MS: i64 = 60_000;
 
 fn policy() -> Policy {
     Policy {
@@ -44,6 +45,8 @@ fn policy() -> Policy {
         backoff_reset: Duration::from_secs(30),
         ready_timeout: Duration::from_millis(READY_TIMEOUT_MS as u64),
         assume_ready_after: Duration::from_millis(ASSUME_READY_MS as u64),
+        scale_cooldown: Duration::from_millis(COOLDOWN_MS as u64),
+        depth_poll: Duration::from_secs(5),
     }
 }
 
@@ -61,6 +64,7 @@ fn row(n: u128, revision: i32) -> WorkerRow {
         source_is_zip: true,
         source_sha256: Some("abc".into()),
         code_token: format!("token{n}"),
+        scale: Default::default(),
     }
 }
 
@@ -73,16 +77,27 @@ fn disabled(n: u128) -> WorkerRow {
 
 /// A container exactly as the planner would create it for `row`.
 fn container_for(row: &WorkerRow, state: RunState) -> ManagedContainer {
+    replica_for(row, 0, state)
+}
+
+/// Replica `replica` of `row`, exactly as the planner would create it.
+fn replica_for(row: &WorkerRow, replica: u32, state: RunState) -> ManagedContainer {
     let Intent::Run(w) = intent_of(row) else {
         panic!("row must be runnable")
     };
-    let spec = template().spec(&w, IMAGE_ID);
+    let spec = template().spec(&w, IMAGE_ID, replica);
+    let suffix = if replica == 0 {
+        String::new()
+    } else {
+        format!("-r{replica}")
+    };
     ManagedContainer {
-        id: format!("c{}-{}", row.id.0.as_u128(), row.revision),
+        id: format!("c{}-{}{suffix}", row.id.0.as_u128(), row.revision),
         name: spec.name.clone(),
         worker_id: Some(row.id),
         revision: Some(row.revision),
         spec_hash: Some(spec.hash()),
+        replica,
         image_id: IMAGE_ID.into(),
         state,
         health: Health::Starting,
@@ -127,6 +142,7 @@ fn snapshot(rows: Vec<WorkerRow>, containers: Vec<ManagedContainer>) -> Snapshot
         reports: BTreeSet::new(),
         started_ms: HashMap::new(),
         last_words: HashMap::new(),
+        depths: None,
         now_ms: NOW,
     }
 }
@@ -352,7 +368,7 @@ fn first_crash_waits_the_initial_backoff_and_says_why() {
     assert_eq!(v.status, Status::Error);
     assert!(v.info.contains("exited with code 3"), "{}", v.info);
     assert_eq!(p.wake_at_ms, Some(NOW + 1000));
-    assert_eq!(p.books.backoff[&id(1)].restarts, 0);
+    assert_eq!(p.books.backoff[&(id(1), 0)].restarts, 0);
 }
 
 #[test]
@@ -392,7 +408,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
         vec![container_for(&r, RunState::Exited(Some(3)))],
     );
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 2,
@@ -404,7 +420,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
     );
     let p = run(&s);
     assert_eq!(kinds(&p), ["start"]);
-    let b = &p.books.backoff[&id(1)];
+    let b = &p.books.backoff[&(id(1), 0)];
     assert_eq!(b.restarts, 3);
     assert_eq!(b.not_before_ms, NOW + 8000, "delay doubles: 1s · 2^3");
 }
@@ -417,7 +433,7 @@ fn crashed_container_waits_while_backoff_runs() {
         vec![container_for(&r, RunState::Exited(Some(3)))],
     );
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 4,
@@ -450,7 +466,7 @@ fn backoff_is_forgotten_once_the_container_stays_up() {
     let c = ready_for(&r, &mut s);
     s.containers.push(c);
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 2,
@@ -470,7 +486,7 @@ fn backoff_is_kept_while_a_restarted_container_is_young() {
     let c = ready_for(&r, &mut s);
     s.containers.push(c);
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 2,
@@ -481,7 +497,7 @@ fn backoff_is_kept_while_a_restarted_container_is_young() {
         },
     );
     let p = run(&s);
-    assert_eq!(p.books.backoff[&id(1)].restarts, 2);
+    assert_eq!(p.books.backoff[&(id(1), 0)].restarts, 2);
     assert!(status_of(&p, 1).info.contains("restarted 2 time(s)"));
 }
 
@@ -493,7 +509,7 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
         vec![container_for(&r, RunState::Exited(Some(1)))],
     );
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 9,
@@ -504,8 +520,8 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
         },
     );
     let p = run(&s);
-    assert_eq!(p.books.backoff[&id(1)].revision, Revision(2));
-    assert_eq!(p.books.backoff[&id(1)].restarts, 0);
+    assert_eq!(p.books.backoff[&(id(1), 0)].revision, Revision(2));
+    assert_eq!(p.books.backoff[&(id(1), 0)].restarts, 0);
 }
 
 #[test]
@@ -798,7 +814,7 @@ const CASES: &[Case] = &[
                 vec![row(1, 2)],
                 vec![container_for(&row(1, 1), RunState::Running)],
             );
-            s.busy.insert(Slot::Worker(id(1)));
+            s.busy.insert(Slot::Replica(id(1), 0));
             s
         },
         kinds: &[],
@@ -808,7 +824,8 @@ const CASES: &[Case] = &[
         name: "a failed action waits for its retry backoff",
         snapshot: || {
             let mut s = snapshot(vec![row(1, 1)], vec![]);
-            s.failures.insert(id(1), failure("create", 2, NOW - 500));
+            s.failures
+                .insert(Slot::Replica(id(1), 0), failure("create", 2, NOW - 500));
             s
         },
         kinds: &[],
@@ -818,7 +835,8 @@ const CASES: &[Case] = &[
         name: "a failed action is retried once its backoff elapsed",
         snapshot: || {
             let mut s = snapshot(vec![row(1, 1)], vec![]);
-            s.failures.insert(id(1), failure("create", 2, NOW - 2000));
+            s.failures
+                .insert(Slot::Replica(id(1), 0), failure("create", 2, NOW - 2000));
             s
         },
         kinds: &["create"],
@@ -831,7 +849,8 @@ const CASES: &[Case] = &[
                 vec![disabled(1)],
                 vec![container_for(&row(1, 1), RunState::Running)],
             );
-            s.failures.insert(id(1), failure("create", 5, NOW));
+            s.failures
+                .insert(Slot::Replica(id(1), 0), failure("create", 5, NOW));
             s
         },
         kinds: &["remove"],
@@ -922,7 +941,8 @@ fn waiting_for_readiness_wakes_at_the_deadline_or_the_assumption() {
 #[test]
 fn a_failed_action_wakes_the_loop_when_it_may_be_retried() {
     let mut s = snapshot(vec![row(1, 1)], vec![]);
-    s.failures.insert(id(1), failure("create", 2, NOW - 500));
+    s.failures
+        .insert(Slot::Replica(id(1), 0), failure("create", 2, NOW - 500));
     let p = run(&s);
     assert_eq!(
         p.wake_at_ms,
@@ -939,10 +959,11 @@ fn a_failed_action_wakes_the_loop_when_it_may_be_retried() {
 #[test]
 fn a_busy_worker_keeps_its_books() {
     let mut s = snapshot(vec![row(1, 1)], vec![]);
-    s.busy.insert(Slot::Worker(id(1)));
+    s.busy.insert(Slot::Replica(id(1), 0));
     s.books
         .failed_rollouts
         .insert(id(1), failed_rollout_of(&row(1, 2)));
+    s.books.scale.insert(id(1), ScaleState::adopt(1));
     assert_eq!(run(&s).books, s.books);
 }
 
