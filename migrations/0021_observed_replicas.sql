@@ -8,3 +8,12 @@ ALTER TABLE workerctl_observed
 UPDATE workerctl_observed
    SET running_replicas = 1
  WHERE container_state = 'running' AND running_replicas = 0;
+
+-- A change of replica bounds (`workerctl worker scale`, or a hand edit)
+-- wakes the daemon like a change of the worker's row does.
+DROP TRIGGER IF EXISTS workerctl_notify_scale ON workerctl_worker_scale;
+
+CREATE TRIGGER workerctl_notify_scale
+    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF min_replicas, max_replicas, per_replica
+    ON workerctl_worker_scale
+    FOR EACH STATEMENT EXECUTE FUNCTION workerctl_notify_user_workers();
