@@ -232,6 +232,8 @@ pub struct Snapshot {
     /// The latest queue depths; `None` while unknown (not read yet, or the
     /// management API cannot be read).
     pub depths: Option<QueueDepths>,
+    /// Why `depths` is `None`, in one line (for the status).
+    pub depths_unknown: String,
     pub now_ms: i64,
 }
 
@@ -417,7 +419,7 @@ fn plan_worker(
         // container with an action in flight).
         return;
     }
-    if let Some(v) = summary(row, scaled.as_ref(), desired, verdicts, policy) {
+    if let Some(v) = summary(row, scaled.as_ref(), desired, verdicts, snapshot, policy) {
         plan.verdicts.push(v);
     }
 }
@@ -467,6 +469,7 @@ fn summary(
     scaled: Option<&scale::ScaleDecision>,
     desired: u32,
     verdicts: Vec<Verdict>,
+    snapshot: &Snapshot,
     policy: &Policy,
 ) -> Option<Verdict> {
     if scaled.is_some() && desired == 0 {
@@ -481,6 +484,7 @@ fn summary(
         });
     }
     let n = verdicts.len();
+    // The scaler's count is held without depths; fixed bounds need none.
     let first_error = verdicts.iter().position(|v| v.status == Status::Error);
     let first_pending = verdicts.iter().position(|v| v.status != Status::Ready);
     let mut verdict = match first_error.or(first_pending) {
@@ -497,8 +501,8 @@ fn summary(
         && d.reason == ScaleReason::DepthUnknown
     {
         verdict.info = format!(
-            "{}; queue depth unknown (management API not read): holding {desired} replica(s)",
-            verdict.info
+            "{}; queue depth unknown: {}; holding {desired} replica(s)",
+            verdict.info, snapshot.depths_unknown
         );
     }
     Some(verdict)

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::backoff::error_chain;
-use crate::broker::Reading;
+use crate::broker::{QueueDepths, Reading};
 use crate::config::Config;
 use crate::execute;
 use crate::exit;
@@ -237,6 +237,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let network = self.network().await?;
         let last_words = self.last_words(&containers).await;
         let reports = self.reports.current(&containers, listed_at);
+        let (depths, depths_unknown) = self.latest_depths();
         Ok(Snapshot {
             rows,
             image,
@@ -247,13 +248,26 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             reports,
             started_ms: self.started_ms.clone(),
             last_words,
-            depths: self
-                .depths
-                .as_ref()
-                .and_then(|r| r.borrow().depths().cloned()),
+            depths,
+            depths_unknown,
             containers,
             now_ms: self.clock.now_ms(),
         })
+    }
+
+    /// The latest queue depths, or why there are none.
+    fn latest_depths(&self) -> (Option<QueueDepths>, String) {
+        let Some(readings) = &self.depths else {
+            return (
+                None,
+                "no depth poller (scale.management_url is empty)".into(),
+            );
+        };
+        match &*readings.borrow() {
+            Reading::Depths(d) => (Some(d.clone()), String::new()),
+            Reading::NotYet => (None, "not read yet".into()),
+            Reading::Unavailable(why) => (None, why.clone()),
+        }
     }
 
     /// Why each exited worker container exited, from its last lines: one

@@ -143,6 +143,7 @@ fn snapshot(rows: Vec<WorkerRow>, containers: Vec<ManagedContainer>) -> Snapshot
         started_ms: HashMap::new(),
         last_words: HashMap::new(),
         depths: None,
+        depths_unknown: "not read yet".into(),
         now_ms: NOW,
     }
 }
