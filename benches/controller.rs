@@ -731,7 +731,7 @@ fn reference_spec(d: &Daemon, id: WorkerId, revision: i32) -> ContainerSpec {
         // Same length as a real token, so both sides carry the same env.
         code_token: "0".repeat(32),
     };
-    template.spec(&worker, IMAGE)
+    template.spec(&worker, IMAGE, 0)
 }
 
 /// `docker run -d` arguments with the flags the daemon gives every worker

@@ -120,6 +120,7 @@ fn worker(instance: &str, image_id: &str, revision: i32, replicas: u32) -> Worke
         spec: ContainerSpec {
             worker_id: id,
             revision: Revision(revision),
+            replica: 0,
             name: container_name(instance, id),
             image: IMAGE.into(),
             image_id: image_id.into(),

@@ -10,10 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::error;
+use tracing::{error, warn};
+
+use crate::backoff::error_chain;
+use crate::broker::{self, QueueMonitor, Reading};
 
 use crate::config::Config;
 use crate::controller::{self, LoopSettings};
@@ -110,6 +113,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         self.spawn_http(listener, &reports, &leadership, tracker, shutdown);
         self.spawn_wake_sources(&wake, tracker, shutdown);
         self.spawn_triggers(tracker, shutdown);
+        let depths = self.spawn_depth_poller(&wake, tracker, shutdown);
         let config = &self.config;
         let reconciler = Reconciler::new(
             self.loop_store.clone(),
@@ -118,7 +122,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             self.metrics.clone(),
             reports.clone(),
         )
-        .led_by(leadership.clone());
+        .led_by(leadership.clone())
+        .reading_depths(depths);
         let settings = LoopSettings {
             resync: config.reconcile.interval,
             drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
@@ -210,6 +215,43 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 stop.cancel();
             }
         });
+    }
+
+    /// Reads every worker queue's depth each `scale.poll_interval` (one
+    /// management request) and wakes the loop when the reading changes. No
+    /// `scale.management_url`: no poller, depths stay unknown and every
+    /// worker holds its replica count (min replicas, 1 by default).
+    fn spawn_depth_poller(
+        &self,
+        wake: &Arc<Notify>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> watch::Receiver<Reading> {
+        let config = &self.config;
+        let (tx, rx) = watch::channel(Reading::NotYet);
+        let url = config.scale.management_url.expose();
+        if url.is_empty() {
+            tx.send_replace(Reading::Unavailable(
+                "scale.management_url is empty: no autoscaling".into(),
+            ));
+            return rx;
+        }
+        match QueueMonitor::new(url, config.amqp.url.expose()) {
+            Ok(monitor) => {
+                tracker.spawn(broker::poll(
+                    Arc::new(monitor),
+                    config.scale.poll_interval,
+                    tx,
+                    wake.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => {
+                warn!("no autoscaling: {}", error_chain(&e));
+                tx.send_replace(Reading::Unavailable(error_chain(&e)));
+            }
+        }
+        rx
     }
 
     /// The triggers beside the loop: the cron schedules' firing loop and the

@@ -35,6 +35,7 @@ pub fn row(n: u128, revision: i32) -> WorkerRow {
         source_is_zip: true,
         source_sha256: Some("ab".into()),
         code_token: format!("token{n}"),
+        scale: Default::default(),
     }
 }
 
@@ -208,6 +209,7 @@ impl ContainerRuntime for FakeRuntime {
             worker_id: Some(spec.worker_id),
             revision: Some(spec.revision),
             spec_hash: Some(spec.hash()),
+            replica: spec.replica,
             image_id: spec.image_id.clone(),
             state: RunState::Created,
             health: Health::None,

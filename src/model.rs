@@ -27,6 +27,9 @@ pub mod labels {
     pub const REVISION: &str = "workerctl.revision";
     /// Hash of the container spec, to detect image, env or limit changes.
     pub const SPEC_HASH: &str = "workerctl.spec-hash";
+    /// Which replica of its worker the container is (0, 1, …); a container
+    /// without it is replica 0, as every container was before replicas.
+    pub const REPLICA: &str = "workerctl.replica";
     /// Set by the dockerworker image (a `LABEL`, which containers inherit):
     /// its exit codes mean what [`crate::exit`] says they mean.
     pub const RUNTIME: &str = "workerctl.runtime";
@@ -172,6 +175,8 @@ pub struct WorkerRow {
     pub source_sha256: Option<String>,
     /// The token the worker's container presents to download its code.
     pub code_token: String,
+    /// How many replicas it runs (`workerctl_worker_scale`; one without a row).
+    pub scale: crate::scale::ScaleBounds,
 }
 
 /// An enabled, well-formed worker: what should be running.
@@ -246,6 +251,11 @@ pub fn intent_of(row: &WorkerRow) -> Intent {
 pub struct ContainerSpec {
     pub worker_id: WorkerId,
     pub revision: Revision,
+    /// Which replica of the worker this is. Left out of the hash (with the
+    /// name, which follows from it), so all replicas of one revision share
+    /// one spec hash.
+    #[serde(skip)]
+    pub replica: u32,
     pub name: String,
     pub image: String,
     /// The image id the tag resolved to, so a rebuilt image rolls out.
@@ -285,8 +295,13 @@ pub struct Limits {
 impl ContainerSpec {
     /// A short, stable digest of the spec, stored as a label.
     pub fn hash(&self) -> String {
+        // The name hashed is replica 0's, so that replica 0 keeps the hash
+        // it had before replicas (no rollout on upgrade) and every replica
+        // shares it.
+        let mut keyed = self.clone();
+        keyed.name = replica_family(&self.name, self.replica).to_string();
         // Serialising a struct of BTreeMaps and scalars is deterministic.
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let json = serde_json::to_vec(&keyed).unwrap_or_default();
         hex::encode(&Sha256::digest(&json)[..8])
     }
 
@@ -297,7 +312,25 @@ impl ContainerSpec {
             (labels::WORKER_ID.to_string(), self.worker_id.to_string()),
             (labels::REVISION.to_string(), self.revision.to_string()),
             (labels::SPEC_HASH.to_string(), self.hash()),
+            (labels::REPLICA.to_string(), self.replica.to_string()),
         ])
+    }
+}
+
+/// The name of replica `replica` of the worker whose container (replica 0)
+/// is named `base`: `base` itself, or `<base>-r<k>`.
+pub fn replica_name(base: &str, replica: u32) -> String {
+    match replica {
+        0 => base.to_string(),
+        k => format!("{base}-r{k}"),
+    }
+}
+
+/// Replica 0's name, from the name of replica `replica`.
+fn replica_family(name: &str, replica: u32) -> &str {
+    match replica {
+        0 => name,
+        k => name.strip_suffix(&format!("-r{k}")).unwrap_or(name),
     }
 }
 
@@ -342,6 +375,8 @@ pub struct ManagedContainer {
     pub worker_id: Option<WorkerId>,
     pub revision: Option<Revision>,
     pub spec_hash: Option<String>,
+    /// Which replica of its worker it is (label `workerctl.replica`; 0 without it).
+    pub replica: u32,
     pub image_id: String,
     pub state: RunState,
     pub health: Health,
@@ -376,6 +411,7 @@ mod tests {
             source_is_zip: true,
             source_sha256: Some("ab".into()),
             code_token: "t0k".into(),
+            scale: Default::default(),
         }
     }
 
@@ -486,10 +522,23 @@ mod tests {
         assert_eq!(spec().hash(), with_url.hash());
     }
 
+    #[test]
+    fn replicas_of_one_spec_share_its_hash() {
+        let r2 = ContainerSpec {
+            replica: 2,
+            name: replica_name("worker-x", 2),
+            ..spec()
+        };
+        assert_eq!(r2.name, "worker-x-r2");
+        assert_eq!(spec().hash(), r2.hash());
+        assert_eq!(r2.labels("default")[labels::REPLICA], "2");
+    }
+
     fn spec() -> ContainerSpec {
         ContainerSpec {
             worker_id: WorkerId(Uuid::nil()),
             revision: Revision(1),
+            replica: 0,
             name: "worker-x".into(),
             image: "img".into(),
             image_id: "sha256:1".into(),

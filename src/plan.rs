@@ -29,11 +29,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::Duration;
 
+use crate::broker::QueueDepths;
 use crate::model::{
-    ContainerSpec, DesiredWorker, Hardening, Limits, ManagedContainer, Revision, RunState, Status,
-    WorkerId, WorkerRow, container_name,
+    ContainerSpec, DesiredWorker, Hardening, Intent, Limits, ManagedContainer, Revision, RunState,
+    Status, WorkerId, WorkerRow, container_name, intent_of, replica_name,
 };
 use crate::runtime::ImageState;
+use crate::scale::{self, Demand, ScaleReason, ScaleState};
 use crate::store::Observed;
 
 /// The settings a container spec is built from: everything but the worker.
@@ -51,8 +53,9 @@ pub struct SpecTemplate {
 }
 
 impl SpecTemplate {
-    /// The spec of a worker's container, given the image id the tag resolved to.
-    pub fn spec(&self, worker: &DesiredWorker, image_id: &str) -> ContainerSpec {
+    /// The spec of replica `replica` of a worker's container, given the
+    /// image id the tag resolved to.
+    pub fn spec(&self, worker: &DesiredWorker, image_id: &str, replica: u32) -> ContainerSpec {
         let base = self.code_base_url.trim_end_matches('/');
         let mut env = BTreeMap::from([
             ("WORKER_ID".into(), worker.id.to_string()),
@@ -75,7 +78,8 @@ impl SpecTemplate {
         let mut spec = ContainerSpec {
             worker_id: worker.id,
             revision: worker.revision,
-            name: container_name(&self.instance, worker.id),
+            replica,
+            name: replica_name(&container_name(&self.instance, worker.id), replica),
             image: self.image.clone(),
             image_id: image_id.to_string(),
             env,
@@ -127,8 +131,13 @@ pub struct FailedRollout {
 /// What the planner carries from one pass to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Books {
-    pub backoff: BTreeMap<WorkerId, Backoff>,
+    /// Crash backoff per replica.
+    pub backoff: BTreeMap<(WorkerId, u32), Backoff>,
+    /// Per worker: all replicas share a spec hash, so a broken revision is
+    /// given up for all of them.
     pub failed_rollouts: BTreeMap<WorkerId, FailedRollout>,
+    /// What the scaler decided last, per worker.
+    pub scale: BTreeMap<WorkerId, ScaleState>,
 }
 
 /// An action that failed, as the loop recorded it: the planner decides when
@@ -172,6 +181,10 @@ pub struct Policy {
     /// An image that tells nothing of its readiness is taken as ready after
     /// running this long.
     pub assume_ready_after: Duration,
+    /// How long demand must stay lower before replicas are removed.
+    pub scale_cooldown: Duration,
+    /// How often queue depths are read (for the status of a worker at zero).
+    pub depth_poll: Duration,
 }
 
 impl Policy {
@@ -188,11 +201,12 @@ pub enum NetworkState {
     Missing,
 }
 
-/// Who an action is for: a worker, or an unlabelled container. The loop
-/// runs at most one action per slot.
+/// Who an action is for: one replica of a worker, or an unlabelled
+/// container. The loop runs at most one action per slot, so the replicas of
+/// a worker act in parallel.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Slot {
-    Worker(WorkerId),
+    Replica(WorkerId, u32),
     Container(String),
 }
 
@@ -204,8 +218,8 @@ pub struct Snapshot {
     pub image: ImageState,
     pub network: NetworkState,
     pub books: Books,
-    /// Actions that failed, by worker, since that worker's last success.
-    pub failures: BTreeMap<WorkerId, ActionFailure>,
+    /// Actions that failed, by slot, since that slot's last success.
+    pub failures: BTreeMap<Slot, ActionFailure>,
     /// Slots with an action in flight: left alone this pass.
     pub busy: BTreeSet<Slot>,
     pub reports: BTreeSet<ReadyReport>,
@@ -215,6 +229,11 @@ pub struct Snapshot {
     /// Why each exited container exited, in its own words, by container id
     /// (see [`crate::exit::explain`]); absent when it said nothing useful.
     pub last_words: HashMap<String, String>,
+    /// The latest queue depths; `None` while unknown (not read yet, or the
+    /// management API cannot be read).
+    pub depths: Option<QueueDepths>,
+    /// Why `depths` is `None`, in one line (for the status).
+    pub depths_unknown: String,
     pub now_ms: i64,
 }
 
@@ -314,29 +333,184 @@ pub fn plan(snapshot: &Snapshot, template: &SpecTemplate, policy: &Policy) -> Pl
     for row in &snapshot.rows {
         seen.insert(row.id);
         let containers = by_worker.get(&row.id).map(Vec::as_slice).unwrap_or(&[]);
-        plan.observed
-            .push(observe(row.id, containers, &snapshot.books));
-        if snapshot.busy.contains(&Slot::Worker(row.id)) {
-            carry_books(row.id, snapshot, &mut plan);
+        plan_worker(row, containers, snapshot, template, policy, &mut plan);
+    }
+    for (id, containers) in &by_worker {
+        if seen.contains(id) {
+            continue;
+        }
+        for replica in replicas_of(containers) {
+            let slot = Slot::Replica(*id, replica);
+            let first = containers.iter().find(|c| c.replica == replica);
+            if let (false, Some(c)) = (snapshot.busy.contains(&slot), first) {
+                plan.actions
+                    .push(remove(slot, *id, c, "its worker no longer exists"));
+            }
+        }
+    }
+    plan
+}
+
+/// One worker: how many replicas it needs, then each replica's decision
+/// (a replica ≥ that count goes), and the one status of the worker.
+fn plan_worker(
+    row: &WorkerRow,
+    containers: &[&ManagedContainer],
+    snapshot: &Snapshot,
+    template: &SpecTemplate,
+    policy: &Policy,
+    plan: &mut Plan,
+) {
+    let runs = matches!(intent_of(row), Intent::Run(_));
+    let scaled = runs.then(|| scale_of(row, containers, snapshot, policy));
+    if let Some(d) = &scaled {
+        plan.books.scale.insert(row.id, d.state);
+        if let Some(at) = d.wake_at_ms {
+            plan.wake_at(at);
+        }
+    }
+    let desired = scaled.as_ref().map_or(1, |d| d.desired);
+    let mut replicas = replicas_of(containers);
+    if runs {
+        replicas.extend(0..desired);
+    } else if replicas.is_empty() {
+        // The status of a worker with no container comes from replica 0.
+        replicas.insert(0);
+    }
+    let mut busy = false;
+    // Whether the replicas so far run the current spec and are ready: a
+    // replica replaces its container only then (one replica at a time).
+    let mut may_roll = true;
+    let mut verdicts = Vec::new();
+    for replica in replicas {
+        let mine: Vec<&ManagedContainer> = containers
+            .iter()
+            .copied()
+            .filter(|c| c.replica == replica)
+            .collect();
+        if snapshot.busy.contains(&Slot::Replica(row.id, replica)) {
+            carry_books(row.id, replica, snapshot, plan);
+            busy = true;
+            may_roll = false;
             continue;
         }
         let ctx = worker::Context {
             row,
-            containers,
+            containers: &mine,
             snapshot,
             template,
             policy,
+            replica,
+            may_roll,
         };
-        ctx.decide(&mut plan);
-    }
-    for (id, containers) in &by_worker {
-        if !seen.contains(id) && !snapshot.busy.contains(&Slot::Worker(*id)) {
-            let c = containers[0];
-            plan.actions
-                .push(remove(*id, c, "its worker no longer exists"));
+        if runs && replica >= desired {
+            ctx.scale_down(desired, plan);
+            continue;
         }
+        let (verdict, settled) = ctx.decide(plan);
+        may_roll = may_roll && settled;
+        verdicts.push(verdict);
     }
-    plan
+    let mut observed = observe(row.id, containers, &plan.books);
+    observed.desired_replicas = i32::try_from(desired).unwrap_or(i32::MAX);
+    plan.observed.push(observed);
+    if busy {
+        // Nothing decided for a busy replica: no status either (as for one
+        // container with an action in flight).
+        return;
+    }
+    if let Some(v) = summary(row, scaled.as_ref(), desired, verdicts, snapshot, policy) {
+        plan.verdicts.push(v);
+    }
+}
+
+/// The replica count of a worker that should run.
+fn scale_of(
+    row: &WorkerRow,
+    containers: &[&ManagedContainer],
+    snapshot: &Snapshot,
+    policy: &Policy,
+) -> scale::ScaleDecision {
+    let previous = snapshot
+        .books
+        .scale
+        .get(&row.id)
+        .copied()
+        .unwrap_or_else(|| {
+            let running = containers
+                .iter()
+                .filter(|c| c.state == RunState::Running)
+                .map(|c| c.replica)
+                .collect::<BTreeSet<_>>()
+                .len();
+            ScaleState::adopt(u32::try_from(running).unwrap_or(u32::MAX))
+        });
+    let demand = match &snapshot.depths {
+        None => Demand::Unknown,
+        Some(depths) => match depths.get(row.id) {
+            None => Demand::NoQueue,
+            Some(q) => q.ready.map_or(Demand::Unknown, Demand::Ready),
+        },
+    };
+    scale::desired_replicas(
+        demand,
+        row.scale,
+        previous,
+        worker::ms(policy.scale_cooldown),
+        snapshot.now_ms,
+    )
+}
+
+/// The worker's one status, from its replicas' (in replica order): with one
+/// replica, its own; with more, the first error, else the first that is not
+/// ready, else ready.
+fn summary(
+    row: &WorkerRow,
+    scaled: Option<&scale::ScaleDecision>,
+    desired: u32,
+    verdicts: Vec<Verdict>,
+    snapshot: &Snapshot,
+    policy: &Policy,
+) -> Option<Verdict> {
+    if scaled.is_some() && desired == 0 {
+        return Some(Verdict {
+            id: row.id,
+            revision: row.revision,
+            status: Status::Ready,
+            info: format!(
+                "scaled to zero: no messages wait; one brings a replica back within {}",
+                humantime::format_duration(policy.depth_poll)
+            ),
+        });
+    }
+    let n = verdicts.len();
+    // The scaler's count is held without depths; fixed bounds need none.
+    let first_error = verdicts.iter().position(|v| v.status == Status::Error);
+    let first_pending = verdicts.iter().position(|v| v.status != Status::Ready);
+    let mut verdict = match first_error.or(first_pending) {
+        Some(i) => verdicts.into_iter().nth(i)?,
+        None if n > 1 => Verdict {
+            id: row.id,
+            revision: row.revision,
+            status: Status::Ready,
+            info: format!("running revision {} in {n} replicas", row.revision),
+        },
+        None => verdicts.into_iter().next()?,
+    };
+    if let Some(d) = scaled
+        && d.reason == ScaleReason::DepthUnknown
+    {
+        verdict.info = format!(
+            "{}; queue depth unknown: {}; holding {desired} replica(s)",
+            verdict.info, snapshot.depths_unknown
+        );
+    }
+    Some(verdict)
+}
+
+/// The replicas that have containers.
+fn replicas_of(containers: &[&ManagedContainer]) -> BTreeSet<u32> {
+    containers.iter().map(|c| c.replica).collect()
 }
 
 fn plan_orphan(c: &ManagedContainer, snapshot: &Snapshot, plan: &mut Plan) {
@@ -353,19 +527,19 @@ fn plan_orphan(c: &ManagedContainer, snapshot: &Snapshot, plan: &mut Plan) {
     }
 }
 
-/// A busy worker's books go on unchanged: nothing was decided about it.
-fn carry_books(id: WorkerId, snapshot: &Snapshot, plan: &mut Plan) {
-    if let Some(b) = snapshot.books.backoff.get(&id) {
-        plan.books.backoff.insert(id, b.clone());
+/// A busy replica's books go on unchanged: nothing was decided about it.
+fn carry_books(id: WorkerId, replica: u32, snapshot: &Snapshot, plan: &mut Plan) {
+    if let Some(b) = snapshot.books.backoff.get(&(id, replica)) {
+        plan.books.backoff.insert((id, replica), b.clone());
     }
     if let Some(f) = snapshot.books.failed_rollouts.get(&id) {
         plan.books.failed_rollouts.insert(id, f.clone());
     }
 }
 
-fn remove(id: WorkerId, c: &ManagedContainer, reason: &str) -> Action {
+fn remove(slot: Slot, id: WorkerId, c: &ManagedContainer, reason: &str) -> Action {
     Action {
-        slot: Slot::Worker(id),
+        slot,
         worker: Some(id),
         step: Step::Remove {
             container: c.clone(),
@@ -377,7 +551,14 @@ fn remove(id: WorkerId, c: &ManagedContainer, reason: &str) -> Action {
 /// What a worker's containers look like: the one that matters most (a
 /// running one, else the newest), and the crash bookkeeping.
 pub fn observe(id: WorkerId, containers: &[&ManagedContainer], books: &Books) -> Observed {
-    let book = books.backoff.get(&id);
+    let book = books.backoff.get(&(id, 0));
+    let running_replicas = containers
+        .iter()
+        .filter(|c| c.state == RunState::Running)
+        .map(|c| c.replica)
+        .collect::<BTreeSet<_>>()
+        .len();
+    let running_replicas = i32::try_from(running_replicas).unwrap_or(i32::MAX);
     let (restarts, last_exit_code) =
         book.map_or((0, None), |b| (b.restarts as i32, b.last_exit_code));
     let current = containers
@@ -396,6 +577,8 @@ pub fn observe(id: WorkerId, containers: &[&ManagedContainer], books: &Books) ->
                 RunState::Exited(code) => code,
                 _ => None,
             }),
+            desired_replicas: 1,
+            running_replicas,
         },
         None => Observed {
             id,
@@ -404,6 +587,8 @@ pub fn observe(id: WorkerId, containers: &[&ManagedContainer], books: &Books) ->
             container_state: "absent".into(),
             restarts,
             last_exit_code,
+            desired_replicas: 1,
+            running_replicas,
         },
     }
 }

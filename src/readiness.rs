@@ -118,6 +118,7 @@ mod tests {
             worker_id: Some(WorkerId(Uuid::nil())),
             revision: None,
             spec_hash: Some("h".into()),
+            replica: 0,
             image_id: String::new(),
             state,
             health: Health::None,

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{StreamExt, stream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::backoff::error_chain;
+use crate::broker::{QueueDepths, Reading};
 use crate::config::Config;
 use crate::execute;
 use crate::exit;
@@ -36,6 +37,7 @@ use crate::plan::{
 };
 use crate::readiness::ReadyReports;
 use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::scale_metrics::WorkerScale;
 use crate::store::{Observed, StatusUpdate, StoreError, WorkerStore};
 
 /// Why a pass could not even look at the world. Containers are left as they are.
@@ -107,6 +109,8 @@ impl PassSettings {
                 backoff_reset: config.reconcile.backoff_reset,
                 ready_timeout: config.reconcile.ready_timeout,
                 assume_ready_after: config.reconcile.assume_ready_after,
+                scale_cooldown: config.scale.cooldown,
+                depth_poll: config.scale.poll_interval,
             },
             concurrency: config.reconcile.concurrency,
             stop_timeout: config.docker.stop_timeout,
@@ -121,7 +125,7 @@ pub struct Reconciler<S, R> {
     metrics: Arc<Metrics>,
     reports: Arc<ReadyReports>,
     books: Books,
-    failures: BTreeMap<WorkerId, ActionFailure>,
+    failures: BTreeMap<Slot, ActionFailure>,
     started_ms: HashMap<String, i64>,
     observed: HashMap<WorkerId, Observed>,
     in_flight: JoinSet<Done>,
@@ -130,6 +134,9 @@ pub struct Reconciler<S, R> {
     clock: Clock,
     /// When set, passes and actions run only while the lock is confirmed.
     leadership: Option<Leadership>,
+    /// The latest queue-depth reading of the poller (`broker::poll`); none:
+    /// depths unknown, replica counts held.
+    depths: Option<watch::Receiver<Reading>>,
 }
 
 /// Unix milliseconds that advance with tokio's clock, so that tests with
@@ -185,6 +192,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             permits,
             clock: Clock::new(),
             leadership: None,
+            depths: None,
         }
     }
 
@@ -192,6 +200,12 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// and each action first confirms the lock with the server.
     pub fn led_by(mut self, leadership: Leadership) -> Self {
         self.leadership = Some(leadership);
+        self
+    }
+
+    /// The same reconciler, reading queue depths from `readings`.
+    pub fn reading_depths(mut self, readings: watch::Receiver<Reading>) -> Self {
+        self.depths = Some(readings);
         self
     }
 
@@ -223,6 +237,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let network = self.network().await?;
         let last_words = self.last_words(&containers).await;
         let reports = self.reports.current(&containers, listed_at);
+        let (depths, depths_unknown) = self.latest_depths();
         Ok(Snapshot {
             rows,
             image,
@@ -233,9 +248,26 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             reports,
             started_ms: self.started_ms.clone(),
             last_words,
+            depths,
+            depths_unknown,
             containers,
             now_ms: self.clock.now_ms(),
         })
+    }
+
+    /// The latest queue depths, or why there are none.
+    fn latest_depths(&self) -> (Option<QueueDepths>, String) {
+        let Some(readings) = &self.depths else {
+            return (
+                None,
+                "no depth poller (scale.management_url is empty)".into(),
+            );
+        };
+        match &*readings.borrow() {
+            Reading::Depths(d) => (Some(d.clone()), String::new()),
+            Reading::NotYet => (None, "not read yet".into()),
+            Reading::Unavailable(why) => (None, why.clone()),
+        }
     }
 
     /// Why each exited worker container exited, from its last lines: one
@@ -316,6 +348,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         self.forget_gone(&snapshot);
         self.count_statuses(&snapshot.rows, &plan.verdicts);
         self.write_statuses(&snapshot.rows, &plan.verdicts).await;
+        self.record_scale(&snapshot, &plan.observed);
         self.write_observed(plan.observed).await;
         let names: HashMap<WorkerId, &str> = snapshot
             .rows
@@ -417,8 +450,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
                     action.kind(),
                     action.target()
                 );
-                if let Some(id) = action.worker {
-                    self.failures.remove(&id);
+                if action.worker.is_some() {
+                    self.failures.remove(&action.slot);
                 }
                 if let Some(container) = started {
                     self.started_ms
@@ -443,21 +476,21 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
                     "{} failed: {error}",
                     action.kind()
                 );
-                if let Some(id) = action.worker {
-                    self.record_failure(id, action, error);
+                if action.worker.is_some() {
+                    self.record_failure(action, error);
                 }
             }
         }
     }
 
-    fn record_failure(&mut self, id: WorkerId, action: &Action, error: String) {
+    fn record_failure(&mut self, action: &Action, error: String) {
         let same = self
             .failures
-            .get(&id)
+            .get(&action.slot)
             .filter(|f| f.kind == action.kind() && f.target == action.target());
         let attempts = same.map_or(0, |f| f.attempts) + 1;
         self.failures.insert(
-            id,
+            action.slot.clone(),
             ActionFailure {
                 kind: action.kind(),
                 target: action.target().to_string(),
@@ -511,7 +544,24 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let listed: BTreeSet<&str> = snapshot.containers.iter().map(|c| c.id.as_str()).collect();
         self.started_ms.retain(|id, _| listed.contains(id.as_str()));
         let rows: BTreeSet<WorkerId> = snapshot.rows.iter().map(|r| r.id).collect();
-        self.failures.retain(|id, _| rows.contains(id));
+        self.failures.retain(|slot, _| match slot {
+            Slot::Replica(id, _) => rows.contains(id),
+            Slot::Container(_) => true,
+        });
+    }
+
+    /// Replicas wanted and running, and queue depths, per worker.
+    fn record_scale(&self, snapshot: &Snapshot, observed: &[Observed]) {
+        let workers: Vec<WorkerScale> = observed
+            .iter()
+            .map(|o| WorkerScale {
+                id: o.id,
+                desired: u32::try_from(o.desired_replicas).unwrap_or(0),
+                running: u32::try_from(o.running_replicas).unwrap_or(0),
+                queue: snapshot.depths.as_ref().and_then(|d| d.get(o.id)),
+            })
+            .collect();
+        self.metrics.scale.record(&workers);
     }
 
     fn count_statuses(&self, rows: &[WorkerRow], verdicts: &[Verdict]) {

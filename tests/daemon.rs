@@ -823,3 +823,52 @@ async fn a_failing_create_is_retried_with_backoff_and_says_why(pool: PgPool) {
     d.status_matching(id, "ready", "running revision 1").await;
     d.cleanup().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn replica_bounds_add_and_remove_replicas(pool: PgPool) {
+    let d = Daemon::start(pool).await;
+    let id = d.enabled_worker("replicated").await;
+    let first = d.running_at(id, 1).await;
+    let base = format!("{}-worker-{id}", d.config.instance);
+    assert_eq!(first.name, base, "one replica by default, named as ever");
+    d.sql(
+        "INSERT INTO workerctl_worker_scale (worker_id, min_replicas, max_replicas, per_replica)
+         VALUES ($1, 2, 2, 20)",
+        id,
+    )
+    .await;
+    let names = d
+        .wait_for("two replicas running", async || {
+            let cs = d.containers_of(id).await;
+            let mut names: Vec<String> = cs
+                .iter()
+                .filter(|c| c.state == RunState::Running)
+                .map(|c| c.name.clone())
+                .collect();
+            names.sort();
+            (names.len() == 2 && cs.len() == 2).then_some(names)
+        })
+        .await;
+    assert_eq!(names, [base.clone(), format!("{base}-r1")]);
+    let replicas = d.containers_of(id).await;
+    assert_eq!(
+        replicas[0].spec_hash, replicas[1].spec_hash,
+        "replicas of one revision share a spec"
+    );
+    assert!(
+        replicas.iter().any(|c| c.id == first.id),
+        "replica 0 is left as it was"
+    );
+    d.status_matching(id, "ready", "running revision 1 in 2 replicas")
+        .await;
+    d.sql(
+        "UPDATE workerctl_worker_scale SET min_replicas = 1, max_replicas = 1 WHERE worker_id = $1",
+        id,
+    )
+    .await;
+    let left = d.running_at(id, 1).await;
+    assert_eq!(left.id, first.id, "replica 1 goes, replica 0 stays");
+    d.status_matching(id, "ready", "running revision 1 in container")
+        .await;
+    d.cleanup().await;
+}

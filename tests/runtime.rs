@@ -158,6 +158,7 @@ fn spec_for(instance: &str, script: &str) -> ContainerSpec {
     ContainerSpec {
         worker_id,
         revision: Revision(1),
+        replica: 0,
         name: container_name(instance, worker_id),
         image: scripted_image().to_string(),
         image_id: String::new(),

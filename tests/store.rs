@@ -166,6 +166,8 @@ fn observed(id: Uuid, state: &str) -> Observed {
         container_state: state.into(),
         restarts: 2,
         last_exit_code: Some(137),
+        desired_replicas: 1,
+        running_replicas: 1,
     }
 }
 

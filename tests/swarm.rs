@@ -146,6 +146,7 @@ fn worker(instance: &str, revision: i32, entrypoint: &str, replicas: u32) -> Wor
         spec: ContainerSpec {
             worker_id: id,
             revision: Revision(revision),
+            replica: 0,
             name: container_name(instance, id),
             image: image.into(),
             image_id: image_id.into(),

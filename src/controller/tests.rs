@@ -141,3 +141,51 @@ async fn shutdown_waits_for_the_actions_in_flight() {
     );
     assert!(runtime.running(1).is_empty(), "the stop completed");
 }
+
+#[tokio::test(start_paused = true)]
+async fn replicas_follow_the_queue_up_at_once_and_down_after_the_cooldown() {
+    use crate::broker::{QueueDepth, QueueDepths, Reading};
+    use crate::scale::ScaleBounds;
+    let mut worker = row(1, 1);
+    worker.scale = ScaleBounds::new(1, 3, 20).expect("valid bounds");
+    let store = FakeStore::with(vec![worker]);
+    let runtime = FakeRuntime::new();
+    let config = Config::default();
+    let wake = Arc::new(Notify::new());
+    let reading = |ready| {
+        let q = QueueDepth {
+            ready: Some(ready),
+            consumers: 1,
+        };
+        Reading::Depths(QueueDepths {
+            by_worker: [(row(1, 1).id, q)].into(),
+        })
+    };
+    let (depths, readings) = tokio::sync::watch::channel(reading(50));
+    let reconciler = Reconciler::new(
+        store.clone(),
+        runtime.clone(),
+        PassSettings::from_config(&config),
+        Arc::new(Metrics::new()),
+        Arc::new(ReadyReports::new(wake.clone())),
+    )
+    .reading_depths(readings);
+    let settings = LoopSettings {
+        resync: Duration::from_secs(3600),
+        drain: Duration::from_secs(15),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(reconciler, wake.clone(), settings, shutdown.clone()));
+    settle().await;
+    assert_eq!(runtime.running(1), [1, 1, 1], "50 ready / 20 per replica");
+
+    depths.send_replace(reading(0));
+    wake.notify_one();
+    settle().await;
+    assert_eq!(runtime.running(1).len(), 3, "held during the cooldown");
+    sleep(config.scale.cooldown + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(runtime.running(1), [1], "down to min after the cooldown");
+    shutdown.cancel();
+    task.await.expect("the loop ends");
+}

@@ -36,6 +36,7 @@ fn template() -> SpecTemplate {
 
 const READY_TIMEOUT_MS: i64 = 30_000;
 const ASSUME_READY_MS: i64 = 3_000;
+const COOLDOWN_MS: i64 = 60_000;
 
 fn policy() -> Policy {
     Policy {
@@ -44,6 +45,8 @@ fn policy() -> Policy {
         backoff_reset: Duration::from_secs(30),
         ready_timeout: Duration::from_millis(READY_TIMEOUT_MS as u64),
         assume_ready_after: Duration::from_millis(ASSUME_READY_MS as u64),
+        scale_cooldown: Duration::from_millis(COOLDOWN_MS as u64),
+        depth_poll: Duration::from_secs(5),
     }
 }
 
@@ -61,6 +64,7 @@ fn row(n: u128, revision: i32) -> WorkerRow {
         source_is_zip: true,
         source_sha256: Some("abc".into()),
         code_token: format!("token{n}"),
+        scale: Default::default(),
     }
 }
 
@@ -73,16 +77,27 @@ fn disabled(n: u128) -> WorkerRow {
 
 /// A container exactly as the planner would create it for `row`.
 fn container_for(row: &WorkerRow, state: RunState) -> ManagedContainer {
+    replica_for(row, 0, state)
+}
+
+/// Replica `replica` of `row`, exactly as the planner would create it.
+fn replica_for(row: &WorkerRow, replica: u32, state: RunState) -> ManagedContainer {
     let Intent::Run(w) = intent_of(row) else {
         panic!("row must be runnable")
     };
-    let spec = template().spec(&w, IMAGE_ID);
+    let spec = template().spec(&w, IMAGE_ID, replica);
+    let suffix = if replica == 0 {
+        String::new()
+    } else {
+        format!("-r{replica}")
+    };
     ManagedContainer {
-        id: format!("c{}-{}", row.id.0.as_u128(), row.revision),
+        id: format!("c{}-{}{suffix}", row.id.0.as_u128(), row.revision),
         name: spec.name.clone(),
         worker_id: Some(row.id),
         revision: Some(row.revision),
         spec_hash: Some(spec.hash()),
+        replica,
         image_id: IMAGE_ID.into(),
         state,
         health: Health::Starting,
@@ -127,6 +142,8 @@ fn snapshot(rows: Vec<WorkerRow>, containers: Vec<ManagedContainer>) -> Snapshot
         reports: BTreeSet::new(),
         started_ms: HashMap::new(),
         last_words: HashMap::new(),
+        depths: None,
+        depths_unknown: "not read yet".into(),
         now_ms: NOW,
     }
 }
@@ -352,7 +369,7 @@ fn first_crash_waits_the_initial_backoff_and_says_why() {
     assert_eq!(v.status, Status::Error);
     assert!(v.info.contains("exited with code 3"), "{}", v.info);
     assert_eq!(p.wake_at_ms, Some(NOW + 1000));
-    assert_eq!(p.books.backoff[&id(1)].restarts, 0);
+    assert_eq!(p.books.backoff[&(id(1), 0)].restarts, 0);
 }
 
 #[test]
@@ -392,7 +409,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
         vec![container_for(&r, RunState::Exited(Some(3)))],
     );
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 2,
@@ -404,7 +421,7 @@ fn crashed_container_is_restarted_once_backoff_elapsed() {
     );
     let p = run(&s);
     assert_eq!(kinds(&p), ["start"]);
-    let b = &p.books.backoff[&id(1)];
+    let b = &p.books.backoff[&(id(1), 0)];
     assert_eq!(b.restarts, 3);
     assert_eq!(b.not_before_ms, NOW + 8000, "delay doubles: 1s · 2^3");
 }
@@ -417,7 +434,7 @@ fn crashed_container_waits_while_backoff_runs() {
         vec![container_for(&r, RunState::Exited(Some(3)))],
     );
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 4,
@@ -450,7 +467,7 @@ fn backoff_is_forgotten_once_the_container_stays_up() {
     let c = ready_for(&r, &mut s);
     s.containers.push(c);
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 2,
@@ -470,7 +487,7 @@ fn backoff_is_kept_while_a_restarted_container_is_young() {
     let c = ready_for(&r, &mut s);
     s.containers.push(c);
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 2,
@@ -481,7 +498,7 @@ fn backoff_is_kept_while_a_restarted_container_is_young() {
         },
     );
     let p = run(&s);
-    assert_eq!(p.books.backoff[&id(1)].restarts, 2);
+    assert_eq!(p.books.backoff[&(id(1), 0)].restarts, 2);
     assert!(status_of(&p, 1).info.contains("restarted 2 time(s)"));
 }
 
@@ -493,7 +510,7 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
         vec![container_for(&r, RunState::Exited(Some(1)))],
     );
     s.books.backoff.insert(
-        id(1),
+        (id(1), 0),
         Backoff {
             revision: Revision(1),
             restarts: 9,
@@ -504,8 +521,8 @@ fn backoff_of_an_older_revision_does_not_delay_a_new_one() {
         },
     );
     let p = run(&s);
-    assert_eq!(p.books.backoff[&id(1)].revision, Revision(2));
-    assert_eq!(p.books.backoff[&id(1)].restarts, 0);
+    assert_eq!(p.books.backoff[&(id(1), 0)].revision, Revision(2));
+    assert_eq!(p.books.backoff[&(id(1), 0)].restarts, 0);
 }
 
 #[test]
@@ -798,7 +815,7 @@ const CASES: &[Case] = &[
                 vec![row(1, 2)],
                 vec![container_for(&row(1, 1), RunState::Running)],
             );
-            s.busy.insert(Slot::Worker(id(1)));
+            s.busy.insert(Slot::Replica(id(1), 0));
             s
         },
         kinds: &[],
@@ -808,7 +825,8 @@ const CASES: &[Case] = &[
         name: "a failed action waits for its retry backoff",
         snapshot: || {
             let mut s = snapshot(vec![row(1, 1)], vec![]);
-            s.failures.insert(id(1), failure("create", 2, NOW - 500));
+            s.failures
+                .insert(Slot::Replica(id(1), 0), failure("create", 2, NOW - 500));
             s
         },
         kinds: &[],
@@ -818,7 +836,8 @@ const CASES: &[Case] = &[
         name: "a failed action is retried once its backoff elapsed",
         snapshot: || {
             let mut s = snapshot(vec![row(1, 1)], vec![]);
-            s.failures.insert(id(1), failure("create", 2, NOW - 2000));
+            s.failures
+                .insert(Slot::Replica(id(1), 0), failure("create", 2, NOW - 2000));
             s
         },
         kinds: &["create"],
@@ -831,7 +850,8 @@ const CASES: &[Case] = &[
                 vec![disabled(1)],
                 vec![container_for(&row(1, 1), RunState::Running)],
             );
-            s.failures.insert(id(1), failure("create", 5, NOW));
+            s.failures
+                .insert(Slot::Replica(id(1), 0), failure("create", 5, NOW));
             s
         },
         kinds: &["remove"],
@@ -922,7 +942,8 @@ fn waiting_for_readiness_wakes_at_the_deadline_or_the_assumption() {
 #[test]
 fn a_failed_action_wakes_the_loop_when_it_may_be_retried() {
     let mut s = snapshot(vec![row(1, 1)], vec![]);
-    s.failures.insert(id(1), failure("create", 2, NOW - 500));
+    s.failures
+        .insert(Slot::Replica(id(1), 0), failure("create", 2, NOW - 500));
     let p = run(&s);
     assert_eq!(
         p.wake_at_ms,
@@ -939,10 +960,11 @@ fn a_failed_action_wakes_the_loop_when_it_may_be_retried() {
 #[test]
 fn a_busy_worker_keeps_its_books() {
     let mut s = snapshot(vec![row(1, 1)], vec![]);
-    s.busy.insert(Slot::Worker(id(1)));
+    s.busy.insert(Slot::Replica(id(1), 0));
     s.books
         .failed_rollouts
         .insert(id(1), failed_rollout_of(&row(1, 2)));
+    s.books.scale.insert(id(1), ScaleState::adopt(1));
     assert_eq!(run(&s).books, s.books);
 }
 
@@ -977,4 +999,297 @@ fn every_worker_is_observed() {
         .map(|o| o.container_state.as_str())
         .collect();
     assert_eq!(states, ["exited (3)", "absent"]);
+}
+
+// ---- Replicas: how many, and one replica at a time in a rollout. ----
+
+/// Worker 1 at `revision`, between `min` and `max` replicas.
+fn scaled(revision: i32, min: u32, max: u32) -> WorkerRow {
+    WorkerRow {
+        scale: crate::scale::ScaleBounds::new(min, max, 20).expect("valid bounds"),
+        ..row(1, revision)
+    }
+}
+
+/// `ready` messages wait in worker 1's queue.
+fn depth(s: &mut Snapshot, ready: u64) {
+    let q = crate::broker::QueueDepth {
+        ready: Some(ready),
+        consumers: 1,
+    };
+    s.depths = Some(QueueDepths {
+        by_worker: HashMap::from([(id(1), q)]),
+    });
+}
+
+/// A running replica of worker 1 (as `r` made it) that reported ready.
+fn ready_replica(r: &WorkerRow, replica: u32, s: &mut Snapshot) {
+    let c = replica_for(r, replica, RunState::Running);
+    s.reports.insert(report_of(r, &c));
+    s.containers.push(c);
+}
+
+/// Worker 1 at revision 2, two replicas, both running revision 1 and ready.
+fn two_replicas_at_revision_1() -> Snapshot {
+    let mut s = snapshot(vec![scaled(2, 2, 2)], vec![]);
+    for k in 0..2 {
+        ready_replica(&scaled(1, 2, 2), k, &mut s);
+    }
+    s
+}
+
+/// Replica 0's revision-2 container, beside its parked revision-1 one.
+fn replica_0_rolled(s: &mut Snapshot, state: RunState, reported: bool) {
+    let old = s.containers.remove(0);
+    s.containers.push(parked(old));
+    let new = replica_for(&scaled(2, 2, 2), 0, state);
+    s.started_ms.insert(new.id.clone(), NOW - 1000);
+    if reported {
+        s.reports.insert(report_of(&scaled(2, 2, 2), &new));
+    }
+    s.containers.push(new);
+}
+
+struct ReplicaCase {
+    name: &'static str,
+    snapshot: fn() -> Snapshot,
+    kinds: &'static [&'static str],
+    /// The replica each action is for, in order.
+    replicas: &'static [u32],
+    status: Option<(Status, &'static str)>,
+}
+
+const REPLICA_CASES: &[ReplicaCase] = &[
+    ReplicaCase {
+        name: "defaults make exactly today's one container",
+        snapshot: || snapshot(vec![row(1, 1)], vec![]),
+        kinds: &["create"],
+        replicas: &[0],
+        status: Some((Status::Unknown, "starting revision 1")),
+    },
+    ReplicaCase {
+        name: "defaults keep today's status text",
+        snapshot: || {
+            let mut s = snapshot(vec![row(1, 1)], vec![]);
+            ready_replica(&row(1, 1), 0, &mut s);
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Ready, "running revision 1 in container worker-")),
+    },
+    ReplicaCase {
+        name: "50 ready messages at 20 per replica make 3 replicas, created at once",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 1, 3)], vec![]);
+            depth(&mut s, 50);
+            s
+        },
+        kinds: &["create", "create", "create"],
+        replicas: &[0, 1, 2],
+        status: Some((Status::Unknown, "starting revision 1")),
+    },
+    ReplicaCase {
+        name: "all replicas ready: one status for them",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 1, 3)], vec![]);
+            for k in 0..3 {
+                ready_replica(&scaled(1, 1, 3), k, &mut s);
+            }
+            depth(&mut s, 50);
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Ready, "running revision 1 in 3 replicas")),
+    },
+    ReplicaCase {
+        name: "lower demand holds the replicas during the cooldown",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 1, 3)], vec![]);
+            for k in 0..3 {
+                ready_replica(&scaled(1, 1, 3), k, &mut s);
+            }
+            depth(&mut s, 0);
+            s.books.scale.insert(
+                id(1),
+                ScaleState {
+                    desired: 3,
+                    lower: Some(scale::Lower {
+                        since_ms: NOW - 1000,
+                        peak: 1,
+                    }),
+                },
+            );
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Ready, "running revision 1 in 3 replicas")),
+    },
+    ReplicaCase {
+        name: "after the cooldown the extra replicas go, in parallel",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 1, 3)], vec![]);
+            for k in 0..3 {
+                ready_replica(&scaled(1, 1, 3), k, &mut s);
+            }
+            depth(&mut s, 0);
+            s.books.scale.insert(
+                id(1),
+                ScaleState {
+                    desired: 3,
+                    lower: Some(scale::Lower {
+                        since_ms: NOW - COOLDOWN_MS,
+                        peak: 1,
+                    }),
+                },
+            );
+            s
+        },
+        kinds: &["remove", "remove"],
+        replicas: &[1, 2],
+        status: Some((Status::Ready, "running revision 1 in container worker-")),
+    },
+    ReplicaCase {
+        name: "min 0 and an empty queue: no container, scaled to zero",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 0, 3)], vec![]);
+            depth(&mut s, 0);
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Ready, "scaled to zero: no messages wait")),
+    },
+    ReplicaCase {
+        name: "depth unknown: the count is held, and the status says so",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 1, 3)], vec![]);
+            for k in 0..2 {
+                ready_replica(&scaled(1, 1, 3), k, &mut s);
+            }
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Ready, "queue depth unknown")),
+    },
+    ReplicaCase {
+        name: "a new revision starts on replica 0 only",
+        snapshot: two_replicas_at_revision_1,
+        kinds: &["start-beside"],
+        replicas: &[0],
+        status: Some((Status::Unknown, "starting revision 2")),
+    },
+    ReplicaCase {
+        name: "replica 1 waits while replica 0's new container is not ready",
+        snapshot: || {
+            let mut s = two_replicas_at_revision_1();
+            replica_0_rolled(&mut s, RunState::Running, false);
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Unknown, "waiting for it to consume its queue")),
+    },
+    ReplicaCase {
+        name: "replica 0 ready: its old container goes and replica 1 rolls",
+        snapshot: || {
+            let mut s = two_replicas_at_revision_1();
+            replica_0_rolled(&mut s, RunState::Running, true);
+            s
+        },
+        kinds: &["remove", "start-beside"],
+        replicas: &[0, 1],
+        status: Some((Status::Unknown, "starting revision 2")),
+    },
+    ReplicaCase {
+        name: "a broken revision is given up on replica 0; replica 1 is never touched",
+        snapshot: || {
+            let mut s = two_replicas_at_revision_1();
+            replica_0_rolled(&mut s, RunState::Exited(Some(1)), false);
+            s
+        },
+        kinds: &["remove"],
+        replicas: &[0],
+        status: Some((Status::Error, "revision 2 does not start")),
+    },
+    ReplicaCase {
+        name: "a revision given up stays given up for every replica",
+        snapshot: || {
+            let mut s = two_replicas_at_revision_1();
+            s.books
+                .failed_rollouts
+                .insert(id(1), failed_rollout_of(&scaled(2, 2, 2)));
+            s
+        },
+        kinds: &[],
+        replicas: &[],
+        status: Some((Status::Error, "revision 2 does not start")),
+    },
+    ReplicaCase {
+        name: "a busy replica 1 does not block replica 0 (no status meanwhile)",
+        snapshot: || {
+            let mut s = snapshot(vec![scaled(1, 2, 2)], vec![]);
+            s.busy.insert(Slot::Replica(id(1), 1));
+            s
+        },
+        kinds: &["create"],
+        replicas: &[0],
+        status: None,
+    },
+];
+
+#[test]
+fn replica_decisions() {
+    for case in REPLICA_CASES {
+        let p = run(&(case.snapshot)());
+        assert_eq!(kinds(&p), case.kinds, "{}: actions", case.name);
+        let replicas: Vec<u32> = p
+            .actions
+            .iter()
+            .map(|a| match a.slot {
+                Slot::Replica(_, k) => k,
+                Slot::Container(_) => u32::MAX,
+            })
+            .collect();
+        assert_eq!(replicas, case.replicas, "{}: replicas", case.name);
+        for a in &p.actions {
+            if let Step::Create { spec } | Step::StartBeside { spec, .. } = &a.step {
+                let Slot::Replica(_, k) = a.slot else {
+                    unreachable!()
+                };
+                assert_eq!(spec.replica, k, "{}: spec of its replica", case.name);
+                let base = format!("worker-{}", id(1));
+                assert_eq!(spec.name, crate::model::replica_name(&base, k));
+            }
+        }
+        let verdict = p.verdicts.iter().find(|v| v.id == id(1));
+        match (case.status, verdict) {
+            (None, None) => {}
+            (Some((status, info)), Some(v)) => {
+                assert_eq!(v.status, status, "{}: {}", case.name, v.info);
+                assert!(
+                    v.info.contains(info),
+                    "{}: {:?} lacks {info:?}",
+                    case.name,
+                    v.info
+                );
+            }
+            (want, got) => panic!("{}: status {want:?}, got {got:?}", case.name),
+        }
+    }
+}
+
+#[test]
+fn replicas_share_one_spec_hash_and_replica_0_keeps_its_name() {
+    let r = scaled(1, 1, 3);
+    let (r0, r2) = (
+        replica_for(&r, 0, RunState::Running),
+        replica_for(&r, 2, RunState::Running),
+    );
+    assert_eq!(r0.spec_hash, r2.spec_hash);
+    assert_eq!(r0.name, format!("worker-{}", id(1)));
+    assert_eq!(r2.name, format!("worker-{}-r2", id(1)));
 }

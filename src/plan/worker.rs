@@ -21,6 +21,11 @@ pub(super) struct Context<'a> {
     pub snapshot: &'a Snapshot,
     pub template: &'a SpecTemplate,
     pub policy: &'a Policy,
+    /// Which replica of the worker these containers are.
+    pub replica: u32,
+    /// Whether the replicas before this one run the current spec and are
+    /// ready: only then does this one replace a serving container.
+    pub may_roll: bool,
 }
 
 /// What a worker needs now: at most one step, and its status.
@@ -95,14 +100,46 @@ impl Sorted<'_> {
 }
 
 impl Context<'_> {
-    pub fn decide(&self, plan: &mut Plan) {
-        let decision = match intent_of(self.row) {
-            Intent::Stop => self.stop(),
+    /// The replica's decision (its action goes into `plan`), its status,
+    /// and whether it runs the current spec and is ready.
+    pub fn decide(&self, plan: &mut Plan) -> (Verdict, bool) {
+        let (decision, settled) = match intent_of(self.row) {
+            Intent::Stop => (self.stop(), false),
             // Containers are left as they are: they run the last good code.
-            Intent::Invalid(reason) => Decision::status(Status::Error, reason),
-            Intent::Run(worker) => self.run(&worker, plan),
+            Intent::Invalid(reason) => (Decision::status(Status::Error, reason), false),
+            Intent::Run(worker) => (self.run(&worker, plan), self.settled(&worker)),
         };
+        (self.conclude(decision, plan), settled)
+    }
+
+    /// A replica beyond the count wanted: its containers go, one per pass.
+    pub fn scale_down(&self, desired: u32, plan: &mut Plan) {
+        let Some(c) = self.containers.first() else {
+            return;
+        };
+        let decision = Decision::status(Status::Unknown, "").with(
+            Step::Remove {
+                container: (*c).clone(),
+            },
+            format!("scale down to {desired} replica(s)"),
+        );
         self.conclude(decision, plan);
+    }
+
+    /// Whether a container of the current spec runs and is ready.
+    fn settled(&self, worker: &DesiredWorker) -> bool {
+        let ImageState::Present { id } = &self.snapshot.image else {
+            return false;
+        };
+        let spec = self.template.spec(worker, id, self.replica);
+        let sorted = self.sort(&spec);
+        sorted.current.is_some_and(|c| {
+            c.state == RunState::Running
+                && matches!(
+                    self.readiness(c, sorted.outdated.is_empty()),
+                    Readiness::Ready
+                )
+        })
     }
 
     fn stop(&self) -> Decision {
@@ -145,7 +182,7 @@ impl Context<'_> {
                 ),
             );
         }
-        let spec = self.template.spec(worker, image_id);
+        let spec = self.template.spec(worker, image_id, self.replica);
         let sorted = self.sort(&spec);
         match sorted.current {
             None => self.roll_out(spec, &sorted, plan),
@@ -194,6 +231,17 @@ impl Context<'_> {
                 .or_with(sorted.idle());
         }
         let revision = spec.revision;
+        if let (false, Some(_)) = (self.may_roll, serving) {
+            return Decision::status(
+                Status::Unknown,
+                format!(
+                    "replica {} waits for the replicas before it to run revision {revision}{}",
+                    self.replica,
+                    keeps_serving(serving)
+                ),
+            )
+            .or_with(sorted.idle());
+        }
         let info = starting_info(revision, serving);
         let holder = sorted.outdated.iter().find(|c| c.name == spec.name);
         match holder {
@@ -296,7 +344,7 @@ impl Context<'_> {
         let book = self.book()?;
         let healthy_at = book.since_ms + ms(self.policy.backoff_reset);
         (self.snapshot.now_ms < healthy_at).then(|| {
-            plan.books.backoff.insert(self.row.id, book.clone());
+            plan.books.backoff.insert(self.key(), book.clone());
             book.clone()
         })
     }
@@ -390,7 +438,7 @@ impl Context<'_> {
         self.snapshot
             .books
             .backoff
-            .get(&self.row.id)
+            .get(&self.key())
             .filter(|b| b.revision == self.row.revision)
     }
 
@@ -452,7 +500,7 @@ impl Context<'_> {
             "exited with code {}; restart {restarts}",
             exit::code_text(next.last_exit_code, c.dockerworker)
         );
-        plan.books.backoff.insert(self.row.id, next);
+        plan.books.backoff.insert(self.key(), next);
         Decision::status(Status::Error, info).with(
             Step::Start {
                 container: c.clone(),
@@ -473,18 +521,18 @@ impl Context<'_> {
             self.row.name
         );
         plan.wake_at(book.not_before_ms);
-        plan.books.backoff.insert(self.row.id, book);
+        plan.books.backoff.insert(self.key(), book);
         Decision::status(Status::Error, info)
     }
 
     /// Records the decision: its action, unless that same action failed
     /// lately and its retry backoff still runs; and the worker's status.
-    fn conclude(&self, decision: Decision, plan: &mut Plan) {
+    fn conclude(&self, decision: Decision, plan: &mut Plan) -> Verdict {
         let id = self.row.id;
         let mut verdict = self.verdict(decision.status, decision.info);
         if let Some((step, reason)) = decision.step {
             let action = Action {
-                slot: Slot::Worker(id),
+                slot: self.slot(),
                 worker: Some(id),
                 step,
                 reason,
@@ -497,7 +545,16 @@ impl Context<'_> {
                 _ => plan.actions.push(action),
             }
         }
-        plan.verdicts.push(verdict);
+        verdict
+    }
+
+    fn slot(&self) -> Slot {
+        Slot::Replica(self.row.id, self.replica)
+    }
+
+    /// The key of this replica's books.
+    fn key(&self) -> (crate::model::WorkerId, u32) {
+        (self.row.id, self.replica)
     }
 
     /// When `action` may be tried again, if it is the one that failed last,
@@ -506,7 +563,7 @@ impl Context<'_> {
         let f = self
             .snapshot
             .failures
-            .get(&self.row.id)
+            .get(&self.slot())
             .filter(|f| f.kind == action.kind() && f.target == action.target())?;
         let delay = self.policy.delay(f.attempts.saturating_sub(1));
         let at = f.at_ms + ms(delay);
@@ -532,7 +589,7 @@ impl Context<'_> {
     }
 }
 
-fn ms(d: Duration) -> i64 {
+pub(super) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 

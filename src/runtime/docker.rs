@@ -476,10 +476,12 @@ fn create_body(spec: &ContainerSpec, instance: &str) -> ContainerCreateBody {
     } else {
         &spec.image_id
     };
+    // Not in `spec.env`, so that every replica has the same spec hash.
     let ready = spec
         .ready_url
         .iter()
-        .map(|u| format!("WORKER_READY_URL={u}"));
+        .map(|u| format!("WORKER_READY_URL={u}"))
+        .chain([format!("WORKER_REPLICA={}", spec.replica)]);
     ContainerCreateBody {
         image: Some(image.clone()),
         env: Some(
@@ -558,6 +560,10 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
             .get(labels::SPEC_HASH)
             .filter(|v| !v.is_empty())
             .cloned(),
+        replica: labels
+            .get(labels::REPLICA)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         image_id: summary.image_id.unwrap_or_default(),
         health: health(summary.status.as_deref().unwrap_or_default()),
         dockerworker: labels.get(labels::RUNTIME).map(String::as_str)
@@ -717,6 +723,7 @@ mod tests {
         ContainerSpec {
             worker_id: WorkerId(Uuid::nil()),
             revision: Revision(2),
+            replica: 0,
             name: "worker-x".into(),
             image: "img:latest".into(),
             image_id: image_id.into(),
@@ -757,7 +764,8 @@ mod tests {
             Some(vec![
                 "A=1".to_string(),
                 "B=x=y".to_string(),
-                "WORKER_READY_URL=http://ctl/w/ready?token=t".to_string()
+                "WORKER_READY_URL=http://ctl/w/ready?token=t".to_string(),
+                "WORKER_REPLICA=0".to_string(),
             ])
         );
         let labels = body.labels.expect("labels");

@@ -570,6 +570,7 @@ mod tests {
             spec: ContainerSpec {
                 worker_id: WorkerId(Uuid::nil()),
                 revision: Revision(3),
+                replica: 0,
                 name: "worker-x".into(),
                 image: image.into(),
                 image_id: image_id.into(),

@@ -40,6 +40,9 @@ pub struct Observed {
     pub container_state: String,
     pub restarts: i32,
     pub last_exit_code: Option<i64>,
+    /// Replicas the scaler wants, and replicas with a running container.
+    pub desired_replicas: i32,
+    pub running_replicas: i32,
 }
 
 /// A worker's code, as served to its container.

@@ -37,6 +37,9 @@ pub struct WorkerOverview {
     pub min_replicas: i32,
     pub max_replicas: i32,
     pub per_replica: i32,
+    /// Replicas the last pass wanted, and those with a running container.
+    pub desired_replicas: i32,
+    pub running_replicas: i32,
 }
 
 const SELECT: &str = "
@@ -57,7 +60,9 @@ const SELECT: &str = "
            o.updated_at AS observed_at,
            COALESCE(s.min_replicas, 1) AS min_replicas,
            COALESCE(s.max_replicas, 1) AS max_replicas,
-           COALESCE(s.per_replica, 20) AS per_replica
+           COALESCE(s.per_replica, 20) AS per_replica,
+           COALESCE(o.desired_replicas, 1) AS desired_replicas,
+           COALESCE(o.running_replicas, 0) AS running_replicas
       FROM user_workers w
       LEFT JOIN workerctl_observed o ON o.worker_id = w.id
       LEFT JOIN workerctl_worker_scale s ON s.worker_id = w.id";

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
 use crate::backoff::{self, error_chain};
 use crate::model::{Revision, WorkerId, WorkerRow};
+use crate::scale::ScaleBounds;
 
 /// The channel the `user_workers` trigger notifies (migrations/0003).
 pub const CHANNEL: &str = "workerctl_user_workers";
@@ -114,7 +115,7 @@ pub fn connect_options(url: &str, application_name: &str) -> Result<PgConnectOpt
 /// than failing the whole pass. The code itself stays in the database: only
 /// its size, zip signature and digest travel.
 const LOAD_WORKERS: &str = r"
-SELECT id,
+SELECT w.id,
        COALESCE(name::text, '')              AS name,
        COALESCE(state::text, '')             AS state,
        COALESCE(language::text, '')          AS language,
@@ -125,9 +126,13 @@ SELECT id,
        octet_length(source)::int8            AS source_len,
        COALESCE(substring(source from 1 for 4) = '\x504b0304'::bytea, false) AS source_is_zip,
        encode(sha256(source), 'hex')         AS source_sha256,
-       COALESCE(workerctl_code_token(id), '') AS code_token
-  FROM user_workers
- ORDER BY id";
+       COALESCE(workerctl_code_token(w.id), '') AS code_token,
+       COALESCE(s.min_replicas, 1)::int8     AS min_replicas,
+       COALESCE(s.max_replicas, 1)::int8     AS max_replicas,
+       COALESCE(s.per_replica, 20)::int8     AS per_replica
+  FROM user_workers w
+  LEFT JOIN workerctl_worker_scale s ON s.worker_id = w.id
+ ORDER BY w.id";
 
 /// The revision condition makes a status decided for an older revision a
 /// no-op; the IS DISTINCT FROM makes an unchanged status no write at all.
@@ -143,19 +148,25 @@ UPDATE user_workers AS w
 /// rewritten, so an idle pass writes nothing.
 const WRITE_OBSERVED: &str = r"
 INSERT INTO workerctl_observed AS o
-       (worker_id, running_revision, container, container_state, restarts, last_exit_code)
-SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::int8[])
+       (worker_id, running_revision, container, container_state, restarts, last_exit_code,
+        desired_replicas, running_replicas)
+SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::int8[],
+                     $7::int4[], $8::int4[])
 ON CONFLICT (worker_id) DO UPDATE
    SET running_revision = EXCLUDED.running_revision,
        container        = EXCLUDED.container,
        container_state  = EXCLUDED.container_state,
        restarts         = EXCLUDED.restarts,
        last_exit_code   = EXCLUDED.last_exit_code,
+       desired_replicas = EXCLUDED.desired_replicas,
+       running_replicas = EXCLUDED.running_replicas,
        updated_at       = now()
- WHERE (o.running_revision, o.container, o.container_state, o.restarts, o.last_exit_code)
+ WHERE (o.running_revision, o.container, o.container_state, o.restarts, o.last_exit_code,
+        o.desired_replicas, o.running_replicas)
        IS DISTINCT FROM
        (EXCLUDED.running_revision, EXCLUDED.container, EXCLUDED.container_state,
-        EXCLUDED.restarts, EXCLUDED.last_exit_code)";
+        EXCLUDED.restarts, EXCLUDED.last_exit_code, EXCLUDED.desired_replicas,
+        EXCLUDED.running_replicas)";
 
 /// Only what the code server may hand out: enabled python workers with code,
 /// to whoever presents the worker's token (see migrations/0004).
@@ -180,6 +191,9 @@ struct WorkerRecord {
     source_is_zip: bool,
     source_sha256: Option<String>,
     code_token: String,
+    min_replicas: i64,
+    max_replicas: i64,
+    per_replica: i64,
 }
 
 impl From<WorkerRecord> for WorkerRow {
@@ -197,6 +211,7 @@ impl From<WorkerRecord> for WorkerRow {
             source_is_zip: r.source_is_zip,
             source_sha256: r.source_sha256,
             code_token: r.code_token,
+            scale: ScaleBounds::lenient(r.min_replicas, r.max_replicas, r.per_replica),
         }
     }
 }
@@ -263,6 +278,18 @@ impl WorkerStore for PgStore {
                 observed
                     .iter()
                     .map(|o| o.last_exit_code)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                observed
+                    .iter()
+                    .map(|o| o.desired_replicas)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                observed
+                    .iter()
+                    .map(|o| o.running_replicas)
                     .collect::<Vec<_>>(),
             )
             .execute(&self.pool)
@@ -407,6 +434,8 @@ mod tests {
             container_state: state.into(),
             restarts: 0,
             last_exit_code: None,
+            desired_replicas: 1,
+            running_replicas: 1,
         }
     }
 

@@ -9,13 +9,14 @@ use uuid::Uuid;
 use crate::store::admin::CodeSummary;
 use crate::store::overview::WorkerOverview;
 
-const LIST_HEADER: [&str; 8] = [
+const LIST_HEADER: [&str; 9] = [
     "NAME",
     "ID",
     "STATE",
     "REVISION",
     "STATUS",
     "CONTAINER",
+    "REPLICAS",
     "RESTARTS",
     "AGE",
 ];
@@ -31,6 +32,7 @@ pub fn list(workers: &[WorkerOverview], now: DateTime<Utc>) -> String {
             revision(w),
             w.status.to_string(),
             w.container_state.clone().unwrap_or_else(|| "-".into()),
+            format!("{}/{}", w.running_replicas, w.desired_replicas),
             w.restarts.to_string(),
             created(w.id).map_or_else(|| "-".into(), |t| age(now - t)),
         ]
@@ -91,14 +93,18 @@ pub fn age(d: chrono::TimeDelta) -> String {
 /// The `show` page: every field, the reason of the status, the code's digest.
 /// The replica bounds in words.
 fn replicas(w: &WorkerOverview) -> String {
-    if w.min_replicas == w.max_replicas {
+    let bounds = if w.min_replicas == w.max_replicas {
         format!("{} (fixed)", w.min_replicas)
     } else {
         format!(
             "{} to {}, one per {} ready messages",
             w.min_replicas, w.max_replicas, w.per_replica
         )
-    }
+    };
+    format!(
+        "{} running of {} wanted; {bounds}",
+        w.running_replicas, w.desired_replicas
+    )
 }
 
 pub fn show(w: &WorkerOverview, code: Option<&CodeSummary>, now: DateTime<Utc>) -> String {
@@ -177,6 +183,8 @@ mod tests {
             min_replicas: 1,
             max_replicas: 1,
             per_replica: 20,
+            desired_replicas: 1,
+            running_replicas: 1,
         }
     }
 

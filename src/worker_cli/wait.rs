@@ -141,6 +141,8 @@ mod tests {
             min_replicas: 1,
             max_replicas: 1,
             per_replica: 20,
+            desired_replicas: 1,
+            running_replicas: 1,
         }
     }
 
