@@ -412,7 +412,14 @@ fn plan_worker(
         verdicts.push(verdict);
     }
     let mut observed = observe(row.id, containers, &plan.books);
-    observed.desired_replicas = i32::try_from(desired).unwrap_or(i32::MAX);
+    // A disabled worker wants none; one the planner cannot act on keeps
+    // what it has.
+    let wanted = match intent_of(row) {
+        Intent::Run(_) => desired,
+        Intent::Stop => 0,
+        Intent::Invalid(_) => u32::try_from(replicas_of(containers).len()).unwrap_or(u32::MAX),
+    };
+    observed.desired_replicas = i32::try_from(wanted).unwrap_or(i32::MAX);
     plan.observed.push(observed);
     if busy {
         // Nothing decided for a busy replica: no status either (as for one

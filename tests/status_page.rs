@@ -128,8 +128,8 @@ struct Seen<'a> {
 
 async fn insert_observed(pool: &PgPool, id: Uuid, seen: Seen<'_>) {
     sqlx::query(
-        "INSERT INTO workerctl_observed (worker_id, running_revision, container, container_state, restarts, last_exit_code, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, now() - make_interval(secs => $7))",
+        "INSERT INTO workerctl_observed (worker_id, running_revision, container, container_state, restarts, last_exit_code, updated_at, running_replicas)
+         VALUES ($1, $2, $3, $4, $5, $6, now() - make_interval(secs => $7), CASE WHEN $4 = 'running' THEN 1 ELSE 0 END)",
     )
     .bind(id)
     .bind(seen.running_revision)

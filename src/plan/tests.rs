@@ -1293,3 +1293,15 @@ fn replicas_share_one_spec_hash_and_replica_0_keeps_its_name() {
     assert_eq!(r0.name, format!("worker-{}", id(1)));
     assert_eq!(r2.name, format!("worker-{}-r2", id(1)));
 }
+
+#[test]
+fn a_disabled_worker_wants_no_replica_and_an_invalid_one_keeps_what_it_has() {
+    let mut bad = row(2, 1);
+    bad.language = "lua".into();
+    let p = run(&snapshot(
+        vec![disabled(1), bad, row(3, 1)],
+        vec![container_for(&row(2, 1), RunState::Running)],
+    ));
+    let wanted: Vec<i32> = p.observed.iter().map(|o| o.desired_replicas).collect();
+    assert_eq!(wanted, [0, 1, 1]);
+}

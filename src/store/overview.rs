@@ -61,7 +61,8 @@ const SELECT: &str = "
            COALESCE(s.min_replicas, 1) AS min_replicas,
            COALESCE(s.max_replicas, 1) AS max_replicas,
            COALESCE(s.per_replica, 20) AS per_replica,
-           COALESCE(o.desired_replicas, 1) AS desired_replicas,
+           COALESCE(o.desired_replicas,
+                    CASE WHEN w.state = 'enabled' THEN 1 ELSE 0 END) AS desired_replicas,
            COALESCE(o.running_replicas, 0) AS running_replicas
       FROM user_workers w
       LEFT JOIN workerctl_observed o ON o.worker_id = w.id
