@@ -782,6 +782,7 @@ fn run_args(spec: &ContainerSpec, instance: &str) -> Vec<String> {
     if let Some(url) = &spec.ready_url {
         args.extend(["--env".into(), format!("WORKER_READY_URL={url}")]);
     }
+    args.extend(["--env".into(), format!("WORKER_REPLICA={}", spec.replica)]);
     args.push(spec.image.clone());
     args
 }
