@@ -542,6 +542,13 @@ async fn drain(b: &Bench, max: i32, backlog: usize) -> Drain {
         drained.as_secs_f64()
     ));
     b.delete(&ids).await;
+    if let Ok(channel) = b.amqp.create_channel().await {
+        for q in [queue.clone(), format!("{queue}.retry")] {
+            let options = QueueDeleteOptions::default();
+            let _ = channel.queue_delete(q.as_str().into(), options).await;
+        }
+        let _ = channel.close(200, "drained".into()).await;
+    }
     Drain {
         max,
         first_result,
