@@ -37,6 +37,34 @@ pub mod labels {
     pub const RUNTIME_DOCKERWORKER: &str = "dockerworker";
 }
 
+/// What the workerctl labels of a container or a service say: whose it is,
+/// at which revision and spec, which replica. An unreadable worker id,
+/// revision or hash is `None` (an orphan); a missing replica is replica 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Labelled {
+    pub worker_id: Option<WorkerId>,
+    pub revision: Option<Revision>,
+    pub spec_hash: Option<String>,
+    pub replica: u32,
+}
+
+impl Labelled {
+    /// Reads the labels through `get` (a map lookup of whatever map the
+    /// runtime hands back).
+    pub fn read<'a>(get: impl Fn(&str) -> Option<&'a String>) -> Labelled {
+        Labelled {
+            worker_id: get(labels::WORKER_ID).and_then(|v| v.parse().ok()),
+            revision: get(labels::REVISION)
+                .and_then(|v| v.parse().ok())
+                .map(Revision),
+            spec_hash: get(labels::SPEC_HASH).filter(|v| !v.is_empty()).cloned(),
+            replica: get(labels::REPLICA)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }
+    }
+}
+
 /// A worker's id: the primary key of `user_workers`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

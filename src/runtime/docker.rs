@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use super::{ContainerRuntime, ImageState, RuntimeError};
 use crate::backoff::{self, error_chain};
-use crate::model::{ContainerSpec, Health, ManagedContainer, Revision, RunState, WorkerId, labels};
+use crate::model::{ContainerSpec, Health, Labelled, ManagedContainer, RunState, labels};
 
 /// The events that may change what a pass decides: a worker exited, was
 /// removed, ran out of memory, or its health check changed its mind (the
@@ -546,24 +546,14 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .as_ref()
         .and_then(|n| n.first())
         .map(|n| n.trim_start_matches('/'));
+    let labelled = Labelled::read(|key| labels.get(key));
     Some(ManagedContainer {
         id: summary.id?,
         name: name.unwrap_or_default().to_string(),
-        worker_id: labels
-            .get(labels::WORKER_ID)
-            .and_then(|v| v.parse::<WorkerId>().ok()),
-        revision: labels
-            .get(labels::REVISION)
-            .and_then(|v| v.parse().ok())
-            .map(Revision),
-        spec_hash: labels
-            .get(labels::SPEC_HASH)
-            .filter(|v| !v.is_empty())
-            .cloned(),
-        replica: labels
-            .get(labels::REPLICA)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
+        worker_id: labelled.worker_id,
+        revision: labelled.revision,
+        spec_hash: labelled.spec_hash,
+        replica: labelled.replica,
         image_id: summary.image_id.unwrap_or_default(),
         health: health(summary.status.as_deref().unwrap_or_default()),
         dockerworker: labels.get(labels::RUNTIME).map(String::as_str)
@@ -608,7 +598,7 @@ fn exit_code(status: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Hardening, Limits};
+    use crate::model::{Hardening, Limits, Revision, WorkerId};
     use uuid::Uuid;
 
     #[test]

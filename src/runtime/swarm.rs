@@ -40,7 +40,7 @@ use bollard::models::{
 use bollard::query_parameters::{ListServicesOptionsBuilder, UpdateServiceOptionsBuilder};
 use tracing::warn;
 
-use crate::model::{ContainerSpec, Revision, WorkerId, labels};
+use crate::model::{ContainerSpec, Labelled, Revision, WorkerId, labels};
 
 /// The label of a worker's replica number. Swarm numbers a service's
 /// tasks itself (its *slot*); containers get it in `WORKERCTL_REPLICA`
@@ -514,21 +514,14 @@ fn managed_service(service: Service) -> Option<ManagedService> {
         .and_then(|m| m.replicated)
         .and_then(|r| r.replicas)
         .unwrap_or(0);
+    let labelled = Labelled::read(|key| labels.get(key));
     Some(ManagedService {
         id: service.id?,
         name: spec.name.unwrap_or_default(),
         version: service.version.and_then(|v| v.index).unwrap_or(0),
-        worker_id: labels
-            .get(labels::WORKER_ID)
-            .and_then(|v| v.parse::<WorkerId>().ok()),
-        revision: labels
-            .get(labels::REVISION)
-            .and_then(|v| v.parse().ok())
-            .map(Revision),
-        spec_hash: labels
-            .get(labels::SPEC_HASH)
-            .filter(|v| !v.is_empty())
-            .cloned(),
+        worker_id: labelled.worker_id,
+        revision: labelled.revision,
+        spec_hash: labelled.spec_hash,
         replicas: u32::try_from(replicas).unwrap_or(0),
         running: status.running_tasks.unwrap_or(0),
         desired_tasks: status.desired_tasks.unwrap_or(0),
