@@ -1,6 +1,6 @@
 //! The harness of the trigger tests: the real binary as a child process
 //! against a fresh database per test, and `workerctl run` as a daemon on a
-//! free port (the same harness as `tests/cli.rs`, whose helpers it copies).
+//! free port. Shared by `tests/cli.rs` and `tests/triggers.rs`.
 #![allow(dead_code)]
 
 use std::io::{Cursor, Read, Write};
