@@ -421,6 +421,52 @@ impl ManagedContainer {
     }
 }
 
+/// What one worker's service should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerService {
+    pub spec: ContainerSpec,
+    pub replicas: u32,
+}
+
+/// Where a service's rolling update stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// No update, or the last one completed.
+    Settled,
+    Updating,
+    /// Swarm paused the update (a rollback that failed too).
+    Paused {
+        message: String,
+    },
+    RollingBack {
+        message: String,
+    },
+    /// The last update failed and the previous spec is back in place.
+    RolledBack {
+        message: String,
+    },
+}
+
+/// A Swarm service carrying this instance's label (`runtime/swarm.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedService {
+    pub id: String,
+    pub name: String,
+    /// Swarm's version of the spec: an update must name the one it changes.
+    pub version: u64,
+    /// `None` when the label is missing or unreadable: an orphan.
+    pub worker_id: Option<WorkerId>,
+    pub revision: Option<Revision>,
+    pub spec_hash: Option<String>,
+    /// The replica count the spec asks for.
+    pub replicas: u32,
+    /// Tasks running (and, with a HEALTHCHECK, healthy).
+    pub running: u64,
+    /// Tasks Swarm is trying to keep.
+    pub desired_tasks: u64,
+    pub rollout: Rollout,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

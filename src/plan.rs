@@ -23,6 +23,7 @@
 //! Architecture invariant: nothing here does I/O, reads the clock or
 //! allocates ids; the same snapshot always yields the same plan.
 
+pub mod service;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -199,6 +200,11 @@ impl Policy {
 pub enum NetworkState {
     Present,
     Missing,
+    /// It exists, but only on one engine (a bridge network): Swarm services
+    /// cannot join it.
+    LocalOnly {
+        driver: String,
+    },
 }
 
 /// Who an action is for: one replica of a worker, or an unlabelled
@@ -207,7 +213,20 @@ pub enum NetworkState {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Slot {
     Replica(WorkerId, u32),
+    /// All of a worker: its Swarm service.
+    Worker(WorkerId),
+    /// A container (or service) by id, whose worker label is unreadable.
     Container(String),
+}
+
+impl Slot {
+    /// The worker the slot belongs to, if it is known.
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self {
+            Slot::Replica(id, _) | Slot::Worker(id) => Some(*id),
+            Slot::Container(_) => None,
+        }
+    }
 }
 
 /// Everything a pass observed. The planner sees nothing else.
@@ -362,7 +381,16 @@ fn plan_worker(
     plan: &mut Plan,
 ) {
     let runs = matches!(intent_of(row), Intent::Run(_));
-    let scaled = runs.then(|| scale_of(row, containers, snapshot, policy));
+    let scaled = runs.then(|| {
+        scale_decision(
+            row,
+            running_replicas(containers),
+            &snapshot.books.scale,
+            snapshot.depths.as_ref(),
+            policy,
+            snapshot.now_ms,
+        )
+    });
     if let Some(d) = &scaled {
         plan.books.scale.insert(row.id, d.state);
         if let Some(at) = d.wake_at_ms {
@@ -431,28 +459,22 @@ fn plan_worker(
     }
 }
 
-/// The replica count of a worker that should run.
-fn scale_of(
+/// The replica count of a worker that should run, given how many run now
+/// (what a daemon that has not decided for it yet adopts). Shared by both
+/// backends: containers and Swarm services scale alike.
+fn scale_decision(
     row: &WorkerRow,
-    containers: &[&ManagedContainer],
-    snapshot: &Snapshot,
+    running: u32,
+    decided: &BTreeMap<WorkerId, ScaleState>,
+    depths: Option<&QueueDepths>,
     policy: &Policy,
+    now_ms: i64,
 ) -> scale::ScaleDecision {
-    let previous = snapshot
-        .books
-        .scale
+    let previous = decided
         .get(&row.id)
         .copied()
-        .unwrap_or_else(|| {
-            let running = containers
-                .iter()
-                .filter(|c| c.state == RunState::Running)
-                .map(|c| c.replica)
-                .collect::<BTreeSet<_>>()
-                .len();
-            ScaleState::adopt(u32::try_from(running).unwrap_or(u32::MAX))
-        });
-    let demand = match &snapshot.depths {
+        .unwrap_or_else(|| ScaleState::adopt(running));
+    let demand = match depths {
         None => Demand::Unknown,
         Some(depths) => match depths.get(row.id) {
             None => Demand::NoQueue,
@@ -464,8 +486,19 @@ fn scale_of(
         row.scale,
         previous,
         worker::ms(policy.scale_cooldown),
-        snapshot.now_ms,
+        now_ms,
     )
+}
+
+/// How many replicas of a worker have a running container.
+fn running_replicas(containers: &[&ManagedContainer]) -> u32 {
+    let running = containers
+        .iter()
+        .filter(|c| c.state == RunState::Running)
+        .map(|c| c.replica)
+        .collect::<BTreeSet<_>>()
+        .len();
+    u32::try_from(running).unwrap_or(u32::MAX)
 }
 
 /// The worker's one status, from its replicas' (in replica order): with one
@@ -484,10 +517,7 @@ fn summary(
             id: row.id,
             revision: row.revision,
             status: Status::Ready,
-            info: format!(
-                "scaled to zero: no messages wait; one brings a replica back within {}",
-                humantime::format_duration(policy.depth_poll)
-            ),
+            info: scaled_to_zero(policy),
         });
     }
     let n = verdicts.len();
@@ -504,15 +534,91 @@ fn summary(
         },
         None => verdicts.into_iter().next()?,
     };
-    if let Some(d) = scaled
-        && d.reason == ScaleReason::DepthUnknown
-    {
-        verdict.info = format!(
-            "{}; queue depth unknown: {}; holding {desired} replica(s)",
-            verdict.info, snapshot.depths_unknown
-        );
+    if let Some(d) = scaled {
+        verdict.info = with_depth_note(verdict.info, d, &snapshot.depths_unknown);
     }
     Some(verdict)
+}
+
+/// The status of a worker scaled to zero.
+fn scaled_to_zero(policy: &Policy) -> String {
+    format!(
+        "scaled to zero: no messages wait; one brings a replica back within {}",
+        humantime::format_duration(policy.depth_poll)
+    )
+}
+
+/// A status line, with why the replica count is held if the depth is unknown.
+fn with_depth_note(info: String, scaled: &scale::ScaleDecision, unknown: &str) -> String {
+    match scaled.reason {
+        ScaleReason::DepthUnknown => format!(
+            "{info}; queue depth unknown: {unknown}; holding {} replica(s)",
+            scaled.desired
+        ),
+        _ => info,
+    }
+}
+
+/// Why no worker can start: the image is missing.
+fn image_missing(image: &str) -> String {
+    format!(
+        "the worker image {image} does not exist: build it with scripts/build-images \
+         (or set docker.image)"
+    )
+}
+
+/// Why no worker can start: the network is missing.
+fn network_missing(network: &str) -> String {
+    format!(
+        "the Docker network {network} does not exist: create it (docker network \
+         create {network}) or set docker.network"
+    )
+}
+
+/// When the action that failed last may be tried again (per-slot
+/// exponential backoff), and the status meanwhile; `None` if `failure` is
+/// of another action (a different action goes ahead at once).
+fn retry_at(
+    failure: Option<&ActionFailure>,
+    kind: &str,
+    target: &str,
+    policy: &Policy,
+    now_ms: i64,
+) -> Option<(i64, String)> {
+    let f = failure.filter(|f| f.kind == kind && f.target == target)?;
+    let delay = policy.delay(f.attempts.saturating_sub(1));
+    let at = f.at_ms + worker::ms(delay);
+    let wait = Duration::from_millis((at - now_ms).max(0) as u64);
+    let info = format!(
+        "{} of {} failed: {}; retrying in {} (attempt {})",
+        f.kind,
+        f.target,
+        f.error,
+        humantime::format_duration(Duration::from_secs(wait.as_secs().max(1))),
+        f.attempts + 1
+    );
+    Some((at, info))
+}
+
+impl ActionFailure {
+    /// The failure book of a slot after `kind` of `target` failed again:
+    /// attempts count up for the same action and start over for another.
+    pub fn after(
+        previous: Option<&ActionFailure>,
+        kind: &'static str,
+        target: &str,
+        at_ms: i64,
+        error: String,
+    ) -> ActionFailure {
+        let same = previous.filter(|f| f.kind == kind && f.target == target);
+        ActionFailure {
+            kind,
+            target: target.to_string(),
+            attempts: same.map_or(0, |f| f.attempts) + 1,
+            at_ms,
+            error,
+        }
+    }
 }
 
 /// The replicas that have containers.

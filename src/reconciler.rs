@@ -544,10 +544,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let listed: BTreeSet<&str> = snapshot.containers.iter().map(|c| c.id.as_str()).collect();
         self.started_ms.retain(|id, _| listed.contains(id.as_str()));
         let rows: BTreeSet<WorkerId> = snapshot.rows.iter().map(|r| r.id).collect();
-        self.failures.retain(|slot, _| match slot {
-            Slot::Replica(id, _) => rows.contains(id),
-            Slot::Container(_) => true,
-        });
+        self.failures
+            .retain(|slot, _| slot.worker().is_none_or(|id| rows.contains(&id)));
     }
 
     /// Replicas wanted and running, and queue depths, per worker.

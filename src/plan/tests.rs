@@ -4,14 +4,14 @@ use super::*;
 use crate::model::{Health, Intent, intent_of};
 use uuid::Uuid;
 
-const NOW: i64 = 1_000_000;
-const IMAGE_ID: &str = "sha256:image";
+pub(super) const NOW: i64 = 1_000_000;
+pub(super) const IMAGE_ID: &str = "sha256:image";
 
-fn id(n: u128) -> WorkerId {
+pub(super) fn id(n: u128) -> WorkerId {
     WorkerId(Uuid::from_u128(n))
 }
 
-fn template() -> SpecTemplate {
+pub(super) fn template() -> SpecTemplate {
     SpecTemplate {
         instance: "default".into(),
         image: "workerctl/dockerworker:latest".into(),
@@ -36,9 +36,9 @@ fn template() -> SpecTemplate {
 
 const READY_TIMEOUT_MS: i64 = 30_000;
 const ASSUME_READY_MS: i64 = 3_000;
-const COOLDOWN_MS: i64 = 60_000;
+pub(super) const COOLDOWN_MS: i64 = 60_000;
 
-fn policy() -> Policy {
+pub(super) fn policy() -> Policy {
     Policy {
         backoff_initial: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
@@ -50,7 +50,7 @@ fn policy() -> Policy {
     }
 }
 
-fn row(n: u128, revision: i32) -> WorkerRow {
+pub(super) fn row(n: u128, revision: i32) -> WorkerRow {
     WorkerRow {
         id: id(n),
         name: format!("w{n}"),
@@ -68,7 +68,7 @@ fn row(n: u128, revision: i32) -> WorkerRow {
     }
 }
 
-fn disabled(n: u128) -> WorkerRow {
+pub(super) fn disabled(n: u128) -> WorkerRow {
     WorkerRow {
         state: "disabled".into(),
         ..row(n, 1)
@@ -1251,7 +1251,7 @@ fn replica_decisions() {
             .iter()
             .map(|a| match a.slot {
                 Slot::Replica(_, k) => k,
-                Slot::Container(_) => u32::MAX,
+                Slot::Worker(_) | Slot::Container(_) => u32::MAX,
             })
             .collect();
         assert_eq!(replicas, case.replicas, "{}: replicas", case.name);

@@ -162,24 +162,13 @@ impl Context<'_> {
         let image_id = match &self.snapshot.image {
             ImageState::Present { id } => id,
             ImageState::Missing => {
-                return Decision::status(
-                    Status::Error,
-                    format!(
-                        "the worker image {} does not exist: build it with scripts/build-images \
-                         (or set docker.image)",
-                        self.template.image
-                    ),
-                );
+                return Decision::status(Status::Error, super::image_missing(&self.template.image));
             }
         };
         if self.snapshot.network == super::NetworkState::Missing {
-            let network = &self.template.network;
             return Decision::status(
                 Status::Error,
-                format!(
-                    "the Docker network {network} does not exist: create it (docker network \
-                     create {network}) or set docker.network"
-                ),
+                super::network_missing(&self.template.network),
             );
         }
         let spec = self.template.spec(worker, image_id, self.replica);
@@ -560,23 +549,13 @@ impl Context<'_> {
     /// When `action` may be tried again, if it is the one that failed last,
     /// and the status meanwhile.
     fn retry_at(&self, action: &Action) -> Option<(i64, String)> {
-        let f = self
-            .snapshot
-            .failures
-            .get(&self.slot())
-            .filter(|f| f.kind == action.kind() && f.target == action.target())?;
-        let delay = self.policy.delay(f.attempts.saturating_sub(1));
-        let at = f.at_ms + ms(delay);
-        let wait = Duration::from_millis((at - self.snapshot.now_ms).max(0) as u64);
-        let info = format!(
-            "{} of {} failed: {}; retrying in {} (attempt {})",
-            f.kind,
-            f.target,
-            f.error,
-            humantime::format_duration(Duration::from_secs(wait.as_secs().max(1))),
-            f.attempts + 1
-        );
-        Some((at, info))
+        super::retry_at(
+            self.snapshot.failures.get(&self.slot()),
+            action.kind(),
+            action.target(),
+            self.policy,
+            self.snapshot.now_ms,
+        )
     }
 
     fn verdict(&self, status: Status, info: impl Into<String>) -> Verdict {

@@ -40,7 +40,8 @@ use bollard::models::{
 use bollard::query_parameters::{ListServicesOptionsBuilder, UpdateServiceOptionsBuilder};
 use tracing::warn;
 
-use crate::model::{ContainerSpec, Labelled, Revision, WorkerId, labels};
+use crate::model::{ContainerSpec, Labelled, labels};
+pub use crate::model::{ManagedService, Rollout, WorkerService};
 
 /// The label of a worker's replica number. Swarm numbers a service's
 /// tasks itself (its *slot*); containers get it in `WORKERCTL_REPLICA`
@@ -144,52 +145,6 @@ impl Probe {
             ..Default::default()
         }
     }
-}
-
-/// What one worker's service should be.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkerService {
-    pub spec: ContainerSpec,
-    pub replicas: u32,
-}
-
-/// Where a service's rolling update stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Rollout {
-    /// No update, or the last one completed.
-    Settled,
-    Updating,
-    /// Swarm paused the update (a rollback that failed too).
-    Paused {
-        message: String,
-    },
-    RollingBack {
-        message: String,
-    },
-    /// The last update failed and the previous spec is back in place.
-    RolledBack {
-        message: String,
-    },
-}
-
-/// A service carrying this instance's label.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ManagedService {
-    pub id: String,
-    pub name: String,
-    /// Swarm's version of the spec: an update must name the one it changes.
-    pub version: u64,
-    /// `None` when the label is missing or unreadable: an orphan.
-    pub worker_id: Option<WorkerId>,
-    pub revision: Option<Revision>,
-    pub spec_hash: Option<String>,
-    /// The replica count the spec asks for.
-    pub replicas: u32,
-    /// Tasks running (and, with a HEALTHCHECK, healthy).
-    pub running: u64,
-    /// Tasks Swarm is trying to keep.
-    pub desired_tasks: u64,
-    pub rollout: Rollout,
 }
 
 /// The bollard-backed Swarm runtime; one per daemon, scoped to one `instance`.
@@ -547,7 +502,7 @@ fn rollout_of(status: Option<bollard::models::ServiceUpdateStatus>) -> Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Hardening, Limits};
+    use crate::model::{Hardening, Limits, Revision, WorkerId};
     use std::collections::BTreeMap;
     use uuid::Uuid;
 
