@@ -450,6 +450,17 @@ impl Config {
         }
     }
 
+    /// How Swarm services roll out: the update monitor, the stop grace
+    /// period, and the dockerworker's readiness as the health check that
+    /// gates each task.
+    pub fn swarm_options(&self) -> crate::swarm::SwarmOptions {
+        crate::swarm::SwarmOptions {
+            update_monitor: self.swarm.update_monitor,
+            stop_timeout: self.docker.stop_timeout,
+            readiness: Some(crate::swarm::Probe::dockerworker_ready()),
+        }
+    }
+
     /// How the leader lock is kept.
     pub fn leader_timing(&self) -> crate::leader::LeaderTiming {
         crate::leader::LeaderTiming {

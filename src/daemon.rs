@@ -1,4 +1,5 @@
-//! The daemon, assembled once: the HTTP server (worker code, ready reports,
+//! The daemon, assembled once, on either backend (plain containers, or one
+//! Swarm service per worker): the HTTP server (worker code, ready reports,
 //! status page, probes, metrics, the invoke API), the wake-up sources
 //! (Postgres LISTEN, Docker events, ready reports), the triggers (cron
 //! schedules, the dead-letter collector) and the control loop, all under one
@@ -24,11 +25,14 @@ use crate::http;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::readiness::ReadyReports;
+use crate::reconciler::services::ServiceReconciler;
 use crate::reconciler::{PassSettings, Reconciler};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
+use crate::status_page;
 use crate::store::WorkerStore;
 use crate::store::postgres::{self, PgStore};
+use crate::swarm::SwarmRuntime;
 
 /// Called when the store announces a change (a benchmark times from it).
 type OnChange = Arc<dyn Fn() + Send + Sync>;
@@ -47,6 +51,9 @@ pub struct Daemon<S = PgStore, R = DockerRuntime> {
     pub listen_url: String,
     pub metrics: Arc<Metrics>,
     on_change: Option<OnChange>,
+    /// Set: the Swarm backend (`runtime.backend = "swarm"`), one service per
+    /// worker through this manager; unset: plain containers.
+    swarm: Option<Arc<SwarmRuntime>>,
 }
 
 /// A daemon that runs: what its parts share, for those who watch it.
@@ -72,6 +79,7 @@ impl Daemon {
             runtime,
             metrics: Arc::new(Metrics::new()),
             on_change: None,
+            swarm: None,
         }
     }
 }
@@ -88,7 +96,16 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             listen_url: self.listen_url,
             metrics: self.metrics,
             on_change: self.on_change,
+            swarm: self.swarm,
         }
+    }
+
+    /// The same daemon on the Swarm backend: its loop plans services and
+    /// acts through `swarm` (a manager); Docker events of the manager's
+    /// own task containers still wake it.
+    pub fn on_swarm(mut self, swarm: Arc<SwarmRuntime>) -> Self {
+        self.swarm = Some(swarm);
+        self
     }
 
     /// Calls `f` whenever the store announces a change.
@@ -115,25 +132,37 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         self.spawn_triggers(tracker, shutdown);
         let depths = self.spawn_depth_poller(&wake, tracker, shutdown);
         let config = &self.config;
-        let reconciler = Reconciler::new(
-            self.loop_store.clone(),
-            self.loop_runtime.clone(),
-            PassSettings::from_config(config),
-            self.metrics.clone(),
-            reports.clone(),
-        )
-        .led_by(leadership.clone())
-        .reading_depths(depths);
         let settings = LoopSettings {
             resync: config.reconcile.interval,
             drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
         };
-        tracker.spawn(controller::run(
-            reconciler,
-            wake.clone(),
-            settings,
-            shutdown.clone(),
-        ));
+        let (wake_loop, stop) = (wake.clone(), shutdown.clone());
+        let pass_settings = PassSettings::from_config(config);
+        match &self.swarm {
+            None => {
+                let reconciler = Reconciler::new(
+                    self.loop_store.clone(),
+                    self.loop_runtime.clone(),
+                    pass_settings,
+                    self.metrics.clone(),
+                    reports.clone(),
+                )
+                .led_by(leadership.clone())
+                .reading_depths(depths);
+                tracker.spawn(controller::run(reconciler, wake_loop, settings, stop));
+            }
+            Some(swarm) => {
+                let reconciler = ServiceReconciler::new(
+                    self.loop_store.clone(),
+                    swarm.clone(),
+                    pass_settings,
+                    self.metrics.clone(),
+                )
+                .led_by(leadership.clone())
+                .reading_depths(depths);
+                tracker.spawn(controller::run(reconciler, wake_loop, settings, stop));
+            }
+        }
         Ok(Running {
             wake,
             reports,
@@ -201,6 +230,13 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             ]),
             reports: reports.clone(),
             leadership: Some(leadership.clone()),
+            backend: Arc::new(match &self.swarm {
+                None => status_page::Backend::docker(),
+                Some(swarm) => status_page::Backend {
+                    name: "swarm".into(),
+                    limitations: swarm.limitations().into_iter().map(String::from).collect(),
+                },
+            }),
         };
         let api = http::api::routes(http::api::ApiState {
             db: crate::store::admin::Db::from_pool(self.store.pool().clone()),

@@ -54,6 +54,9 @@ pub struct AppState<S> {
     /// This daemon's leadership of its instance, if it campaigns: a standby
     /// serves everything and `/readyz` says it stands by.
     pub leadership: Option<Leadership>,
+    /// Which runtime backend acts, and what it cannot enforce: shown on the
+    /// status page.
+    pub backend: Arc<status_page::Backend>,
 }
 
 impl<S> Clone for AppState<S> {
@@ -66,6 +69,7 @@ impl<S> Clone for AppState<S> {
             probes: self.probes.clone(),
             reports: self.reports.clone(),
             leadership: self.leadership.clone(),
+            backend: self.backend.clone(),
         }
     }
 }
@@ -244,7 +248,7 @@ async fn ready<S: WorkerStore>(
 /// The status page's view: every worker, as JSON; 503 if the database
 /// cannot be read.
 async fn workers<S: WorkerStore>(State(state): State<AppState<S>>) -> Response {
-    match status_page::view(&state.pool, &state.instance, &state.metrics).await {
+    match status_page::view(&state.pool, &state.instance, &state.metrics, &state.backend).await {
         Ok(view) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(view)).into_response(),
         Err(e) => {
             debug!("status page: {}", error_chain(&e));

@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use workerctl::backoff::{self, error_chain};
 use workerctl::cli::{Cli, Command};
-use workerctl::config::{Config, LogFormat};
+use workerctl::config::{Backend, Config, LogFormat};
 use workerctl::daemon::Daemon;
 use workerctl::leader::LockSession;
 use workerctl::metrics::Metrics;
@@ -23,6 +23,7 @@ use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::PgStore;
+use workerctl::swarm::SwarmRuntime;
 use workerctl::worker_cli;
 
 #[tokio::main]
@@ -179,9 +180,27 @@ async fn run(config: Config) -> Result<()> {
     let Some(runtime) = retry("connect to Docker", &shutdown, connect).await else {
         return Ok(());
     };
+    let swarm = match config.runtime.backend {
+        Backend::Docker => None,
+        Backend::Swarm => {
+            let connect = || SwarmRuntime::connect(&config.instance, config.swarm_options());
+            let Some(swarm) = retry("reach a Swarm manager", &shutdown, connect).await else {
+                return Ok(());
+            };
+            for limitation in swarm.limitations() {
+                warn!("swarm backend: {limitation}");
+            }
+            Some(Arc::new(swarm))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.code_server.listen).await?;
-    info!(instance = %config.instance, image = %config.docker.image, network = %config.docker.network, "workerctl running");
-    Daemon::new(config, store, Arc::new(runtime)).spawn(listener, &tracker, &shutdown)?;
+    info!(instance = %config.instance, backend = ?config.runtime.backend, image = %config.docker.image, network = %config.docker.network, "workerctl running");
+    let daemon = Daemon::new(config, store, Arc::new(runtime));
+    let daemon = match swarm {
+        Some(swarm) => daemon.on_swarm(swarm),
+        None => daemon,
+    };
+    daemon.spawn(listener, &tracker, &shutdown)?;
     tracker.close();
     tracker.wait().await;
     Ok(())

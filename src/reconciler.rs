@@ -13,15 +13,19 @@
 //! this daemon started each container, and what was last written to
 //! `workerctl_observed`. Nothing here decides anything.
 
+pub mod in_flight;
+pub mod publish;
+pub mod services;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{StreamExt, stream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::{Id, JoinSet};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::error_chain;
 use crate::broker::{QueueDepths, Reading};
@@ -30,15 +34,18 @@ use crate::execute;
 use crate::exit;
 use crate::leader::{LeaderError, Leadership};
 use crate::metrics::Metrics;
-use crate::model::{ManagedContainer, RunState, Status, WorkerId, WorkerRow};
+use crate::model::{ManagedContainer, RunState, WorkerId};
+use crate::plan::service::ServiceAction;
 use crate::plan::{
     Action, ActionFailure, Books, NetworkState, Plan, Policy, Slot, Snapshot, SpecTemplate, Step,
-    Verdict, plan,
+    plan,
 };
 use crate::readiness::ReadyReports;
 use crate::runtime::{ContainerRuntime, RuntimeError};
-use crate::scale_metrics::WorkerScale;
-use crate::store::{Observed, StatusUpdate, StoreError, WorkerStore};
+use crate::store::{StoreError, WorkerStore};
+use crate::swarm::SwarmError;
+use in_flight::InFlight;
+use publish::Publisher;
 
 /// Why a pass could not even look at the world. Containers are left as they are.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +54,8 @@ pub enum PassError {
     Store(#[source] StoreError),
     #[error("cannot observe the container runtime")]
     Runtime(#[source] RuntimeError),
+    #[error("cannot observe the swarm")]
+    Swarm(#[source] SwarmError),
 }
 
 /// Why an action was not carried out.
@@ -54,6 +63,8 @@ pub enum PassError {
 pub enum ActionError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Swarm(#[from] SwarmError),
     /// Checked just before the first Docker call: a daemon that cannot be
     /// sure it leads its instance changes nothing.
     #[error("not done: this daemon cannot confirm that it leads its instance")]
@@ -71,9 +82,9 @@ pub struct PassReport {
 
 /// An action that ended, and how.
 #[derive(Debug)]
-pub struct Done {
-    pub action: Action,
-    /// The container it started, if any, or why it failed.
+pub struct Done<A = Action> {
+    pub action: A,
+    /// The container (or service) it started, if any, or why it failed.
     pub result: Result<Option<String>, ActionError>,
     /// The change announced by the store that the pass which decided it
     /// reacted to, if any: a container it starts is timed from it.
@@ -127,10 +138,8 @@ pub struct Reconciler<S, R> {
     books: Books,
     failures: BTreeMap<Slot, ActionFailure>,
     started_ms: HashMap<String, i64>,
-    observed: HashMap<WorkerId, Observed>,
-    in_flight: JoinSet<Done>,
-    busy: HashMap<Id, Slot>,
-    permits: Arc<Semaphore>,
+    publisher: Publisher<S>,
+    in_flight: InFlight<Done>,
     clock: Clock,
     /// When set, passes and actions run only while the lock is confirmed.
     leadership: Option<Leadership>,
@@ -142,13 +151,13 @@ pub struct Reconciler<S, R> {
 /// Unix milliseconds that advance with tokio's clock, so that tests with
 /// paused time see deadlines pass as time is advanced.
 #[derive(Clone, Copy, Debug)]
-struct Clock {
+pub(crate) struct Clock {
     unix_ms: i64,
     at: Instant,
 }
 
 impl Clock {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -158,12 +167,12 @@ impl Clock {
         }
     }
 
-    fn now_ms(&self) -> i64 {
+    pub(crate) fn now_ms(&self) -> i64 {
         self.unix_ms + self.at.elapsed().as_millis() as i64
     }
 
     /// The instant of a Unix ms time (now, if it is past).
-    fn instant(&self, unix_ms: i64) -> Instant {
+    pub(crate) fn instant(&self, unix_ms: i64) -> Instant {
         Instant::now() + Duration::from_millis((unix_ms - self.now_ms()).max(0) as u64)
     }
 }
@@ -176,8 +185,9 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         metrics: Arc<Metrics>,
         reports: Arc<ReadyReports>,
     ) -> Self {
-        let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
         Reconciler {
+            publisher: Publisher::new(store.clone(), metrics.clone()),
+            in_flight: InFlight::new(settings.concurrency),
             store,
             runtime,
             settings,
@@ -186,10 +196,6 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             books: Books::default(),
             failures: BTreeMap::new(),
             started_ms: HashMap::new(),
-            observed: HashMap::new(),
-            in_flight: JoinSet::new(),
-            busy: HashMap::new(),
-            permits,
             clock: Clock::new(),
             leadership: None,
             depths: None,
@@ -209,20 +215,6 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         self
     }
 
-    /// Whether this daemon may act now (always, without leader election).
-    async fn may_act(&self) -> bool {
-        match &self.leadership {
-            None => true,
-            Some(l) => match l.verify().await {
-                Ok(()) => true,
-                Err(e) => {
-                    debug!("standing by, no pass: {}", error_chain(&e));
-                    false
-                }
-            },
-        }
-    }
-
     /// Reads desired and actual state: one SQL statement and a constant
     /// number of Docker calls, whatever the number of workers.
     pub async fn observe(&self) -> Result<Snapshot, PassError> {
@@ -237,14 +229,14 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let network = self.network().await?;
         let last_words = self.last_words(&containers).await;
         let reports = self.reports.current(&containers, listed_at);
-        let (depths, depths_unknown) = self.latest_depths();
+        let (depths, depths_unknown) = latest_depths(self.depths.as_ref());
         Ok(Snapshot {
             rows,
             image,
             network,
             books: self.books.clone(),
             failures: self.failures.clone(),
-            busy: self.busy.values().cloned().collect(),
+            busy: self.in_flight.busy(),
             reports,
             started_ms: self.started_ms.clone(),
             last_words,
@@ -253,21 +245,6 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             containers,
             now_ms: self.clock.now_ms(),
         })
-    }
-
-    /// The latest queue depths, or why there are none.
-    fn latest_depths(&self) -> (Option<QueueDepths>, String) {
-        let Some(readings) = &self.depths else {
-            return (
-                None,
-                "no depth poller (scale.management_url is empty)".into(),
-            );
-        };
-        match &*readings.borrow() {
-            Reading::Depths(d) => (Some(d.clone()), String::new()),
-            Reading::NotYet => (None, "not read yet".into()),
-            Reading::Unavailable(why) => (None, why.clone()),
-        }
     }
 
     /// Why each exited worker container exited, from its last lines: one
@@ -327,34 +304,27 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// Runs one pass: decides, records the statuses, starts the actions.
     #[tracing::instrument(name = "pass", skip_all)]
     pub async fn pass(&mut self) -> Result<PassReport, PassError> {
-        let started = Instant::now();
-        self.metrics.pass_started();
-        let result = self.pass_inner().await;
-        self.metrics
-            .pass_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .pass_finished(result.as_ref().map(|_| ()).map_err(|e| error_chain(e)));
-        result
+        let metrics = self.metrics.clone();
+        measured(&metrics, self.pass_inner()).await
     }
 
     async fn pass_inner(&mut self) -> Result<PassReport, PassError> {
-        if !self.may_act().await {
+        if !may_act(self.leadership.as_ref()).await {
             return Ok(PassReport::default());
         }
         let snapshot = self.observe().await?;
         let plan = plan(&snapshot, &self.settings.template, &self.settings.policy);
         self.books = plan.books.clone();
         self.forget_gone(&snapshot);
-        self.count_statuses(&snapshot.rows, &plan.verdicts);
-        self.write_statuses(&snapshot.rows, &plan.verdicts).await;
-        self.record_scale(&snapshot, &plan.observed);
-        self.write_observed(plan.observed).await;
-        let names: HashMap<WorkerId, &str> = snapshot
-            .rows
-            .iter()
-            .map(|r| (r.id, r.name.as_str()))
-            .collect();
+        self.publisher
+            .publish(
+                &snapshot.rows,
+                &plan.verdicts,
+                plan.observed,
+                snapshot.depths.as_ref(),
+            )
+            .await;
+        let names = worker_names(&snapshot.rows);
         let started = plan.actions.len();
         for action in plan.actions {
             let span = action_span(&action, &names);
@@ -367,32 +337,25 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
 
     /// Runs `action` as a task of its own; its slot is busy until it ends.
     fn spawn(&mut self, action: Action, span: tracing::Span) {
-        let (runtime, permits) = (self.runtime.clone(), self.permits.clone());
+        let runtime = self.runtime.clone();
         let stop_timeout = self.settings.stop_timeout;
         let slot = action.slot.clone();
         let change = self.metrics.change_in_pass();
         let leadership = self.leadership.clone();
         let task = async move {
-            // Never closed: the semaphore lives as long as the reconciler.
-            let _permit = permits.acquire_owned().await.ok();
-            let confirmed = match &leadership {
-                Some(l) => l.verify().await.map_err(ActionError::NotLeader),
-                None => Ok(()),
-            };
-            let result = match confirmed {
-                Ok(()) => execute::apply(&*runtime, &action.step, stop_timeout)
+            let result = confirmed(leadership.as_ref(), async {
+                execute::apply(&*runtime, &action.step, stop_timeout)
                     .await
-                    .map_err(ActionError::from),
-                Err(e) => Err(e),
-            };
+                    .map_err(ActionError::from)
+            })
+            .await;
             Done {
                 action,
                 result,
                 change,
             }
         };
-        let handle = self.in_flight.spawn(task.instrument(span));
-        self.busy.insert(handle.id(), slot);
+        self.in_flight.spawn(slot, span, task);
     }
 
     /// How many actions are in flight.
@@ -403,102 +366,27 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// The next action to end; pending forever while none is in flight.
     /// Cancel-safe: an action that ends while this is dropped is kept.
     pub async fn next_done(&mut self) -> Done {
-        loop {
-            match self.in_flight.join_next_with_id().await {
-                Some(Ok((id, done))) => {
-                    self.busy.remove(&id);
-                    return done;
-                }
-                Some(Err(e)) => {
-                    // A panicked (or aborted) action: its slot is free again,
-                    // and the next pass sees what it left behind.
-                    warn!("an action ended abnormally: {e}");
-                    self.busy.remove(&e.id());
-                }
-                None => std::future::pending::<()>().await,
-            }
-        }
+        self.in_flight.next().await
     }
 
     /// Records every action that has ended by now, without waiting: a burst
     /// of endings makes one pass, not one each.
     pub fn finish_ended(&mut self) {
-        while let Some(ended) = self.in_flight.try_join_next_with_id() {
-            match ended {
-                Ok((id, done)) => {
-                    self.busy.remove(&id);
-                    self.finished(&done);
-                }
-                Err(e) => {
-                    warn!("an action ended abnormally: {e}");
-                    self.busy.remove(&e.id());
-                }
-            }
+        while let Some(done) = self.in_flight.try_next() {
+            self.finished(&done);
         }
     }
 
     /// Records how an action went: metrics, logs, the failure book, and when
     /// the container it started was started.
     pub fn finished(&mut self, done: &Done) {
+        let now_ms = self.clock.now_ms();
+        record_outcome(&self.metrics, &mut self.failures, done, now_ms);
         let action = &done.action;
-        self.metrics.action(action.kind(), done.result.is_ok());
-        match &done.result {
-            Ok(started) => {
-                info!(
-                    container = action.target(),
-                    "{} {} done",
-                    action.kind(),
-                    action.target()
-                );
-                if action.worker.is_some() {
-                    self.failures.remove(&action.slot);
-                }
-                if let Some(container) = started {
-                    self.started_ms
-                        .insert(container.clone(), self.clock.now_ms());
-                    self.record_start(&action.step, done.change);
-                }
-            }
-            Err(e @ ActionError::NotLeader(_)) => {
-                // Not the worker's failure: no backoff for it.
-                warn!(
-                    container = action.target(),
-                    "{} {}: {}",
-                    action.kind(),
-                    action.target(),
-                    error_chain(e)
-                );
-            }
-            Err(e) => {
-                let error = error_chain(e);
-                warn!(
-                    container = action.target(),
-                    "{} failed: {error}",
-                    action.kind()
-                );
-                if action.worker.is_some() {
-                    self.record_failure(action, error);
-                }
-            }
+        if let Ok(Some(container)) = &done.result {
+            self.started_ms.insert(container.clone(), now_ms);
+            self.record_start(&action.step, done.change);
         }
-    }
-
-    fn record_failure(&mut self, action: &Action, error: String) {
-        let same = self
-            .failures
-            .get(&action.slot)
-            .filter(|f| f.kind == action.kind() && f.target == action.target());
-        let attempts = same.map_or(0, |f| f.attempts) + 1;
-        self.failures.insert(
-            action.slot.clone(),
-            ActionFailure {
-                kind: action.kind(),
-                target: action.target().to_string(),
-                attempts,
-                at_ms: self.clock.now_ms(),
-                error,
-            },
-        );
     }
 
     fn record_start(&self, step: &Step, change: Option<std::time::Instant>) {
@@ -517,23 +405,9 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// running then are abandoned (the next daemon re-plans from what it
     /// finds). Returns how the others went.
     pub async fn drain(&mut self, limit: Duration) -> Vec<Done> {
-        let mut done = Vec::new();
-        let deadline = Instant::now() + limit;
-        while self.in_flight() > 0 {
-            match tokio::time::timeout_at(deadline, self.next_done()).await {
-                Ok(d) => {
-                    self.finished(&d);
-                    done.push(d);
-                }
-                Err(_) => {
-                    warn!(
-                        "{} action(s) still running after {limit:?}; leaving them",
-                        self.in_flight()
-                    );
-                    self.in_flight.abort_all();
-                    break;
-                }
-            }
+        let done = self.in_flight.drain(limit).await;
+        for d in &done {
+            self.finished(d);
         }
         done
     }
@@ -547,88 +421,151 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         self.failures
             .retain(|slot, _| slot.worker().is_none_or(|id| rows.contains(&id)));
     }
-
-    /// Replicas wanted and running, and queue depths, per worker.
-    fn record_scale(&self, snapshot: &Snapshot, observed: &[Observed]) {
-        let workers: Vec<WorkerScale> = observed
-            .iter()
-            .map(|o| WorkerScale {
-                id: o.id,
-                desired: u32::try_from(o.desired_replicas).unwrap_or(0),
-                running: u32::try_from(o.running_replicas).unwrap_or(0),
-                queue: snapshot.depths.as_ref().and_then(|d| d.get(o.id)),
-            })
-            .collect();
-        self.metrics.scale.record(&workers);
-    }
-
-    fn count_statuses(&self, rows: &[WorkerRow], verdicts: &[Verdict]) {
-        let decided: HashMap<WorkerId, Status> =
-            verdicts.iter().map(|v| (v.id, v.status)).collect();
-        for status in [Status::Unknown, Status::Ready, Status::Error] {
-            let n = rows
-                .iter()
-                .filter(|r| {
-                    decided.get(&r.id).map(|s| s.as_str()).unwrap_or(&r.status) == status.as_str()
-                })
-                .count();
-            self.metrics.set_workers(status.as_str(), n as i64);
-        }
-    }
-
-    /// Writes only statuses that differ from the rows: an idle pass writes nothing.
-    async fn write_statuses(&self, rows: &[WorkerRow], verdicts: &[Verdict]) {
-        let current: HashMap<WorkerId, (&str, &str)> = rows
-            .iter()
-            .map(|r| (r.id, (r.status.as_str(), r.status_info.as_str())))
-            .collect();
-        let changed: Vec<StatusUpdate> = verdicts
-            .iter()
-            .filter(|v| current.get(&v.id) != Some(&(v.status.as_str(), v.info.as_str())))
-            .map(|v| StatusUpdate {
-                id: v.id,
-                revision: v.revision,
-                status: v.status,
-                info: v.info.clone(),
-            })
-            .collect();
-        if changed.is_empty() {
-            return;
-        }
-        if let Err(e) = self.store.write_statuses(&changed).await {
-            warn!("{}", error_chain(&e));
-        }
-    }
-
-    /// Upserts what changed in the observed container state since the last write.
-    async fn write_observed(&mut self, observed: Vec<Observed>) {
-        // A deleted row's observation goes with it (a trigger); forget it here
-        // too, so that a row restored under the same id is written afresh.
-        let ids: BTreeSet<WorkerId> = observed.iter().map(|o| o.id).collect();
-        self.observed.retain(|id, _| ids.contains(id));
-        let changed: Vec<Observed> = observed
-            .into_iter()
-            .filter(|o| self.observed.get(&o.id) != Some(o))
-            .collect();
-        if changed.is_empty() {
-            return;
-        }
-        match self.store.write_observed(&changed).await {
-            Ok(()) => self.observed.extend(changed.into_iter().map(|o| (o.id, o))),
-            Err(e) => warn!("{}", error_chain(&e)),
-        }
-    }
 }
 
 /// The span of one action's log lines: which worker (id and name), what
 /// kind of action, on which container.
-fn action_span(action: &Action, names: &HashMap<WorkerId, &str>) -> tracing::Span {
-    let name = action.worker.and_then(|id| names.get(&id).copied());
+fn action_span(action: &impl Planned, names: &HashMap<WorkerId, &str>) -> tracing::Span {
+    let worker = action.worker();
+    let name = worker.and_then(|id| names.get(&id).copied());
     tracing::info_span!(
         "action",
-        worker = action.worker.as_ref().map(tracing::field::display),
+        worker = worker.as_ref().map(tracing::field::display),
         worker_name = name,
         kind = action.kind(),
         container = action.target(),
     )
+}
+
+fn worker_names(rows: &[crate::model::WorkerRow]) -> HashMap<WorkerId, &str> {
+    rows.iter().map(|r| (r.id, r.name.as_str())).collect()
+}
+
+/// What both backends' actions say of themselves, for logs, metrics and
+/// the failure book.
+pub trait Planned {
+    fn slot(&self) -> &Slot;
+    fn worker(&self) -> Option<WorkerId>;
+    fn kind(&self) -> &'static str;
+    fn target(&self) -> &str;
+}
+
+impl Planned for Action {
+    fn slot(&self) -> &Slot {
+        &self.slot
+    }
+    fn worker(&self) -> Option<WorkerId> {
+        self.worker
+    }
+    fn kind(&self) -> &'static str {
+        Action::kind(self)
+    }
+    fn target(&self) -> &str {
+        Action::target(self)
+    }
+}
+
+impl Planned for ServiceAction {
+    fn slot(&self) -> &Slot {
+        &self.slot
+    }
+    fn worker(&self) -> Option<WorkerId> {
+        self.worker
+    }
+    fn kind(&self) -> &'static str {
+        ServiceAction::kind(self)
+    }
+    fn target(&self) -> &str {
+        ServiceAction::target(self)
+    }
+}
+
+/// Records how an action went: metrics, logs, and the failure book (a
+/// success clears its slot's failures; a failure of a worker's action
+/// counts towards its retry backoff; not leading is nobody's failure).
+fn record_outcome<A: Planned>(
+    metrics: &Metrics,
+    failures: &mut BTreeMap<Slot, ActionFailure>,
+    done: &Done<A>,
+    now_ms: i64,
+) {
+    let action = &done.action;
+    let (kind, target) = (action.kind(), action.target());
+    metrics.action(kind, done.result.is_ok());
+    match &done.result {
+        Ok(_) => {
+            info!(container = target, "{kind} {target} done");
+            if action.worker().is_some() {
+                failures.remove(action.slot());
+            }
+        }
+        Err(e @ ActionError::NotLeader(_)) => {
+            warn!(container = target, "{kind} {target}: {}", error_chain(e));
+        }
+        Err(e) => {
+            let error = error_chain(e);
+            warn!(container = target, "{kind} failed: {error}");
+            if action.worker().is_some() {
+                let failure =
+                    ActionFailure::after(failures.get(action.slot()), kind, target, now_ms, error);
+                failures.insert(action.slot().clone(), failure);
+            }
+        }
+    }
+}
+
+/// Runs a pass, timed and counted in the metrics.
+async fn measured(
+    metrics: &Metrics,
+    pass: impl Future<Output = Result<PassReport, PassError>>,
+) -> Result<PassReport, PassError> {
+    let started = Instant::now();
+    metrics.pass_started();
+    let result = pass.await;
+    metrics
+        .pass_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.pass_finished(result.as_ref().map(|_| ()).map_err(|e| error_chain(e)));
+    result
+}
+
+/// Whether this daemon may act now (always, without leader election).
+async fn may_act(leadership: Option<&Leadership>) -> bool {
+    match leadership {
+        None => true,
+        Some(l) => match l.verify().await {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("standing by, no pass: {}", error_chain(&e));
+                false
+            }
+        },
+    }
+}
+
+/// Runs `work` only once the lock is confirmed (checked just before the
+/// first call to the engine).
+async fn confirmed<T>(
+    leadership: Option<&Leadership>,
+    work: impl Future<Output = Result<T, ActionError>>,
+) -> Result<T, ActionError> {
+    if let Some(l) = leadership {
+        l.verify().await.map_err(ActionError::NotLeader)?;
+    }
+    work.await
+}
+
+/// The latest queue depths, or why there are none.
+fn latest_depths(readings: Option<&watch::Receiver<Reading>>) -> (Option<QueueDepths>, String) {
+    let Some(readings) = readings else {
+        return (
+            None,
+            "no depth poller (scale.management_url is empty)".into(),
+        );
+    };
+    match &*readings.borrow() {
+        Reading::Depths(d) => (Some(d.clone()), String::new()),
+        Reading::NotYet => (None, "not read yet".into()),
+        Reading::Unavailable(why) => (None, why.clone()),
+    }
 }

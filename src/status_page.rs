@@ -20,11 +20,31 @@ pub const ERRORS_PER_WORKER: i64 = 5;
 /// [`StatusView`] from `api/workers` and draws the table.
 pub const PAGE: &str = include_str!("status_page.html");
 
+/// The runtime backend a daemon drives, as the page names it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Backend {
+    /// `docker` or `swarm`.
+    pub name: String,
+    /// Hardening the backend cannot apply on this engine, one sentence each.
+    pub limitations: Vec<String>,
+}
+
+impl Backend {
+    /// Plain containers: every hardening knob applies.
+    pub fn docker() -> Self {
+        Backend {
+            name: "docker".into(),
+            limitations: Vec::new(),
+        }
+    }
+}
+
 /// What `GET /api/workers` returns: everything the page draws.
 #[derive(Clone, Debug, Serialize)]
 pub struct StatusView {
     /// The daemon's `instance`, so that two daemons' pages are told apart.
     pub instance: String,
+    pub backend: Backend,
     /// When this view was read; the page shows ages relative to it, so a
     /// browser with a wrong clock still shows the right ones.
     pub generated_at: DateTime<Utc>,
@@ -41,11 +61,13 @@ pub async fn view(
     pool: &PgPool,
     instance: &str,
     metrics: &Metrics,
+    backend: &Backend,
 ) -> Result<StatusView, StoreError> {
     let workers = overview::list(pool).await?;
     let recent_errors = dead_letters::recent(pool, ERRORS_PER_WORKER).await?;
     Ok(StatusView {
         instance: instance.to_string(),
+        backend: backend.clone(),
         generated_at: Utc::now(),
         last_pass: metrics.last_pass(),
         workers,

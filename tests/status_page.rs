@@ -55,6 +55,7 @@ impl Server {
             probes: probes.into(),
             reports: Arc::new(ReadyReports::new(Arc::default())),
             leadership: None,
+            backend: Arc::new(workerctl::status_page::Backend::docker()),
         };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await

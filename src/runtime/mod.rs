@@ -1,14 +1,18 @@
 //! The container runtime boundary: everything workerctl asks of Docker goes
 //! through [`ContainerRuntime`]. Callers see [`ManagedContainer`] and
 //! [`ContainerSpec`] values, never Docker API types; `docker.rs` (bollard) is
-//! the one real implementation.
+//! the one real implementation. The Swarm backend's boundary is
+//! [`ServiceRuntime`], implemented by `swarm.rs`.
 
 pub mod docker;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::model::{ContainerSpec, ManagedContainer};
+use crate::model::{ContainerSpec, ManagedContainer, ManagedService, WorkerService};
+use crate::plan::NetworkState;
+use crate::swarm::{SwarmError, SwarmRuntime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -124,4 +128,95 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         lines: usize,
     ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+}
+
+/// The reconciler's view of a service orchestrator (Docker Swarm, through a
+/// manager): one replicated service per worker, rolled out by the
+/// orchestrator itself. `list` is one API call for all managed services;
+/// `task_errors` one for all services that run fewer tasks than they want.
+/// `swarm.rs` (bollard) is the one real implementation.
+pub trait ServiceRuntime: Send + Sync + 'static {
+    /// Every service carrying this instance's label, with its task counts
+    /// and where its last update stands.
+    fn list(&self) -> impl Future<Output = Result<Vec<ManagedService>, SwarmError>> + Send;
+
+    /// Why the tasks of these services fail, by service id.
+    fn task_errors(
+        &self,
+        services: &[&ManagedService],
+    ) -> impl Future<Output = Result<HashMap<String, String>, SwarmError>> + Send;
+
+    /// Resolves an image tag (on the manager) to its id.
+    fn image(&self, image: &str) -> impl Future<Output = Result<ImageState, SwarmError>> + Send;
+
+    /// Whether services can join that network.
+    fn network(
+        &self,
+        network: &str,
+    ) -> impl Future<Output = Result<NetworkState, SwarmError>> + Send;
+
+    /// Creates a worker's service; returns its id.
+    fn create(
+        &self,
+        service: &WorkerService,
+    ) -> impl Future<Output = Result<String, SwarmError>> + Send;
+
+    /// Replaces the service's spec: the orchestrator's rolling update.
+    fn update(
+        &self,
+        current: &ManagedService,
+        service: &WorkerService,
+    ) -> impl Future<Output = Result<(), SwarmError>> + Send;
+
+    /// Changes the replica count alone.
+    fn scale(
+        &self,
+        current: &ManagedService,
+        replicas: u32,
+    ) -> impl Future<Output = Result<(), SwarmError>> + Send;
+
+    /// Removes a service (its tasks stop gracefully). Removing a vanished
+    /// one is fine.
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), SwarmError>> + Send;
+}
+
+impl ServiceRuntime for SwarmRuntime {
+    async fn list(&self) -> Result<Vec<ManagedService>, SwarmError> {
+        SwarmRuntime::list(self).await
+    }
+
+    async fn task_errors(
+        &self,
+        services: &[&ManagedService],
+    ) -> Result<HashMap<String, String>, SwarmError> {
+        SwarmRuntime::task_errors(self, services).await
+    }
+
+    async fn image(&self, image: &str) -> Result<ImageState, SwarmError> {
+        SwarmRuntime::image(self, image).await
+    }
+
+    async fn network(&self, network: &str) -> Result<NetworkState, SwarmError> {
+        SwarmRuntime::network(self, network).await
+    }
+
+    async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
+        SwarmRuntime::create(self, service).await
+    }
+
+    async fn update(
+        &self,
+        current: &ManagedService,
+        service: &WorkerService,
+    ) -> Result<(), SwarmError> {
+        SwarmRuntime::update(self, current, service).await
+    }
+
+    async fn scale(&self, current: &ManagedService, replicas: u32) -> Result<(), SwarmError> {
+        SwarmRuntime::scale(self, current, replicas).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), SwarmError> {
+        SwarmRuntime::remove(self, id).await
+    }
 }

@@ -34,14 +34,18 @@ use bollard::models::{
     ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
     ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
     ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum,
-    ServiceUpdateStatusStateEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
-    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
+    ServiceUpdateStatusStateEnum, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
+    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
-use bollard::query_parameters::{ListServicesOptionsBuilder, UpdateServiceOptionsBuilder};
+use bollard::query_parameters::{
+    ListServicesOptionsBuilder, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
+};
 use tracing::warn;
 
 use crate::model::{ContainerSpec, Labelled, labels};
 pub use crate::model::{ManagedService, Rollout, WorkerService};
+use crate::plan::NetworkState;
+use crate::runtime::ImageState;
 
 /// The label of a worker's replica number. Swarm numbers a service's
 /// tasks itself (its *slot*); containers get it in `WORKERCTL_REPLICA`
@@ -65,6 +69,26 @@ pub enum SwarmError {
     NotManager { state: String },
     #[error("cannot list services")]
     List(#[source] DockerError),
+    #[error("cannot list the tasks of services")]
+    Tasks(#[source] DockerError),
+    #[error("cannot inspect image {image}")]
+    InspectImage {
+        image: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot inspect network {network}")]
+    InspectNetwork {
+        network: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot inspect service {service}")]
+    Inspect {
+        service: String,
+        #[source]
+        source: DockerError,
+    },
     #[error(
         "the service name {name} is taken by a service this workerctl instance does not own; \
          remove it (docker service rm {name}) or give this daemon another `instance`"
@@ -97,9 +121,11 @@ pub struct SwarmOptions {
     pub update_monitor: Duration,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_timeout: Duration,
-    /// What makes a task count as started in a rollout. `None`: the image's
-    /// own HEALTHCHECK (the dockerworker's checks liveness only, so the
-    /// daemon passes [`Probe::dockerworker_ready`]).
+    /// What makes a task of a dockerworker image count as started in a
+    /// rollout. `None`: the image's own HEALTHCHECK (the dockerworker's
+    /// asks `/readyz` too, but only every 10 s, so the daemon passes
+    /// [`Probe::dockerworker_ready`], every 2 s). Images without the
+    /// dockerworker label keep their own HEALTHCHECK either way.
     pub readiness: Option<Probe>,
 }
 
@@ -251,7 +277,8 @@ impl SwarmRuntime {
     /// Creates a worker's service; returns its id. A name held by a service
     /// of someone else is [`SwarmError::NameTaken`].
     pub async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
-        let spec = service_spec(service, &self.instance, &self.options);
+        let options = self.options_for(&service.spec).await;
+        let spec = service_spec(service, &self.instance, &options);
         let name = service.spec.name.clone();
         match self.api().create_service(spec, None).await {
             Ok(created) => {
@@ -274,7 +301,8 @@ impl SwarmRuntime {
         current: &ManagedService,
         service: &WorkerService,
     ) -> Result<(), SwarmError> {
-        let spec = service_spec(service, &self.instance, &self.options);
+        let options = self.options_for(&service.spec).await;
+        let spec = service_spec(service, &self.instance, &options);
         let version = i32::try_from(current.version).unwrap_or(i32::MAX);
         let options = UpdateServiceOptionsBuilder::default()
             .version(version)
@@ -291,6 +319,124 @@ impl SwarmRuntime {
             warn!(service = %current.name, %warning, "Docker warned on service update");
         }
         Ok(())
+    }
+
+    /// The options for a service of `spec`: the readiness probe applies to
+    /// dockerworker images only (their label says so); any other image
+    /// keeps its own HEALTHCHECK, if it has one. An image that cannot be
+    /// inspected gets no probe: Swarm then counts its tasks once they run.
+    async fn options_for(&self, spec: &ContainerSpec) -> SwarmOptions {
+        let mut options = self.options.clone();
+        if options.readiness.is_some() {
+            let image = pinned_image(spec);
+            let dockerworker = match self.api().inspect_image(&image).await {
+                Ok(found) => found
+                    .config
+                    .and_then(|c| c.labels)
+                    .and_then(|l| l.get(labels::RUNTIME).cloned())
+                    .is_some_and(|v| v == "dockerworker"),
+                Err(e) => {
+                    warn!(%image, error = %e, "cannot inspect the image; no readiness probe");
+                    false
+                }
+            };
+            if !dockerworker {
+                options.readiness = None;
+            }
+        }
+        options
+    }
+
+    /// Sets a service's replica count and nothing else: tasks are added or
+    /// removed, none is replaced. Reads the service's spec first (one more
+    /// call), so that whatever else it holds is kept as it is.
+    pub async fn scale(&self, current: &ManagedService, replicas: u32) -> Result<(), SwarmError> {
+        let inspected = self
+            .api()
+            .inspect_service(&current.id, None)
+            .await
+            .map_err(|source| SwarmError::Inspect {
+                service: current.name.clone(),
+                source,
+            })?;
+        let mut spec = inspected.spec.unwrap_or_default();
+        spec.mode = Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(i64::from(replicas)),
+            }),
+            ..Default::default()
+        });
+        let version = inspected
+            .version
+            .and_then(|v| v.index)
+            .unwrap_or(current.version);
+        let options = UpdateServiceOptionsBuilder::default()
+            .version(i32::try_from(version).unwrap_or(i32::MAX))
+            .build();
+        self.api()
+            .update_service(&current.id, spec, options, None)
+            .await
+            .map_err(|source| SwarmError::Update {
+                service: current.name.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Why the tasks of `services` fail, by service id: the latest task of
+    /// each that failed or was rejected, in Swarm's words. One API call for
+    /// all of them; none when `services` is empty.
+    pub async fn task_errors(
+        &self,
+        services: &[&ManagedService],
+    ) -> Result<HashMap<String, String>, SwarmError> {
+        if services.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<String> = services.iter().map(|s| s.id.clone()).collect();
+        let filters = HashMap::from([("service", ids)]);
+        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+        let tasks = self
+            .api()
+            .list_tasks(Some(options))
+            .await
+            .map_err(SwarmError::Tasks)?;
+        Ok(latest_task_errors(tasks))
+    }
+
+    /// Resolves an image tag on the manager to its id.
+    pub async fn image(&self, image: &str) -> Result<ImageState, SwarmError> {
+        match self.api().inspect_image(image).await {
+            Ok(found) => Ok(ImageState::Present {
+                id: found.id.unwrap_or_default(),
+            }),
+            Err(e) if status_code(&e) == Some(404) => Ok(ImageState::Missing),
+            Err(source) => Err(SwarmError::InspectImage {
+                image: image.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Whether services can join the network of that exact name: it must
+    /// exist and span the swarm (an overlay network), or be `host`.
+    pub async fn network(&self, network: &str) -> Result<NetworkState, SwarmError> {
+        if network == "host" {
+            return Ok(NetworkState::Present);
+        }
+        match self.api().inspect_network(network, None).await {
+            // The engine also resolves id prefixes; only an exact name counts.
+            Ok(found) if found.name.as_deref() != Some(network) => Ok(NetworkState::Missing),
+            Ok(found) if found.scope.as_deref() == Some("swarm") => Ok(NetworkState::Present),
+            Ok(found) => Ok(NetworkState::LocalOnly {
+                driver: found.driver.unwrap_or_else(|| "local".into()),
+            }),
+            Err(e) if status_code(&e) == Some(404) => Ok(NetworkState::Missing),
+            Err(source) => Err(SwarmError::InspectNetwork {
+                network: network.to_string(),
+                source,
+            }),
+        }
     }
 
     /// Removes a service; Swarm stops its tasks gracefully (SIGTERM, the
@@ -484,6 +630,37 @@ fn managed_service(service: Service) -> Option<ManagedService> {
     })
 }
 
+/// The newest failed or rejected task of each service, by service id:
+/// its error, and the exit code of its container if it had one.
+fn latest_task_errors(tasks: Vec<Task>) -> HashMap<String, String> {
+    let mut latest: HashMap<String, (u64, String)> = HashMap::new();
+    for task in tasks {
+        let (Some(service), Some(status)) = (task.service_id, task.status) else {
+            continue;
+        };
+        let failed = matches!(status.state, Some(TaskState::FAILED | TaskState::REJECTED))
+            || status.err.as_deref().is_some_and(|e| !e.is_empty());
+        if !failed {
+            continue;
+        }
+        let version = task.version.and_then(|v| v.index).unwrap_or(0);
+        let mut error = status
+            .err
+            .filter(|e| !e.is_empty())
+            .or(status.message)
+            .unwrap_or_else(|| "failed".into());
+        if let Some(code) = status.container_status.and_then(|c| c.exit_code)
+            && !error.contains(&format!("({code})"))
+        {
+            error = format!("{error} (exit code {code})");
+        }
+        if latest.get(&service).is_none_or(|(v, _)| *v < version) {
+            latest.insert(service, (version, error));
+        }
+    }
+    latest.into_iter().map(|(k, (_, e))| (k, e)).collect()
+}
+
 fn rollout_of(status: Option<bollard::models::ServiceUpdateStatus>) -> Rollout {
     use ServiceUpdateStatusStateEnum as S;
     let Some(status) = status else {
@@ -666,5 +843,55 @@ mod tests {
                 message: "rollback completed".into()
             }
         );
+    }
+
+    #[test]
+    fn the_newest_failed_task_of_each_service_says_why() {
+        use bollard::models::{ObjectVersion, TaskStatus};
+        let task =
+            |service: &str, version: u64, state: TaskState, err: &str, code: Option<i64>| Task {
+                service_id: Some(service.into()),
+                version: Some(ObjectVersion {
+                    index: Some(version),
+                }),
+                status: Some(TaskStatus {
+                    state: Some(state),
+                    err: Some(err.into()),
+                    container_status: code.map(|c| bollard::models::ContainerStatus {
+                        exit_code: Some(c),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+        let errors = latest_task_errors(vec![
+            task(
+                "a",
+                1,
+                TaskState::FAILED,
+                "task: non-zero exit (1)",
+                Some(1),
+            ),
+            task(
+                "a",
+                5,
+                TaskState::FAILED,
+                "task: non-zero exit (4)",
+                Some(4),
+            ),
+            task("a", 9, TaskState::RUNNING, "", None),
+            task("b", 2, TaskState::REJECTED, "no suitable node", None),
+            task("c", 3, TaskState::RUNNING, "", None),
+        ]);
+        assert_eq!(
+            errors.get("a").map(String::as_str),
+            Some("task: non-zero exit (4)")
+        );
+        assert_eq!(
+            errors.get("b").map(String::as_str),
+            Some("no suitable node")
+        );
+        assert!(!errors.contains_key("c"), "a running task is no error");
     }
 }
