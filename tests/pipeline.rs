@@ -45,7 +45,10 @@ use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::PgStore;
 
+use common::swarm::TestSwarm;
 use common::{amqp_url, worker_image};
+use workerctl::model::Rollout;
+use workerctl::swarm::SwarmRuntime;
 
 /// Generous: a worker container starts a Python interpreter and downloads
 /// its code before it consumes; a loaded CI host can take a while.
@@ -77,10 +80,13 @@ struct Pipeline {
     next: Consumer,
     errors: Consumer,
     workers: Vec<WorkerId>,
+    /// Set on the Swarm backend: the test's own single-node swarm (left
+    /// when the pipeline is dropped) and the daemon's manager client.
+    swarm: Option<(TestSwarm, Arc<SwarmRuntime>)>,
 }
 
 impl Pipeline {
-    async fn start(pool: PgPool, image: &'static str) -> Pipeline {
+    async fn start(pool: PgPool, image: &'static str, on_swarm: bool) -> Pipeline {
         let tag = Uuid::new_v4().simple().to_string();
         let exchange = format!("pipeline.messages.test-{tag}");
         let next_key = format!("storage-{tag}");
@@ -123,7 +129,17 @@ impl Pipeline {
             next,
             errors,
             workers: vec![],
+            swarm: None,
         };
+        if on_swarm {
+            let mut turn = TestSwarm::take_turn();
+            turn.init();
+            let options = pipeline.config(String::new()).swarm_options();
+            let manager = SwarmRuntime::connect(&pipeline.instance, options)
+                .await
+                .expect("the test swarm's manager answers");
+            pipeline.swarm = Some((turn, Arc::new(manager)));
+        }
         pipeline.spawn_daemon(store).await;
         pipeline
     }
@@ -138,7 +154,12 @@ impl Pipeline {
         let mut config = self.config(format!("http://{addr}"));
         config.database_url = Secret::new(self.database_url());
         let tracker = TaskTracker::new();
-        Daemon::new(config, store, self.runtime.clone())
+        let daemon = Daemon::new(config, store, self.runtime.clone());
+        let daemon = match &self.swarm {
+            Some((_, manager)) => daemon.on_swarm(manager.clone()),
+            None => daemon,
+        };
+        daemon
             .spawn(listener, &tracker, &self.shutdown)
             .expect("the daemon starts");
         tracker.close();
@@ -162,6 +183,7 @@ impl Pipeline {
         config.code_server.public_url = public_url;
         config.amqp.url = Secret::new(amqp_url());
         config.amqp.exchange = self.exchange.clone();
+        config.swarm.update_monitor = Duration::from_secs(3);
         config
     }
 
@@ -178,7 +200,16 @@ impl Pipeline {
 
     /// [`run`](Self::run) with workers on `image`.
     async fn run_on(pool: PgPool, image: &'static str, body: impl AsyncFnOnce(&mut Pipeline)) {
-        let mut pipeline = Pipeline::start(pool, image).await;
+        Self::run_with(Pipeline::start(pool, image, false).await, body).await
+    }
+
+    /// [`run`](Self::run) on the Swarm backend, on a single-node swarm the
+    /// test makes (and leaves at the end).
+    async fn run_on_swarm(pool: PgPool, body: impl AsyncFnOnce(&mut Pipeline)) {
+        Self::run_with(Pipeline::start(pool, worker_image(), true).await, body).await
+    }
+
+    async fn run_with(mut pipeline: Pipeline, body: impl AsyncFnOnce(&mut Pipeline)) {
         let outcome = AssertUnwindSafe(body(&mut pipeline)).catch_unwind().await;
         pipeline.cleanup().await;
         if let Err(panic) = outcome {
@@ -192,6 +223,11 @@ impl Pipeline {
         self.shutdown.cancel();
         for task in self.tasks.drain(..) {
             let _ = task.await;
+        }
+        if let Some((_, manager)) = &self.swarm {
+            for s in manager.list().await.unwrap_or_default() {
+                let _ = manager.remove(&s.id).await;
+            }
         }
         for c in self.runtime.list().await.unwrap_or_default() {
             let _ = Command::new("docker").args(["rm", "-f", &c.id]).output();
@@ -751,6 +787,119 @@ async fn an_image_that_knows_only_the_contract_runs_under_the_defaults(pool: PgP
         wait_for("the worker to be taken as ready", async || {
             let (status, _) = status_of(p, id).await;
             (status == "ready").then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+/// The worker's Swarm service, as the manager lists it.
+async fn service_of(p: &Pipeline, id: WorkerId) -> Option<workerctl::model::ManagedService> {
+    let (_, manager) = p.swarm.as_ref().expect("on the Swarm backend");
+    let listed = manager.list().await.expect("services list");
+    listed.into_iter().find(|s| s.worker_id == Some(id))
+}
+
+/// Waits until the worker's status is `status` with `fragment` in its text.
+async fn status_with(p: &Pipeline, id: WorkerId, status: &str, fragment: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let (s, info) = status_of(p, id).await;
+        if s == status && info.contains(fragment) {
+            return info;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no status {status} saying {fragment:?} within {DEADLINE:?}; last: {s}: {info}; service: {:?}",
+            service_of(p, id).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Publishes until a result of `version` comes out (older versions may
+/// still answer while a rollout goes on); returns how many were answered
+/// by another version.
+async fn answered_by(p: &mut Pipeline, id: WorkerId, version: u32) -> usize {
+    let (start, mut others) = (Instant::now(), 0);
+    for n in 0.. {
+        p.publish(id, &format!("v{version}-{n}"), &p.message(id, n))
+            .await;
+        if let Some(got) = p.next_within(Duration::from_secs(2)).await {
+            if got.body["metadata"]["version"] == version {
+                return others;
+            }
+            others += 1;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "version {version} did not answer within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    others
+}
+
+#[sqlx::test(migrations = false)]
+async fn on_swarm_a_worker_is_one_service_that_rolls_out_rolls_back_scales_and_goes(pool: PgPool) {
+    Pipeline::run_on_swarm(pool, async |p| {
+        let id = p.enabled_worker("swarmed", &versioned(1)).await;
+        sqlx::query(
+            "INSERT INTO workerctl_worker_scale (worker_id, min_replicas, max_replicas) VALUES ($1, 2, 2)",
+        )
+        .bind(id.0)
+        .execute(&p.pool)
+        .await
+        .expect("two replicas");
+        let info = status_with(p, id, "ready", "running revision 1 in 2 replica(s)").await;
+        assert!(info.contains("of service"), "{info}");
+        let service = service_of(p, id).await.expect("a service");
+        assert_eq!((service.replicas, service.running), (2, 2));
+        assert_eq!(answered_by(p, id, 1).await, 0);
+
+        // A new revision: Swarm's rolling update, and the new code answers.
+        p.save_code(id, &versioned(2)).await;
+        answered_by(p, id, 2).await;
+        status_with(p, id, "ready", "running revision 2 in 2 replica(s)").await;
+
+        // A broken revision is rolled back by Swarm; revision 2 keeps serving.
+        p.save_code(id, "def process(msg)\n    return msg\n").await;
+        let info = status_with(p, id, "error", "revision 3 does not start").await;
+        assert!(info.contains("Swarm rolled it back"), "{info}");
+        assert!(info.ends_with("revision 2 keeps serving"), "{info}");
+        let service = service_of(p, id).await.expect("a service");
+        assert!(matches!(service.rollout, Rollout::RolledBack { .. }), "{service:?}");
+        assert_eq!(service.revision, Some(Revision(2)));
+        p.publish(id, "still-served", &p.message(id, 99)).await;
+        let got = p.next_message().await;
+        assert_eq!(got.body["metadata"]["version"], 2, "revision 2 answers");
+
+        // A good save rolls out again, and a new replica count only adds a task.
+        p.save_code(id, &versioned(4)).await;
+        status_with(p, id, "ready", "running revision 4 in 2 replica(s)").await;
+        sqlx::query("UPDATE workerctl_worker_scale SET min_replicas = 3, max_replicas = 3 WHERE worker_id = $1")
+            .bind(id.0)
+            .execute(&p.pool)
+            .await
+            .expect("three replicas");
+        status_with(p, id, "ready", "running revision 4 in 3 replica(s)").await;
+        let observed: (i32, i32) = sqlx::query_as(
+            "SELECT desired_replicas, running_replicas FROM workerctl_observed WHERE worker_id = $1",
+        )
+        .bind(id.0)
+        .fetch_one(&p.pool)
+        .await
+        .expect("observed");
+        assert_eq!(observed, (3, 3));
+
+        // Disabled: the service goes.
+        sqlx::query("UPDATE user_workers SET state = 'disabled' WHERE id = $1")
+            .bind(id.0)
+            .execute(&p.pool)
+            .await
+            .expect("disable");
+        wait_for("the service to go", async || {
+            service_of(p, id).await.is_none().then_some(())
         })
         .await;
     })

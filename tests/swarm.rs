@@ -13,8 +13,9 @@
 
 mod common;
 
+use common::swarm::{TestSwarm, docker_cli};
+
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -34,10 +35,6 @@ const BUSYBOX: &str = "workerctl/busybox:latest";
 /// entrypoint is `broken.*`: then it runs but never becomes healthy.
 const IMAGE: &str = "workerctl-test/swarm-worker:latest";
 const SCRIPT: &str = r#"trap 'exit 0' TERM; case "$CODE_ENTRYPOINT" in broken.*) echo never ready;; *) echo "revision $WORKER_REVISION replica $WORKERCTL_REPLICA"; touch /tmp/ready;; esac; while :; do sleep 0.2; done"#;
-/// The label of a node this test made a swarm on.
-const MARKER: &str = "workerctl.test-swarm";
-/// Held while a process runs swarm tests on this machine.
-const LOCK_FILE: &str = "/tmp/workerctl-swarm-tests.lock";
 /// Only catches a hang: convergence takes seconds.
 const MUST_HAPPEN: Duration = Duration::from_secs(180);
 const OPTIONS: SwarmOptions = SwarmOptions {
@@ -46,19 +43,6 @@ const OPTIONS: SwarmOptions = SwarmOptions {
     // The test image's own HEALTHCHECK gates.
     readiness: None,
 };
-
-fn docker_cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("the docker CLI must be installed");
-    let text = if out.status.success() {
-        String::from_utf8_lossy(&out.stdout)
-    } else {
-        String::from_utf8_lossy(&out.stderr)
-    };
-    (out.status.success(), text.trim().to_string())
-}
 
 fn image() -> (&'static str, &'static str) {
     static ID: OnceLock<String> = OnceLock::new();
@@ -79,64 +63,6 @@ fn image() -> (&'static str, &'static str) {
         id
     });
     (IMAGE, id.as_str())
-}
-
-/// This test's turn on the engine, and the swarm it makes; leaves the
-/// swarm when dropped (also on panic).
-struct TestSwarm {
-    _turn: File,
-    made: bool,
-}
-
-impl TestSwarm {
-    /// Takes this machine's turn and makes sure the engine is in no swarm —
-    /// unless it is in one this test did not make, which it refuses.
-    fn take_turn() -> TestSwarm {
-        let turn = File::create(LOCK_FILE).expect("the lock file opens");
-        turn.lock().expect("waits for the other swarm tests");
-        let (_, state) = docker_cli(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
-        if state != "inactive" {
-            let format = format!("{{{{index .Spec.Labels \"{MARKER}\"}}}}");
-            let (_, marker) = docker_cli(&["node", "inspect", "self", "--format", &format]);
-            assert!(
-                marker == "yes",
-                "this Docker engine is in a swarm (state {state:?}) that the swarm tests did not make; \
-                 they refuse to touch it. Run them on an engine outside any swarm."
-            );
-            // A swarm an interrupted earlier run left behind.
-            leave();
-        }
-        TestSwarm {
-            _turn: turn,
-            made: false,
-        }
-    }
-
-    /// A single-node swarm, its node labelled as made here.
-    fn init(&mut self) {
-        let (made, text) = docker_cli(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
-        assert!(made, "docker swarm init failed: {text}");
-        self.made = true;
-        let label = format!("{MARKER}=yes");
-        let (_, node) = docker_cli(&["info", "--format", "{{.Swarm.NodeID}}"]);
-        let (labelled, text) = docker_cli(&["node", "update", "--label-add", &label, &node]);
-        assert!(labelled, "cannot label the test swarm's node: {text}");
-    }
-}
-
-impl Drop for TestSwarm {
-    fn drop(&mut self) {
-        if self.made {
-            leave();
-        }
-    }
-}
-
-fn leave() {
-    let (left, text) = docker_cli(&["swarm", "leave", "--force"]);
-    if !left {
-        eprintln!("docker swarm leave --force failed: {text}");
-    }
 }
 
 fn worker(instance: &str, revision: i32, entrypoint: &str, replicas: u32) -> WorkerService {

@@ -399,24 +399,40 @@ impl Worker<'_> {
         let hash = spec.hash();
         let revision = spec.revision;
         let is_current = current.spec_hash.as_deref() == Some(hash.as_str());
-        let rolled_back = match &current.rollout {
-            Rollout::RolledBack { message }
-                if !is_current && self.snapshot.asked.get(&self.row.id) == Some(&hash) =>
-            {
-                Some(message.as_str())
+        // This daemon asked Swarm for this very spec, and Swarm undoes it.
+        let ours = !is_current && self.snapshot.asked.get(&self.row.id) == Some(&hash);
+        match &current.rollout {
+            Rollout::RollingBack { message } if ours => {
+                plan.wake_at(self.snapshot.now_ms + CONVERGE_POLL_MS);
+                return Decision::status(
+                    Status::Unknown,
+                    format!(
+                        "revision {revision} failed its rollout; Swarm rolls it back: {message}; {}",
+                        keeps_serving(current.revision)
+                    ),
+                );
             }
-            _ => None,
-        };
-        if let Some(message) = rolled_back {
-            // That spec failed; the one Swarm rolled back to keeps serving,
-            // and scales as demand says.
-            let info = format!(
-                "revision {revision} does not start: Swarm rolled it back ({}){}; {}",
-                message,
-                self.task_error(current),
-                keeps_serving(current.revision)
-            );
-            return self.scale(current, desired, Decision::status(Status::Error, info));
+            Rollout::RolledBack { message } if ours => {
+                // That spec failed; the one Swarm rolled back to keeps
+                // serving, and scales as demand says.
+                let info = format!(
+                    "revision {revision} does not start: Swarm rolled it back ({message}){}; {}",
+                    self.task_error(current),
+                    keeps_serving(current.revision)
+                );
+                return self.scale(current, desired, Decision::status(Status::Error, info));
+            }
+            Rollout::Paused { message } if ours => {
+                return Decision::status(
+                    Status::Error,
+                    format!(
+                        "revision {revision} does not start and Swarm paused its rollback: \
+                         {message}{}; save the worker again to retry",
+                        self.task_error(current)
+                    ),
+                );
+            }
+            _ => {}
         }
         if !is_current {
             let reason = match current.revision {

@@ -2,6 +2,8 @@
 //! the services are. Each test crate uses only part of it.
 #![allow(dead_code)]
 
+pub mod swarm;
+
 use std::process::Command;
 use std::sync::OnceLock;
 

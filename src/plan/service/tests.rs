@@ -158,6 +158,60 @@ fn cases() -> Vec<Case> {
             replicas: Some(1),
         },
         Case {
+            name: "while Swarm rolls a failed spec back, it is not asked again",
+            snapshot: asked(
+                &r2,
+                snapshot(
+                    vec![r2.clone()],
+                    vec![ManagedService {
+                        rollout: Rollout::RollingBack {
+                            message: "update rolled back due to failure".into(),
+                        },
+                        ..service_for(&r1, 1, 1)
+                    }],
+                ),
+            ),
+            actions: &[],
+            status: Some((Status::Unknown, "Swarm rolls it back")),
+            replicas: None,
+        },
+        Case {
+            name: "a rollback that Swarm paused is an error, and no retry",
+            snapshot: asked(
+                &r2,
+                snapshot(
+                    vec![r2.clone()],
+                    vec![ManagedService {
+                        rollout: Rollout::Paused {
+                            message: "rollback paused".into(),
+                        },
+                        ..service_for(&r1, 1, 0)
+                    }],
+                ),
+            ),
+            actions: &[],
+            status: Some((Status::Error, "Swarm paused its rollback")),
+            replicas: None,
+        },
+        Case {
+            name: "a new save while Swarm rolls back an older one goes ahead",
+            snapshot: asked(
+                &r2,
+                snapshot(
+                    vec![row(1, 3)],
+                    vec![ManagedService {
+                        rollout: Rollout::RollingBack {
+                            message: "update rolled back due to failure".into(),
+                        },
+                        ..service_for(&r1, 1, 1)
+                    }],
+                ),
+            ),
+            actions: &[("update", "revision 1 → 3")],
+            status: Some((Status::Unknown, "rolling out revision 3")),
+            replicas: Some(1),
+        },
+        Case {
             name: "a daemon that did not ask for the rolled-back spec tries it once more",
             snapshot: snapshot(vec![r2.clone()], vec![rolled_back(&r1)]),
             actions: &[("update", "revision 1 → 2")],
