@@ -1,5 +1,5 @@
-//! In-memory fakes of the two boundaries, [`WorkerStore`] and
-//! [`ContainerRuntime`], for unit tests of the loop and the reconciler with
+//! In-memory fakes of the boundaries, [`WorkerStore`], [`ContainerRuntime`]
+//! and [`ServiceRuntime`], for unit tests of the loop and the reconciler with
 //! paused tokio time. They can script failures (the next N creates fail) and
 //! delays (a stop that waits out a grace period), and they count calls.
 //! Test-only: the real boundaries are tested on the real services.
@@ -11,10 +11,13 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::model::{
-    ContainerSpec, Health, ManagedContainer, Revision, RunState, WorkerId, WorkerRow,
+    ContainerSpec, Health, ManagedContainer, ManagedService, Revision, Rollout, RunState, WorkerId,
+    WorkerRow, WorkerService,
 };
-use crate::runtime::{ContainerRuntime, ImageState, RuntimeError};
+use crate::plan::NetworkState;
+use crate::runtime::{ContainerRuntime, ImageState, RuntimeError, ServiceRuntime};
 use crate::store::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
+use crate::swarm::SwarmError;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -256,5 +259,160 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn last_lines(&self, _: &str, _: usize) -> Result<Vec<String>, RuntimeError> {
         Ok(vec![])
+    }
+}
+
+/// Services in memory, as a swarm manager would keep them: a create or an
+/// update settles at once (every task runs) unless the spec's entrypoint
+/// starts with `broken`, which Swarm rolls back. Creates can be made slow
+/// (per worker) or fail; every call is counted.
+#[derive(Default)]
+pub struct FakeSwarm {
+    pub services: Mutex<Vec<ManagedService>>,
+    slow_creates: Mutex<HashMap<WorkerId, Duration>>,
+    failing_updates: Mutex<u32>,
+    pub calls: Mutex<HashMap<&'static str, u32>>,
+}
+
+impl FakeSwarm {
+    pub fn new() -> Arc<Self> {
+        Arc::new(FakeSwarm::default())
+    }
+
+    /// Creating worker `n`'s service takes `delay`.
+    pub fn slow_create(&self, n: u128, delay: Duration) {
+        lock(&self.slow_creates).insert(WorkerId(Uuid::from_u128(n)), delay);
+    }
+
+    /// The next `n` updates fail.
+    pub fn fail_updates(&self, n: u32) {
+        *lock(&self.failing_updates) = n;
+    }
+
+    pub fn calls(&self, what: &str) -> u32 {
+        lock(&self.calls).get(what).copied().unwrap_or(0)
+    }
+
+    /// Worker `n`'s service: (revision, replicas), if it has one.
+    pub fn service(&self, n: u128) -> Option<(i32, u32)> {
+        let id = WorkerId(Uuid::from_u128(n));
+        lock(&self.services)
+            .iter()
+            .find(|s| s.worker_id == Some(id))
+            .map(|s| (s.revision.map_or(0, |r| r.0), s.replicas))
+    }
+
+    fn count(&self, what: &'static str) {
+        *lock(&self.calls).entry(what).or_default() += 1;
+    }
+}
+
+fn fake_service(id: String, service: &WorkerService) -> ManagedService {
+    ManagedService {
+        id,
+        name: service.spec.name.clone(),
+        version: 1,
+        worker_id: Some(service.spec.worker_id),
+        revision: Some(service.spec.revision),
+        spec_hash: Some(service.spec.hash()),
+        replicas: service.replicas,
+        running: u64::from(service.replicas),
+        desired_tasks: u64::from(service.replicas),
+        rollout: Rollout::Settled,
+    }
+}
+
+fn broken(service: &WorkerService) -> bool {
+    service
+        .spec
+        .env
+        .get("CODE_ENTRYPOINT")
+        .is_some_and(|e| e.starts_with("broken"))
+}
+
+impl ServiceRuntime for FakeSwarm {
+    async fn list(&self) -> Result<Vec<ManagedService>, SwarmError> {
+        self.count("list");
+        Ok(lock(&self.services).clone())
+    }
+
+    async fn task_errors(
+        &self,
+        services: &[&ManagedService],
+    ) -> Result<HashMap<String, String>, SwarmError> {
+        if !services.is_empty() {
+            self.count("tasks");
+        }
+        Ok(HashMap::new())
+    }
+
+    async fn image(&self, _image: &str) -> Result<ImageState, SwarmError> {
+        self.count("image");
+        Ok(ImageState::Present {
+            id: "sha256:fake".into(),
+        })
+    }
+
+    async fn network(&self, _network: &str) -> Result<NetworkState, SwarmError> {
+        self.count("network");
+        Ok(NetworkState::Present)
+    }
+
+    async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
+        self.count("create");
+        let delay = lock(&self.slow_creates)
+            .get(&service.spec.worker_id)
+            .copied();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let id = format!("svc-{}", service.spec.worker_id);
+        lock(&self.services).push(fake_service(id.clone(), service));
+        Ok(id)
+    }
+
+    async fn update(
+        &self,
+        current: &ManagedService,
+        service: &WorkerService,
+    ) -> Result<(), SwarmError> {
+        self.count("update");
+        {
+            let mut failing = lock(&self.failing_updates);
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(SwarmError::NameTaken {
+                    name: "scripted update failure".into(),
+                });
+            }
+        }
+        let mut services = lock(&self.services);
+        let Some(s) = services.iter_mut().find(|s| s.id == current.id) else {
+            return Ok(());
+        };
+        if broken(service) {
+            s.rollout = Rollout::RolledBack {
+                message: "update rolled back due to failure".into(),
+            };
+        } else {
+            *s = fake_service(s.id.clone(), service);
+        }
+        Ok(())
+    }
+
+    async fn scale(&self, current: &ManagedService, replicas: u32) -> Result<(), SwarmError> {
+        self.count("scale");
+        let mut services = lock(&self.services);
+        if let Some(s) = services.iter_mut().find(|s| s.id == current.id) {
+            s.replicas = replicas;
+            s.running = u64::from(replicas);
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), SwarmError> {
+        self.count("remove");
+        lock(&self.services).retain(|s| s.id != id);
+        Ok(())
     }
 }

@@ -189,3 +189,5 @@ async fn replicas_follow_the_queue_up_at_once_and_down_after_the_cooldown() {
     shutdown.cancel();
     task.await.expect("the loop ends");
 }
+
+mod swarm;
