@@ -26,6 +26,7 @@ use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
+use workerctl::status_page::Backend;
 use workerctl::store::postgres::PgStore;
 
 const INSTANCE: &str = "status-test";
@@ -47,6 +48,15 @@ impl Drop for Server {
 
 impl Server {
     async fn start(pool: PgPool, metrics: Arc<Metrics>, probes: Vec<Probe>) -> Server {
+        Self::start_on(pool, metrics, probes, Backend::docker()).await
+    }
+
+    async fn start_on(
+        pool: PgPool,
+        metrics: Arc<Metrics>,
+        probes: Vec<Probe>,
+        backend: Backend,
+    ) -> Server {
         let state = AppState {
             store: Arc::new(PgStore::from_pool(pool.clone())),
             metrics,
@@ -55,7 +65,7 @@ impl Server {
             probes: probes.into(),
             reports: Arc::new(ReadyReports::new(Arc::default())),
             leadership: None,
-            backend: Arc::new(workerctl::status_page::Backend::docker()),
+            backend: Arc::new(backend),
         };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
@@ -321,6 +331,10 @@ async fn chromium_renders_every_worker_with_its_status_and_revisions(pool: PgPoo
         dom.contains(r#"<div class="banner hidden" id="banner"></div>"#),
         "the page shows an error banner:\n{dom}"
     );
+    assert!(
+        dom.contains(r#"<div class="notes hidden" id="notes"></div>"#),
+        "plain containers have no limitation to show:\n{dom}"
+    );
 
     let shot = screenshot_path();
     let arg = format!("--screenshot={}", shot.display());
@@ -332,6 +346,32 @@ async fn chromium_renders_every_worker_with_its_status_and_revisions(pool: PgPoo
         shot.display()
     );
     println!("status page screenshot: {}", shot.display());
+}
+
+#[sqlx::test(migrations = false)]
+async fn on_swarm_the_page_names_the_backend_and_what_it_cannot_enforce(pool: PgPool) {
+    fleet(&pool).await;
+    let backend = Backend {
+        name: "swarm".into(),
+        limitations: vec![
+            "no-new-privileges is not set: Swarm services support it from Docker API 1.44 (Engine 25)".into(),
+        ],
+    };
+    let server = Server::start_on(pool, Arc::default(), vec![], backend).await;
+    let view = server.json("/api/workers").await;
+    assert_eq!(view["backend"]["name"], "swarm");
+    let dom =
+        String::from_utf8(chromium(&["--dump-dom"], &server.url("/")).await.stdout).expect("UTF-8");
+    for expected in [
+        format!("{INSTANCE} · swarm"),
+        r#"<div class="notes" id="notes"><div class="warn">swarm: no-new-privileges is not set"#
+            .to_string(),
+    ] {
+        assert!(
+            dom.contains(&expected),
+            "{expected:?} missing from the rendered page:\n{dom}"
+        );
+    }
 }
 
 /// `target/screenshots/status-page.png` of this crate, its directory created.
