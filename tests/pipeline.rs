@@ -866,6 +866,10 @@ async fn on_swarm_a_worker_is_one_service_that_rolls_out_rolls_back_scales_and_g
         p.save_code(id, "def process(msg)\n    return msg\n").await;
         let info = status_with(p, id, "error", "revision 3 does not start").await;
         assert!(info.contains("Swarm rolled it back"), "{info}");
+        assert!(
+            info.contains("syntax error in usercode.py line 1"),
+            "the failed task's last words: {info}"
+        );
         assert!(info.ends_with("revision 2 keeps serving"), "{info}");
         let service = service_of(p, id).await.expect("a service");
         assert!(matches!(service.rollout, Rollout::RolledBack { .. }), "{service:?}");

@@ -231,26 +231,12 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn last_lines(&self, id: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
-        let options = LogsOptionsBuilder::default()
-            .stdout(true)
-            .stderr(true)
-            .tail(&lines.to_string())
-            .build();
-        let mut logs = self.api().logs(id, Some(options));
-        let mut out = Vec::new();
-        while let Some(chunk) = logs.next().await {
-            match chunk {
-                Ok(chunk) => out.extend(chunk.to_string().lines().map(str::to_string)),
-                Err(e) if is_gone(&e) => break,
-                Err(source) => {
-                    return Err(RuntimeError::Logs {
-                        container: id.to_string(),
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(out)
+        tail(self.api(), id, lines)
+            .await
+            .map_err(|source| RuntimeError::Logs {
+                container: id.to_string(),
+                source,
+            })
     }
 
     async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
@@ -448,6 +434,30 @@ fn log_event(event: &EventMessage) {
 
 /// Docker's answer about a container that is removed (404), or dead or being
 /// removed (409): there is nothing left to read from it.
+/// The last `lines` lines a container wrote (stdout and stderr
+/// interleaved); none if it is gone. One API call.
+pub(crate) async fn tail(
+    docker: &Docker,
+    id: &str,
+    lines: usize,
+) -> Result<Vec<String>, DockerError> {
+    let options = LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail(&lines.to_string())
+        .build();
+    let mut logs = docker.logs(id, Some(options));
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.next().await {
+        match chunk {
+            Ok(chunk) => out.extend(chunk.to_string().lines().map(str::to_string)),
+            Err(e) if is_gone(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 pub fn is_gone(e: &DockerError) -> bool {
     matches!(status_code(e), Some(404 | 409))
 }

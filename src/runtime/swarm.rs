@@ -401,7 +401,31 @@ impl SwarmRuntime {
             .list_tasks(Some(options))
             .await
             .map_err(SwarmError::Tasks)?;
-        Ok(latest_task_errors(tasks))
+        let mut errors = HashMap::new();
+        for (service, failed) in latest_task_errors(tasks) {
+            let words = match &failed.container {
+                Some(id) => self.last_words(id).await,
+                None => None,
+            };
+            let error = match words {
+                Some(words) => format!("{words} ({})", failed.error),
+                None => failed.error,
+            };
+            errors.insert(service, error);
+        }
+        Ok(errors)
+    }
+
+    /// What a failed task's container said last, if it ran on this node
+    /// (one call; a container elsewhere, or gone, says nothing).
+    async fn last_words(&self, container: &str) -> Option<String> {
+        match crate::runtime::docker::tail(self.api(), container, crate::exit::LINES_READ).await {
+            Ok(lines) => crate::exit::explain(&lines),
+            Err(e) => {
+                tracing::debug!(%container, error = %e, "cannot read a failed task's logs");
+                None
+            }
+        }
     }
 
     /// Resolves an image tag on the manager to its id.
@@ -630,10 +654,17 @@ fn managed_service(service: Service) -> Option<ManagedService> {
     })
 }
 
+/// A task that failed: Swarm's words, and its container, if it had one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FailedTask {
+    error: String,
+    container: Option<String>,
+}
+
 /// The newest failed or rejected task of each service, by service id:
-/// its error, and the exit code of its container if it had one.
-fn latest_task_errors(tasks: Vec<Task>) -> HashMap<String, String> {
-    let mut latest: HashMap<String, (u64, String)> = HashMap::new();
+/// its error, with the exit code of its container if it had one.
+fn latest_task_errors(tasks: Vec<Task>) -> HashMap<String, FailedTask> {
+    let mut latest: HashMap<String, (u64, FailedTask)> = HashMap::new();
     for task in tasks {
         let (Some(service), Some(status)) = (task.service_id, task.status) else {
             continue;
@@ -649,13 +680,18 @@ fn latest_task_errors(tasks: Vec<Task>) -> HashMap<String, String> {
             .filter(|e| !e.is_empty())
             .or(status.message)
             .unwrap_or_else(|| "failed".into());
-        if let Some(code) = status.container_status.and_then(|c| c.exit_code)
+        let container_status = status.container_status.unwrap_or_default();
+        if let Some(code) = container_status.exit_code
             && !error.contains(&format!("({code})"))
         {
             error = format!("{error} (exit code {code})");
         }
+        let failed = FailedTask {
+            error,
+            container: container_status.container_id.filter(|c| !c.is_empty()),
+        };
         if latest.get(&service).is_none_or(|(v, _)| *v < version) {
-            latest.insert(service, (version, error));
+            latest.insert(service, (version, failed));
         }
     }
     latest.into_iter().map(|(k, (_, e))| (k, e)).collect()
@@ -884,14 +920,9 @@ mod tests {
             task("b", 2, TaskState::REJECTED, "no suitable node", None),
             task("c", 3, TaskState::RUNNING, "", None),
         ]);
-        assert_eq!(
-            errors.get("a").map(String::as_str),
-            Some("task: non-zero exit (4)")
-        );
-        assert_eq!(
-            errors.get("b").map(String::as_str),
-            Some("no suitable node")
-        );
+        let error = |s: &str| errors.get(s).map(|f| f.error.as_str());
+        assert_eq!(error("a"), Some("task: non-zero exit (4)"));
+        assert_eq!(error("b"), Some("no suitable node"));
         assert!(!errors.contains_key("c"), "a running task is no error");
     }
 }
