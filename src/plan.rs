@@ -102,6 +102,37 @@ impl SpecTemplate {
     }
 }
 
+/// What a worker (or replica) needs now, on either backend: at most one
+/// step with its reason, and the status meanwhile.
+struct Decision<S> {
+    step: Option<(S, String)>,
+    status: Status,
+    info: String,
+}
+
+impl<S> Decision<S> {
+    fn status(status: Status, info: impl Into<String>) -> Self {
+        Decision {
+            step: None,
+            status,
+            info: info.into(),
+        }
+    }
+
+    fn with(mut self, step: S, reason: impl Into<String>) -> Self {
+        self.step = Some((step, reason.into()));
+        self
+    }
+
+    /// Adds `step` unless the decision already has one.
+    fn or_with(self, step: Option<(S, String)>) -> Self {
+        match (&self.step, step) {
+            (None, Some((step, reason))) => self.with(step, reason),
+            _ => self,
+        }
+    }
+}
+
 /// Crash-loop bookkeeping of one worker, carried from pass to pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backoff {

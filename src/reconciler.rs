@@ -324,11 +324,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
                 snapshot.depths.as_ref(),
             )
             .await;
-        let names = worker_names(&snapshot.rows);
         let started = plan.actions.len();
-        for action in plan.actions {
-            let span = action_span(&action, &names);
-            span.in_scope(|| info!("{action}"));
+        for (action, span) in announce(&snapshot.rows, plan.actions) {
             self.spawn(action, span);
         }
         let wake_at = plan.wake_at_ms.map(|t| self.clock.instant(t));
@@ -437,8 +434,21 @@ fn action_span(action: &impl Planned, names: &HashMap<WorkerId, &str>) -> tracin
     )
 }
 
-fn worker_names(rows: &[crate::model::WorkerRow]) -> HashMap<WorkerId, &str> {
-    rows.iter().map(|r| (r.id, r.name.as_str())).collect()
+/// Logs each action of a pass in its own span (worker id and name, kind,
+/// target), and hands the actions back with their spans.
+fn announce<A: Planned + std::fmt::Display>(
+    rows: &[crate::model::WorkerRow],
+    actions: Vec<A>,
+) -> Vec<(A, tracing::Span)> {
+    let names: HashMap<WorkerId, &str> = rows.iter().map(|r| (r.id, r.name.as_str())).collect();
+    actions
+        .into_iter()
+        .map(|action| {
+            let span = action_span(&action, &names);
+            span.in_scope(|| info!("{action}"));
+            (action, span)
+        })
+        .collect()
 }
 
 /// What both backends' actions say of themselves, for logs, metrics and

@@ -238,27 +238,7 @@ struct Worker<'a> {
     policy: &'a Policy,
 }
 
-/// What a worker needs now: at most one step, and its status.
-struct Decision {
-    step: Option<(ServiceStep, String)>,
-    status: Status,
-    info: String,
-}
-
-impl Decision {
-    fn status(status: Status, info: impl Into<String>) -> Self {
-        Decision {
-            step: None,
-            status,
-            info: info.into(),
-        }
-    }
-
-    fn with(mut self, step: ServiceStep, reason: impl Into<String>) -> Self {
-        self.step = Some((step, reason.into()));
-        self
-    }
-}
+type Decision = super::Decision<ServiceStep>;
 
 impl Worker<'_> {
     fn slot(&self) -> Slot {

@@ -28,35 +28,7 @@ pub(super) struct Context<'a> {
     pub may_roll: bool,
 }
 
-/// What a worker needs now: at most one step, and its status.
-struct Decision {
-    step: Option<(Step, String)>,
-    status: Status,
-    info: String,
-}
-
-impl Decision {
-    fn status(status: Status, info: impl Into<String>) -> Self {
-        Decision {
-            step: None,
-            status,
-            info: info.into(),
-        }
-    }
-
-    fn with(mut self, step: Step, reason: impl Into<String>) -> Self {
-        self.step = Some((step, reason.into()));
-        self
-    }
-
-    /// Adds `step` unless the decision already has one.
-    fn or_with(self, step: Option<(Step, String)>) -> Self {
-        match (&self.step, step) {
-            (None, Some((step, reason))) => self.with(step, reason),
-            _ => self,
-        }
-    }
-}
+type Decision = super::Decision<Step>;
 
 /// Whether a running container of the current spec consumes its queue.
 enum Readiness {

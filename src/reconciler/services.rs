@@ -20,11 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::info;
 
 use super::{
-    ActionError, Clock, Done, PassError, PassReport, PassSettings, action_span, confirmed,
-    latest_depths, may_act, measured, record_outcome, worker_names,
+    ActionError, Clock, Done, PassError, PassReport, PassSettings, announce, confirmed,
+    latest_depths, may_act, measured, record_outcome,
 };
 use super::{in_flight::InFlight, publish::Publisher};
 use crate::broker::Reading;
@@ -163,11 +162,8 @@ impl<S: WorkerStore, R: ServiceRuntime> ServiceReconciler<S, R> {
                 snapshot.depths.as_ref(),
             )
             .await;
-        let names = worker_names(&snapshot.rows);
         let started = plan.actions.len();
-        for action in plan.actions {
-            let span = action_span(&action, &names);
-            span.in_scope(|| info!("{action}"));
+        for (action, span) in announce(&snapshot.rows, plan.actions) {
             self.spawn(action, span);
         }
         let wake_at = plan.wake_at_ms.map(|t| self.clock.instant(t));
