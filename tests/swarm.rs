@@ -25,6 +25,8 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBu
 use uuid::Uuid;
 use workerctl::config::Config;
 use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name, labels};
+use workerctl::plan::NetworkState;
+use workerctl::runtime::ImageState;
 use workerctl::swarm::{
     ManagedService, Probe, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime,
     WorkerService,
@@ -281,6 +283,48 @@ async fn one_service_per_worker_rolls_out_start_first_rolls_back_a_broken_revisi
         .update(&created, &worker(&instance, 2, "main.main", 1))
         .await;
     assert!(matches!(stale, Err(SwarmError::Update { .. })), "{stale:?}");
+
+    // Which networks services can join: host and overlays, not a bridge.
+    let bridge = format!("{instance}-bridge");
+    let overlay = format!("{instance}-overlay");
+    let (made, text) = docker_cli(&["network", "create", &bridge]);
+    assert!(made, "{text}");
+    let (made, text) = docker_cli(&[
+        "network",
+        "create",
+        "-d",
+        "overlay",
+        "--attachable",
+        &overlay,
+    ]);
+    assert!(made, "{text}");
+    let network = async |name: &str| rt.network(name).await.expect("inspects");
+    assert_eq!(network("host").await, NetworkState::Present);
+    assert_eq!(network(&overlay).await, NetworkState::Present);
+    assert_eq!(
+        network(&bridge).await,
+        NetworkState::LocalOnly {
+            driver: "bridge".into()
+        }
+    );
+    assert_eq!(
+        network(&format!("{instance}-none")).await,
+        NetworkState::Missing
+    );
+    let _ = docker_cli(&["network", "rm", &bridge, &overlay]);
+    let (image, image_id) = image();
+    assert_eq!(
+        rt.image(image).await.expect("inspects"),
+        ImageState::Present {
+            id: image_id.to_string()
+        }
+    );
+    assert_eq!(
+        rt.image("workerctl-test/absent:latest")
+            .await
+            .expect("inspects"),
+        ImageState::Missing
+    );
 
     rt.remove(&scaled.id).await.expect("removes");
     rt.remove(&scaled.id)
