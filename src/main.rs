@@ -15,11 +15,13 @@ use tracing_subscriber::EnvFilter;
 use workerctl::backoff::{self, error_chain};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Backend, Config, LogFormat};
+use workerctl::controller::Passes;
 use workerctl::daemon::Daemon;
 use workerctl::leader::LockSession;
 use workerctl::metrics::Metrics;
 use workerctl::model::Status;
 use workerctl::readiness::ReadyReports;
+use workerctl::reconciler::services::ServiceReconciler;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::PgStore;
@@ -107,6 +109,9 @@ async fn reconciler(
 }
 
 async fn plan(config: Config) -> Result<()> {
+    if config.runtime.backend == Backend::Swarm {
+        return plan_services(config).await;
+    }
     let plan = reconciler(&config, Arc::default()).await?.dry_run().await?;
     if plan.actions.is_empty() {
         println!("no container changes: every container is in line with the store");
@@ -135,11 +140,72 @@ async fn reconcile_once(config: Config) -> Result<ExitCode> {
             who.as_deref().unwrap_or("a running daemon")
         );
     }
+    if config.runtime.backend == Backend::Swarm {
+        let result = reconcile_services_once(&config).await;
+        lock.release().await;
+        return result;
+    }
     let mut reconciler = reconciler(&config, Arc::default()).await?;
     let report = reconciler.pass().await?;
     // One pass: its actions run to their end, however long a stop takes.
     let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
     lock.release().await;
+    let failures: Vec<String> = done
+        .iter()
+        .filter_map(|d| {
+            let e = d.result.as_ref().err()?;
+            Some(format!(
+                "{} {}: {}",
+                d.action.kind(),
+                d.action.target(),
+                error_chain(e)
+            ))
+        })
+        .collect();
+    println!("{} action(s), {} failed", report.started, failures.len());
+    for failure in &failures {
+        println!("failed: {failure}");
+    }
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The Swarm backend's reconciler of a single pass.
+async fn service_reconciler(config: &Config) -> Result<ServiceReconciler<PgStore, SwarmRuntime>> {
+    let store = PgStore::connect(config.database_url.expose())?;
+    let swarm = SwarmRuntime::connect(&config.instance, config.swarm_options()).await?;
+    Ok(ServiceReconciler::new(
+        Arc::new(store),
+        Arc::new(swarm),
+        PassSettings::from_config(config),
+        Arc::default(),
+    ))
+}
+
+/// `workerctl plan` on the Swarm backend: the service actions a pass would take.
+async fn plan_services(config: Config) -> Result<()> {
+    let plan = service_reconciler(&config).await?.dry_run().await?;
+    if plan.actions.is_empty() {
+        println!("no service changes: every service is in line with the store");
+    }
+    for action in &plan.actions {
+        println!("{action}");
+    }
+    let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
+    for verdict in blocked {
+        println!("error   worker {}: {}", verdict.id, verdict.info);
+    }
+    Ok(())
+}
+
+/// `workerctl reconcile --once` on the Swarm backend (the instance's lock held).
+async fn reconcile_services_once(config: &Config) -> Result<ExitCode> {
+    let mut reconciler = service_reconciler(config).await?;
+    let report = Passes::pass(&mut reconciler).await?;
+    let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
     let failures: Vec<String> = done
         .iter()
         .filter_map(|d| {

@@ -192,6 +192,16 @@ impl<S: WorkerStore, R: ServiceRuntime> ServiceReconciler<S, R> {
         self.in_flight.spawn(slot, span, task);
     }
 
+    /// Waits for the actions in flight, at most `limit`, then abandons them;
+    /// returns how those that ended went.
+    pub async fn drain(&mut self, limit: Duration) -> Vec<Done<ServiceAction>> {
+        let done = self.in_flight.drain(limit).await;
+        for d in &done {
+            self.finished(d);
+        }
+        done
+    }
+
     /// Forgets the books of workers that no longer exist.
     fn forget_gone(&mut self, snapshot: &ServiceSnapshot) {
         let rows: BTreeSet<WorkerId> = snapshot.rows.iter().map(|r| r.id).collect();
@@ -254,8 +264,6 @@ impl<S: WorkerStore, R: ServiceRuntime> Passes for ServiceReconciler<S, R> {
     }
 
     async fn drain(&mut self, limit: Duration) {
-        for done in self.in_flight.drain(limit).await {
-            self.finished(&done);
-        }
+        ServiceReconciler::drain(self, limit).await;
     }
 }
