@@ -67,6 +67,8 @@ const QUEUE_PREFIX: &str = "worker_";
 /// the columns read (module docs).
 const QUEUES_QUERY: &str =
     "disable_stats=true&enable_queue_totals=true&columns=name,messages_ready";
+/// Why a one-shot command reads no depths (the daemon says the same).
+pub const NO_MANAGEMENT_URL: &str = "scale.management_url is empty: no autoscaling";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -265,6 +267,19 @@ impl Reading {
 pub async fn read(monitor: &QueueMonitor) -> Reading {
     match monitor.depths().await {
         Ok(depths) => Reading::Depths(depths),
+        Err(e) => Reading::Unavailable(error_chain(&e)),
+    }
+}
+
+/// The reading of a command that makes a single pass (`workerctl plan`,
+/// `reconcile --once`): one read as the daemon's poller makes it, so that
+/// the pass scales as the daemon's would. No `management_url`: no read.
+pub async fn read_once(management_url: &str, amqp_url: &str) -> Reading {
+    if management_url.is_empty() {
+        return Reading::Unavailable(NO_MANAGEMENT_URL.into());
+    }
+    match QueueMonitor::new(management_url, amqp_url) {
+        Ok(monitor) => read(&monitor).await,
         Err(e) => Reading::Unavailable(error_chain(&e)),
     }
 }

@@ -7,21 +7,25 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use workerctl::backoff::{self, error_chain};
+use workerctl::broker::{self, Reading};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Config, LogFormat};
 use workerctl::daemon::Daemon;
 use workerctl::leader::LockSession;
 use workerctl::metrics::Metrics;
 use workerctl::model::Status;
+use workerctl::plan::Plan;
 use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::scale::Demand;
 use workerctl::store::postgres::PgStore;
 use workerctl::worker_cli;
 
@@ -90,34 +94,72 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// The reconciler of a single pass, scaling on `depths` as the daemon's
+/// would on its latest reading.
 async fn reconciler(
     config: &Config,
     metrics: Arc<Metrics>,
+    depths: Reading,
 ) -> Result<Reconciler<PgStore, DockerRuntime>> {
     let store = PgStore::connect(config.database_url.expose())?;
     let runtime = DockerRuntime::connect(&config.instance).await?;
+    // The pass only borrows the value: the sender may go at once.
+    let (_, depths) = watch::channel(depths);
     Ok(Reconciler::new(
         Arc::new(store),
         Arc::new(runtime),
         PassSettings::from_config(config),
         metrics,
         Arc::new(ReadyReports::new(Arc::default())),
-    ))
+    )
+    .reading_depths(depths))
+}
+
+/// One read of the queue depths (one management request), as the daemon's
+/// poller makes it.
+async fn depths(config: &Config) -> Reading {
+    let (management, amqp) = (&config.scale.management_url, &config.amqp.url);
+    broker::read_once(management.expose(), amqp.expose()).await
 }
 
 async fn plan(config: Config) -> Result<()> {
-    let plan = reconciler(&config, Arc::default()).await?.dry_run().await?;
+    let depths = depths(&config).await;
+    let reconciler = reconciler(&config, Arc::default(), depths.clone()).await?;
+    let plan = reconciler.dry_run().await?;
     if plan.actions.is_empty() {
         println!("no container changes: every container is in line with the store");
     }
     for action in &plan.actions {
         println!("{action}");
     }
+    print_replicas(&plan, &depths);
     let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
     for verdict in blocked {
         println!("error   worker {}: {}", verdict.id, verdict.info);
     }
     Ok(())
+}
+
+/// The scaler's decisions in a plan: every replica count that differs from
+/// what runs, with the demand behind it.
+fn print_replicas(plan: &Plan, depths: &Reading) {
+    for o in &plan.observed {
+        if o.desired_replicas == o.running_replicas {
+            continue;
+        }
+        let ready = match depths.demand(o.id) {
+            Demand::Ready(n) => format!("{n} message(s) ready"),
+            Demand::NoQueue => "no queue yet".into(),
+            Demand::Unknown => "queue depth unknown".into(),
+        };
+        println!(
+            "{:<12} worker {}: {} wanted, {} running ({ready})",
+            "replicas", o.id, o.desired_replicas, o.running_replicas
+        );
+    }
+    if let Reading::Unavailable(why) = depths {
+        println!("queue depths unknown: {why}; replica counts held");
+    }
 }
 
 async fn reconcile_once(config: Config) -> Result<ExitCode> {
@@ -134,7 +176,8 @@ async fn reconcile_once(config: Config) -> Result<ExitCode> {
             who.as_deref().unwrap_or("a running daemon")
         );
     }
-    let mut reconciler = reconciler(&config, Arc::default()).await?;
+    let depths = depths(&config).await;
+    let mut reconciler = reconciler(&config, Arc::default(), depths).await?;
     let report = reconciler.pass().await?;
     // One pass: its actions run to their end, however long a stop takes.
     let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;

@@ -2,8 +2,8 @@
 //! API (scripts/services enables the plugin; 127.0.0.1:15672, the
 //! workerctl user): messages published to a fresh worker queue are read
 //! back as its depth, in one request for every queue; one message in an
-//! idle queue reaches the daemon's poller; a management API that is absent
-//! or refuses the credentials is an error that says so.
+//! idle queue reaches the daemon's poller and a one-shot read; a management
+//! API that is absent or refuses the credentials is an error that says so.
 //!
 //! Without a reachable broker every test fails; none is skipped.
 
@@ -18,7 +18,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use workerctl::broker::{BrokerError, QueueMonitor, Reading, poll};
+use workerctl::broker::{BrokerError, QueueMonitor, Reading, poll, read_once};
 use workerctl::config::Config;
 use workerctl::model::WorkerId;
 
@@ -244,6 +244,36 @@ async fn one_message_in_an_idle_queue_reaches_the_daemons_poller_in_one_request_
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
+}
+
+/// What `workerctl plan` and `reconcile --once` scale on: one read.
+#[tokio::test]
+async fn a_one_shot_read_shows_the_messages_of_an_idle_queue() {
+    let (conn, channel) = channel().await;
+    let id = WorkerId(Uuid::now_v7());
+    let queue = worker_queue(&channel, id).await;
+    publish(&channel, &queue, 2).await;
+    let wait = async {
+        while !shows_at_least(id, 2)(&read_once(&management_url(), &common::amqp_url()).await) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(MUST_HAPPEN, wait)
+        .await
+        .expect("a read shows the messages");
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_one_shot_read_without_a_management_url_says_why() {
+    let reading = read_once("", &common::amqp_url()).await;
+    let Reading::Unavailable(why) = reading else {
+        panic!("read without a URL: {reading:?}")
+    };
+    assert!(why.contains("scale.management_url"), "{why}");
 }
 
 #[tokio::test]
