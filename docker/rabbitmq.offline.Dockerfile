@@ -2,7 +2,8 @@
 # Debian's packages on the locally made base image: a stand-in for the
 # official `rabbitmq:3-management` image, keeping what the stack relies on:
 # RABBITMQ_DEFAULT_USER / RABBITMQ_DEFAULT_PASS (an administrator with full
-# rights on vhost /, created on the first start), AMQP on 5672, the management
+# rights on vhost /, created on the first start), RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS
+# (the compose file's quorum tick; read by rabbitmq-server itself), AMQP on 5672, the management
 # UI and HTTP API on 15672, logs on stdout, data in /var/lib/rabbitmq (the
 # volume; give the container a fixed `hostname`, the node name depends on
 # it), `rabbitmq-diagnostics` for the healthcheck, the server in the

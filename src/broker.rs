@@ -1,11 +1,40 @@
 //! The queue-depth boundary: how many messages wait in each worker's queue,
 //! read from RabbitMQ's management HTTP API with **one** request for all
-//! queues (`GET /api/queues/<vhost>?columns=name,messages_ready,consumers`),
-//! whatever the number of workers.
+//! queues, whatever the number of workers:
+//! `GET /api/queues/<vhost>?disable_stats=true&enable_queue_totals=true&columns=name,messages_ready`.
 //!
 //! Only queues named `worker_<uuid>` count; everything else on the vhost is
-//! ignored. The management API's figures lag the broker by its statistics
-//! interval (5 s by default), which is fine for scaling.
+//! ignored.
+//!
+//! **Why queue totals, not the statistics database.** A worker scaled to
+//! zero comes back when a reading shows a message in its queue, so a reading
+//! must be fresh to within about `scale.poll_interval` (5 s). Asked plainly,
+//! the API answers from the management statistics database, which the
+//! management agent refreshes only every 5 s (the finest interval of its
+//! `sample_retention_policies`; `collect_statistics_interval` does not
+//! govern it), after the queue itself has published its counts: a message
+//! showed 1–10 s late (benches/depth.rs, docs/benchmarks.md), and lowering
+//! `collect_statistics_interval` to 1 s changed nothing. With
+//! `disable_stats=true&enable_queue_totals=true` the API skips that database
+//! and lists each queue's own counters, as `rabbitmqctl list_queues` does,
+//! still in one request: a classic queue's are live, a quorum queue's (every
+//! worker queue, docs/compatibility.md §4) as old as the queue leader's last
+//! tick, `quorum_tick_interval` (5 s by default; the brokers of
+//! scripts/services and docker-compose.yaml tick every second, and README
+//! says how to set it on an existing broker). Measured: a message shows
+//! within 0–1 s on a 1 s tick, 0–5 s on the default one. That listing
+//! carries no consumer count, which is why [`QueueDepth::consumers`] is 0.
+//! Nor does it need the statistics database, which a broker may switch off
+//! (`management.disable_stats`; RabbitMQ deprecates it as
+//! `management_metrics_collection`). A broker that does not know the
+//! parameters would ignore them, as it does any unknown query parameter,
+//! and answer from its statistics: later, but still right.
+//!
+//! Not done: confirming the depth of workers at zero replicas with an AMQP
+//! passive `queue.declare`, whose message count is exact. It costs a round
+//! trip per such worker and poll — on a stack of a few hundred mostly idle
+//! workers, hundreds every 5 s, and a read no longer constant in the number
+//! of workers — to gain under a second once the tick is 1 s.
 //!
 //! Without the management API (plugin disabled, wrong URL or credentials)
 //! every read fails with a [`BrokerError`] that says what to do, and the
@@ -34,6 +63,12 @@ use crate::scale::Demand;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The queue name prefix of a worker (docs/compatibility.md §4).
 const QUEUE_PREFIX: &str = "worker_";
+/// Each queue's own counters instead of the statistics database, and only
+/// the columns read (module docs).
+const QUEUES_QUERY: &str =
+    "disable_stats=true&enable_queue_totals=true&columns=name,messages_ready";
+/// Why a one-shot command reads no depths (the daemon says the same).
+pub const NO_MANAGEMENT_URL: &str = "scale.management_url is empty: no autoscaling";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -71,9 +106,11 @@ pub enum BrokerError {
 /// What is known of one worker's queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueDepth {
-    /// Messages waiting for a consumer; `None` while the broker has not yet
-    /// published statistics for a new queue.
+    /// Messages waiting for a consumer; `None` while a new queue has not yet
+    /// counted its messages (a quorum queue does at its first tick).
     pub ready: Option<u64>,
+    /// Always 0: the queue-totals listing (module docs) carries no consumer
+    /// count, and nothing reads this any more.
     pub consumers: u32,
 }
 
@@ -95,7 +132,6 @@ impl QueueDepths {
 struct QueueRow {
     name: String,
     messages_ready: Option<u64>,
-    consumers: Option<u32>,
 }
 
 /// A client of the management API for one vhost. Counts its requests, so a
@@ -227,6 +263,27 @@ impl Reading {
     }
 }
 
+/// One read of every worker queue's depth, or why there is none (on one line).
+pub async fn read(monitor: &QueueMonitor) -> Reading {
+    match monitor.depths().await {
+        Ok(depths) => Reading::Depths(depths),
+        Err(e) => Reading::Unavailable(error_chain(&e)),
+    }
+}
+
+/// The reading of a command that makes a single pass (`workerctl plan`,
+/// `reconcile --once`): one read as the daemon's poller makes it, so that
+/// the pass scales as the daemon's would. No `management_url`: no read.
+pub async fn read_once(management_url: &str, amqp_url: &str) -> Reading {
+    if management_url.is_empty() {
+        return Reading::Unavailable(NO_MANAGEMENT_URL.into());
+    }
+    match QueueMonitor::new(management_url, amqp_url) {
+        Ok(monitor) => read(&monitor).await,
+        Err(e) => Reading::Unavailable(error_chain(&e)),
+    }
+}
+
 /// Reads the depths every `every` until `shutdown`, publishing each reading
 /// that differs from the last on `readings` and waking the controller
 /// (`wake`) for it: an unchanged queue wakes nothing, so an idle system
@@ -243,10 +300,7 @@ pub async fn poll(
         let reading = tokio::select! {
             // Cancel-safe: a request dropped midway changes nothing.
             () = shutdown.cancelled() => return,
-            read = monitor.depths() => match read {
-                Ok(depths) => Reading::Depths(depths),
-                Err(e) => Reading::Unavailable(error_chain(&e)),
-            },
+            reading = read(&monitor) => reading,
         };
         log_transition(&readings.borrow(), &reading);
         let changed = readings.send_if_modified(|current| {
@@ -285,7 +339,7 @@ fn depths_of(rows: Vec<QueueRow>) -> QueueDepths {
             let id = row.name.strip_prefix(QUEUE_PREFIX)?.parse().ok()?;
             let depth = QueueDepth {
                 ready: row.messages_ready,
-                consumers: row.consumers.unwrap_or(0),
+                consumers: 0,
             };
             Some((id, depth))
         })
@@ -293,8 +347,8 @@ fn depths_of(rows: Vec<QueueRow>) -> QueueDepths {
     QueueDepths { by_worker }
 }
 
-/// `<base>/api/queues/<vhost>?columns=…`, the vhost as one path segment
-/// (so `/` is sent as `%2F`).
+/// `<base>/api/queues/<vhost>?…` asking for queue totals (module docs), the
+/// vhost as one path segment (so `/` is sent as `%2F`).
 fn queues_url(base: &Url, vhost: &str) -> Option<Url> {
     let mut url = base.clone();
     url.set_username("").ok()?;
@@ -303,7 +357,7 @@ fn queues_url(base: &Url, vhost: &str) -> Option<Url> {
         .ok()?
         .pop_if_empty()
         .extend(["api", "queues", vhost]);
-    url.set_query(Some("columns=name,messages_ready,consumers"));
+    url.set_query(Some(QUEUES_QUERY));
     Some(url)
 }
 
@@ -367,11 +421,11 @@ mod tests {
     }
 
     #[test]
-    fn the_default_vhost_is_sent_as_one_encoded_segment() {
+    fn the_default_vhost_is_sent_as_one_encoded_segment_asking_for_queue_totals() {
         let u = queues_url(&url("http://u:p@127.0.0.1:15672"), "/").expect("base");
         assert_eq!(
             u.as_str(),
-            "http://127.0.0.1:15672/api/queues/%2F?columns=name,messages_ready,consumers"
+            "http://127.0.0.1:15672/api/queues/%2F?disable_stats=true&enable_queue_totals=true&columns=name,messages_ready"
         );
     }
 
@@ -415,17 +469,14 @@ mod tests {
             QueueRow {
                 name: format!("worker_{id}"),
                 messages_ready: Some(12),
-                consumers: Some(2),
             },
             QueueRow {
                 name: "storage".into(),
                 messages_ready: Some(99),
-                consumers: Some(1),
             },
             QueueRow {
                 name: "worker_not-a-uuid".into(),
                 messages_ready: Some(1),
-                consumers: None,
             },
         ];
         let depths = depths_of(rows);
@@ -435,13 +486,12 @@ mod tests {
             depth,
             QueueDepth {
                 ready: Some(12),
-                consumers: 2
+                consumers: 0
             }
         );
         let fresh = depths_of(vec![QueueRow {
             name: format!("worker_{id}"),
             messages_ready: None,
-            consumers: None,
         }]);
         assert_eq!(fresh.get(WorkerId(id)).and_then(|d| d.ready), None);
     }
@@ -457,12 +507,10 @@ mod tests {
             QueueRow {
                 name: format!("worker_{known}"),
                 messages_ready: Some(7),
-                consumers: Some(1),
             },
             QueueRow {
                 name: format!("worker_{fresh}"),
                 messages_ready: None,
-                consumers: None,
             },
         ]));
         assert_eq!(reading.demand(known), Demand::Ready(7));

@@ -267,9 +267,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let (tx, rx) = watch::channel(Reading::NotYet);
         let url = config.scale.management_url.expose();
         if url.is_empty() {
-            tx.send_replace(Reading::Unavailable(
-                "scale.management_url is empty: no autoscaling".into(),
-            ));
+            tx.send_replace(Reading::Unavailable(broker::NO_MANAGEMENT_URL.into()));
             return rx;
         }
         match QueueMonitor::new(url, config.amqp.url.expose()) {

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use workerctl::backoff::{self, error_chain};
+use workerctl::broker::{self, Reading};
 use workerctl::cli::{Cli, Command};
 use workerctl::config::{Backend, Config, LogFormat};
 use workerctl::controller::Passes;
@@ -24,6 +26,8 @@ use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::services::ServiceReconciler;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::scale::Demand;
+use workerctl::store::Observed;
 use workerctl::store::postgres::PgStore;
 use workerctl::swarm::SwarmRuntime;
 use workerctl::worker_cli;
@@ -93,37 +97,75 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// The reconciler of a single pass, scaling on `depths` as the daemon's
+/// would on its latest reading.
 async fn reconciler(
     config: &Config,
     metrics: Arc<Metrics>,
+    depths: Reading,
 ) -> Result<Reconciler<PgStore, DockerRuntime>> {
     let store = PgStore::connect(config.database_url.expose())?;
     let runtime = DockerRuntime::connect(&config.instance).await?;
+    // The pass only borrows the value: the sender may go at once.
+    let (_, depths) = watch::channel(depths);
     Ok(Reconciler::new(
         Arc::new(store),
         Arc::new(runtime),
         PassSettings::from_config(config),
         metrics,
         Arc::new(ReadyReports::new(Arc::default())),
-    ))
+    )
+    .reading_depths(depths))
+}
+
+/// One read of the queue depths (one management request), as the daemon's
+/// poller makes it.
+async fn depths(config: &Config) -> Reading {
+    let (management, amqp) = (&config.scale.management_url, &config.amqp.url);
+    broker::read_once(management.expose(), amqp.expose()).await
 }
 
 async fn plan(config: Config) -> Result<()> {
+    let depths = depths(&config).await;
     if config.runtime.backend == Backend::Swarm {
-        return plan_services(config).await;
+        return plan_services(config, depths).await;
     }
-    let plan = reconciler(&config, Arc::default()).await?.dry_run().await?;
+    let reconciler = reconciler(&config, Arc::default(), depths.clone()).await?;
+    let plan = reconciler.dry_run().await?;
     if plan.actions.is_empty() {
         println!("no container changes: every container is in line with the store");
     }
     for action in &plan.actions {
         println!("{action}");
     }
+    print_replicas(&plan.observed, &depths);
     let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
     for verdict in blocked {
         println!("error   worker {}: {}", verdict.id, verdict.info);
     }
     Ok(())
+}
+
+/// The scaler's decisions in a plan: every replica count that differs from
+/// what runs, with the demand behind it.
+fn print_replicas(observed: &[Observed], depths: &Reading) {
+    for o in observed {
+        if o.desired_replicas == o.running_replicas {
+            continue;
+        }
+        let ready = match depths.demand(o.id) {
+            Demand::Ready(n) => format!("{n} message(s) ready"),
+            Demand::NoQueue => "no queue yet".into(),
+            Demand::Unknown => "queue depth unknown".into(),
+        };
+        println!(
+            "{:<12} worker {}: {} wanted, {} running ({ready})",
+            "replicas", o.id, o.desired_replicas, o.running_replicas
+        );
+    }
+    if let Reading::Unavailable(why) = depths {
+        println!("queue depths unknown: {why}; replica counts held");
+    }
 }
 
 async fn reconcile_once(config: Config) -> Result<ExitCode> {
@@ -140,12 +182,13 @@ async fn reconcile_once(config: Config) -> Result<ExitCode> {
             who.as_deref().unwrap_or("a running daemon")
         );
     }
+    let depths = depths(&config).await;
     if config.runtime.backend == Backend::Swarm {
-        let result = reconcile_services_once(&config).await;
+        let result = reconcile_services_once(&config, depths).await;
         lock.release().await;
         return result;
     }
-    let mut reconciler = reconciler(&config, Arc::default()).await?;
+    let mut reconciler = reconciler(&config, Arc::default(), depths).await?;
     let report = reconciler.pass().await?;
     // One pass: its actions run to their end, however long a stop takes.
     let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
@@ -174,26 +217,36 @@ async fn reconcile_once(config: Config) -> Result<ExitCode> {
 }
 
 /// The Swarm backend's reconciler of a single pass.
-async fn service_reconciler(config: &Config) -> Result<ServiceReconciler<PgStore, SwarmRuntime>> {
+async fn service_reconciler(
+    config: &Config,
+    depths: Reading,
+) -> Result<ServiceReconciler<PgStore, SwarmRuntime>> {
     let store = PgStore::connect(config.database_url.expose())?;
     let swarm = SwarmRuntime::connect(&config.instance, config.swarm_options()).await?;
+    // The pass only borrows the value: the sender may go at once.
+    let (_, depths) = watch::channel(depths);
     Ok(ServiceReconciler::new(
         Arc::new(store),
         Arc::new(swarm),
         PassSettings::from_config(config),
         Arc::default(),
-    ))
+    )
+    .reading_depths(depths))
 }
 
 /// `workerctl plan` on the Swarm backend: the service actions a pass would take.
-async fn plan_services(config: Config) -> Result<()> {
-    let plan = service_reconciler(&config).await?.dry_run().await?;
+async fn plan_services(config: Config, depths: Reading) -> Result<()> {
+    let plan = service_reconciler(&config, depths.clone())
+        .await?
+        .dry_run()
+        .await?;
     if plan.actions.is_empty() {
         println!("no service changes: every service is in line with the store");
     }
     for action in &plan.actions {
         println!("{action}");
     }
+    print_replicas(&plan.observed, &depths);
     let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
     for verdict in blocked {
         println!("error   worker {}: {}", verdict.id, verdict.info);
@@ -202,8 +255,8 @@ async fn plan_services(config: Config) -> Result<()> {
 }
 
 /// `workerctl reconcile --once` on the Swarm backend (the instance's lock held).
-async fn reconcile_services_once(config: &Config) -> Result<ExitCode> {
-    let mut reconciler = service_reconciler(config).await?;
+async fn reconcile_services_once(config: &Config, depths: Reading) -> Result<ExitCode> {
+    let mut reconciler = service_reconciler(config, depths).await?;
     let report = Passes::pass(&mut reconciler).await?;
     let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
     let failures: Vec<String> = done

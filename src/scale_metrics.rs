@@ -41,7 +41,6 @@ pub struct ScaleMetrics {
     pub replicas_desired: Family<WorkerLabels, Gauge>,
     pub replicas_running: Family<WorkerLabels, Gauge>,
     pub queue_ready: Family<WorkerLabels, Gauge>,
-    pub queue_consumers: Family<WorkerLabels, Gauge>,
     pub depth_reads: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
     /// The workers recorded last, so that a deleted one's series go.
@@ -65,11 +64,6 @@ impl ScaleMetrics {
             "worker_queue_ready_messages",
             "Messages ready in each worker's queue, as the management API last said",
             self.queue_ready.clone(),
-        );
-        registry.register(
-            "worker_queue_consumers",
-            "Consumers of each worker's queue",
-            self.queue_consumers.clone(),
         );
         registry.register(
             "queue_depth_reads",
@@ -104,19 +98,15 @@ impl ScaleMetrics {
         self.replicas_running
             .get_or_create(&labels)
             .set(i64::from(w.running));
-        let ready = w.queue.and_then(|q| q.ready);
-        match (w.queue, ready) {
-            (Some(q), Some(ready)) => {
+        // No consumer count: the depth read carries none (broker.rs).
+        match w.queue.and_then(|q| q.ready) {
+            Some(ready) => {
                 self.queue_ready
                     .get_or_create(&labels)
                     .set(i64::try_from(ready).unwrap_or(i64::MAX));
-                self.queue_consumers
-                    .get_or_create(&labels)
-                    .set(i64::from(q.consumers));
             }
-            _ => {
+            None => {
                 self.queue_ready.remove(&labels);
-                self.queue_consumers.remove(&labels);
             }
         }
     }
@@ -127,7 +117,6 @@ impl ScaleMetrics {
             &self.replicas_desired,
             &self.replicas_running,
             &self.queue_ready,
-            &self.queue_consumers,
         ] {
             family.remove(&labels);
         }
@@ -181,7 +170,7 @@ mod tests {
         let m = ScaleMetrics::default();
         let queue = QueueDepth {
             ready: Some(81),
-            consumers: 3,
+            consumers: 0,
         };
         m.record(&[scale(1, Some(queue))]);
         m.set_leader(true);
@@ -192,7 +181,6 @@ mod tests {
             format!("workerctl_worker_replicas_desired{{worker=\"{w}\"}} 4"),
             format!("workerctl_worker_replicas_running{{worker=\"{w}\"}} 3"),
             format!("workerctl_worker_queue_ready_messages{{worker=\"{w}\"}} 81"),
-            format!("workerctl_worker_queue_consumers{{worker=\"{w}\"}} 3"),
             "workerctl_leader 1".to_string(),
             "workerctl_queue_depth_reads_total{outcome=\"ok\"} 1".to_string(),
         ] {
@@ -205,7 +193,7 @@ mod tests {
         let m = ScaleMetrics::default();
         let queue = QueueDepth {
             ready: Some(5),
-            consumers: 1,
+            consumers: 0,
         };
         m.record(&[scale(1, Some(queue))]);
         m.record(&[scale(1, None)]);

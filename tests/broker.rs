@@ -1,8 +1,9 @@
 //! The queue-depth boundary against the real RabbitMQ and its management
 //! API (scripts/services enables the plugin; 127.0.0.1:15672, the
 //! workerctl user): messages published to a fresh worker queue are read
-//! back as its depth, in one request for every queue; a management API
-//! that is absent or refuses the credentials is an error that says so.
+//! back as its depth, in one request for every queue; one message in an
+//! idle queue reaches the daemon's poller and a one-shot read; a management
+//! API that is absent or refuses the credentials is an error that says so.
 //!
 //! Without a reachable broker every test fails; none is skipped.
 
@@ -17,11 +18,13 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use workerctl::broker::{BrokerError, QueueMonitor, Reading, poll};
+use workerctl::broker::{BrokerError, QueueMonitor, Reading, poll, read_once};
+use workerctl::config::Config;
 use workerctl::model::WorkerId;
 
 const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
-/// Management statistics lag the broker by seconds; this only catches a hang.
+/// Queue counters lag the broker by up to a quorum tick (seconds); this only
+/// catches a hang.
 const MUST_HAPPEN: Duration = Duration::from_secs(60);
 
 fn management_url() -> String {
@@ -108,7 +111,7 @@ async fn messages_in_a_worker_queue_are_read_back_as_its_depth_in_one_call_per_r
     );
     let depths = monitor.depths().await.expect("answers");
     let idle_depth = depths.get(idle).expect("the idle queue is listed");
-    assert_eq!((idle_depth.ready, idle_depth.consumers), (Some(0), 0));
+    assert_eq!(idle_depth.ready, Some(0));
 
     for queue in [busy_queue, idle_queue] {
         let _ = channel
@@ -147,18 +150,37 @@ async fn wrong_credentials_are_named_as_such() {
 
 /// A poller on `url` every 200 ms: its readings, its wake-ups, and its stop.
 fn poller(url: &str) -> (watch::Receiver<Reading>, Arc<Notify>, CancellationToken) {
+    let (rx, wake, shutdown, _) = poller_every(url, Duration::from_millis(200));
+    (rx, wake, shutdown)
+}
+
+/// A poller on `url` every `every`, and its monitor (to count requests).
+fn poller_every(
+    url: &str,
+    every: Duration,
+) -> (
+    watch::Receiver<Reading>,
+    Arc<Notify>,
+    CancellationToken,
+    Arc<QueueMonitor>,
+) {
     let monitor = Arc::new(QueueMonitor::new(url, &common::amqp_url()).expect("valid URLs"));
     let (tx, rx) = watch::channel(Reading::NotYet);
     let wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
     tokio::spawn(poll(
-        monitor,
-        Duration::from_millis(200),
+        monitor.clone(),
+        every,
         tx,
         wake.clone(),
         shutdown.clone(),
     ));
-    (rx, wake, shutdown)
+    (rx, wake, shutdown, monitor)
+}
+
+/// Whether a reading shows at least `n` messages ready in `id`'s queue.
+fn shows_at_least(id: WorkerId, n: u64) -> impl Fn(&Reading) -> bool {
+    move |r| r.depths().and_then(|d| d.get(id)?.ready) >= Some(n)
 }
 
 #[tokio::test]
@@ -189,6 +211,69 @@ async fn the_poller_wakes_the_controller_when_messages_arrive() {
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
+}
+
+/// Scale from zero: a worker at zero replicas has an idle queue (no
+/// consumer), and one message in it must reach the daemon's poller, polling
+/// at the daemon's interval with one request per poll for every queue on
+/// the vhost. How soon is for benches/depth.rs to measure; this only
+/// catches it never arriving.
+#[tokio::test]
+async fn one_message_in_an_idle_queue_reaches_the_daemons_poller_in_one_request_per_poll() {
+    let (conn, channel) = channel().await;
+    let id = WorkerId(Uuid::now_v7());
+    let queue = worker_queue(&channel, id).await;
+    let every = Config::default().scale.poll_interval;
+    let started = std::time::Instant::now();
+    let (mut readings, _wake, shutdown, monitor) = poller_every(&management_url(), every);
+    let idle = readings.wait_for(|r| r.depths().and_then(|d| d.get(id)?.ready) == Some(0));
+    tokio::time::timeout(MUST_HAPPEN, idle)
+        .await
+        .expect("the idle queue is read as empty")
+        .expect("the poller runs");
+    publish(&channel, &queue, 1).await;
+    let seen = tokio::time::timeout(MUST_HAPPEN, readings.wait_for(shows_at_least(id, 1)));
+    seen.await
+        .expect("the message reaches a reading")
+        .expect("the poller runs");
+    let polls = started.elapsed().as_millis() / every.as_millis() + 1;
+    let calls = u128::from(monitor.calls());
+    assert!(calls <= polls, "{calls} requests in {polls} polls");
+    shutdown.cancel();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// What `workerctl plan` and `reconcile --once` scale on: one read.
+#[tokio::test]
+async fn a_one_shot_read_shows_the_messages_of_an_idle_queue() {
+    let (conn, channel) = channel().await;
+    let id = WorkerId(Uuid::now_v7());
+    let queue = worker_queue(&channel, id).await;
+    publish(&channel, &queue, 2).await;
+    let wait = async {
+        while !shows_at_least(id, 2)(&read_once(&management_url(), &common::amqp_url()).await) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(MUST_HAPPEN, wait)
+        .await
+        .expect("a read shows the messages");
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_one_shot_read_without_a_management_url_says_why() {
+    let reading = read_once("", &common::amqp_url()).await;
+    let Reading::Unavailable(why) = reading else {
+        panic!("read without a URL: {reading:?}")
+    };
+    assert!(why.contains("scale.management_url"), "{why}");
 }
 
 #[tokio::test]

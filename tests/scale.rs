@@ -2,13 +2,21 @@
 //! fresh database per test, through `workerctl::store::scale` and through
 //! the real binary's `workerctl worker scale`. What a dashboard does to
 //! `user_workers` (code saves, deletes) keeps working with settings beside it.
+//! `workerctl plan` scales on the queue depths of the real broker.
 //!
-//! Needs `DATABASE_URL` (scripts/test exports it); without a reachable
-//! Postgres every test fails, none is skipped.
+//! Needs `DATABASE_URL` (scripts/test exports it), and for `plan` RabbitMQ
+//! (`AMQP_URL`, its management API at 127.0.0.1:15672 or
+//! `RABBITMQ_MANAGEMENT_URL`) and Docker; without them every test that uses
+//! them fails, none is skipped.
 
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -218,4 +226,78 @@ async fn the_scale_command_refuses_bad_values_on_one_line_and_writes_nothing(poo
         scale::load(&pool, id).await.expect("loads"),
         ScaleBounds::default()
     );
+}
+
+/// `workerctl plan` reads the queue depths once, as the daemon's poller
+/// does, so a worker at zero replicas with messages waiting is planned back
+/// up: 45 messages at 20 per replica want 3.
+#[sqlx::test]
+async fn plan_scales_a_worker_at_zero_on_the_messages_in_its_queue(pool: PgPool) {
+    migrated(&pool).await;
+    let id = insert_worker(&pool, "from-zero").await;
+    scale::set(&pool, id, bounds(0, 4, 20)).await.expect("sets");
+    let conn = Connection::connect(&common::amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ answers at AMQP_URL (scripts/services starts it)");
+    let channel = conn.create_channel().await.expect("a channel opens");
+    let queue = format!("worker_{id}");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel.queue_declare(queue.as_str().into(), durable, args);
+    declared.await.expect("the queue is declared");
+    for _ in 0..45 {
+        let options = BasicPublishOptions::default();
+        let publish = channel.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            options,
+            b"{}",
+            BasicProperties::default(),
+        );
+        publish
+            .await
+            .expect("publishes")
+            .await
+            .expect("the broker takes it");
+    }
+    let management = std::env::var("RABBITMQ_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:15672".into());
+    let instance = format!("plan{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let want = format!("worker {id}: 3 wanted, 0 running (45 message(s) ready)");
+    let started = Instant::now();
+    // The queue counts its messages at its next tick: until then the plan
+    // holds the worker at zero.
+    let printed = loop {
+        let out = Command::new(BIN)
+            .arg("plan")
+            .env_remove("WORKERCTL_CONFIG")
+            .env("WORKERCTL_DATABASE_URL", common::database_url(&pool))
+            .env("WORKERCTL_INSTANCE", &instance)
+            .env("WORKERCTL_AMQP__URL", common::amqp_url())
+            .env("WORKERCTL_SCALE__MANAGEMENT_URL", &management)
+            .output()
+            .expect("the binary runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if stdout.contains(&want) || started.elapsed() > Duration::from_secs(60) {
+            break stdout;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+    assert!(printed.contains(&want), "{want:?} not in:\n{printed}");
 }
