@@ -574,7 +574,8 @@ fn summary(
 /// The status of a worker scaled to zero.
 fn scaled_to_zero(policy: &Policy) -> String {
     format!(
-        "scaled to zero: no messages wait; one brings a replica back within {}",
+        "scaled to zero: no messages wait; one brings a replica back at the next depth read \
+         (every {})",
         humantime::format_duration(policy.depth_poll)
     )
 }
