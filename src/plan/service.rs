@@ -484,10 +484,16 @@ impl Worker<'_> {
             return Decision::status(Status::Ready, scaled_to_zero(self.policy));
         }
         if running >= wanted {
+            if running > wanted {
+                // Tasks on their way out (Swarm stops a replaced task a
+                // little after its successor is healthy): look again, so
+                // that what is observed settles without waiting for an event.
+                plan.wake_at(self.snapshot.now_ms + CONVERGE_POLL_MS);
+            }
             return Decision::status(
                 Status::Ready,
                 format!(
-                    "running revision {revision} in {running} replica(s) of service {}",
+                    "running revision {revision} in {wanted} replica(s) of service {}",
                     current.name
                 ),
             );

@@ -562,6 +562,20 @@ fn a_converging_service_is_looked_at_again_soon() {
 }
 
 #[test]
+fn a_task_on_its_way_out_is_not_counted_as_a_replica_and_is_looked_at_again() {
+    let r1 = row(1, 1);
+    let plan = plan_services(
+        &snapshot(vec![r1.clone()], vec![service_for(&r1, 1, 2)]),
+        &template(),
+        &policy(),
+    );
+    let v = plan.verdicts.first().expect("a verdict");
+    assert_eq!(v.status, Status::Ready);
+    assert!(v.info.contains("in 1 replica(s)"), "{}", v.info);
+    assert_eq!(plan.wake_at_ms, Some(NOW + CONVERGE_POLL_MS));
+}
+
+#[test]
 fn observed_replicas_are_what_the_scaler_wants_and_what_runs() {
     let r1 = scaled(row(1, 1), 1, 4);
     let plan = plan_services(
