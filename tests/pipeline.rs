@@ -887,14 +887,18 @@ async fn on_swarm_a_worker_is_one_service_that_rolls_out_rolls_back_scales_and_g
             .await
             .expect("three replicas");
         status_with(p, id, "ready", "running revision 4 in 3 replica(s)").await;
-        let observed: (i32, i32) = sqlx::query_as(
-            "SELECT desired_replicas, running_replicas FROM workerctl_observed WHERE worker_id = $1",
-        )
-        .bind(id.0)
-        .fetch_one(&p.pool)
-        .await
-        .expect("observed");
-        assert_eq!(observed, (3, 3));
+        // A replaced task may still be on its way out: wait for it to go.
+        wait_for("3 of 3 replicas observed", async || {
+            let observed: (i32, i32) = sqlx::query_as(
+                "SELECT desired_replicas, running_replicas FROM workerctl_observed WHERE worker_id = $1",
+            )
+            .bind(id.0)
+            .fetch_one(&p.pool)
+            .await
+            .expect("observed");
+            (observed == (3, 3)).then_some(())
+        })
+        .await;
 
         // Disabled: the service goes.
         sqlx::query("UPDATE user_workers SET state = 'disabled' WHERE id = $1")
