@@ -126,7 +126,11 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let wake = Arc::new(Notify::new());
         let reports = Arc::new(ReadyReports::new(wake.clone()));
         let addr = listener.local_addr()?;
-        let leadership = self.spawn_campaign(&wake, tracker, shutdown);
+        // The lock is held until the loop has drained its actions: an action
+        // in flight at shutdown confirms the lock before its first Docker
+        // call, and must still find it held.
+        let drained = CancellationToken::new();
+        let leadership = self.spawn_campaign(&wake, tracker, shutdown, &drained);
         self.spawn_http(listener, &reports, &leadership, tracker, shutdown);
         self.spawn_wake_sources(&wake, tracker, shutdown);
         self.spawn_triggers(tracker, shutdown);
@@ -137,6 +141,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
         };
         let (wake_loop, stop) = (wake.clone(), shutdown.clone());
+        let release = drained.drop_guard();
         let pass_settings = PassSettings::from_config(config);
         match &self.swarm {
             None => {
@@ -149,7 +154,10 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 )
                 .led_by(leadership.clone())
                 .reading_depths(depths);
-                tracker.spawn(controller::run(reconciler, wake_loop, settings, stop));
+                tracker.spawn(async move {
+                    controller::run(reconciler, wake_loop, settings, stop).await;
+                    drop(release);
+                });
             }
             Some(swarm) => {
                 let reconciler = ServiceReconciler::new(
@@ -160,7 +168,10 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 )
                 .led_by(leadership.clone())
                 .reading_depths(depths);
-                tracker.spawn(controller::run(reconciler, wake_loop, settings, stop));
+                tracker.spawn(async move {
+                    controller::run(reconciler, wake_loop, settings, stop).await;
+                    drop(release);
+                });
             }
         }
         Ok(Running {
@@ -175,12 +186,14 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
     /// Campaigns for the leadership of the instance (Postgres advisory lock
     /// on a connection of its own), and wakes the loop whenever the role
     /// changes: a daemon that starts leading passes at once. The lock is
-    /// released on shutdown, so a standby takes over without waiting.
+    /// released once `drained` is cancelled (the loop has ended, after
+    /// shutdown), so a standby takes over without waiting.
     fn spawn_campaign(
         &self,
         wake: &Arc<Notify>,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
+        drained: &CancellationToken,
     ) -> Leadership {
         let config = &self.config;
         let leadership = Leadership::new(
@@ -188,7 +201,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             &config.instance,
             config.leader_timing(),
         );
-        let (l, s) = (leadership.clone(), shutdown.clone());
+        let (l, s) = (leadership.clone(), drained.clone());
         tracker.spawn(async move { l.run(s).await });
         let (mut roles, w, s) = (leadership.subscribe(), wake.clone(), shutdown.clone());
         let metrics = self.metrics.clone();
