@@ -125,6 +125,15 @@ impl QueueDepths {
     pub fn get(&self, id: WorkerId) -> Option<QueueDepth> {
         self.by_worker.get(&id).copied()
     }
+
+    /// What the scaler knows of a worker's queue: no queue yet, no count
+    /// yet, or the messages ready.
+    pub fn demand(&self, id: WorkerId) -> Demand {
+        match self.get(id) {
+            None => Demand::NoQueue,
+            Some(q) => q.ready.map_or(Demand::Unknown, Demand::Ready),
+        }
+    }
 }
 
 /// One queue as the management API lists it (only the requested columns).
@@ -242,16 +251,7 @@ pub enum Reading {
 impl Reading {
     /// What the scaler knows of a worker's queue from this reading.
     pub fn demand(&self, id: WorkerId) -> Demand {
-        let Some(depths) = self.depths() else {
-            return Demand::Unknown;
-        };
-        match depths.get(id) {
-            None => Demand::NoQueue,
-            Some(QueueDepth { ready: None, .. }) => Demand::Unknown,
-            Some(QueueDepth {
-                ready: Some(ready), ..
-            }) => Demand::Ready(ready),
-        }
+        self.depths().map_or(Demand::Unknown, |d| d.demand(id))
     }
 
     /// The depths, if the last read succeeded.

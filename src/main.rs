@@ -22,9 +22,10 @@ use workerctl::daemon::Daemon;
 use workerctl::leader::LockSession;
 use workerctl::metrics::Metrics;
 use workerctl::model::Status;
+use workerctl::plan::Verdict;
 use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::services::ServiceReconciler;
-use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::reconciler::{Done, PassSettings, Planned, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::scale::Demand;
 use workerctl::store::Observed;
@@ -127,23 +128,40 @@ async fn depths(config: &Config) -> Reading {
 
 async fn plan(config: Config) -> Result<()> {
     let depths = depths(&config).await;
-    if config.runtime.backend == Backend::Swarm {
-        return plan_services(config, depths).await;
-    }
-    let reconciler = reconciler(&config, Arc::default(), depths.clone()).await?;
-    let plan = reconciler.dry_run().await?;
-    if plan.actions.is_empty() {
-        println!("no container changes: every container is in line with the store");
-    }
-    for action in &plan.actions {
-        println!("{action}");
-    }
-    print_replicas(&plan.observed, &depths);
-    let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
-    for verdict in blocked {
-        println!("error   worker {}: {}", verdict.id, verdict.info);
+    match config.runtime.backend {
+        Backend::Docker => {
+            let reconciler = reconciler(&config, Arc::default(), depths.clone()).await?;
+            let p = reconciler.dry_run().await?;
+            print_plan("container", &p.actions, &p.observed, &p.verdicts, &depths);
+        }
+        Backend::Swarm => {
+            let reconciler = service_reconciler(&config, depths.clone()).await?;
+            let p = reconciler.dry_run().await?;
+            print_plan("service", &p.actions, &p.observed, &p.verdicts, &depths);
+        }
     }
     Ok(())
+}
+
+/// What a pass would do, on either backend: its actions, the replica counts
+/// it would change, and the workers it cannot act on.
+fn print_plan(
+    what: &str,
+    actions: &[impl std::fmt::Display],
+    observed: &[Observed],
+    verdicts: &[Verdict],
+    depths: &Reading,
+) {
+    if actions.is_empty() {
+        println!("no {what} changes: every {what} is in line with the store");
+    }
+    for action in actions {
+        println!("{action}");
+    }
+    print_replicas(observed, depths);
+    for verdict in verdicts.iter().filter(|v| v.status == Status::Error) {
+        println!("error   worker {}: {}", verdict.id, verdict.info);
+    }
 }
 
 /// The scaler's decisions in a plan: every replica count that differs from
@@ -183,16 +201,29 @@ async fn reconcile_once(config: Config) -> Result<ExitCode> {
         );
     }
     let depths = depths(&config).await;
-    if config.runtime.backend == Backend::Swarm {
-        let result = reconcile_services_once(&config, depths).await;
-        lock.release().await;
-        return result;
-    }
-    let mut reconciler = reconciler(&config, Arc::default(), depths).await?;
-    let report = reconciler.pass().await?;
     // One pass: its actions run to their end, however long a stop takes.
-    let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
+    let all = Duration::from_secs(24 * 3600);
+    let pass = async {
+        match config.runtime.backend {
+            Backend::Docker => {
+                let mut reconciler = reconciler(&config, Arc::default(), depths).await?;
+                let report = reconciler.pass().await?;
+                Ok(report_pass(report.started, &reconciler.drain(all).await))
+            }
+            Backend::Swarm => {
+                let mut reconciler = service_reconciler(&config, depths).await?;
+                let report = Passes::pass(&mut reconciler).await?;
+                Ok(report_pass(report.started, &reconciler.drain(all).await))
+            }
+        }
+    };
+    let result: Result<ExitCode> = pass.await;
     lock.release().await;
+    result
+}
+
+/// Prints how a pass's actions went; failure if any failed.
+fn report_pass<A: Planned>(started: usize, done: &[Done<A>]) -> ExitCode {
     let failures: Vec<String> = done
         .iter()
         .filter_map(|d| {
@@ -205,15 +236,15 @@ async fn reconcile_once(config: Config) -> Result<ExitCode> {
             ))
         })
         .collect();
-    println!("{} action(s), {} failed", report.started, failures.len());
+    println!("{started} action(s), {} failed", failures.len());
     for failure in &failures {
         println!("failed: {failure}");
     }
-    Ok(if failures.is_empty() {
+    if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 /// The Swarm backend's reconciler of a single pass.
@@ -232,54 +263,6 @@ async fn service_reconciler(
         Arc::default(),
     )
     .reading_depths(depths))
-}
-
-/// `workerctl plan` on the Swarm backend: the service actions a pass would take.
-async fn plan_services(config: Config, depths: Reading) -> Result<()> {
-    let plan = service_reconciler(&config, depths.clone())
-        .await?
-        .dry_run()
-        .await?;
-    if plan.actions.is_empty() {
-        println!("no service changes: every service is in line with the store");
-    }
-    for action in &plan.actions {
-        println!("{action}");
-    }
-    print_replicas(&plan.observed, &depths);
-    let blocked = plan.verdicts.iter().filter(|v| v.status == Status::Error);
-    for verdict in blocked {
-        println!("error   worker {}: {}", verdict.id, verdict.info);
-    }
-    Ok(())
-}
-
-/// `workerctl reconcile --once` on the Swarm backend (the instance's lock held).
-async fn reconcile_services_once(config: &Config, depths: Reading) -> Result<ExitCode> {
-    let mut reconciler = service_reconciler(config, depths).await?;
-    let report = Passes::pass(&mut reconciler).await?;
-    let done = reconciler.drain(Duration::from_secs(24 * 3600)).await;
-    let failures: Vec<String> = done
-        .iter()
-        .filter_map(|d| {
-            let e = d.result.as_ref().err()?;
-            Some(format!(
-                "{} {}: {}",
-                d.action.kind(),
-                d.action.target(),
-                error_chain(e)
-            ))
-        })
-        .collect();
-    println!("{} action(s), {} failed", report.started, failures.len());
-    for failure in &failures {
-        println!("failed: {failure}");
-    }
-    Ok(if failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// The daemon: migrations, then the parts of [`Daemon`] under one

@@ -505,13 +505,7 @@ fn scale_decision(
         .get(&row.id)
         .copied()
         .unwrap_or_else(|| ScaleState::adopt(running));
-    let demand = match depths {
-        None => Demand::Unknown,
-        Some(depths) => match depths.get(row.id) {
-            None => Demand::NoQueue,
-            Some(q) => q.ready.map_or(Demand::Unknown, Demand::Ready),
-        },
-    };
+    let demand = depths.map_or(Demand::Unknown, |d| d.demand(row.id));
     scale::desired_replicas(
         demand,
         row.scale,
