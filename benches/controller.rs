@@ -322,6 +322,16 @@ impl<R: ContainerRuntime> ContainerRuntime for Timed<R> {
             .await
     }
 
+    async fn interrupt(
+        &self,
+        id: &str,
+        signal: &str,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let call = self.inner.interrupt(id, signal, timeout);
+        self.trace.time(Op::Stop, call).await
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.trace.time(Op::Remove, self.inner.remove(id)).await
     }

@@ -480,6 +480,7 @@ impl BenchService {
             network: config.docker.network.clone(),
             limits: config.limits(),
             hardening: config.hardening(),
+            stop_signal: None,
             ready_url: None,
         };
         let replicas = u32::try_from(self.replicas).map_err(chain)?;

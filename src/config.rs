@@ -152,9 +152,20 @@ pub struct DockerConfig {
     pub image: String,
     /// A Docker network name, or `host`.
     pub network: String,
-    /// Grace period between SIGTERM and SIGKILL.
+    /// Grace period between the stop signal and SIGKILL.
     #[serde(with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// The signal that asks a worker to stop (`SIGTERM`, `SIGINT`, …).
+    /// Unset: the image's own `STOPSIGNAL` if it declares one, SIGTERM for
+    /// the dockerworker, and SIGINT for any other image — a Python runtime
+    /// running as PID 1 without a handler (SensorBucket's image) ignores
+    /// SIGTERM but stops on SIGINT (KeyboardInterrupt).
+    pub stop_signal: Option<String>,
+    /// Replace the containers SensorBucket's own Docker controller left
+    /// running (`controlled-by=sensorbucket`) for workers of this store,
+    /// start-first like an old revision. Off: they are left alone and the
+    /// worker's status says which to remove.
+    pub takeover: bool,
     /// Memory limit, e.g. "256MiB"-style byte count.
     pub memory_bytes: i64,
     /// CPU limit in CPUs (0.5 = half a core).
@@ -243,6 +254,8 @@ impl Default for Config {
                 image: "workerctl/dockerworker:latest".into(),
                 network: "host".into(),
                 stop_timeout: Duration::from_secs(10),
+                stop_signal: None,
+                takeover: true,
                 memory_bytes: 256 * 1024 * 1024,
                 cpus: 1.0,
                 pids_limit: 128,
@@ -357,6 +370,14 @@ impl Config {
         if self.docker.image.is_empty() {
             return invalid("docker.image", "must name an image");
         }
+        if let Some(signal) = &self.docker.stop_signal
+            && !is_signal_name(signal)
+        {
+            return invalid(
+                "docker.stop_signal",
+                "must be a signal name such as SIGTERM or SIGINT, or left out",
+            );
+        }
         if self.docker.network.is_empty() {
             return invalid("docker.network", "must name a network, or be 'host'");
         }
@@ -440,6 +461,14 @@ impl Config {
         Ok(())
     }
 
+    /// How superseded containers are stopped.
+    pub fn stopping(&self) -> crate::execute::Stopping {
+        crate::execute::Stopping {
+            timeout: self.docker.stop_timeout,
+            signal: self.docker.stop_signal.clone(),
+        }
+    }
+
     /// How worker containers are locked down, from the Docker settings.
     pub fn hardening(&self) -> Hardening {
         Hardening {
@@ -477,6 +506,16 @@ impl Config {
             pids: self.docker.pids_limit,
         }
     }
+}
+
+/// `SIGTERM`, `SIGINT`, `SIGRTMIN+3`…: what Docker accepts as a stop signal
+/// by name (a number would be taken too, but says less in a config file).
+fn is_signal_name(signal: &str) -> bool {
+    signal.len() > 3
+        && signal.starts_with("SIG")
+        && signal[3..]
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '+')
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::model::{
-    ContainerSpec, Health, ManagedContainer, ManagedService, Revision, Rollout, RunState, WorkerId,
-    WorkerRow, WorkerService,
+    ContainerSpec, Health, ManagedContainer, ManagedService, Owner, Revision, Rollout, RunState,
+    WorkerId, WorkerRow, WorkerService,
 };
 use crate::plan::NetworkState;
 use crate::runtime::{ContainerRuntime, ImageState, RuntimeError, ServiceRuntime};
@@ -218,6 +218,7 @@ impl ContainerRuntime for FakeRuntime {
             health: Health::None,
             dockerworker: true,
             created: 0,
+            owner: Owner::Workerctl,
         });
         Ok(id)
     }
@@ -242,6 +243,10 @@ impl ContainerRuntime for FakeRuntime {
         }
         self.set_state(id, RunState::Exited(Some(0)));
         Ok(())
+    }
+
+    async fn interrupt(&self, id: &str, _: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        self.stop(id, timeout).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {

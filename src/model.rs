@@ -35,6 +35,29 @@ pub mod labels {
     pub const RUNTIME: &str = "workerctl.runtime";
     /// The value of [`RUNTIME`] on the dockerworker image.
     pub const RUNTIME_DOCKERWORKER: &str = "dockerworker";
+
+    /// The labels SensorBucket's own Docker controller puts on its worker
+    /// containers (docs/compatibility.md §6): workerctl takes those over.
+    pub mod sensorbucket {
+        pub const CONTROLLED_BY: &str = "controlled-by";
+        /// The value of [`CONTROLLED_BY`].
+        pub const CONTROLLER: &str = "sensorbucket";
+        pub const WORKER_ID: &str = "worker-id";
+        pub const REVISION: &str = "worker-revision";
+    }
+}
+
+/// Who started a container the planner sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Owner {
+    /// This workerctl instance (it carries `workerctl.*` labels).
+    #[default]
+    Workerctl,
+    /// SensorBucket's own Docker controller (`controlled-by=sensorbucket`).
+    /// workerctl never creates such a container; it replaces one whose
+    /// worker is in its store, like an old revision (`docker.takeover`),
+    /// and never touches the others.
+    SensorBucket,
 }
 
 /// What the workerctl labels of a container or a service say: whose it is,
@@ -292,6 +315,11 @@ pub struct ContainerSpec {
     pub network: String,
     pub limits: Limits,
     pub hardening: Hardening,
+    /// The signal that stops it (`docker.stop_signal`); `None` lets the
+    /// runtime choose by the image. Not hashed: it changes how a container
+    /// is stopped, not what it runs.
+    #[serde(skip)]
+    pub stop_signal: Option<String>,
     /// Where the container reports that it consumes its queue
     /// (`WORKER_READY_URL`). Derived from the rest of the spec, hash
     /// included, so it is left out of the hash.
@@ -354,6 +382,21 @@ pub fn replica_name(base: &str, replica: u32) -> String {
     }
 }
 
+/// The name an old container is given while its replacement starts under
+/// its name (start-first): `<name>-old-<short id>`.
+pub fn parked_name(name: &str, short_id: &str) -> String {
+    format!("{name}-old-{short_id}")
+}
+
+/// Whether `listed` is the container first named `name`: that name itself,
+/// or the name it was parked under.
+pub fn was_named(listed: &str, name: &str) -> bool {
+    listed == name
+        || listed
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with("-old-"))
+}
+
 /// Replica 0's name, from the name of replica `replica`.
 fn replica_family(name: &str, replica: u32) -> &str {
     match replica {
@@ -412,6 +455,7 @@ pub struct ManagedContainer {
     pub dockerworker: bool,
     /// Unix seconds of creation.
     pub created: i64,
+    pub owner: Owner,
 }
 
 impl ManagedContainer {
@@ -629,6 +673,7 @@ mod tests {
                 cap_drop: vec!["ALL".into()],
                 tmpfs: vec!["/tmp".into()],
             },
+            stop_signal: None,
             ready_url: None,
         }
     }

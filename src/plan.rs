@@ -24,6 +24,7 @@
 //! allocates ids; the same snapshot always yields the same plan.
 
 pub mod service;
+mod takeover;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -32,8 +33,8 @@ use std::time::Duration;
 
 use crate::broker::QueueDepths;
 use crate::model::{
-    ContainerSpec, DesiredWorker, Hardening, Intent, Limits, ManagedContainer, Revision, RunState,
-    Status, WorkerId, WorkerRow, container_name, intent_of, replica_name,
+    ContainerSpec, DesiredWorker, Hardening, Intent, Limits, ManagedContainer, Owner, Revision,
+    RunState, Status, WorkerId, WorkerRow, container_name, intent_of, replica_name,
 };
 use crate::runtime::ImageState;
 use crate::scale::{self, Demand, ScaleReason, ScaleState};
@@ -51,6 +52,8 @@ pub struct SpecTemplate {
     pub endpoint_devices: String,
     pub limits: Limits,
     pub hardening: Hardening,
+    /// `docker.stop_signal`: `None` lets the runtime choose by the image.
+    pub stop_signal: Option<String>,
 }
 
 impl SpecTemplate {
@@ -87,6 +90,7 @@ impl SpecTemplate {
             network: self.network.clone(),
             limits: self.limits.clone(),
             hardening: self.hardening.clone(),
+            stop_signal: self.stop_signal.clone(),
             ready_url: None,
         };
         // The report names the container and its spec, so that only this
@@ -123,14 +127,6 @@ impl<S> Decision<S> {
         self.step = Some((step, reason.into()));
         self
     }
-
-    /// Adds `step` unless the decision already has one.
-    fn or_with(self, step: Option<(S, String)>) -> Self {
-        match (&self.step, step) {
-            (None, Some((step, reason))) => self.with(step, reason),
-            _ => self,
-        }
-    }
 }
 
 /// Crash-loop bookkeeping of one worker, carried from pass to pass.
@@ -160,6 +156,20 @@ pub struct FailedRollout {
     pub why: String,
 }
 
+/// A worker whose container of SensorBucket's own controller workerctl
+/// replaced (or began to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Takeover {
+    /// Unix ms when its removal was decided: a container of that
+    /// controller created later was made again by it, still running.
+    pub removed_at_ms: i64,
+    pub container: String,
+    pub revision: Option<Revision>,
+    /// The container that controller made again, if it did: workerctl then
+    /// leaves its containers of this worker alone rather than fight.
+    pub recreated: Option<String>,
+}
+
 /// What the planner carries from one pass to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Books {
@@ -170,6 +180,8 @@ pub struct Books {
     pub failed_rollouts: BTreeMap<WorkerId, FailedRollout>,
     /// What the scaler decided last, per worker.
     pub scale: BTreeMap<WorkerId, ScaleState>,
+    /// Workers taken over from SensorBucket's controller.
+    pub takeovers: BTreeMap<WorkerId, Takeover>,
 }
 
 /// An action that failed, as the loop recorded it: the planner decides when
@@ -200,6 +212,15 @@ pub struct ReadyReport {
     pub spec_hash: String,
 }
 
+impl ReadyReport {
+    /// Whether this is the word of `c`: same spec, and the container's name,
+    /// or the name it was parked under while its replacement starts.
+    pub fn is_of(&self, c: &ManagedContainer) -> bool {
+        c.spec_hash.as_ref() == Some(&self.spec_hash)
+            && crate::model::was_named(&c.name, &self.container)
+    }
+}
+
 /// Timing of the decisions, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -217,6 +238,8 @@ pub struct Policy {
     pub scale_cooldown: Duration,
     /// How often queue depths are read (for the status of a worker at zero).
     pub depth_poll: Duration,
+    /// Replace SensorBucket's controller's containers (`docker.takeover`).
+    pub takeover: bool,
 }
 
 impl Policy {
@@ -382,17 +405,27 @@ pub fn plan(snapshot: &Snapshot, template: &SpecTemplate, policy: &Policy) -> Pl
     let mut seen = BTreeSet::new();
     for row in &snapshot.rows {
         seen.insert(row.id);
-        let containers = by_worker.get(&row.id).map(Vec::as_slice).unwrap_or(&[]);
-        plan_worker(row, containers, snapshot, template, policy, &mut plan);
+        let all = by_worker.get(&row.id).map(Vec::as_slice).unwrap_or(&[]);
+        let taken = takeover::sort(row, all, snapshot, policy, &mut plan);
+        plan_worker(
+            row,
+            &taken.containers,
+            snapshot,
+            template,
+            policy,
+            &mut plan,
+        );
+        taken.annotate(row.id, &mut plan);
     }
     for (id, containers) in &by_worker {
         if seen.contains(id) {
             continue;
         }
-        for replica in replicas_of(containers) {
-            let slot = Slot::Replica(*id, replica);
-            let first = containers.iter().find(|c| c.replica == replica);
-            if let (false, Some(c)) = (snapshot.busy.contains(&slot), first) {
+        // SensorBucket's controller's containers of workers not in this
+        // store are never touched.
+        for c in containers.iter().filter(|c| c.owner == Owner::Workerctl) {
+            let slot = Slot::Container(c.id.clone());
+            if !snapshot.busy.contains(&slot) {
                 plan.actions
                     .push(remove(slot, *id, c, "its worker no longer exists"));
             }

@@ -72,9 +72,7 @@ impl ReadyReports {
     ) -> BTreeSet<ReadyReport> {
         let mut reports = self.lock();
         reports.retain(|report, at| {
-            let listed = containers.iter().find(|c| {
-                c.name == report.container && c.spec_hash.as_ref() == Some(&report.spec_hash)
-            });
+            let listed = containers.iter().find(|c| report.is_of(c));
             match listed {
                 Some(c) => !stopped(&c.state) || *at > listed_at,
                 None => at.elapsed() < UNMATCHED_TTL,
@@ -124,6 +122,7 @@ mod tests {
             health: Health::None,
             dockerworker: true,
             created: 0,
+            owner: Default::default(),
         }
     }
 

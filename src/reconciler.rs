@@ -97,7 +97,7 @@ pub struct PassSettings {
     pub template: SpecTemplate,
     pub policy: Policy,
     pub concurrency: usize,
-    pub stop_timeout: Duration,
+    pub stopping: execute::Stopping,
 }
 
 impl PassSettings {
@@ -113,6 +113,7 @@ impl PassSettings {
                 endpoint_devices: config.endpoint_devices.clone(),
                 limits: config.limits(),
                 hardening: config.hardening(),
+                stop_signal: config.docker.stop_signal.clone(),
             },
             policy: Policy {
                 backoff_initial: config.reconcile.backoff_initial,
@@ -122,9 +123,10 @@ impl PassSettings {
                 assume_ready_after: config.reconcile.assume_ready_after,
                 scale_cooldown: config.scale.cooldown,
                 depth_poll: config.scale.poll_interval,
+                takeover: config.docker.takeover,
             },
             concurrency: config.reconcile.concurrency,
-            stop_timeout: config.docker.stop_timeout,
+            stopping: config.stopping(),
         }
     }
 }
@@ -335,13 +337,13 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// Runs `action` as a task of its own; its slot is busy until it ends.
     fn spawn(&mut self, action: Action, span: tracing::Span) {
         let runtime = self.runtime.clone();
-        let stop_timeout = self.settings.stop_timeout;
+        let stopping = self.settings.stopping.clone();
         let slot = action.slot.clone();
         let change = self.metrics.change_in_pass();
         let leadership = self.leadership.clone();
         let task = async move {
             let result = confirmed(leadership.as_ref(), async {
-                execute::apply(&*runtime, &action.step, stop_timeout)
+                execute::apply(&*runtime, &action.step, &stopping)
                     .await
                     .map_err(ActionError::from)
             })

@@ -40,7 +40,7 @@ use uuid::Uuid;
 use workerctl::archive::sensorbucket_archive;
 use workerctl::config::{Config, Secret};
 use workerctl::daemon::Daemon;
-use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
+use workerctl::model::{ManagedContainer, Owner, Revision, RunState, WorkerId};
 use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::postgres::PgStore;
@@ -83,17 +83,38 @@ struct Pipeline {
     /// Set on the Swarm backend: the test's own single-node swarm (left
     /// when the pipeline is dropped) and the daemon's manager client.
     swarm: Option<(TestSwarm, Arc<SwarmRuntime>)>,
+    /// Changes to the daemon's configuration this test makes.
+    configure: fn(&mut Config),
 }
 
 impl Pipeline {
     async fn start(pool: PgPool, image: &'static str, on_swarm: bool) -> Pipeline {
+        let mut pipeline = Self::prepare(pool, image, on_swarm, |_| {}).await;
+        pipeline.start_daemon().await;
+        pipeline
+    }
+
+    /// A pipeline whose daemon is not started yet, with `configure` applied
+    /// to its configuration.
+    async fn start_idle(pool: PgPool, image: &'static str, configure: fn(&mut Config)) -> Pipeline {
+        Self::prepare(pool, image, false, configure).await
+    }
+
+    async fn prepare(
+        pool: PgPool,
+        image: &'static str,
+        on_swarm: bool,
+        configure: fn(&mut Config),
+    ) -> Pipeline {
         let tag = Uuid::new_v4().simple().to_string();
         let exchange = format!("pipeline.messages.test-{tag}");
         let next_key = format!("storage-{tag}");
         // Postgres and Docker first: nothing on the broker to clean up if they fail.
         let instance = format!("p{}", &tag[..12]);
-        let store = Arc::new(PgStore::from_pool(pool.clone()));
-        store.migrate().await.expect("migrations apply");
+        PgStore::from_pool(pool.clone())
+            .migrate()
+            .await
+            .expect("migrations apply");
         let runtime = Arc::new(
             DockerRuntime::connect(&instance)
                 .await
@@ -130,6 +151,7 @@ impl Pipeline {
             errors,
             workers: vec![],
             swarm: None,
+            configure,
         };
         if on_swarm {
             let mut turn = TestSwarm::take_turn();
@@ -140,8 +162,12 @@ impl Pipeline {
                 .expect("the test swarm's manager answers");
             pipeline.swarm = Some((turn, Arc::new(manager)));
         }
-        pipeline.spawn_daemon(store).await;
         pipeline
+    }
+
+    async fn start_daemon(&mut self) {
+        self.spawn_daemon(Arc::new(PgStore::from_pool(self.pool.clone())))
+            .await;
     }
 
     /// The daemon as `workerctl run` assembles it, serving HTTP on a free
@@ -184,6 +210,7 @@ impl Pipeline {
         config.amqp.url = Secret::new(amqp_url());
         config.amqp.exchange = self.exchange.clone();
         config.swarm.update_monitor = Duration::from_secs(3);
+        (self.configure)(&mut config);
         config
     }
 
@@ -209,6 +236,17 @@ impl Pipeline {
         Self::run_with(Pipeline::start(pool, worker_image(), true).await, body).await
     }
 
+    /// [`run`](Self::run) with the daemon started by `body` itself
+    /// ([`start_daemon`](Self::start_daemon)), after it set the scene.
+    async fn run_before_daemon(
+        pool: PgPool,
+        image: &'static str,
+        configure: fn(&mut Config),
+        body: impl AsyncFnOnce(&mut Pipeline),
+    ) {
+        Self::run_with(Pipeline::start_idle(pool, image, configure).await, body).await
+    }
+
     async fn run_with(mut pipeline: Pipeline, body: impl AsyncFnOnce(&mut Pipeline)) {
         let outcome = AssertUnwindSafe(body(&mut pipeline)).catch_unwind().await;
         pipeline.cleanup().await;
@@ -229,8 +267,14 @@ impl Pipeline {
                 let _ = manager.remove(&s.id).await;
             }
         }
+        // Only this instance's containers, and SensorBucket-labelled ones
+        // of this test's workers: never another test's.
         for c in self.runtime.list().await.unwrap_or_default() {
-            let _ = Command::new("docker").args(["rm", "-f", &c.id]).output();
+            let mine = c.owner == Owner::Workerctl
+                || c.worker_id.is_some_and(|id| self.workers.contains(&id));
+            if mine {
+                let _ = Command::new("docker").args(["rm", "-f", &c.id]).output();
+            }
         }
         let channel = self.amqp.create_channel().await.expect("channel");
         let mut queues = vec![self.next_queue.clone(), self.errors_queue.clone()];
@@ -910,6 +954,299 @@ async fn on_swarm_a_worker_is_one_service_that_rolls_out_rolls_back_scales_and_g
             service_of(p, id).await.is_none().then_some(())
         })
         .await;
+    })
+    .await;
+}
+
+// -- taking over from SensorBucket's own controller ---------------------------
+
+/// Serves `{"data": <base64 archive of usercode>}` on any path, as
+/// SensorBucket's own code endpoint does; returns the URL.
+async fn serve_code(usercode: &str) -> String {
+    let data = base64::engine::general_purpose::STANDARD.encode(archive(usercode));
+    let body = json!({"message": "Fetched worker source", "data": data});
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move { axum::Json(body) }
+    });
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("bind a free port");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/code")
+}
+
+/// What SensorBucket's own Docker controller leaves running for worker
+/// `id`: its name, its labels, Tty on, started from an image that knows only
+/// the contract, consuming the worker's queue with the code at `code_url`.
+fn sensorbucket_container(p: &Pipeline, id: WorkerId, revision: i32, code_url: &str) -> String {
+    let env = [
+        format!("WORKER_ID={id}"),
+        format!("AMQP_HOST={}", amqp_url()),
+        format!("AMQP_XCHG={}", p.exchange),
+        format!("CODE_URL={code_url}"),
+        "CODE_ENTRYPOINT=main.main".to_string(),
+    ];
+    let mut args: Vec<String> = ["run", "-d", "-t", "--network", "host", "--name"]
+        .map(String::from)
+        .to_vec();
+    args.push(format!("worker-{id}"));
+    for label in [
+        "controlled-by=sensorbucket".to_string(),
+        format!("worker-id={id}"),
+        format!("worker-revision={revision}"),
+    ] {
+        args.extend(["--label".to_string(), label]);
+    }
+    for e in env {
+        args.extend(["-e".to_string(), e]);
+    }
+    args.push(common::contract_worker_image().to_string());
+    let out = Command::new("docker")
+        .args(&args)
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "docker run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A worker row at `revision` whose code sets `metadata.version` (dict
+/// style, as SensorBucket's image hands `process` a dict).
+async fn worker_at(p: &mut Pipeline, revision: i32, version: u32) -> WorkerId {
+    let id = p
+        .enabled_worker("taken-over", &dict_versioned(version))
+        .await;
+    sqlx::query("UPDATE user_workers SET revision = $1 WHERE id = $2")
+        .bind(revision)
+        .bind(id.0)
+        .execute(&p.pool)
+        .await
+        .expect("set revision");
+    id
+}
+
+fn dict_versioned(v: u32) -> String {
+    format!("def process(msg):\n    msg[\"metadata\"][\"version\"] = {v}\n    return msg\n")
+}
+
+/// Whether a container of that id still exists.
+fn exists(container: &str) -> bool {
+    Command::new("docker")
+        .args(["inspect", "--format", "{{.Id}}", container])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Publishes `count` messages, numbered from `from`, and returns the
+/// versions that answered them, by number. Every one must be answered.
+async fn versions_answering(
+    p: &mut Pipeline,
+    id: WorkerId,
+    from: usize,
+    count: usize,
+) -> Vec<(usize, Value)> {
+    let answers = answers_within(p, id, from, count, DEADLINE).await;
+    assert_eq!(answers.len(), count, "unanswered: {answers:?}");
+    answers
+}
+
+/// Publishes `count` messages, numbered from `from`, and returns the
+/// versions that answered them, by number, waiting at most `quiet` for each.
+async fn answers_within(
+    p: &mut Pipeline,
+    id: WorkerId,
+    from: usize,
+    count: usize,
+    quiet: Duration,
+) -> Vec<(usize, Value)> {
+    for n in from..from + count {
+        p.publish(id, &format!("m{n}"), &p.message(id, n)).await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < count {
+        let Some(got) = p.next_within(quiet).await else {
+            break;
+        };
+        let n = got.body["metadata"]["n"].as_u64().expect("numbered") as usize;
+        if (from..from + count).contains(&n) {
+            answers.push((n, got.body["metadata"]["version"].clone()));
+        }
+    }
+    answers
+}
+
+#[sqlx::test(migrations = false)]
+async fn sensorbucket_controllers_containers_are_replaced_start_first(pool: PgPool) {
+    let image = common::contract_worker_image();
+    Pipeline::run_before_daemon(
+        pool,
+        image,
+        |_| {},
+        async |p| {
+            let id = worker_at(p, 2, 2).await;
+            let theirs = sensorbucket_container(p, id, 1, &serve_code(&dict_versioned(1)).await);
+            let stranger = Uuid::now_v7();
+            let untouched =
+                sensorbucket_container(p, WorkerId(stranger), 1, "http://127.0.0.1:9/none");
+            wait_for("SensorBucket's container to consume", async || {
+                (p.consumers_on(&format!("worker_{id}")).await? > 0).then_some(())
+            })
+            .await;
+            let before = versions_answering(p, id, 0, 3).await;
+            assert!(before.iter().all(|(_, v)| *v == 1), "{before:?}");
+
+            p.start_daemon().await;
+            // Traffic all through the takeover: each message answered, by
+            // revision 1 until revision 2 is ready. SensorBucket's image
+            // acknowledges before it publishes, so a stop that lands inside its
+            // `process` loses that one message — never more.
+            let (mut sent, mut lost) = (3, 0);
+            while exists(&theirs) {
+                let answers = answers_within(p, id, sent, 5, Duration::from_secs(10)).await;
+                lost += 5 - answers.len();
+                sent += 5;
+            }
+            assert!(lost <= 1, "{lost} messages lost in the takeover");
+            let after = versions_answering(p, id, sent, 20).await;
+            assert!(after.iter().all(|(_, v)| *v == 2), "{after:?}");
+            let info = wait_for("the status to say what was taken over", async || {
+                let (status, info) = status_of(p, id).await;
+                (status == "ready" && info.contains("took over")).then_some(info)
+            })
+            .await;
+            assert!(info.contains("SensorBucket's controller"), "{info}");
+            assert!(
+                exists(&untouched),
+                "a worker not in this store is not ours to replace"
+            );
+            let _ = Command::new("docker")
+                .args(["rm", "-f", &untouched])
+                .output();
+        },
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn with_takeover_off_the_status_names_the_container_to_remove(pool: PgPool) {
+    let image = common::contract_worker_image();
+    let off = |c: &mut Config| c.docker.takeover = false;
+    Pipeline::run_before_daemon(pool, image, off, async |p| {
+        let id = worker_at(p, 2, 2).await;
+        let theirs = sensorbucket_container(p, id, 1, &serve_code(&dict_versioned(1)).await);
+        p.start_daemon().await;
+        let info = wait_for("an error naming the container", async || {
+            let (status, info) = status_of(p, id).await;
+            (status == "error" && info.contains("docker rm -f")).then_some(info)
+        })
+        .await;
+        assert!(info.contains(&format!("worker-{id}")), "{info}");
+        // The daemon's own container runs beside it; theirs is never touched.
+        wait_for("workerctl's container to run", async || {
+            let ours = p.containers_of(id).await;
+            ours.iter()
+                .any(|c| c.owner == Owner::Workerctl && c.state == RunState::Running)
+                .then_some(())
+        })
+        .await;
+        assert!(exists(&theirs));
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_controller_that_makes_its_containers_again_is_reported_not_fought(pool: PgPool) {
+    let image = common::contract_worker_image();
+    Pipeline::run_before_daemon(
+        pool,
+        image,
+        |_| {},
+        async |p| {
+            let id = worker_at(p, 2, 2).await;
+            let url = serve_code(&dict_versioned(1)).await;
+            let first = sensorbucket_container(p, id, 1, &url);
+            p.start_daemon().await;
+            wait_for("the first to be replaced", async || {
+                (!exists(&first)).then_some(())
+            })
+            .await;
+            // SensorBucket's controller, still on, makes it again.
+            let again = sensorbucket_container(p, id, 1, &url);
+            let info = wait_for("the status to say it is still on", async || {
+                let (status, info) = status_of(p, id).await;
+                (status == "error" && info.contains("still runs")).then_some(info)
+            })
+            .await;
+            assert!(info.contains("CTRL_TYPE"), "{info}");
+            // Left alone: the status was written by a pass that decided so.
+            assert!(exists(&again), "not fought");
+        },
+    )
+    .await;
+}
+
+// -- rapid saves ----------------------------------------------------------------
+
+/// Five saves in about two seconds under steady traffic, on `image`:
+/// afterwards one container is left, and it answers with the last save.
+/// Returns how many messages went unanswered.
+async fn five_quick_saves(p: &mut Pipeline, code: fn(u32) -> String) -> usize {
+    let id = p.enabled_worker("saved-often", &code(1)).await;
+    p.consuming_at(id, 1).await;
+    let mut sent = 0;
+    for v in 2..=6 {
+        p.save_code(id, &code(v)).await;
+        for n in sent..sent + 4 {
+            p.publish(id, &format!("m{n}"), &p.message(id, n)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sent += 4;
+    }
+    let mut seen = BTreeSet::new();
+    while let Some(got) = p.next_within(Duration::from_secs(15)).await {
+        seen.insert(got.body["metadata"]["n"].as_u64().expect("numbered"));
+        if seen.len() == sent {
+            break;
+        }
+    }
+    wait_for("one container left, at revision 6", async || {
+        match p.containers_of(id).await.as_slice() {
+            [c] if c.revision == Some(Revision(6)) && c.state == RunState::Running => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    let after = versions_answering(p, id, 1000, 10).await;
+    assert!(after.iter().all(|(_, v)| *v == 6), "{after:?}");
+    sent - seen.len()
+}
+
+#[sqlx::test(migrations = false)]
+async fn five_quick_saves_settle_on_the_last_and_lose_nothing(pool: PgPool) {
+    Pipeline::run(pool, async |p| {
+        let lost = five_quick_saves(p, versioned).await;
+        assert_eq!(lost, 0, "the dockerworker confirms before it acknowledges");
+    })
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn five_quick_saves_settle_on_the_last_with_an_image_that_ignores_sigterm(pool: PgPool) {
+    // The contract-only image: Python as PID 1 ignores SIGTERM and stops on
+    // SIGINT; no ready report, no health check. Its stop_timeout is long,
+    // so a container waited out to its SIGKILL would show.
+    let image = common::contract_worker_image();
+    let slow_kill = |c: &mut Config| c.docker.stop_timeout = Duration::from_secs(300);
+    Pipeline::run_before_daemon(pool, image, slow_kill, async |p| {
+        p.start_daemon().await;
+        // It acknowledges before it publishes: what a stop inside `process`
+        // loses is that image's own loss, so only the outcome is checked.
+        five_quick_saves(p, dict_versioned).await;
     })
     .await;
 }

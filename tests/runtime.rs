@@ -175,6 +175,7 @@ fn spec_for(instance: &str, script: &str) -> ContainerSpec {
             cap_drop: vec!["ALL".into()],
             tmpfs: vec!["/tmp".into()],
         },
+        stop_signal: None,
         ready_url: None,
     }
 }

@@ -439,6 +439,9 @@ impl ContainerRuntime for AgreeableRuntime {
     async fn stop(&self, _: &str, _: Duration) -> Result<(), RuntimeError> {
         Ok(())
     }
+    async fn interrupt(&self, _: &str, _: &str, _: Duration) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
         Ok(())
     }

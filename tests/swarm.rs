@@ -89,6 +89,7 @@ fn worker(instance: &str, revision: i32, entrypoint: &str, replicas: u32) -> Wor
                 pids: 48,
             },
             hardening: Config::default().hardening(),
+            stop_signal: None,
             ready_url: None,
         },
         replicas,

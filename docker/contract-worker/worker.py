@@ -13,7 +13,11 @@ Per message (section 4): parse, call, `step_index += 1`, publish to
 header; on an exception, the errors body to routing key `errors`.
 
 Deliberately plain: no health endpoint, no ready report, no retries, no
-reconnects. A failure at start is a traceback and exit code 1.
+reconnects. A failure at start is a traceback and exit code 1. As
+SensorBucket's image does, it acknowledges each message *before* publishing
+its result, runs as PID 1 with no SIGTERM handler (so SIGTERM is ignored),
+and on SIGINT (KeyboardInterrupt) stops consuming, closes its connection and
+exits 0.
 """
 
 import base64
@@ -79,15 +83,20 @@ def main():
                     "error": traceback.format_exc(),
                 }
             ).encode()
+        ch.basic_ack(method.delivery_tag)
         ch.basic_publish(
             exchange, routing_key, out, pika.BasicProperties(message_id=properties.message_id, headers=headers)
         )
-        ch.basic_ack(method.delivery_tag)
         print(json.dumps({"event": "message", "routing_key": routing_key, "message_id": properties.message_id}), flush=True)
 
     channel.basic_consume(queue, on_message)
     print(json.dumps({"event": "consuming", "queue": queue}), flush=True)
-    channel.start_consuming()
+    try:
+        channel.start_consuming()
+    except KeyboardInterrupt:
+        channel.stop_consuming()
+        connection.close()
+        print(json.dumps({"event": "stopped", "signal": "SIGINT"}), flush=True)
 
 
 def _json_or_text(body):

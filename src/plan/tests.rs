@@ -31,6 +31,7 @@ pub(super) fn template() -> SpecTemplate {
             cap_drop: vec!["ALL".into()],
             tmpfs: vec!["/tmp".into(), "/usercode".into()],
         },
+        stop_signal: None,
     }
 }
 
@@ -47,6 +48,7 @@ pub(super) fn policy() -> Policy {
         assume_ready_after: Duration::from_millis(ASSUME_READY_MS as u64),
         scale_cooldown: Duration::from_millis(COOLDOWN_MS as u64),
         depth_poll: Duration::from_secs(5),
+        takeover: true,
     }
 }
 
@@ -103,6 +105,7 @@ fn replica_for(row: &WorkerRow, replica: u32, state: RunState) -> ManagedContain
         health: Health::Starting,
         dockerworker: true,
         created: 100,
+        owner: Default::default(),
     }
 }
 
@@ -878,9 +881,243 @@ fn failure(kind: &'static str, attempts: u32, at_ms: i64) -> ActionFailure {
     }
 }
 
+/// Worker 1's container as SensorBucket's own controller left it: named
+/// `worker-<id>`, revision `revision`, no spec hash, no health check,
+/// running for a long time.
+fn sensorbucket_container(revision: i32) -> ManagedContainer {
+    ManagedContainer {
+        id: format!("sb{revision}"),
+        name: format!("worker-{}", id(1)),
+        worker_id: Some(id(1)),
+        revision: Some(Revision(revision)),
+        spec_hash: None,
+        replica: 0,
+        image_id: "sha256:sensorbucket".into(),
+        state: RunState::Running,
+        health: Health::None,
+        dockerworker: false,
+        created: 1,
+        owner: Owner::SensorBucket,
+    }
+}
+
+/// Rapid saves: revision 1 serves (parked, ready), revision 2 was started
+/// and never became ready, and the row is at revision 3. `parked_2`: the
+/// start-beside of revision 3 already moved revision 2 out of the name.
+fn superseded(parked_2: bool) -> Snapshot {
+    let mut s = rollout(|r, s| drop(new_container(r, s, RunState::Running, 100)));
+    if parked_2 {
+        s.containers[1] = parked(s.containers[1].clone());
+    }
+    s.rows = vec![row(1, 3)];
+    s
+}
+
+const RAPID_SAVES: &[Case] = &[
+    Case {
+        name: "a save while the last one starts moves that one aside, not the one that serves",
+        snapshot: || superseded(false),
+        kinds: &["start-beside"],
+        status: Some((
+            Status::Unknown,
+            "starting revision 3; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "a revision superseded before it was ready goes at once",
+        snapshot: || {
+            let mut s = superseded(true);
+            new_container(&row(1, 3), &mut s, RunState::Running, 10);
+            s
+        },
+        kinds: &["remove"],
+        status: Some((
+            Status::Unknown,
+            "waiting for it to consume its queue; revision 1 keeps serving",
+        )),
+    },
+    Case {
+        name: "once the newest is ready every older container goes together",
+        snapshot: || {
+            let mut s = superseded(true);
+            let c = new_container(&row(1, 3), &mut s, RunState::Running, 10);
+            s.reports.insert(report_of(&row(1, 3), &c));
+            s
+        },
+        kinds: &["remove", "remove"],
+        status: Some((Status::Ready, "running revision 3")),
+    },
+    Case {
+        name: "a container already being removed is not removed twice, nor waited for",
+        snapshot: || {
+            let mut s = superseded(true);
+            s.busy.insert(Slot::Container(s.containers[1].id.clone()));
+            new_container(&row(1, 3), &mut s, RunState::Running, 10);
+            s
+        },
+        kinds: &[],
+        status: Some((Status::Unknown, "revision 1 keeps serving")),
+    },
+    Case {
+        name: "the name holder being removed is waited for",
+        snapshot: || {
+            let mut s = superseded(false);
+            s.busy.insert(Slot::Container(s.containers[1].id.clone()));
+            s
+        },
+        kinds: &[],
+        status: Some((Status::Unknown, "waiting for")),
+    },
+    Case {
+        name: "SensorBucket's controller's container is replaced start-first",
+        snapshot: || snapshot(vec![row(1, 2)], vec![sensorbucket_container(1)]),
+        kinds: &["start-beside"],
+        status: Some((Status::Unknown, "SensorBucket's controller's container")),
+    },
+    Case {
+        name: "SensorBucket's controller's container serves until workerctl's is ready",
+        snapshot: || {
+            let r = row(1, 2);
+            let mut s = snapshot(vec![r.clone()], vec![parked(sensorbucket_container(1))]);
+            new_container(&r, &mut s, RunState::Running, 10);
+            s
+        },
+        kinds: &[],
+        status: Some((Status::Unknown, "keeps serving until then")),
+    },
+    Case {
+        name: "SensorBucket's controller's container goes once workerctl's is ready",
+        snapshot: || {
+            let r = row(1, 2);
+            let mut s = snapshot(vec![r.clone()], vec![parked(sensorbucket_container(1))]);
+            let c = new_container(&r, &mut s, RunState::Running, 10);
+            s.reports.insert(report_of(&r, &c));
+            s
+        },
+        kinds: &["remove"],
+        status: Some((Status::Ready, "running revision 2")),
+    },
+    Case {
+        name: "SensorBucket's controller's container of a worker not in the store is never touched",
+        snapshot: || snapshot(vec![], vec![sensorbucket_container(1)]),
+        kinds: &[],
+        status: None,
+    },
+    Case {
+        name: "a disabled worker's containers all go at once, SensorBucket's too",
+        snapshot: || {
+            let mut c = container_for(&row(1, 1), RunState::Running);
+            c.id = "ours".into();
+            c.name = "worker-x-old".into();
+            snapshot(vec![disabled(1)], vec![c, sensorbucket_container(1)])
+        },
+        kinds: &["remove", "remove"],
+        status: Some((Status::Unknown, "disabled: stopping container")),
+    },
+];
+
 #[test]
-fn rollout_readiness_exit_and_retry_decisions() {
-    for case in CASES {
+fn rapid_saves_and_takeover_decisions() {
+    check(RAPID_SAVES);
+}
+
+#[test]
+fn superseded_containers_are_removed_in_slots_of_their_own() {
+    let mut s = superseded(true);
+    let c = new_container(&row(1, 3), &mut s, RunState::Running, 10);
+    s.reports.insert(report_of(&row(1, 3), &c));
+    let p = run(&s);
+    let slots: Vec<&Slot> = p.actions.iter().map(|a| &a.slot).collect();
+    assert_eq!(
+        slots,
+        [
+            &Slot::Container(s.containers[0].id.clone()),
+            &Slot::Container(s.containers[1].id.clone())
+        ]
+    );
+}
+
+#[test]
+fn with_takeover_off_sensorbucket_containers_are_left_alone_and_named() {
+    let s = snapshot(vec![row(1, 2)], vec![sensorbucket_container(1)]);
+    let p = plan(
+        &s,
+        &template(),
+        &Policy {
+            takeover: false,
+            ..policy()
+        },
+    );
+    assert_eq!(kinds(&p), ["create"], "never touches theirs");
+    let v = status_of(&p, 1);
+    assert_eq!(v.status, Status::Error);
+    assert!(
+        v.info.contains(&format!("docker rm -f worker-{}", id(1)))
+            && v.info.contains("docker.takeover = true"),
+        "{}",
+        v.info
+    );
+}
+
+#[test]
+fn a_controller_that_makes_its_container_again_is_reported_not_fought() {
+    let r = row(1, 2);
+    let mut again = sensorbucket_container(1);
+    again.id = "sb-again".into();
+    again.created = NOW / 1000 + 1;
+    let mut s = snapshot(vec![r.clone()], vec![again]);
+    ready_for(&r, &mut s);
+    let ours = container_for(&r, RunState::Running);
+    s.reports.insert(report_of(&r, &ours));
+    s.containers.push(ours);
+    s.books.takeovers.insert(
+        id(1),
+        Takeover {
+            removed_at_ms: NOW - 5_000,
+            container: format!("worker-{}-old-sb1", id(1)),
+            revision: Some(Revision(1)),
+            recreated: None,
+        },
+    );
+    let p = run(&s);
+    assert!(kinds(&p).is_empty(), "{:?}", p.actions);
+    let v = status_of(&p, 1);
+    assert_eq!(v.status, Status::Error);
+    assert!(
+        v.info.contains("SensorBucket's controller still runs"),
+        "{}",
+        v.info
+    );
+    assert!(p.books.takeovers[&id(1)].recreated.is_some());
+}
+
+#[test]
+fn a_worker_taken_over_says_so_once_ready() {
+    let r = row(1, 2);
+    let mut s = snapshot(vec![r.clone()], vec![]);
+    let c = ready_for(&r, &mut s);
+    s.containers.push(c);
+    s.books.takeovers.insert(
+        id(1),
+        Takeover {
+            removed_at_ms: NOW - 5_000,
+            container: "worker-x-old-sb1".into(),
+            revision: Some(Revision(1)),
+            recreated: None,
+        },
+    );
+    let v = run(&s).verdicts.remove(0);
+    assert_eq!(v.status, Status::Ready);
+    assert!(
+        v.info
+            .contains("took over from SensorBucket's controller (its container worker-x-old-sb1 ran revision 1)"),
+        "{}",
+        v.info
+    );
+}
+
+fn check(cases: &[Case]) {
+    for case in cases {
         let p = run(&(case.snapshot)());
         assert_eq!(kinds(&p), case.kinds, "{}: actions", case.name);
         let verdict = p.verdicts.iter().find(|v| v.id == id(1));
@@ -898,6 +1135,11 @@ fn rollout_readiness_exit_and_retry_decisions() {
             (want, got) => panic!("{}: status {want:?}, got {got:?}", case.name),
         }
     }
+}
+
+#[test]
+fn rollout_readiness_exit_and_retry_decisions() {
+    check(CASES);
 }
 
 #[test]
@@ -978,12 +1220,14 @@ fn a_busy_orphan_is_not_removed_twice() {
 }
 
 #[test]
-fn a_deleted_workers_containers_go_one_at_a_time() {
+fn a_deleted_workers_containers_go_all_at_once() {
     let a = container_for(&row(1, 1), RunState::Running);
     let mut b = a.clone();
     b.id = "other".into();
     let p = run(&snapshot(vec![], vec![a, b]));
-    assert_eq!(kinds(&p), ["remove"]);
+    assert_eq!(kinds(&p), ["remove", "remove"]);
+    let slots: BTreeSet<&Slot> = p.actions.iter().map(|a| &a.slot).collect();
+    assert_eq!(slots.len(), 2, "each removal is an action of its own");
 }
 
 #[test]
@@ -1249,9 +1493,12 @@ fn replica_decisions() {
         let replicas: Vec<u32> = p
             .actions
             .iter()
-            .map(|a| match a.slot {
-                Slot::Replica(_, k) => k,
-                Slot::Worker(_) | Slot::Container(_) => u32::MAX,
+            // A removal is an action of its own container: its replica
+            // is the container's.
+            .map(|a| match (&a.slot, &a.step) {
+                (Slot::Replica(_, k), _) => *k,
+                (Slot::Container(_), Step::Remove { container }) => container.replica,
+                _ => u32::MAX,
             })
             .collect();
         assert_eq!(replicas, case.replicas, "{}: replicas", case.name);

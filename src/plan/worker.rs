@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use super::{
-    Action, Backoff, FailedRollout, Plan, Policy, Slot, Snapshot, SpecTemplate, Step, Verdict,
+    Action, Backoff, FailedRollout, Plan, Policy, Slot, Snapshot, SpecTemplate, Step, Takeover,
+    Verdict,
 };
 use crate::exit;
 use crate::model::{
-    ContainerSpec, DesiredWorker, Health, Intent, ManagedContainer, Revision, RunState, Status,
-    WorkerRow, intent_of,
+    ContainerSpec, DesiredWorker, Health, Intent, ManagedContainer, Owner, Revision, RunState,
+    Status, WorkerRow, intent_of,
 };
 use crate::runtime::ImageState;
 
@@ -36,39 +37,21 @@ enum Readiness {
     Waiting { started_ms: i64 },
 }
 
-/// The containers of a worker, sorted by what they are to the desired spec.
+/// The containers of a replica, sorted by what they are to the desired spec.
 struct Sorted<'a> {
     /// The container of the current spec to keep, if any.
     current: Option<&'a ManagedContainer>,
     /// More containers of the current spec.
     duplicates: Vec<&'a ManagedContainer>,
-    /// Containers of another revision or spec.
+    /// Containers of another revision or spec (SensorBucket's controller's
+    /// among them), but for those already being removed.
     outdated: Vec<&'a ManagedContainer>,
-}
-
-impl Sorted<'_> {
-    /// The outdated container that still serves the worker's queue.
-    fn serving(&self) -> Option<&ManagedContainer> {
-        self.outdated
-            .iter()
-            .copied()
-            .filter(|c| c.state == RunState::Running)
-            .max_by_key(|c| (c.created, c.id.clone()))
-    }
-
-    /// An outdated container that serves nobody: safe to remove at any time.
-    fn idle(&self) -> Option<(Step, String)> {
-        let c = self
-            .outdated
-            .iter()
-            .find(|c| c.state != RunState::Running)?;
-        Some((
-            Step::Remove {
-                container: (*c).clone(),
-            },
-            "outdated container".into(),
-        ))
-    }
+    /// The outdated container that serves the queue until the current one is
+    /// ready: the newest that runs and was ready. Every other outdated
+    /// container serves nobody and goes at once.
+    serving: Option<&'a ManagedContainer>,
+    /// Containers being removed by an action in flight.
+    going: Vec<&'a ManagedContainer>,
 }
 
 impl Context<'_> {
@@ -76,7 +59,7 @@ impl Context<'_> {
     /// and whether it runs the current spec and is ready.
     pub fn decide(&self, plan: &mut Plan) -> (Verdict, bool) {
         let (decision, settled) = match intent_of(self.row) {
-            Intent::Stop => (self.stop(), false),
+            Intent::Stop => (self.stop(plan), false),
             // Containers are left as they are: they run the last good code.
             Intent::Invalid(reason) => (Decision::status(Status::Error, reason), false),
             Intent::Run(worker) => (self.run(&worker, plan), self.settled(&worker)),
@@ -84,18 +67,11 @@ impl Context<'_> {
         (self.conclude(decision, plan), settled)
     }
 
-    /// A replica beyond the count wanted: its containers go, one per pass.
+    /// A replica beyond the count wanted: its containers go, all at once.
     pub fn scale_down(&self, desired: u32, plan: &mut Plan) {
-        let Some(c) = self.containers.first() else {
-            return;
-        };
-        let decision = Decision::status(Status::Unknown, "").with(
-            Step::Remove {
-                container: (*c).clone(),
-            },
-            format!("scale down to {desired} replica(s)"),
-        );
-        self.conclude(decision, plan);
+        for c in self.containers.iter().copied().filter(|c| !self.going(c)) {
+            self.remove_now(c, format!("scale down to {desired} replica(s)"), plan);
+        }
     }
 
     /// Whether a container of the current spec runs and is ready.
@@ -104,8 +80,12 @@ impl Context<'_> {
             return false;
         };
         let spec = self.template.spec(worker, id, self.replica);
-        let sorted = self.sort(&spec);
-        sorted.current.is_some_and(|c| {
+        self.ready_current(&self.sort(&spec)).is_some()
+    }
+
+    /// The current container, if it runs and is ready.
+    fn ready_current<'s>(&self, sorted: &Sorted<'s>) -> Option<&'s ManagedContainer> {
+        sorted.current.filter(|c| {
             c.state == RunState::Running
                 && matches!(
                     self.readiness(c, sorted.outdated.is_empty()),
@@ -114,19 +94,122 @@ impl Context<'_> {
         })
     }
 
-    fn stop(&self) -> Decision {
-        match self.containers.first() {
+    fn stop(&self, plan: &mut Plan) -> Decision {
+        let mut removing = None;
+        for c in self.containers.iter().copied().filter(|c| !self.going(c)) {
+            self.remove_now(c, "the worker is disabled".into(), plan);
+            removing.get_or_insert(c);
+        }
+        match removing.or(self.containers.first().copied()) {
             Some(c) => Decision::status(
                 Status::Unknown,
                 format!("disabled: stopping container {}", c.name),
-            )
-            .with(
-                Step::Remove {
-                    container: (*c).clone(),
-                },
-                "the worker is disabled",
             ),
             None => Decision::status(Status::Unknown, "disabled: no container runs"),
+        }
+    }
+
+    /// Whether `c` is being removed by an action in flight.
+    fn going(&self, c: &ManagedContainer) -> bool {
+        self.snapshot.busy.contains(&Slot::Container(c.id.clone()))
+    }
+
+    /// Removes `c` now, as an action of its own (its slot is the container),
+    /// so that retiring containers never waits for one another, nor holds up
+    /// the replica's next step. Waits out the retry backoff of a removal
+    /// that failed.
+    fn remove_now(&self, c: &ManagedContainer, reason: String, plan: &mut Plan) {
+        let slot = Slot::Container(c.id.clone());
+        let failure = self.snapshot.failures.get(&slot);
+        let now = self.snapshot.now_ms;
+        if let Some((at, _)) = super::retry_at(failure, "remove", &c.name, self.policy, now)
+            && now < at
+        {
+            plan.wake_at(at);
+            return;
+        }
+        if c.owner == Owner::SensorBucket {
+            plan.books.takeovers.insert(
+                self.row.id,
+                Takeover {
+                    removed_at_ms: now,
+                    container: c.name.clone(),
+                    revision: c.revision,
+                    recreated: None,
+                },
+            );
+        }
+        plan.actions.push(Action {
+            slot,
+            worker: Some(self.row.id),
+            step: Step::Remove {
+                container: c.clone(),
+            },
+            reason,
+        });
+    }
+
+    /// Every container of this replica that serves nobody goes at once: the
+    /// outdated ones but the one still serving (all of them once the current
+    /// container is `ready`), and duplicates. `spare` is the name holder a
+    /// start-beside of this pass moves out of the way: it goes in a later
+    /// pass, once renamed.
+    fn sweep(
+        &self,
+        sorted: &Sorted,
+        ready: Option<&ManagedContainer>,
+        spare: Option<&str>,
+        plan: &mut Plan,
+    ) {
+        let serving = sorted.serving.map(|c| c.id.as_str());
+        for c in &sorted.outdated {
+            let id = Some(c.id.as_str());
+            if spare == id || (ready.is_none() && serving == id) {
+                continue;
+            }
+            let reason = match ready {
+                Some(current) => self.retire_reason(c, current),
+                None => self.superseded_reason(c, sorted.serving),
+            };
+            self.remove_now(c, reason, plan);
+        }
+        for d in &sorted.duplicates {
+            self.remove_now(d, "duplicate container".into(), plan);
+        }
+    }
+
+    /// Why an outdated container goes once the current one is ready.
+    fn retire_reason(&self, old: &ManagedContainer, current: &ManagedContainer) -> String {
+        let revision = self.row.revision;
+        match (old.owner, old.revision) {
+            _ if old.state != RunState::Running => "outdated container".into(),
+            (Owner::SensorBucket, _) => format!(
+                "revision {revision} is ready in {}: taking over from SensorBucket's controller",
+                current.name
+            ),
+            (_, Some(r)) if r != revision => {
+                format!("revision {revision} is ready in {}", current.name)
+            }
+            _ => format!("its replacement {} is ready", current.name),
+        }
+    }
+
+    /// Why an outdated container goes before the current one is ready.
+    fn superseded_reason(
+        &self,
+        old: &ManagedContainer,
+        serving: Option<&ManagedContainer>,
+    ) -> String {
+        let revision = self.row.revision;
+        match (&old.state, serving) {
+            (RunState::Running, Some(s)) if s.created > old.created => format!(
+                "an older container; {} serves until revision {revision} is ready",
+                s.name
+            ),
+            (RunState::Running, _) => {
+                format!("superseded by revision {revision} before it was ready")
+            }
+            _ => "outdated container".into(),
         }
     }
 
@@ -145,10 +228,16 @@ impl Context<'_> {
         }
         let spec = self.template.spec(worker, image_id, self.replica);
         let sorted = self.sort(&spec);
-        match sorted.current {
+        let decision = match sorted.current {
             None => self.roll_out(spec, &sorted, plan),
             Some(current) => self.keep(current, &sorted, plan),
-        }
+        };
+        let spare = match &decision.step {
+            Some((Step::StartBeside { old, .. }, _)) => Some(old.id.as_str()),
+            _ => None,
+        };
+        self.sweep(&sorted, self.ready_current(&sorted), spare, plan);
+        decision
     }
 
     fn sort(&self, spec: &ContainerSpec) -> Sorted<'_> {
@@ -156,8 +245,10 @@ impl Context<'_> {
         let is_current = |c: &ManagedContainer| {
             c.revision == Some(spec.revision) && c.spec_hash.as_deref() == Some(hash.as_str())
         };
+        let (going, listed): (Vec<&ManagedContainer>, Vec<&ManagedContainer>) =
+            self.containers.iter().copied().partition(|c| self.going(c));
         let (current, outdated): (Vec<&ManagedContainer>, Vec<&ManagedContainer>) =
-            self.containers.iter().copied().partition(|c| is_current(c));
+            listed.into_iter().partition(|c| is_current(c));
         let keep = current
             .iter()
             .copied()
@@ -166,17 +257,26 @@ impl Context<'_> {
             .into_iter()
             .filter(|c| Some(c.id.as_str()) != keep.map(|k| k.id.as_str()))
             .collect();
+        let serving = outdated
+            .iter()
+            .copied()
+            .filter(|c| {
+                c.state == RunState::Running && matches!(self.readiness(c, false), Readiness::Ready)
+            })
+            .max_by_key(|c| (c.created, c.id.clone()));
         Sorted {
             current: keep,
             duplicates,
             outdated,
+            serving,
+            going,
         }
     }
 
     /// No container of the current spec: start one (beside the old one, if
     /// any), unless this very spec already failed while the old one serves.
     fn roll_out(&self, spec: ContainerSpec, sorted: &Sorted, plan: &mut Plan) -> Decision {
-        let serving = sorted.serving();
+        let serving = sorted.serving;
         let hash = spec.hash();
         let failed = self
             .snapshot
@@ -188,8 +288,7 @@ impl Context<'_> {
             plan.books
                 .failed_rollouts
                 .insert(self.row.id, failed.clone());
-            return Decision::status(Status::Error, rollout_failed(failed, old))
-                .or_with(sorted.idle());
+            return Decision::status(Status::Error, rollout_failed(failed, old));
         }
         let revision = spec.revision;
         if let (false, Some(_)) = (self.may_roll, serving) {
@@ -200,10 +299,16 @@ impl Context<'_> {
                     self.replica,
                     keeps_serving(serving)
                 ),
-            )
-            .or_with(sorted.idle());
+            );
         }
         let info = starting_info(revision, serving);
+        if let Some(going) = sorted.going.iter().find(|c| c.name == spec.name) {
+            // Its removal is in flight; the name is free once it ends.
+            return Decision::status(
+                Status::Unknown,
+                format!("{info}; waiting for {} to be removed", going.name),
+            );
+        }
         let holder = sorted.outdated.iter().find(|c| c.name == spec.name);
         match holder {
             Some(old) => Decision::status(Status::Unknown, info).with(
@@ -226,7 +331,7 @@ impl Context<'_> {
             RunState::Running => self.running(current, sorted, plan),
             RunState::Created => Decision::status(
                 Status::Unknown,
-                starting_info(self.row.revision, sorted.serving()),
+                starting_info(self.row.revision, sorted.serving),
             )
             .with(
                 Step::Start {
@@ -236,11 +341,9 @@ impl Context<'_> {
             ),
             RunState::Exited(code) => {
                 let words = self.snapshot.last_words.get(&current.id).cloned();
-                match sorted.serving() {
+                match sorted.serving {
                     Some(old) => self.give_up(current, old, exit_why(current, *code, words), plan),
-                    None => self
-                        .crashed(current, *code, words, plan)
-                        .or_with(sorted.idle()),
+                    None => self.crashed(current, *code, words, plan),
                 }
             }
             RunState::Other(state) => Decision::status(
@@ -255,7 +358,7 @@ impl Context<'_> {
 
     fn running(&self, current: &ManagedContainer, sorted: &Sorted, plan: &mut Plan) -> Decision {
         let recovering = self.recovering(plan);
-        let serving = sorted.serving();
+        let serving = sorted.serving;
         match self.readiness(current, sorted.outdated.is_empty()) {
             Readiness::Ready => {
                 let info = match recovering {
@@ -267,7 +370,7 @@ impl Context<'_> {
                     ),
                     None => running_info(self.row.revision, &current.name),
                 };
-                Decision::status(Status::Ready, info).or_with(self.retire(current, sorted))
+                Decision::status(Status::Ready, info)
             }
             Readiness::Waiting { started_ms } => {
                 let deadline = started_ms + ms(self.policy.ready_timeout);
@@ -285,15 +388,13 @@ impl Context<'_> {
                              {timeout} after it started: see `workerctl worker logs {}`",
                             current.name, self.row.revision, self.row.name
                         ),
-                    )
-                    .or_with(sorted.idle()),
+                    ),
                     _ => {
                         plan.wake_at(deadline);
                         if current.health == Health::None {
                             plan.wake_at(started_ms + ms(self.policy.assume_ready_after));
                         }
                         Decision::status(Status::Unknown, waiting_info(current, serving))
-                            .or_with(sorted.idle())
                     }
                 }
             }
@@ -310,46 +411,12 @@ impl Context<'_> {
         })
     }
 
-    /// Once the current container is ready: the old ones go, one at a time,
-    /// the one that still serves first; then duplicates.
-    fn retire(&self, current: &ManagedContainer, sorted: &Sorted) -> Option<(Step, String)> {
-        if let Some(old) = sorted.serving() {
-            let reason = match old.revision {
-                Some(r) if r != self.row.revision => {
-                    format!(
-                        "revision {} is ready in {}",
-                        self.row.revision, current.name
-                    )
-                }
-                _ => format!("its replacement {} is ready", current.name),
-            };
-            return Some((
-                Step::Remove {
-                    container: old.clone(),
-                },
-                reason,
-            ));
-        }
-        sorted.idle().or_else(|| {
-            sorted.duplicates.first().map(|d| {
-                (
-                    Step::Remove {
-                        container: (*d).clone(),
-                    },
-                    "duplicate container".into(),
-                )
-            })
-        })
-    }
-
     fn readiness(&self, c: &ManagedContainer, alone: bool) -> Readiness {
         let s = self.snapshot;
-        let reported = s.reports.iter().any(|r| {
-            r.worker == self.row.id
-                && r.token == self.row.code_token
-                && r.container == c.name
-                && Some(&r.spec_hash) == c.spec_hash.as_ref()
-        });
+        let reported = s
+            .reports
+            .iter()
+            .any(|r| r.worker == self.row.id && r.token == self.row.code_token && r.is_of(c));
         let started_here = s.started_ms.get(&c.id).copied();
         // After a restart of the daemon: the container it finds was ready
         // if the status it wrote for this revision says so.
@@ -562,6 +629,14 @@ fn waiting_info(c: &ManagedContainer, serving: Option<&ManagedContainer>) -> Str
 }
 
 fn keeps_serving(serving: Option<&ManagedContainer>) -> String {
+    if let Some(c) = serving.filter(|c| c.owner == Owner::SensorBucket) {
+        let theirs = c.revision.map_or("?".into(), |r| r.to_string());
+        return format!(
+            "; SensorBucket's controller's container {} (revision {theirs}) keeps serving until \
+             then",
+            c.name
+        );
+    }
     match serving.and_then(|c| c.revision) {
         Some(r) => format!("; revision {r} keeps serving"),
         None if serving.is_some() => "; the old container keeps serving".into(),
@@ -595,6 +670,13 @@ fn exit_story(code: Option<i64>, words: Option<&str>, c: &ManagedContainer) -> S
 }
 
 fn replace_reason(old: &ManagedContainer, revision: Revision, hash: &str) -> String {
+    if old.owner == Owner::SensorBucket {
+        let theirs = old.revision.map_or("?".into(), |r| r.to_string());
+        return format!(
+            "taking over from SensorBucket's controller: its container runs revision {theirs} \
+             → {revision}"
+        );
+    }
     match old.revision {
         Some(r) if r != revision => format!("revision {r} → {revision}"),
         None => format!("unreadable revision → {revision}"),

@@ -21,9 +21,9 @@ use bollard::models::{
     HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RenameContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -33,7 +33,9 @@ use tracing::{debug, warn};
 
 use super::{ContainerRuntime, ImageState, RuntimeError};
 use crate::backoff::{self, error_chain};
-use crate::model::{ContainerSpec, Health, Labelled, ManagedContainer, RunState, labels};
+use crate::model::{
+    ContainerSpec, Health, Labelled, ManagedContainer, Owner, RunState, WorkerId, labels,
+};
 
 /// The events that may change what a pass decides: a worker exited, was
 /// removed, ran out of memory, or its health check changed its mind (the
@@ -116,6 +118,42 @@ impl DockerRuntime {
         format!("{}={}", labels::INSTANCE, self.instance)
     }
 
+    /// Every container (running or not) carrying `label`.
+    async fn list_labelled(&self, label: String) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let filters = HashMap::from([("label", vec![label])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        self.api()
+            .list_containers(Some(options))
+            .await
+            .map_err(RuntimeError::List)
+    }
+
+    /// The stop signal a new container gets: the configured one, else none
+    /// (so the image's STOPSIGNAL, or SIGTERM) for an image that declares
+    /// one or is the dockerworker, else SIGINT (see `docker.stop_signal`).
+    async fn stop_signal(&self, spec: &ContainerSpec) -> Option<String> {
+        if spec.stop_signal.is_some() {
+            return spec.stop_signal.clone();
+        }
+        let image = if spec.image_id.is_empty() {
+            &spec.image
+        } else {
+            &spec.image_id
+        };
+        // An image that cannot be inspected fails the create anyway.
+        let config = self.api().inspect_image(image).await.ok()?.config?;
+        let declared = config.stop_signal.filter(|s| !s.is_empty());
+        let dockerworker = config
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(labels::RUNTIME))
+            .is_some_and(|v| v == labels::RUNTIME_DOCKERWORKER);
+        (declared.is_none() && !dockerworker).then(|| "SIGINT".to_string())
+    }
+
     /// Whether the container holding `name` belongs to this instance.
     /// `None` when it cannot be told (the holder vanished meanwhile, say).
     async fn name_is_ours(&self, name: &str) -> Option<bool> {
@@ -127,19 +165,19 @@ impl DockerRuntime {
 
 impl ContainerRuntime for DockerRuntime {
     async fn list(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
-        let filters = HashMap::from([("label", vec![self.instance_filter()])]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let summaries = self
-            .api()
-            .list_containers(Some(options))
-            .await
-            .map_err(RuntimeError::List)?;
-        Ok(summaries
+        let sensorbucket = format!(
+            "{}={}",
+            labels::sensorbucket::CONTROLLED_BY,
+            labels::sensorbucket::CONTROLLER
+        );
+        let (ours, theirs) = tokio::join!(
+            self.list_labelled(self.instance_filter()),
+            self.list_labelled(sensorbucket)
+        );
+        Ok(ours?
             .into_iter()
             .filter_map(managed_container)
+            .chain(theirs?.into_iter().filter_map(sensorbucket_container))
             .collect())
     }
 
@@ -172,7 +210,8 @@ impl ContainerRuntime for DockerRuntime {
         let options = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        let body = create_body(spec, &self.instance);
+        let mut body = create_body(spec, &self.instance);
+        body.stop_signal = self.stop_signal(spec).await;
         match self.api().create_container(Some(options), body).await {
             Ok(created) => {
                 for warning in created.warnings {
@@ -215,6 +254,35 @@ impl ContainerRuntime for DockerRuntime {
                 source,
             }),
         }
+    }
+
+    async fn interrupt(
+        &self,
+        id: &str,
+        signal: &str,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let failed = |source| RuntimeError::Stop {
+            container: id.to_string(),
+            source,
+        };
+        let options = KillContainerOptionsBuilder::default()
+            .signal(signal)
+            .build();
+        match self.api().kill_container(id, Some(options)).await {
+            // 404: gone; 409: not running. Either way it is down.
+            Err(e) if matches!(status_code(&e), Some(404 | 409)) => return Ok(()),
+            other => other.map_err(failed)?,
+        }
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut exited = self.api().wait_container(id, Some(options));
+        if tokio::time::timeout(timeout, exited.next()).await.is_ok() {
+            return Ok(());
+        }
+        // It did not stop in time: what `docker stop` does after its grace period.
+        self.stop(id, Duration::ZERO).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
@@ -570,7 +638,29 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
             == Some(labels::RUNTIME_DOCKERWORKER),
         state: run_state(summary.state, summary.status.as_deref()),
         created: summary.created.unwrap_or_default(),
+        owner: Owner::Workerctl,
     })
+}
+
+/// A container of SensorBucket's own controller in model terms: its
+/// `worker-id` and `worker-revision`, replica 0, no spec hash (so never the
+/// current spec). `None` without an id or a readable worker id: such a
+/// container is nobody's business here.
+fn sensorbucket_container(summary: ContainerSummary) -> Option<ManagedContainer> {
+    let labels = summary.labels.clone().unwrap_or_default();
+    let worker_id: WorkerId = labels.get(labels::sensorbucket::WORKER_ID)?.parse().ok()?;
+    let revision = labels
+        .get(labels::sensorbucket::REVISION)
+        .and_then(|r| r.parse().ok())
+        .map(crate::model::Revision);
+    let mut container = managed_container(summary)?;
+    container.worker_id = Some(worker_id);
+    container.revision = revision;
+    container.spec_hash = None;
+    container.replica = 0;
+    container.dockerworker = false;
+    container.owner = Owner::SensorBucket;
+    Some(container)
 }
 
 fn run_state(state: Option<ContainerSummaryStateEnum>, status: Option<&str>) -> RunState {
@@ -740,6 +830,7 @@ mod tests {
                 cap_drop: vec!["ALL".into()],
                 tmpfs: vec!["/tmp".into(), "/usercode".into()],
             },
+            stop_signal: None,
             ready_url: Some("http://ctl/w/ready?token=t".into()),
         }
     }

@@ -86,7 +86,9 @@ pub enum ImageState {
 /// The reconciler's view of the container engine. `list` is one API call for
 /// all managed containers; nothing here is called once per worker per idle pass.
 pub trait ContainerRuntime: Send + Sync + 'static {
-    /// Every container carrying this instance's label, running or not.
+    /// Every container carrying this instance's label, running or not, and
+    /// every container of SensorBucket's own controller
+    /// ([`crate::model::Owner::SensorBucket`]).
     fn list(&self) -> impl Future<Output = Result<Vec<ManagedContainer>, RuntimeError>> + Send;
 
     /// Resolves an image tag to its id.
@@ -111,6 +113,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn stop(
         &self,
         id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Sends `signal`, waits up to `timeout` for the container to exit,
+    /// then kills it: a stop with a signal other than the container's own
+    /// (a container workerctl did not create). A stopped or vanished
+    /// container is fine.
+    fn interrupt(
+        &self,
+        id: &str,
+        signal: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 

@@ -605,7 +605,7 @@ fn container_spec(
         read_only: Some(hardening.read_only_rootfs),
         capability_drop: Some(hardening.cap_drop.clone()),
         mounts: Some(hardening.tmpfs.iter().map(|path| tmpfs(path)).collect()),
-        stop_signal: Some("SIGTERM".into()),
+        stop_signal: Some(spec.stop_signal.clone().unwrap_or_else(|| "SIGTERM".into())),
         stop_grace_period: Some(nanos(options.stop_timeout)),
         health_check: options.readiness.as_ref().map(Probe::health_config),
         // The worker image brings its own init (tini).
@@ -748,6 +748,7 @@ mod tests {
                     cap_drop: vec!["ALL".into()],
                     tmpfs: vec!["/tmp".into(), "/usercode".into()],
                 },
+                stop_signal: None,
                 ready_url: Some("http://ctl/x/ready".into()),
             },
             replicas: 4,
