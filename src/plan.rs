@@ -163,6 +163,8 @@ pub struct Takeover {
     /// Unix ms when its removal was decided: a container of that
     /// controller created later was made again by it, still running.
     pub removed_at_ms: i64,
+    /// The container removed, by id and by name.
+    pub container_id: String,
     pub container: String,
     pub revision: Option<Revision>,
     /// The container that controller made again, if it did: workerctl then

@@ -679,7 +679,13 @@ fn ready_url_of(container: &ManagedContainer) -> String {
 
 #[sqlx::test(migrations = false)]
 async fn a_worker_stuck_in_its_grace_period_does_not_hold_up_another(pool: PgPool) {
-    let d = Daemon::start_with(pool, |c| c.docker.stop_timeout = Duration::from_secs(10)).await;
+    // SIGTERM, which the stubborn stand-in ignores (by default it would get
+    // SIGINT, as an image that declares no stop signal).
+    let d = Daemon::start_with(pool, |c| {
+        c.docker.stop_timeout = Duration::from_secs(10);
+        c.docker.stop_signal = Some("SIGTERM".into());
+    })
+    .await;
     let stuck = d.insert("stuck", "enabled", "stubborn.main", &code()).await;
     let old = d.running_at(stuck, 1).await;
     d.status_matching(stuck, "ready", "running revision 1")

@@ -175,7 +175,9 @@ fn spec_for(instance: &str, script: &str) -> ContainerSpec {
             cap_drop: vec!["ALL".into()],
             tmpfs: vec!["/tmp".into()],
         },
-        stop_signal: None,
+        // These tests are about SIGTERM; by default this image (no
+        // STOPSIGNAL, not the dockerworker) would get SIGINT.
+        stop_signal: Some("SIGTERM".into()),
         ready_url: None,
     }
 }
@@ -237,7 +239,7 @@ async fn list_finds_only_this_instances_containers_with_their_labels() {
 }
 
 #[tokio::test]
-async fn listing_is_one_api_call_however_many_containers_exist() {
+async fn listing_is_two_api_calls_however_many_containers_exist() {
     with_harness(|h| async move {
         for _ in 0..3 {
             h.rt.create(&h.spec("sleep 30")).await.expect("create");
@@ -245,7 +247,8 @@ async fn listing_is_one_api_call_however_many_containers_exist() {
         let before = h.rt.api_calls();
         let listed = h.rt.list().await.expect("list");
         assert_eq!(listed.len(), 3);
-        assert_eq!(h.rt.api_calls(), before + 1);
+        // This instance's containers, and SensorBucket's controller's.
+        assert_eq!(h.rt.api_calls(), before + 2);
     })
     .await;
 }
@@ -405,6 +408,55 @@ async fn stop_kills_a_worker_that_ignores_term_after_the_timeout() {
             h.wait_for(&id, is_exited).await.state,
             RunState::Exited(Some(137))
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_image_without_a_stop_signal_of_its_own_is_stopped_with_sigint() {
+    with_harness(|h| async move {
+        let spec = ContainerSpec {
+            stop_signal: None,
+            ..h.spec("sleep 30")
+        };
+        let id = h.rt.create(&spec).await.expect("create");
+        let config = h.inspect(&id).await.config.expect("config");
+        assert_eq!(config.stop_signal.as_deref(), Some("SIGINT"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn interrupt_sends_its_signal_and_kills_only_what_ignores_it() {
+    with_harness(|h| async move {
+        let polite = r#"trap "exit 0" INT; while true; do sleep 0.1; done"#;
+        let deaf = r#"trap "" INT; while true; do sleep 0.1; done"#;
+        let polite = h.create_started(&h.spec(polite)).await;
+        let deaf = h.create_started(&h.spec(deaf)).await;
+        for id in [&polite, &deaf] {
+            h.wait_for(id, |s| *s == RunState::Running).await;
+        }
+        // The shells install their traps right after starting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (a, b) = tokio::join!(
+            h.rt.interrupt(&polite, "SIGINT", Duration::from_secs(60)),
+            h.rt.interrupt(&deaf, "SIGINT", Duration::from_secs(1)),
+        );
+        a.expect("interrupt");
+        b.expect("interrupt");
+        assert_eq!(
+            h.wait_for(&polite, is_exited).await.state,
+            RunState::Exited(Some(0)),
+            "it exited on SIGINT, within the 60 s it had"
+        );
+        assert_eq!(
+            h.wait_for(&deaf, is_exited).await.state,
+            RunState::Exited(Some(137)),
+            "killed once its second was up"
+        );
+        h.rt.interrupt(&deaf, "SIGINT", Duration::from_secs(1))
+            .await
+            .expect("interrupting a stopped container is fine");
     })
     .await;
 }

@@ -85,12 +85,14 @@ impl Taken<'_> {
     }
 }
 
-/// A container of that controller created after workerctl decided to
-/// remove one: the controller made it again.
+/// Another container of that controller, created no earlier than the
+/// second in which workerctl decided to remove one (the engine counts whole
+/// seconds): the controller made it again.
 fn made_again(book: &Takeover, theirs: &[&ManagedContainer]) -> Option<String> {
+    let removed_s = book.removed_at_ms.div_euclid(1000);
     theirs
         .iter()
-        .find(|c| c.created.saturating_mul(1000) >= book.removed_at_ms)
+        .find(|c| c.id != book.container_id && c.created >= removed_s)
         .map(|c| c.name.clone())
 }
 

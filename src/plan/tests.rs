@@ -1074,6 +1074,7 @@ fn a_controller_that_makes_its_container_again_is_reported_not_fought() {
         id(1),
         Takeover {
             removed_at_ms: NOW - 5_000,
+            container_id: "sb1".into(),
             container: format!("worker-{}-old-sb1", id(1)),
             revision: Some(Revision(1)),
             recreated: None,
@@ -1101,6 +1102,7 @@ fn a_worker_taken_over_says_so_once_ready() {
         id(1),
         Takeover {
             removed_at_ms: NOW - 5_000,
+            container_id: "sb1".into(),
             container: "worker-x-old-sb1".into(),
             revision: Some(Revision(1)),
             recreated: None,
@@ -1551,4 +1553,29 @@ fn a_disabled_worker_wants_no_replica_and_an_invalid_one_keeps_what_it_has() {
     ));
     let wanted: Vec<i32> = p.observed.iter().map(|o| o.desired_replicas).collect();
     assert_eq!(wanted, [0, 1, 1]);
+}
+
+#[test]
+fn a_container_made_again_within_the_same_second_still_counts() {
+    let r = row(1, 2);
+    let mut again = sensorbucket_container(1);
+    again.id = "sb-again".into();
+    // Removed at 999.9 s; made again at 999.95 s, which the engine lists as 999.
+    again.created = 999;
+    let mut s = snapshot(vec![r], vec![again]);
+    s.books.takeovers.insert(
+        id(1),
+        Takeover {
+            removed_at_ms: 999_900,
+            container_id: "sb1".into(),
+            container: "worker-x-old-sb1".into(),
+            revision: Some(Revision(1)),
+            recreated: None,
+        },
+    );
+    let p = run(&s);
+    assert_eq!(
+        p.books.takeovers[&id(1)].recreated.as_deref(),
+        Some(format!("worker-{}", id(1)).as_str())
+    );
 }

@@ -133,6 +133,7 @@ impl Context<'_> {
                 self.row.id,
                 Takeover {
                     removed_at_ms: now,
+                    container_id: c.id.clone(),
                     container: c.name.clone(),
                     revision: c.revision,
                     recreated: None,
