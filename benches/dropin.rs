@@ -377,7 +377,12 @@ impl Bench {
             ..BasicConsumeOptions::default()
         };
         let mut consumer = channel
-            .basic_consume(queue.as_str().into(), "".into(), no_ack, FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            )
             .await
             .expect("consume the next queue");
         let answers = Arc::new(Mutex::new(Vec::new()));
@@ -455,7 +460,10 @@ async fn docker<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(args: I) -
 /// Every container of the worker, workerctl's and SensorBucket-labelled.
 async fn containers_of(id: Uuid) -> Vec<String> {
     let mut all = Vec::new();
-    for label in [format!("workerctl.worker-id={id}"), format!("worker-id={id}")] {
+    for label in [
+        format!("workerctl.worker-id={id}"),
+        format!("worker-id={id}"),
+    ] {
         let out = docker(["ps", "-aq", "--filter", &format!("label={label}")]).await;
         all.extend(out.split_whitespace().map(String::from));
     }
@@ -670,7 +678,10 @@ async fn takeovers(b: &Bench) -> Takeover {
         let taking_over = async {
             let first_new = first_answer(&answers, 2).await;
             until("SensorBucket's container to go", async || {
-                docker_cli(["inspect", &theirs]).await.is_err().then_some(())
+                docker_cli(["inspect", &theirs])
+                    .await
+                    .is_err()
+                    .then_some(())
             })
             .await;
             let gone = Instant::now();
@@ -703,7 +714,8 @@ async fn takeovers(b: &Bench) -> Takeover {
         ));
         b.delete(id).await;
         daemon.stop().await;
-        out.floor_s.push(daemon_start_to_first_answer(b, &publisher).await);
+        out.floor_s
+            .push(daemon_start_to_first_answer(b, &publisher).await);
     }
     out
 }
@@ -820,7 +832,10 @@ fn print(rapid: &[(&str, Rapid)], t: &Takeover, load_before: &str, load_after: &
         );
     }
     let s = |v: &[f64]| v.iter().map(|x| x * 1e3).collect::<Vec<_>>();
-    println!("takeover from SensorBucket's controller (n={}):", t.gone_s.len());
+    println!(
+        "takeover from SensorBucket's controller (n={}):",
+        t.gone_s.len()
+    );
     println!(
         "  daemon start → first answer by the current revision    median {:>6.0} ms  (spread {} ms)  floor: daemon start → first answer, nobody serving {:.0} ms",
         median(&s(&t.first_new_s)),

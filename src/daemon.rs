@@ -7,6 +7,7 @@
 //! all start the daemon through [`Daemon::spawn`], so what they test is
 //! what runs.
 
+use crate::consumers::ConsumerCounts;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -153,7 +154,13 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                     reports.clone(),
                 )
                 .led_by(leadership.clone())
-                .reading_depths(depths);
+                .reading_depths(depths)
+                .counting_consumers(ConsumerCounts::spawn(
+                    config.amqp.url.expose().to_string(),
+                    wake.clone(),
+                    tracker,
+                    shutdown,
+                ));
                 tracker.spawn(async move {
                     controller::run(reconciler, wake_loop, settings, stop).await;
                     drop(release);

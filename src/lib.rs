@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub(crate) mod consumers;
 pub mod controller;
 pub mod daemon;
 pub mod dead_letters;

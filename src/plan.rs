@@ -309,6 +309,9 @@ pub struct Snapshot {
     pub depths: Option<QueueDepths>,
     /// Why `depths` is `None`, in one line (for the status).
     pub depths_unknown: String,
+    /// Consumers on the queues of the workers the last plan asked to watch
+    /// (`Plan::watch_consumers`), as the broker counts them now.
+    pub consumers: BTreeMap<WorkerId, u32>,
     pub now_ms: i64,
 }
 
@@ -386,6 +389,10 @@ pub struct Plan {
     pub books: Books,
     /// When the next pass must run at the latest, Unix ms.
     pub wake_at_ms: Option<i64>,
+    /// Workers with a new container that cannot say it consumes (no ready
+    /// report, no health check): the broker's consumer count of their queue
+    /// tells instead (see `consumers.rs`).
+    pub watch_consumers: BTreeSet<WorkerId>,
 }
 
 impl Plan {

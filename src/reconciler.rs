@@ -17,6 +17,7 @@ pub mod in_flight;
 pub mod publish;
 pub mod services;
 
+use crate::consumers::ConsumerCounts;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
@@ -148,6 +149,8 @@ pub struct Reconciler<S, R> {
     /// The latest queue-depth reading of the poller (`broker::poll`); none:
     /// depths unknown, replica counts held.
     depths: Option<watch::Receiver<Reading>>,
+    /// Consumer counts of the queues a rollout waits on.
+    consumers: Option<ConsumerCounts>,
 }
 
 /// Unix milliseconds that advance with tokio's clock, so that tests with
@@ -201,6 +204,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             clock: Clock::new(),
             leadership: None,
             depths: None,
+            consumers: None,
         }
     }
 
@@ -214,6 +218,13 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
     /// The same reconciler, reading queue depths from `readings`.
     pub fn reading_depths(mut self, readings: watch::Receiver<Reading>) -> Self {
         self.depths = Some(readings);
+        self
+    }
+
+    /// The same reconciler, asking the broker who consumes the queues of
+    /// workers whose new container cannot say so itself.
+    pub(crate) fn counting_consumers(mut self, counts: ConsumerCounts) -> Self {
+        self.consumers = Some(counts);
         self
     }
 
@@ -244,6 +255,11 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             last_words,
             depths,
             depths_unknown,
+            consumers: self
+                .consumers
+                .as_ref()
+                .map(ConsumerCounts::latest)
+                .unwrap_or_default(),
             containers,
             now_ms: self.clock.now_ms(),
         })
@@ -317,6 +333,9 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
         let snapshot = self.observe().await?;
         let plan = plan(&snapshot, &self.settings.template, &self.settings.policy);
         self.books = plan.books.clone();
+        if let Some(consumers) = &self.consumers {
+            consumers.want(plan.watch_consumers.clone());
+        }
         self.forget_gone(&snapshot);
         self.publisher
             .publish(

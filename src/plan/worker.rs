@@ -395,6 +395,9 @@ impl Context<'_> {
                         if current.health == Health::None {
                             plan.wake_at(started_ms + ms(self.policy.assume_ready_after));
                         }
+                        if says_nothing(current) {
+                            plan.watch_consumers.insert(self.row.id);
+                        }
                         Decision::status(Status::Unknown, waiting_info(current, serving))
                     }
                 }
@@ -428,11 +431,31 @@ impl Context<'_> {
         let started_ms = started_here.unwrap_or(c.created * 1000);
         let assumed =
             c.health == Health::None && s.now_ms >= started_ms + ms(self.policy.assume_ready_after);
-        if reported || adopted || assumed || c.health == Health::Healthy {
+        if reported || adopted || assumed || c.health == Health::Healthy || self.counted(c) {
             Readiness::Ready
         } else {
             Readiness::Waiting { started_ms }
         }
+    }
+
+    /// Whether the broker counts more consumers on the worker's queue than
+    /// the worker's other running containers could hold (one each): then
+    /// `c`, which cannot say so itself, consumes too.
+    fn counted(&self, c: &ManagedContainer) -> bool {
+        if !says_nothing(c) {
+            return false;
+        }
+        let Some(&consumers) = self.snapshot.consumers.get(&self.row.id) else {
+            return false;
+        };
+        let others = self
+            .snapshot
+            .containers
+            .iter()
+            .filter(|o| o.worker_id == Some(self.row.id) && o.id != c.id)
+            .filter(|o| o.state == RunState::Running)
+            .count();
+        usize::try_from(consumers).is_ok_and(|n| n > others)
     }
 
     /// The new container failed while the old one serves: it goes, the old
@@ -606,6 +629,12 @@ impl Context<'_> {
             info: info.into(),
         }
     }
+}
+
+/// Whether a container can tell nothing of its readiness itself: no health
+/// check, and not the dockerworker (which reports ready).
+fn says_nothing(c: &ManagedContainer) -> bool {
+    c.health == Health::None && !c.dockerworker
 }
 
 pub(super) fn ms(d: Duration) -> i64 {
