@@ -251,7 +251,8 @@ impl Bench {
             }
         }
         if let Ok(channel) = self.amqp.create_channel().await {
-            for q in lock(&self.queues).clone() {
+            let queues = lock(&self.queues).clone();
+            for q in queues {
                 let _ = channel
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await;
