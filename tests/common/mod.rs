@@ -46,13 +46,13 @@ pub fn stand_in_image() -> &'static str {
     STAND_IN_IMAGE
 }
 
-/// [`WORKER_IMAGE`], or the image `WORKERCTL_TEST_WORKER_IMAGE` names (a
+/// [`WORKER_IMAGE`], or the image `TEST_WORKER_IMAGE` names (a
 /// runtime built from a working tree under a tag of its own, so as not to
 /// change the shared one), failing loudly if it has not been built.
 pub fn worker_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     let image = IMAGE.get_or_init(|| {
-        std::env::var("WORKERCTL_TEST_WORKER_IMAGE").unwrap_or_else(|_| WORKER_IMAGE.into())
+        std::env::var("TEST_WORKER_IMAGE").unwrap_or_else(|_| WORKER_IMAGE.into())
     });
     let out = Command::new("docker")
         .args(["image", "inspect", "--format", "{{.Id}}", image])
