@@ -186,6 +186,8 @@ def test_a_devices_endpoint_outage_is_retried_until_it_passes(broker: Broker, ma
 
     assert json.loads(result.body)["device"] == {"id": 42}
     assert result.message_id == "dev"
+    # The result can arrive before the worker has written its log line.
+    wait_until(lambda: len(worker.events("message")) >= 3, 20, "the third message log line")
     assert [line["outcome"] for line in worker.events("message")] == ["retry", "retry", "forwarded"]
     path, headers = devices.script.requests[-1]
     assert path.startswith("/devices?properties=")
