@@ -122,6 +122,8 @@ def test_a_next_step_nobody_listens_to_is_reported_on_errors(broker: Broker, mak
     body = json.loads(error.body)
     assert "nobody-home" in body["error"]
     assert body["processing_attempt"]["step_index"] == 1
+    # The error can arrive before the worker has written its log line.
+    wait_until(lambda: worker.events("message"), 20, "the message log line")
     assert [line["outcome"] for line in worker.events("message")] == ["unroutable"]
     assert worker.stop() == 0
 
@@ -313,6 +315,7 @@ def test_a_publish_the_broker_refuses_is_retried_then_dead_lettered(broker: Brok
     [error] = broker.take(errors, 1)
 
     assert "publish refused by the broker" in json.loads(error.body)["error"]
+    wait_until(lambda: len(worker.events("message")) >= 3, 20, "the third message log line")
     assert [line["outcome"] for line in worker.events("message")] == ["retry", "retry", "dead_lettered"]
     assert worker.stop() == 0
     assert broker.message_count(worker.queue) == 0
