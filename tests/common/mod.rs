@@ -51,9 +51,8 @@ pub fn stand_in_image() -> &'static str {
 /// change the shared one), failing loudly if it has not been built.
 pub fn worker_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    let image = IMAGE.get_or_init(|| {
-        std::env::var("TEST_WORKER_IMAGE").unwrap_or_else(|_| WORKER_IMAGE.into())
-    });
+    let image = IMAGE
+        .get_or_init(|| std::env::var("TEST_WORKER_IMAGE").unwrap_or_else(|_| WORKER_IMAGE.into()));
     let out = Command::new("docker")
         .args(["image", "inspect", "--format", "{{.Id}}", image])
         .output()
