@@ -53,6 +53,9 @@ from .message import (
 # retry path republishes with it incremented.
 ATTEMPT_HEADER = "x-workerctl-attempt"
 LAST_ERROR_HEADER = "x-workerctl-last-error"
+# The fields of the body published to `errors`, in SensorBucket's wrapper's
+# order (docs/compatibility.md §4 lists them; a test compares the two).
+ERROR_FIELDS = ("received_by_worker", "processing_attempt", "worker", "queue", "timestamp", "error")
 # Set by quorum queues on every redelivery of an unacknowledged message.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
@@ -135,7 +138,7 @@ def timed_out(body: bytes, headers: Mapping[str, Any], reason: str, where: str, 
     except PoisonMessage:
         received = body.decode("utf-8", errors="replace")
     attempt = attempt_of(headers)
-    error_body = error_document(received, None, f"{reason}\n{where}", attempt, ctx)
+    error_body = error_document(received, None, f"{reason}\n{where}", ctx)
     return Outcome(Verdict.TIMED_OUT, ERRORS_ROUTING_KEY, error_body, attempt, _tracing_id_of(body), error=reason)
 
 
@@ -200,7 +203,7 @@ def _transient(
 def _poison(body: bytes, exc: PoisonMessage, attempt: int, ctx: Context) -> Outcome:
     received = body.decode("utf-8", errors="replace")
     tracing_id = _tracing_id_of(body)
-    error_body = error_document(received, None, str(exc), attempt, ctx)
+    error_body = error_document(received, None, str(exc), ctx)
     return Outcome(Verdict.POISON, ERRORS_ROUTING_KEY, error_body, attempt, tracing_id, error=str(exc))
 
 
@@ -214,20 +217,23 @@ def _to_errors(
     ctx: Context,
     output: str,
 ) -> Outcome:
-    body = error_document(data, message, error, attempt, ctx)
+    body = error_document(data, message, error, ctx)
     return Outcome(verdict, ERRORS_ROUTING_KEY, body, attempt, tracing_id, error=_last_line(error), output=output)
 
 
-def error_document(received: Any, attempted: Any, error: str, attempt: int, ctx: Context) -> bytes:
-    """The body published to `errors` (docs/compatibility.md §4, plus `attempt`)."""
+def error_document(received: Any, attempted: Any, error: str, ctx: Context) -> bytes:
+    """The body published to `errors`: SensorBucket's wrapper's, field for
+    field (docs/compatibility.md §4, `ERROR_FIELDS`). `worker` and `queue` are
+    both the worker's id, as production sets them, and `timestamp` is in Unix
+    seconds, unlike every other timestamp of the pipeline. The attempt goes
+    in the `x-workerctl-attempt` header instead (the pump sets it)."""
     document = {
         "received_by_worker": received,
         "processing_attempt": attempted,
         "worker": ctx.worker_id,
-        "queue": ctx.queue,
-        "timestamp": int(time.time() * 1000),
+        "queue": ctx.worker_id,
+        "timestamp": int(time.time()),
         "error": error,
-        "attempt": attempt,
     }
     try:
         return dumps(document)

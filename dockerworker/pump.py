@@ -284,7 +284,10 @@ class Pump:
                 delivery, outcome, started, PublishKind.RESULT, outcome.verdict, outcome.routing_key or "",
                 outcome.body, True,
             )
-            self._publish(record, self.config.exchange, _passed_on(delivery.headers, timestamp=True))
+            headers = _passed_on(delivery.headers, timestamp=True)
+            if outcome.routing_key == ERRORS_ROUTING_KEY:
+                headers[processing.ATTEMPT_HEADER] = outcome.attempt
+            self._publish(record, self.config.exchange, headers)
 
     def _publish_retry(self, delivery: Delivery, outcome: Outcome, started: float) -> None:
         if outcome.attempt >= self.config.max_attempts:
@@ -303,13 +306,13 @@ class Pump:
 
     def _publish_to_errors(self, delivery: Delivery, outcome: Outcome, started: float, verdict: Verdict, reason: str) -> None:
         attempted = _json_or_text(outcome.body) if outcome.body else None
-        document = processing.error_document(
-            _json_or_text(delivery.body), attempted, reason, outcome.attempt, self.context
-        )
+        document = processing.error_document(_json_or_text(delivery.body), attempted, reason, self.context)
         # Not mandatory: if nobody listens on `errors` there is nowhere left
         # to send it; the log line still carries the reason.
         record = _Publish(delivery, outcome, started, PublishKind.ERRORS, verdict, ERRORS_ROUTING_KEY, document, False)
-        self._publish(record, self.config.exchange, _passed_on(delivery.headers, timestamp=True))
+        headers = _passed_on(delivery.headers, timestamp=True)
+        headers[processing.ATTEMPT_HEADER] = outcome.attempt
+        self._publish(record, self.config.exchange, headers)
 
     def _publish(
         self,

@@ -28,7 +28,13 @@
 //! (`management.disable_stats`; RabbitMQ deprecates it as
 //! `management_metrics_collection`). A broker that does not know the
 //! parameters would ignore them, as it does any unknown query parameter,
-//! and answer from its statistics: later, but still right.
+//! and answer from its statistics: later, but still right. One that knows
+//! `disable_stats` but not `enable_queue_totals` would list queues without
+//! any count: after [`TOTALS_MISSING_READS`] such reads in a row the monitor
+//! says so in the log and reads the statistics database from then on
+//! ([`QUEUES_QUERY_STATS`]). RabbitMQ 3.8.9 (the 3.8 series is what
+//! SensorBucket's stack runs, and what scripts/test-rabbitmq-3.8 tests
+//! against) knows both.
 //!
 //! Not done: confirming the depth of workers at zero replicas with an AMQP
 //! passive `queue.declare`, whose message count is exact. It costs a round
@@ -43,7 +49,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
@@ -67,6 +73,14 @@ const QUEUE_PREFIX: &str = "worker_";
 /// the columns read (module docs).
 const QUEUES_QUERY: &str =
     "disable_stats=true&enable_queue_totals=true&columns=name,messages_ready";
+/// The same listing from the statistics database, for a broker that lists
+/// no queue totals.
+const QUEUES_QUERY_STATS: &str = "columns=name,messages_ready";
+/// Reads in a row that list queues without any count before the monitor
+/// takes the broker for one that ignores `enable_queue_totals`: a new quorum
+/// queue has no count until its first tick (at most 5 s), so one such read
+/// proves nothing, three polls apart do.
+const TOTALS_MISSING_READS: u32 = 3;
 /// Why a one-shot command reads no depths (the daemon says the same).
 pub const NO_MANAGEMENT_URL: &str = "scale.management_url is empty: no autoscaling";
 
@@ -155,6 +169,10 @@ pub struct QueueMonitor {
     at: String,
     vhost: String,
     calls: AtomicU64,
+    /// Reads in a row that listed queues but no count ([`TOTALS_MISSING_READS`]).
+    countless_reads: AtomicU32,
+    /// The broker ignores `enable_queue_totals`: read the statistics database.
+    from_statistics: AtomicBool,
 }
 
 impl QueueMonitor {
@@ -188,6 +206,8 @@ impl QueueMonitor {
             password: Secret::new(password),
             vhost,
             calls: AtomicU64::new(0),
+            countless_reads: AtomicU32::new(0),
+            from_statistics: AtomicBool::new(false),
         })
     }
 
@@ -196,12 +216,49 @@ impl QueueMonitor {
         self.calls.load(Ordering::Relaxed)
     }
 
+    /// Whether depths come from the statistics database because the broker
+    /// lists no queue totals (module docs).
+    pub fn reads_statistics(&self) -> bool {
+        self.from_statistics.load(Ordering::Relaxed)
+    }
+
     /// The depth of every worker queue, in one request.
     pub async fn depths(&self) -> Result<QueueDepths, BrokerError> {
+        let rows = self.rows().await?;
+        if !self.reads_statistics() && self.lists_no_totals(&rows) {
+            self.from_statistics.store(true, Ordering::Relaxed);
+            warn!(
+                at = %self.at,
+                "this RabbitMQ lists queues without counts when asked for queue totals \
+                 (enable_queue_totals; RabbitMQ 3.8.9 has them): queue depths \
+                 come from its statistics database from now on, up to 5 s later than \
+                 the queues' own counts; upgrade RabbitMQ for fresher depths"
+            );
+            return Ok(depths_of(self.rows().await?));
+        }
+        Ok(depths_of(rows))
+    }
+
+    /// Counts a read that listed queues but no count at all; true once
+    /// [`TOTALS_MISSING_READS`] came in a row.
+    fn lists_no_totals(&self, rows: &[QueueRow]) -> bool {
+        if !countless(rows) {
+            self.countless_reads.store(0, Ordering::Relaxed);
+            return false;
+        }
+        self.countless_reads.fetch_add(1, Ordering::Relaxed) + 1 >= TOTALS_MISSING_READS
+    }
+
+    /// One listing of the vhost's queues.
+    async fn rows(&self) -> Result<Vec<QueueRow>, BrokerError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut url = self.queues_url.clone();
+        if self.reads_statistics() {
+            url.set_query(Some(QUEUES_QUERY_STATS));
+        }
         let response = self
             .http
-            .get(self.queues_url.clone())
+            .get(url)
             .basic_auth(&self.user, Some(self.password.expose()))
             .send()
             .await
@@ -210,14 +267,10 @@ impl QueueMonitor {
                 source,
             })?;
         self.check(response.status())?;
-        let rows: Vec<QueueRow> = response
-            .json()
-            .await
-            .map_err(|source| BrokerError::Decode {
-                at: self.at.clone(),
-                source,
-            })?;
-        Ok(depths_of(rows))
+        response.json().await.map_err(|source| BrokerError::Decode {
+            at: self.at.clone(),
+            source,
+        })
     }
 
     fn check(&self, status: StatusCode) -> Result<(), BrokerError> {
@@ -331,6 +384,12 @@ fn log_transition(before: &Reading, after: &Reading) {
     }
 }
 
+/// A listing of queues none of which carries a count: what a broker that
+/// ignores `enable_queue_totals` answers (an empty one says nothing).
+fn countless(rows: &[QueueRow]) -> bool {
+    !rows.is_empty() && rows.iter().all(|row| row.messages_ready.is_none())
+}
+
 /// The worker queues among `rows`.
 fn depths_of(rows: Vec<QueueRow>) -> QueueDepths {
     let by_worker = rows
@@ -427,6 +486,48 @@ mod tests {
             u.as_str(),
             "http://127.0.0.1:15672/api/queues/%2F?disable_stats=true&enable_queue_totals=true&columns=name,messages_ready"
         );
+    }
+
+    fn row(name: &str, ready: Option<u64>) -> QueueRow {
+        QueueRow {
+            name: name.into(),
+            messages_ready: ready,
+        }
+    }
+
+    #[test]
+    fn a_listing_without_any_count_is_countless_and_an_empty_one_is_not() {
+        let w = "worker_00000000-0000-0000-0000-000000000001";
+        let cases: [(Vec<QueueRow>, bool); 5] = [
+            (vec![], false),
+            (vec![row(w, None)], true),
+            (vec![row(w, None), row("other", None)], true),
+            (vec![row(w, None), row("other", Some(0))], false),
+            (vec![row(w, Some(3))], false),
+        ];
+        for (rows, want) in cases {
+            assert_eq!(countless(&rows), want, "{rows:?}");
+        }
+    }
+
+    #[test]
+    fn only_countless_reads_in_a_row_switch_to_the_statistics_database() {
+        let monitor = QueueMonitor::new("http://mq:15672", "amqp://u:p@mq/%2f").expect("valid");
+        let none = [row("worker_x", None)];
+        let some = [row("worker_x", Some(1))];
+        let reads: [(&[QueueRow], bool); 6] = [
+            (&none, false),
+            (&none, false),
+            // A count in between: a new queue had not ticked yet.
+            (&some, false),
+            (&none, false),
+            (&none, false),
+            (&none, true),
+        ];
+        for (i, (rows, switch)) in reads.into_iter().enumerate() {
+            assert_eq!(monitor.lists_no_totals(rows), switch, "read {i}");
+        }
+        assert!(!monitor.reads_statistics(), "lists_no_totals only counts");
     }
 
     #[test]

@@ -58,24 +58,43 @@ pub enum CollectError {
     Store(#[source] StoreError),
 }
 
+/// The header in which workerctl's runtime says which attempt failed (the
+/// body keeps SensorBucket's fields only, docs/compatibility.md §4).
+pub const ATTEMPT_HEADER: &str = "x-workerctl-attempt";
+
+/// Below this a `timestamp` is Unix seconds (SensorBucket's error body and
+/// workerctl's runtime), above it milliseconds (older runtimes): 10^11 s is
+/// the year 5138, 10^11 ms is 1973.
+const SECONDS_BELOW: i64 = 100_000_000_000;
+
 /// An error body (docs/compatibility.md §4) as a row: the worker, queue, attempt,
 /// time and traceback it names; the whole body kept. A body that is not
-/// JSON is kept as a string with nothing else known.
-pub fn read_letter(body: &[u8], message_id: Option<&str>, now: DateTime<Utc>) -> NewDeadLetter {
+/// JSON is kept as a string with nothing else known. The attempt is the
+/// `x-workerctl-attempt` header's (`attempt_header`), else an older
+/// runtime's `attempt` field.
+pub fn read_letter(
+    body: &[u8],
+    message_id: Option<&str>,
+    attempt_header: Option<i64>,
+    now: DateTime<Utc>,
+) -> NewDeadLetter {
     let parsed = serde_json::from_slice::<Value>(body).ok();
     let doc = parsed
         .clone()
         .unwrap_or_else(|| Value::String(String::from_utf8_lossy(body).into_owned()));
     let text = |key: &str| doc.get(key).and_then(Value::as_str).map(str::to_string);
     let worker_id = text("worker").and_then(|w| Uuid::parse_str(&w).ok());
-    let attempt = ["attempt", "processing_attempt"]
-        .iter()
-        .find_map(|k| doc.get(*k).and_then(Value::as_i64))
+    let attempt = attempt_header
+        .or_else(|| {
+            ["attempt", "processing_attempt"]
+                .iter()
+                .find_map(|k| doc.get(*k).and_then(Value::as_i64))
+        })
         .and_then(|a| i32::try_from(a).ok());
     let failed_at = doc
         .get("timestamp")
         .and_then(Value::as_i64)
-        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        .and_then(failed_at)
         .unwrap_or(now);
     let mut digest = Sha256::new();
     digest.update(message_id.unwrap_or("").as_bytes());
@@ -90,6 +109,30 @@ pub fn read_letter(body: &[u8], message_id: Option<&str>, now: DateTime<Utc>) ->
         message_id: message_id.map(str::to_string),
         body: doc,
         digest: hex::encode(digest.finalize()),
+    }
+}
+
+/// The time of an error body's `timestamp`, in seconds or milliseconds
+/// ([`SECONDS_BELOW`]).
+fn failed_at(timestamp: i64) -> Option<DateTime<Utc>> {
+    if timestamp < SECONDS_BELOW {
+        Utc.timestamp_opt(timestamp, 0).single()
+    } else {
+        Utc.timestamp_millis_opt(timestamp).single()
+    }
+}
+
+/// An integer header value, whatever width the publisher chose.
+fn header_integer(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
+    match headers?.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
     }
 }
 
@@ -163,7 +206,8 @@ async fn consume(
             .message_id()
             .as_ref()
             .map(|s| s.as_str());
-        let letter = read_letter(&delivery.data, id, Utc::now());
+        let attempt = header_integer(delivery.properties.headers().as_ref(), ATTEMPT_HEADER);
+        let letter = read_letter(&delivery.data, id, attempt, Utc::now());
         match dead_letters::insert(pool, &letter, config.keep).await {
             Ok(_) => {
                 delivery
@@ -235,22 +279,53 @@ mod tests {
         let worker = Uuid::from_u128(7);
         let body = json!({
             "received_by_worker": {"tracing_id": "t"}, "processing_attempt": {"x": 1},
-            "worker": worker.to_string(), "queue": "worker_7", "timestamp": 1_000,
-            "error": "Traceback\nValueError: bad", "attempt": 2
+            "worker": worker.to_string(), "queue": worker.to_string(),
+            "timestamp": 1_700_000_000, "error": "Traceback\nValueError: bad"
         });
-        let letter = read_letter(body.to_string().as_bytes(), Some("m-1"), now());
+        let letter = read_letter(body.to_string().as_bytes(), Some("m-1"), Some(2), now());
         assert_eq!(letter.worker_id, Some(worker));
-        assert_eq!(letter.queue, "worker_7");
+        assert_eq!(letter.queue, worker.to_string());
         assert_eq!(letter.attempt, Some(2));
-        assert_eq!(letter.failed_at.timestamp_millis(), 1_000);
+        assert_eq!(letter.failed_at.timestamp(), 1_700_000_000);
         assert_eq!(letter.error, "Traceback\nValueError: bad");
         assert_eq!(letter.body["received_by_worker"]["tracing_id"], "t");
         assert_eq!(letter.message_id.as_deref(), Some("m-1"));
     }
 
     #[test]
+    fn a_timestamp_is_read_as_seconds_or_as_an_older_runtimes_milliseconds() {
+        let cases = [
+            // SensorBucket's wrapper and workerctl's runtime: seconds.
+            (1_700_000_000, 1_700_000_000_000),
+            (0, 0),
+            // An older runtime: milliseconds.
+            (1_700_000_000_123, 1_700_000_000_123),
+            (SECONDS_BELOW, SECONDS_BELOW),
+            (SECONDS_BELOW - 1, (SECONDS_BELOW - 1) * 1000),
+        ];
+        for (timestamp, ms) in cases {
+            let body = json!({ "timestamp": timestamp }).to_string();
+            let letter = read_letter(body.as_bytes(), None, None, now());
+            assert_eq!(letter.failed_at.timestamp_millis(), ms, "{timestamp}");
+        }
+    }
+
+    #[test]
+    fn an_older_runtimes_attempt_field_counts_when_no_header_says_it() {
+        let body = json!({ "attempt": 3 }).to_string();
+        assert_eq!(
+            read_letter(body.as_bytes(), None, None, now()).attempt,
+            Some(3)
+        );
+        assert_eq!(
+            read_letter(body.as_bytes(), None, Some(1), now()).attempt,
+            Some(1)
+        );
+    }
+
+    #[test]
     fn a_body_that_is_not_json_is_kept_as_text_at_the_time_it_came() {
-        let letter = read_letter(b"oops", None, now());
+        let letter = read_letter(b"oops", None, None, now());
         assert_eq!(letter.body, json!("oops"));
         assert_eq!(letter.worker_id, None);
         assert_eq!(letter.failed_at, now());
@@ -258,9 +333,9 @@ mod tests {
 
     #[test]
     fn the_same_message_twice_has_one_digest_and_another_message_another() {
-        let a = read_letter(b"{}", Some("m-1"), now());
-        let again = read_letter(b"{}", Some("m-1"), now());
-        let other = read_letter(b"{}", Some("m-2"), now());
+        let a = read_letter(b"{}", Some("m-1"), None, now());
+        let again = read_letter(b"{}", Some("m-1"), None, now());
+        let other = read_letter(b"{}", Some("m-2"), None, now());
         assert_eq!(a.digest, again.digest);
         assert_ne!(a.digest, other.digest);
     }

@@ -106,7 +106,8 @@ async fn reconciler(
     depths: Reading,
 ) -> Result<Reconciler<PgStore, DockerRuntime>> {
     let store = PgStore::connect(config.database_url.expose())?;
-    let runtime = DockerRuntime::connect(&config.instance).await?;
+    let mut runtime = DockerRuntime::connect(&config.instance).await?;
+    runtime.join_compose_project().await;
     // The pass only borrows the value: the sender may go at once.
     let (_, depths) = watch::channel(depths);
     Ok(Reconciler::new(
@@ -279,9 +280,12 @@ async fn run(config: Config) -> Result<()> {
         return Ok(());
     }
     let connect = || DockerRuntime::connect(&config.instance);
-    let Some(runtime) = retry("connect to Docker", &shutdown, connect).await else {
+    let Some(mut runtime) = retry("connect to Docker", &shutdown, connect).await else {
         return Ok(());
     };
+    if let Some(project) = runtime.join_compose_project().await {
+        info!(%project, "in Compose project {project}: worker containers are its one-offs, removed by `docker compose down`");
+    }
     let swarm = match config.runtime.backend {
         Backend::Docker => None,
         Backend::Swarm => {

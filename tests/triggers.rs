@@ -424,7 +424,7 @@ async fn the_dead_letter_queue_is_a_bounded_durable_quorum_queue_beside_other_li
         .find(|q| q.starts_with("workerctl.errors"))
         .cloned()
         .expect("queue name");
-    let url = format!("http://127.0.0.1:15672/api/queues/%2f/{queue}");
+    let url = format!("{}/api/queues/%2f/{queue}", common::management_url());
     let start = Instant::now();
     let info: Value = loop {
         let response = reqwest::Client::new()
@@ -816,7 +816,12 @@ async fn the_dead_letter_table_keeps_the_newest_and_stores_a_redelivery_once(poo
     let cli = Cli::new(pool).await;
     for n in 0..5 {
         let body = json!({"error": format!("E{n}"), "received_by_worker": {}}).to_string();
-        let letter = read_letter(body.as_bytes(), Some(&format!("m{n}")), chrono::Utc::now());
+        let letter = read_letter(
+            body.as_bytes(),
+            Some(&format!("m{n}")),
+            None,
+            chrono::Utc::now(),
+        );
         assert!(
             dead_letters::insert(&cli.pool, &letter, 3)
                 .await

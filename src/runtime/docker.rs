@@ -56,6 +56,9 @@ const TMPFS_OPTIONS: &str = "rw,exec,nosuid,nodev,size=64m";
 pub struct DockerRuntime {
     docker: Docker,
     instance: String,
+    /// Labels every created container carries beside the spec's: those of
+    /// the Compose project the daemon runs in (`compose.rs`), if any.
+    extra_labels: BTreeMap<String, String>,
     calls: AtomicU64,
 }
 
@@ -78,8 +81,20 @@ impl DockerRuntime {
         Ok(DockerRuntime {
             docker,
             instance: instance.to_string(),
+            extra_labels: BTreeMap::new(),
             calls: AtomicU64::new(1),
         })
+    }
+
+    /// When this process runs in a container of a Compose project, every
+    /// container it creates from now on is labelled a one-off of that
+    /// project (`compose.rs`), so `docker compose down` removes it. Returns
+    /// the project's name, if any.
+    pub async fn join_compose_project(&mut self) -> Option<String> {
+        let labels = super::compose::detect(self.api()).await?;
+        let project = labels.get(super::compose::PROJECT).cloned();
+        self.extra_labels = labels;
+        project
     }
 
     /// How many Docker API calls this runtime has made (event streams count
@@ -210,7 +225,7 @@ impl ContainerRuntime for DockerRuntime {
         let options = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        let mut body = create_body(spec, &self.instance);
+        let mut body = create_body(spec, &self.instance, &self.extra_labels);
         body.stop_signal = self.stop_signal(spec).await;
         match self.api().create_container(Some(options), body).await {
             Ok(created) => {
@@ -546,7 +561,11 @@ fn whole_seconds(timeout: Duration) -> i32 {
 }
 
 /// The container a spec describes, with the hardening every worker gets.
-fn create_body(spec: &ContainerSpec, instance: &str) -> ContainerCreateBody {
+fn create_body(
+    spec: &ContainerSpec,
+    instance: &str,
+    extra_labels: &BTreeMap<String, String>,
+) -> ContainerCreateBody {
     // Pinning the resolved id means a rebuild of the tag between the image
     // check and this create cannot slip an unchecked image in.
     let image = if spec.image_id.is_empty() {
@@ -569,7 +588,13 @@ fn create_body(spec: &ContainerSpec, instance: &str) -> ContainerCreateBody {
                 .chain(ready)
                 .collect(),
         ),
-        labels: Some(spec.labels(instance).into_iter().collect()),
+        labels: Some(
+            extra_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain(spec.labels(instance))
+                .collect(),
+        ),
         host_config: Some(host_config(spec)),
         ..Default::default()
     }
@@ -838,18 +863,22 @@ mod tests {
     #[test]
     fn create_body_pins_the_image_id_when_known() {
         assert_eq!(
-            create_body(&spec("sha256:1"), "i").image.as_deref(),
+            create_body(&spec("sha256:1"), "i", &BTreeMap::new())
+                .image
+                .as_deref(),
             Some("sha256:1")
         );
         assert_eq!(
-            create_body(&spec(""), "i").image.as_deref(),
+            create_body(&spec(""), "i", &BTreeMap::new())
+                .image
+                .as_deref(),
             Some("img:latest")
         );
     }
 
     #[test]
     fn create_body_carries_env_and_labels() {
-        let body = create_body(&spec(""), "inst");
+        let body = create_body(&spec(""), "inst", &BTreeMap::new());
         assert_eq!(
             body.env,
             Some(vec![

@@ -4,6 +4,7 @@
 //! the one real implementation. The Swarm backend's boundary is
 //! [`ServiceRuntime`], implemented by `swarm.rs`.
 
+pub mod compose;
 pub mod docker;
 
 use std::collections::HashMap;

@@ -46,18 +46,23 @@ pub fn stand_in_image() -> &'static str {
     STAND_IN_IMAGE
 }
 
-/// [`WORKER_IMAGE`], failing loudly if it has not been built.
+/// [`WORKER_IMAGE`], or the image `TEST_WORKER_IMAGE` names (a
+/// runtime built from a working tree under a tag of its own, so as not to
+/// change the shared one), failing loudly if it has not been built.
 pub fn worker_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    let image = IMAGE
+        .get_or_init(|| std::env::var("TEST_WORKER_IMAGE").unwrap_or_else(|_| WORKER_IMAGE.into()));
     let out = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", WORKER_IMAGE])
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
         .output()
         .expect("the docker CLI runs");
     assert!(
         out.status.success(),
-        "the worker image {WORKER_IMAGE} is missing: build it with scripts/build-images ({})",
+        "the worker image {image} is missing: build it with scripts/build-images ({})",
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    WORKER_IMAGE
+    image
 }
 
 /// An image like SensorBucket's own dockerworker, that knows only the
@@ -87,6 +92,12 @@ pub fn contract_worker_image() -> &'static str {
 /// The broker: `AMQP_URL`, or the one scripts/services starts.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
+}
+
+/// The broker's management API: `RABBITMQ_MANAGEMENT_URL`, or the one
+/// scripts/services enables.
+pub fn management_url() -> String {
+    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
 
 /// The URL of the fresh database `#[sqlx::test]` made for this test.
