@@ -10,7 +10,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -25,6 +25,8 @@ use workerctl::store::{Observed, StatusUpdate, StoreError, WorkerStore};
 
 /// Long enough for a wake-up that must come, even on a loaded machine.
 const MUST_ARRIVE: Duration = Duration::from_secs(10);
+/// Only catches a hang: a call that takes longer has failed.
+const MUST_HAPPEN: Duration = Duration::from_secs(120);
 /// How long we wait to be confident that a wake-up is not coming.
 const MUST_NOT_ARRIVE: Duration = Duration::from_millis(1000);
 
@@ -689,16 +691,12 @@ async fn code_is_served_only_for_the_workers_own_token(pool: PgPool) {
 async fn an_unreachable_database_fails_fast_and_says_so() {
     let store = PgStore::connect("postgres://workerctl:workerctl@127.0.0.1:1/workerctl")
         .expect("a well-formed URL is accepted");
-    let started = Instant::now();
-    let err = store
-        .load_workers()
+    // It comes back with the error rather than retrying: the deadline only
+    // catches a hang.
+    let err = tokio::time::timeout(MUST_HAPPEN, store.load_workers())
         .await
+        .expect("load_workers returns instead of retrying")
         .expect_err("nothing listens on port 1");
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        started.elapsed()
-    );
     assert!(matches!(err, StoreError::LoadWorkers(_)), "{err:?}");
     assert!(PgStore::connect("not a url").is_err());
 }
