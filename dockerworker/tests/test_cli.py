@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO, Any
 
 from .support import PACKAGE_ROOT, code_answer, pipeline_message, sensorbucket_zip, wait_until
 
@@ -139,7 +140,7 @@ def test_sigterm_during_the_download_backoff_exits_0_without_downloading_again(t
     env = {"PATH": os.environ.get("PATH", ""), **_worker_env(tmp_path, server.url, WORKER_CODE_FETCH_ATTEMPTS="50")}
     process = subprocess.Popen([sys.executable, "-m", "dockerworker", "run"], cwd=PACKAGE_ROOT, env=env, stdout=subprocess.PIPE)
     assert process.stdout is not None
-    events: list[dict] = []
+    events: list[dict[str, Any]] = []
     reader = threading.Thread(target=_read_json_lines, args=(process.stdout, events), daemon=True)
     reader.start()
     try:
@@ -157,7 +158,7 @@ def test_sigterm_during_the_download_backoff_exits_0_without_downloading_again(t
         reader.join(timeout=10)
 
 
-def _read_json_lines(stream, into: list[dict]) -> None:
+def _read_json_lines(stream: IO[bytes], into: list[dict[str, Any]]) -> None:
     for line in stream:
         try:
             into.append(json.loads(line))
@@ -165,5 +166,5 @@ def _read_json_lines(stream, into: list[dict]) -> None:
             continue
 
 
-def _count(events: list[dict], name: str) -> int:
+def _count(events: list[dict[str, Any]], name: str) -> int:
     return sum(1 for event in list(events) if event.get("event") == name)

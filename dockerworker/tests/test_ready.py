@@ -412,6 +412,6 @@ def test_sigterm_while_the_controller_has_not_answered_yet_exits_0_at_once(
         # without consuming is the stop cutting the wait short.
         assert worker.stop(timeout=25) == 0
         assert not worker.events("consuming")
-        assert worker.events("stopped"), worker.log_text()
+        assert worker.events("shutdown_requested"), worker.log_text()
     finally:
         code.close()
