@@ -1423,11 +1423,11 @@ impl Results {
             cpus()
         );
         println!(
-            "\n{:<44} {:<30} {:<34} target (issue)",
+            "\n{:<50} {:<30} {:<48} target (issue)",
             "", "workerctl", "reference (docker CLI)"
         );
         println!(
-            "{:<44} {:<30} {:<34} within 100 ms of the CLI: {}",
+            "{:<50} {:<30} {:<48} within 100 ms of the CLI: {}",
             format!("revision bump → new running (median of {})", b.len()),
             format!(
                 "{ours:.0} ms (p90 {:.0}, min {:.0})",
@@ -1441,7 +1441,7 @@ impl Results {
             judged(b.len(), ours <= cli + 100.0)
         );
         println!(
-            "{:<44} {:<30} {:<34} -",
+            "{:<50} {:<30} {:<48} -",
             format!("revision bump → old removed (median of {})", b.len()),
             format!(
                 "{:.0} ms (p90 {:.0})",
@@ -1451,7 +1451,7 @@ impl Results {
             format!("{cli_retired:.0} ms (+ stop + rm)"),
         );
         println!(
-            "{:<44} {:<30} {:<34} no slower than the CLI: {}",
+            "{:<50} {:<30} {:<48} no slower than the CLI: {}",
             format!(
                 "{} workers enabled → all running (median of {})",
                 self.fleet_size,
@@ -1466,21 +1466,21 @@ impl Results {
             judged(self.fleet.len(), fleet <= cli_fleet)
         );
         println!(
-            "{:<44} {:<30} {:<34} constant: {}",
+            "{:<50} {:<30} {:<48} constant: {}",
             format!("idle pass, Docker API calls ({sizes})"),
             joined(&calls),
             "-",
             met(constant(&calls))
         );
         println!(
-            "{:<44} {:<30} {:<34} constant: {}",
+            "{:<50} {:<30} {:<48} constant: {}",
             format!("idle pass, SQL statements ({sizes})"),
             joined(&stmts),
             "-",
             met(constant(&stmts))
         );
         println!(
-            "{:<44} {:<30} {:<34} constant: {}",
+            "{:<50} {:<30} {:<48} constant: {}",
             format!("idle pass, Postgres round trips ({sizes})"),
             joined(&round_trips),
             "-",
