@@ -23,6 +23,10 @@
 //! The broker's settings are not read (the API does not show them): say
 //! which ones it runs with beside the figures (docs/benchmarks.md).
 //!
+//! It also counts the management API requests the 100 ms poller made over the
+//! whole run, beside the polls it had time for (run time / 100 ms, rounded
+//! up): the poller's cost is one request per poll, for every queue at once.
+//!
 //! Run: `cargo bench --bench depth`. Needs RabbitMQ (`AMQP_URL`) and its
 //! management API (`MANAGEMENT_URL`, default http://127.0.0.1:15672, with
 //! the credentials of `AMQP_URL`). Settings: BENCH_TRIALS (20). Deletes its
@@ -77,8 +81,9 @@ async fn run() -> ExitCode {
     let confirms = channel.confirm_select(ConfirmSelectOptions::default());
     confirms.await.expect("publisher confirms");
     let shutdown = CancellationToken::new();
-    let fast = poller(&management_url, &amqp_url, FAST_POLL, &shutdown);
-    let daemon = || poller(&management_url, &amqp_url, every, &shutdown);
+    let fast_started = Instant::now();
+    let (fast_monitor, fast) = poller(&management_url, &amqp_url, FAST_POLL, &shutdown);
+    let daemon = || poller(&management_url, &amqp_url, every, &shutdown).1;
     let mut lags = Vec::new();
     let mut seen = Vec::new();
     for n in 1..=trials {
@@ -92,6 +97,7 @@ async fn run() -> ExitCode {
         seen.push(trial.1);
     }
     shutdown.cancel();
+    let ran = fast_started.elapsed();
     let _ = conn.close(200, "bench done".into()).await;
     println!(
         "\nqueue-depth freshness: publish into an idle worker queue (quorum, no consumer) → a reading shows it ready ({trials} trials, {management_url})"
@@ -101,29 +107,32 @@ async fn run() -> ExitCode {
         "daemon's poller (scale.poll_interval {every:?}): {}",
         summary(&mut seen)
     );
+    println!(
+        "100 ms poller over the run ({:.1} s): {} management requests, {} polls had time to start",
+        ran.as_secs_f64(),
+        fast_monitor.calls(),
+        ran.as_millis().div_ceil(FAST_POLL.as_millis())
+    );
     ExitCode::SUCCESS
 }
 
-/// A `broker::poll` task every `every`: its readings, and its stop (the
-/// poller also stops with `shutdown`).
+/// A `broker::poll` task every `every`: its monitor (to count requests), its
+/// readings, and its stop (the poller also stops with `shutdown`).
 fn poller(
     management_url: &str,
     amqp_url: &str,
     every: Duration,
     shutdown: &CancellationToken,
-) -> (watch::Receiver<Reading>, CancellationToken) {
-    let monitor = QueueMonitor::new(management_url, amqp_url).expect("management URL");
+) -> (
+    Arc<QueueMonitor>,
+    (watch::Receiver<Reading>, CancellationToken),
+) {
+    let monitor = Arc::new(QueueMonitor::new(management_url, amqp_url).expect("management URL"));
     let (tx, rx) = watch::channel(Reading::NotYet);
     let wake = Arc::new(Notify::new());
     let stop = shutdown.child_token();
-    tokio::spawn(broker::poll(
-        Arc::new(monitor),
-        every,
-        tx,
-        wake,
-        stop.clone(),
-    ));
-    (rx, stop)
+    tokio::spawn(broker::poll(monitor.clone(), every, tx, wake, stop.clone()));
+    (monitor, (rx, stop))
 }
 
 /// One message into a fresh idle queue: how long until each poller shows

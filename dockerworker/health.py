@@ -132,7 +132,8 @@ class ReadyReporter:
     happens per message. Connection errors, timeouts and 5xx answers are
     retried with a doubling delay, then given up on with one log line; a 4xx
     answer is not retried. A report still being retried when the worker stops
-    being ready is dropped: the next attach sends a fresh one. The URL's query
+    being ready is dropped (logged as `ready_report_dropped`): the next attach
+    sends a fresh one. The URL's query
     (it carries the controller's token) never appears in a log line.
     """
 
@@ -169,8 +170,12 @@ class ReadyReporter:
         delay = self.policy.first_delay_s
         started = time.monotonic()
         for attempt in range(1, self.policy.attempts + 1):
-            if not self.readiness.ready or self._closed.is_set():
-                return  # no longer true; the next attach reports again
+            if self._closed.is_set():
+                return
+            if not self.readiness.ready:
+                # No longer true; the next attach reports again.
+                logs.event("ready_report_dropped", attempt=attempt)
+                return
             outcome = self._attempt()
             if outcome is None:
                 logs.event("ready_reported", attempt=attempt, ms=round((time.monotonic() - started) * 1000, 1))

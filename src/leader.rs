@@ -21,6 +21,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgAdvisoryLock, PgConnectOptions, PgConnection};
@@ -334,6 +335,8 @@ struct Inner {
     held: Mutex<Option<LockSession>>,
     /// When the lock was last confirmed by the server.
     confirmed: std::sync::Mutex<Option<Instant>>,
+    /// Confirmations asked of the server ([`Leadership::verify`]).
+    confirmations: AtomicU64,
 }
 
 impl fmt::Debug for Leadership {
@@ -360,6 +363,7 @@ impl Leadership {
                 role,
                 held: Mutex::new(None),
                 confirmed: std::sync::Mutex::new(None),
+                confirmations: AtomicU64::new(0),
             }),
         }
     }
@@ -389,6 +393,7 @@ impl Leadership {
         };
         let mut held = self.inner.held.lock().await;
         let session = held.as_mut().ok_or_else(not_leader)?;
+        self.inner.confirmations.fetch_add(1, Ordering::Relaxed);
         let outcome = session.verify().await;
         match outcome {
             Ok(true) => {
@@ -404,6 +409,13 @@ impl Leadership {
                 Err(e)
             }
         }
+    }
+
+    /// How many times [`verify`](Self::verify) has asked the server (one
+    /// round trip each, on the lock connection): before each pass and each
+    /// action, and every heartbeat while leading.
+    pub fn confirmations(&self) -> u64 {
+        self.inner.confirmations.load(Ordering::Relaxed)
     }
 
     /// The current role.

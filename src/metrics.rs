@@ -35,6 +35,8 @@ pub struct Metrics {
     pub workers: Family<StatusLabels, Gauge>,
     pub restarts: Counter,
     pub change_to_running_seconds: Histogram,
+    /// Ready reports dropped because their token was not their worker's.
+    pub ready_reports_rejected: Counter,
     /// Replicas, queue depths and leadership (`scale_metrics.rs`).
     pub scale: crate::scale_metrics::ScaleMetrics,
     timing: Mutex<Timing>,
@@ -74,6 +76,7 @@ impl Metrics {
         let workers = Family::<StatusLabels, Gauge>::default();
         let restarts = Counter::default();
         let change_to_running_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let ready_reports_rejected = Counter::default();
         registry.register("reconcile_passes", "Reconcile passes run", passes.clone());
         registry.register(
             "reconcile_pass_errors",
@@ -105,6 +108,11 @@ impl Metrics {
             "Time from a change announced by the store to its container running",
             change_to_running_seconds.clone(),
         );
+        registry.register(
+            "ready_reports_rejected",
+            "Ready reports dropped because their token was not their worker's",
+            ready_reports_rejected.clone(),
+        );
         let scale = crate::scale_metrics::ScaleMetrics::default();
         scale.register(&mut registry);
         Metrics {
@@ -117,6 +125,7 @@ impl Metrics {
             workers,
             restarts,
             change_to_running_seconds,
+            ready_reports_rejected,
             timing: Mutex::new(Timing::default()),
         }
     }

@@ -5,7 +5,9 @@
 //! and it names a listed container of that spec.
 //!
 //! Held in memory, bounded: a restarted daemon learns readiness again from
-//! the statuses it wrote and from health checks (see the planner).
+//! the statuses it wrote and from health checks (see the planner). A report
+//! whose token is not its worker's is dropped at the next pass and counted
+//! (`workerctl_ready_reports_rejected_total`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::model::{ManagedContainer, RunState};
+use crate::model::{ManagedContainer, RunState, WorkerId, WorkerRow};
 use crate::plan::ReadyReport;
 
 /// The most reports kept; past that the oldest go (a flood of reports with
@@ -79,6 +81,26 @@ impl ReadyReports {
             }
         });
         reports.keys().cloned().collect()
+    }
+
+    /// Drops every report naming a worker of `rows` with a token that is
+    /// not that worker's, and returns them: such a report is never believed
+    /// (the planner checks the token too), so it is not kept either. A
+    /// report of a worker not in `rows` is left for [`current`](Self::current).
+    pub fn drop_forged(&self, rows: &[WorkerRow]) -> Vec<ReadyReport> {
+        let tokens: BTreeMap<WorkerId, &str> =
+            rows.iter().map(|r| (r.id, r.code_token.as_str())).collect();
+        let mut forged = Vec::new();
+        self.lock().retain(|report, _| {
+            let wrong = tokens
+                .get(&report.worker)
+                .is_some_and(|token| *token != report.token);
+            if wrong {
+                forged.push(report.clone());
+            }
+            !wrong
+        });
+        forged
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ReadyReport, Instant>> {
@@ -178,6 +200,38 @@ mod tests {
         assert_eq!(reports.current(&[], Instant::now()).len(), 1);
         tokio::time::advance(UNMATCHED_TTL).await;
         assert!(reports.current(&[], Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_report_with_another_token_than_its_workers_is_dropped_and_returned() {
+        let reports = ReadyReports::new(Arc::default());
+        let known = WorkerRow {
+            code_token: "t".into(),
+            ..crate::fakes::row(0, 1)
+        };
+        let (good, forged) = (
+            report("good"),
+            ReadyReport {
+                token: "forged".into(),
+                ..report("forged")
+            },
+        );
+        let elsewhere = ReadyReport {
+            worker: WorkerId(Uuid::from_u128(7)),
+            token: "any".into(),
+            ..report("elsewhere")
+        };
+        for r in [&good, &forged, &elsewhere] {
+            reports.report(r.clone());
+        }
+        assert_eq!(reports.drop_forged(std::slice::from_ref(&known)), [forged]);
+        assert!(reports.drop_forged(&[known]).is_empty(), "dropped once");
+        let kept = reports.current(&[], Instant::now());
+        assert_eq!(
+            kept,
+            [elsewhere, good].into_iter().collect(),
+            "unknown workers wait"
+        );
     }
 
     #[tokio::test]

@@ -241,6 +241,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             .map_err(PassError::Runtime)?;
         let network = self.network().await?;
         let last_words = self.last_words(&containers).await;
+        self.drop_forged_reports(&rows);
         let reports = self.reports.current(&containers, listed_at);
         let (depths, depths_unknown) = latest_depths(self.depths.as_ref());
         Ok(Snapshot {
@@ -263,6 +264,19 @@ impl<S: WorkerStore, R: ContainerRuntime> Reconciler<S, R> {
             containers,
             now_ms: self.clock.now_ms(),
         })
+    }
+
+    /// Drops the ready reports whose token is not their worker's, counting
+    /// and logging each: nobody but the worker's container has its token.
+    fn drop_forged_reports(&self, rows: &[crate::model::WorkerRow]) {
+        for report in self.reports.drop_forged(rows) {
+            self.metrics.ready_reports_rejected.inc();
+            warn!(
+                worker = %report.worker,
+                container = %report.container,
+                "ignored a ready report with a wrong token: only the worker's container has its token"
+            );
+        }
     }
 
     /// Why each exited worker container exited, from its last lines: one

@@ -196,16 +196,21 @@ async fn the_poller_wakes_the_controller_when_messages_arrive() {
         .await
         .expect("the empty queue is read")
         .expect("the poller runs");
-    // Consume the wake-ups so far: the next one is for the messages.
-    let _ = tokio::time::timeout(Duration::from_millis(10), wake.notified()).await;
     publish(&channel, &queue, 3).await;
-    tokio::time::timeout(MUST_HAPPEN, wake.notified())
+    // Other tests' queues on the broker wake it too: wait for a wake-up
+    // after which the reading shows our messages. The poller publishes a
+    // reading before it wakes for it.
+    let woken = async {
+        loop {
+            wake.notified().await;
+            if shows(3)(&readings.borrow_and_update()) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(MUST_HAPPEN, woken)
         .await
         .expect("a wake-up for the new depth");
-    tokio::time::timeout(MUST_HAPPEN, readings.wait_for(shows(3)))
-        .await
-        .expect("the new depth is published")
-        .expect("the poller runs");
     shutdown.cancel();
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -215,16 +220,15 @@ async fn the_poller_wakes_the_controller_when_messages_arrive() {
 
 /// Scale from zero: a worker at zero replicas has an idle queue (no
 /// consumer), and one message in it must reach the daemon's poller, polling
-/// at the daemon's interval with one request per poll for every queue on
-/// the vhost. How soon is for benches/depth.rs to measure; this only
-/// catches it never arriving.
+/// at the daemon's interval. How soon, and how many requests per poll, is
+/// for benches/depth.rs to measure (one request per read for every queue is
+/// asserted above); this only catches the message never arriving.
 #[tokio::test]
-async fn one_message_in_an_idle_queue_reaches_the_daemons_poller_in_one_request_per_poll() {
+async fn one_message_in_an_idle_queue_reaches_the_daemons_poller() {
     let (conn, channel) = channel().await;
     let id = WorkerId(Uuid::now_v7());
     let queue = worker_queue(&channel, id).await;
     let every = Config::default().scale.poll_interval;
-    let started = std::time::Instant::now();
     let (mut readings, _wake, shutdown, monitor) = poller_every(&management_url(), every);
     let idle = readings.wait_for(|r| r.depths().and_then(|d| d.get(id)?.ready) == Some(0));
     tokio::time::timeout(MUST_HAPPEN, idle)
@@ -236,9 +240,7 @@ async fn one_message_in_an_idle_queue_reaches_the_daemons_poller_in_one_request_
     seen.await
         .expect("the message reaches a reading")
         .expect("the poller runs");
-    let polls = started.elapsed().as_millis() / every.as_millis() + 1;
-    let calls = u128::from(monitor.calls());
-    assert!(calls <= polls, "{calls} requests in {polls} polls");
+    assert!(monitor.calls() >= 2, "read before and after the message");
     shutdown.cancel();
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

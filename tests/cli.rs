@@ -386,8 +386,10 @@ async fn a_database_that_does_not_answer_fails_fast_in_one_line_without_the_pass
         vec!["worker", "create", "--name", "x", "--code", s(&code)],
         vec!["worker", "enable", "x"],
     ] {
-        let start = Instant::now();
-        let out = cli.run(&args).await;
+        // The command gives up with the error; the deadline only catches a hang.
+        let out = tokio::time::timeout(DEADLINE, cli.run(&args))
+            .await
+            .expect("the command gives up instead of retrying");
         let line = out.fails(4, "cannot reach the database at 127.0.0.1:9: ");
         assert!(
             line.ends_with("— is Postgres running? (scripts/services)"),
@@ -397,7 +399,6 @@ async fn a_database_that_does_not_answer_fails_fast_in_one_line_without_the_pass
             !line.contains("hunter2"),
             "the password is never printed: {line}"
         );
-        assert!(start.elapsed() < Duration::from_secs(5), "fails fast");
     }
     assert!(cli.snapshot().await.is_empty(), "nothing was written");
 }
@@ -687,25 +688,26 @@ async fn invoke_of_a_raising_worker_prints_the_error_body_and_fails(pool: PgPool
 }
 
 #[sqlx::test(migrations = false)]
-async fn invoke_of_a_disabled_worker_times_out_quickly_and_says_why(pool: PgPool) {
+async fn invoke_of_a_disabled_worker_times_out_and_says_why(pool: PgPool) {
     let (cli, mut daemon) = pipeline(pool).await;
     let id = cli.create("sleeper", ECHO_PY, &["--disabled"]).await;
     daemon.remember(id);
     let message = cli.file("m.json", br#"{"payload": "aGk="}"#);
-    let start = Instant::now();
-    let out = cli
-        .run(&[
-            "worker",
-            "invoke",
-            "sleeper",
-            "--message",
-            s(&message),
-            "--timeout",
-            "2s",
-        ])
-        .await;
+    // The answer is the timeout's error, naming the 2 s asked for; the
+    // deadline only catches a command that never gives up.
+    let args = [
+        "worker",
+        "invoke",
+        "sleeper",
+        "--message",
+        s(&message),
+        "--timeout",
+        "2s",
+    ];
+    let out = tokio::time::timeout(DEADLINE, cli.run(&args))
+        .await
+        .expect("invoke gives up after its timeout");
     assert_eq!(out.code, 3, "{out:#?}");
-    assert!(start.elapsed() < Duration::from_secs(10), "quickly");
     let last = out.stderr.lines().last().expect("a line");
     assert!(
         last.contains("no answer from worker sleeper within 2s: the worker is disabled"),

@@ -774,7 +774,15 @@ async fn ready_is_written_only_once_the_container_reports_it(pool: PgPool) {
     let client = reqwest::Client::new();
     let answer = client.post(forged).send().await.expect("report");
     assert_eq!(answer.status(), 202);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The report reached the daemon and the pass it woke rejected it.
+    let metrics = format!("{}/metrics", d.config.code_server.public_url);
+    d.wait_for("the forged report to be rejected", async || {
+        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+        text.lines()
+            .any(|l| l == "workerctl_ready_reports_rejected_total 1")
+            .then_some(())
+    })
+    .await;
     assert_eq!(
         d.status(id).await.0,
         "unknown",

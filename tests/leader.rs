@@ -3,6 +3,9 @@
 //! other stands by; the winner's session is ended by the server
 //! (`pg_terminate_backend`, what a dead or cut-off daemon amounts to) and
 //! the other takes over, while the old winner knows it no longer leads.
+//! And a leader cut off from the server (a relay in front of Postgres that
+//! goes silent, `tests/common/relay.rs`): it stops leading within its lease,
+//! before the server lets the standby take the lock.
 //!
 //! Needs `DATABASE_URL` (scripts/test exports it); without a reachable
 //! server every test fails, none is skipped.
@@ -10,6 +13,9 @@
 mod common;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -17,6 +23,8 @@ use sqlx::postgres::PgAdvisoryLockKey;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use workerctl::leader::{LeaderTiming, Leadership, LockSession, Role, lock_of};
+
+use common::relay::{Front, Relay, Upstream};
 
 /// Only catches a hang: what must happen happens long before.
 const MUST_HAPPEN: Duration = Duration::from_secs(30);
@@ -269,4 +277,70 @@ async fn a_waiting_acquire_gets_the_lock_once_its_holder_releases_it(pool: PgPoo
         .expect("the waiter does not panic");
     assert!(waiter.verify().await.expect("asks"));
     waiter.release().await;
+}
+
+/// A relay in front of the test's Postgres, and the database URL through it.
+async fn relayed(url: &str) -> (Relay, String) {
+    let mut url = reqwest::Url::parse(url).expect("a URL");
+    let postgres = SocketAddr::from(([127, 0, 0, 1], url.port().unwrap_or(5432)));
+    let any_port = Front::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let relay = Relay::start(any_port, Upstream::Tcp(postgres)).await;
+    let Front::Tcp(front) = relay.front().clone() else {
+        unreachable!("a TCP relay")
+    };
+    url.set_port(Some(front.port())).expect("a port");
+    (relay, url.to_string())
+}
+
+#[sqlx::test]
+async fn a_leader_cut_off_from_the_database_stops_leading_before_the_standby_takes_over(
+    pool: PgPool,
+) {
+    let url = common::database_url(&pool);
+    let (relay, through_relay) = relayed(&url).await;
+    let a = Daemon::start(&through_relay, "cut");
+    within("A leads", a.leadership.until_leader()).await;
+    let b = Daemon::start(&url, "cut");
+    eventually(
+        "B stands by behind A",
+        async || matches!(b.leadership.role(), Role::Standby { why } if why.contains("is led by")),
+    )
+    .await;
+
+    // The order of the two events is the point: number them as they happen.
+    let order = Arc::new(AtomicUsize::new(0));
+    let a_lost = tokio::spawn({
+        let (l, order) = (a.leadership.clone(), order.clone());
+        async move {
+            l.until_lost().await;
+            order.fetch_add(1, Ordering::SeqCst) + 1
+        }
+    });
+    let b_leads = tokio::spawn({
+        let (l, order) = (b.leadership.clone(), order.clone());
+        async move {
+            l.until_leader().await;
+            order.fetch_add(1, Ordering::SeqCst) + 1
+        }
+    });
+    // Silence, not a close: the server keeps A's session (and the lock)
+    // until its idle_session_timeout (2 × lease) ends it.
+    relay.stall();
+    let a_lost = within("A stops leading", a_lost).await.expect("no panic");
+    let b_leads = within("B takes over", b_leads).await.expect("no panic");
+    assert_eq!(
+        (a_lost, b_leads),
+        (1, 2),
+        "A stopped leading before B could lead"
+    );
+    assert!(!a.leadership.is_held(), "A may not act");
+    assert!(
+        a.leadership.verify().await.is_err(),
+        "A cannot confirm a lock"
+    );
+    b.leadership.verify().await.expect("B's lock is confirmed");
+    assert_eq!(lock_holders(&pool).await.len(), 1, "one lock, B's");
+    b.stop().await;
+    relay.cut();
+    a.stop().await;
 }

@@ -123,6 +123,24 @@ impl Harness {
         }
     }
 
+    /// Polls the container's log until it has written `line`, failing the
+    /// test after a deadline that only catches a hang.
+    async fn wait_for_line(&self, id: &str, line: &str) {
+        let wait = async {
+            while !self
+                .rt
+                .last_lines(id, 20)
+                .await
+                .expect("logs")
+                .iter()
+                .any(|l| l == line)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        within(wait, &format!("the line {line:?}")).await;
+    }
+
     async fn cleanup(&self) {
         for instance in [self.rt.instance(), self.other.instance()] {
             let filters = [("label", vec![format!("{}={instance}", labels::INSTANCE)])].into();
@@ -195,6 +213,16 @@ where
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Only catches a hang: a test that waits longer has failed.
+const MUST_HAPPEN: Duration = Duration::from_secs(120);
+
+/// `f`'s output, failing the test if it takes longer than [`MUST_HAPPEN`].
+async fn within<F: Future>(f: F, what: &str) -> F::Output {
+    tokio::time::timeout(MUST_HAPPEN, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 fn is_exited(state: &RunState) -> bool {
@@ -368,18 +396,14 @@ async fn last_lines_are_what_an_exited_container_wrote_last_and_none_once_it_is_
 #[tokio::test]
 async fn stop_lets_a_worker_that_handles_term_exit_cleanly_before_the_timeout() {
     with_harness(|h| async move {
-        let script = r#"trap "exit 0" TERM; while true; do sleep 0.1; done"#;
+        let script = r#"trap "exit 0" TERM; echo trapped; while true; do sleep 0.1; done"#;
         let id = h.create_started(&h.spec(script)).await;
-        h.wait_for(&id, |s| *s == RunState::Running).await;
-        // The shell installs its trap right after starting.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let started = Instant::now();
-        h.rt.stop(&id, Duration::from_secs(10)).await.expect("stop");
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            started.elapsed()
-        );
+        h.wait_for_line(&id, "trapped").await;
+        // Exit code 0 is the trap's: a stop that waited out the timeout
+        // would have killed it (137).
+        within(h.rt.stop(&id, Duration::from_secs(10)), "the stop returns")
+            .await
+            .expect("stop");
         assert_eq!(
             h.wait_for(&id, is_exited).await.state,
             RunState::Exited(Some(0))
@@ -394,19 +418,22 @@ async fn stop_lets_a_worker_that_handles_term_exit_cleanly_before_the_timeout() 
 #[tokio::test]
 async fn stop_kills_a_worker_that_ignores_term_after_the_timeout() {
     with_harness(|h| async move {
-        let script = r#"trap "" TERM; while true; do sleep 0.1; done"#;
+        // It notes SIGTERM and carries on, so its log says it was asked first.
+        let script = r#"trap "echo got TERM" TERM; echo trapped; while true; do sleep 0.1; done"#;
         let id = h.create_started(&h.spec(script)).await;
-        h.wait_for(&id, |s| *s == RunState::Running).await;
-        let started = Instant::now();
-        h.rt.stop(&id, Duration::from_secs(1)).await.expect("stop");
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_secs(1) && took < Duration::from_secs(8),
-            "took {took:?}"
-        );
+        h.wait_for_line(&id, "trapped").await;
+        within(h.rt.stop(&id, Duration::from_secs(3)), "the stop returns")
+            .await
+            .expect("stop");
         assert_eq!(
             h.wait_for(&id, is_exited).await.state,
-            RunState::Exited(Some(137))
+            RunState::Exited(Some(137)),
+            "killed"
+        );
+        let said = h.rt.last_lines(&id, 10).await.expect("logs");
+        assert!(
+            said.iter().any(|l| l == "got TERM"),
+            "SIGTERM came before the kill: {said:?}"
         );
     })
     .await;
@@ -567,40 +594,106 @@ async fn network_exists_matches_exact_names_only() {
 #[tokio::test]
 async fn events_wake_for_our_dying_containers_only_and_stop_on_shutdown() {
     with_harness(|h| async move {
+        // What the event stream logs (one line per event it receives) is
+        // how this test knows which events reached it, and in which order.
+        let log = Captured::default();
+        let _log = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(log.clone())
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .finish(),
+        );
         let wake = Arc::new(Notify::new());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let (h, wake, shutdown) = (h.clone(), wake.clone(), shutdown.clone());
             async move { h.rt.events(wake, shutdown).await }
         });
-        // Give the stream time to subscribe.
-        tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let theirs = spec_for(h.other.instance(), "exit 0");
-        let their_id = h.other.create(&theirs).await.expect("create theirs");
-        h.other.start(&their_id).await.expect("start theirs");
-        let quiet = tokio::time::timeout(Duration::from_secs(2), wake.notified()).await;
-        assert!(
-            quiet.is_err(),
-            "another instance's container must not wake us"
-        );
-
-        let ours = h.create_started(&h.spec("sleep 1; exit 0")).await;
-        let woken = tokio::time::timeout(Duration::from_secs(15), wake.notified()).await;
-        assert!(woken.is_ok(), "our container's death must wake us");
+        let first = h.spec("sleep 1; exit 0");
+        let ours = h.create_started(&first).await;
+        within(wake.notified(), "our container's death to wake us").await;
         // The pass that wakes must see the exit: the list, read right away,
         // already says so (the engine sends `die` before its list knows).
         let listed = h.rt.list().await.expect("list");
         let state = listed.iter().find(|c| c.id == ours).map(|c| &c.state);
         assert_eq!(state, Some(&RunState::Exited(Some(0))));
 
+        // The stream is live (it just woke us). Another instance's container
+        // dies, then one of ours: the stream receives events in order, so
+        // once it has received ours it would have received theirs.
+        let theirs = spec_for(h.other.instance(), "exit 0");
+        let their_id = h.other.create(&theirs).await.expect("create theirs");
+        h.other.start(&their_id).await.expect("start theirs");
+        within(
+            async {
+                while !other_exited(&h, &their_id).await {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            "their container to exit",
+        )
+        .await;
+        let second = h.spec("exit 0");
+        h.create_started(&second).await;
+        within(
+            async {
+                while !log.text().contains(&second.name) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            "the stream to receive our second container's death",
+        )
+        .await;
+        let seen = log.text();
+        assert!(seen.contains(&first.name), "{seen}");
+        assert!(
+            !seen.contains(&theirs.name),
+            "another instance's container must not reach us, so never wakes us:\n{seen}"
+        );
+
         shutdown.cancel();
-        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
-        ended
-            .expect("the events task ends on shutdown")
+        within(task, "the events task to end on shutdown")
+            .await
             .expect("it does not panic");
     })
     .await;
+}
+
+async fn other_exited(h: &Harness, id: &str) -> bool {
+    let listed = h.other.list().await.expect("list theirs");
+    listed
+        .iter()
+        .any(|c| c.id == id && matches!(c.state, RunState::Exited(_)))
+}
+
+/// Log output kept in memory for a test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        let bytes = self.0.lock().expect("log lock");
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
 }
 
 #[tokio::test]

@@ -3,15 +3,22 @@
 //! which reads DATABASE_URL): the JSON view the page polls, the page as
 //! headless Chromium renders it (its DOM after the script ran, and a
 //! screenshot kept at `target/screenshots/status-page.png`), `/metrics`
-//! after a real pass, and `/readyz`.
+//! after a real pass on the real Docker engine, the recent errors it shows,
+//! and `/readyz` pinging the real database and engine. An engine that does
+//! not answer is the real one behind a relay that stalls
+//! (`tests/common/relay.rs`), as in the daemon's outage tests.
 //!
-//! Needs Postgres, the Docker engine (the readiness ping) and the Debian
-//! package `chromium`. Without them these tests fail; they never skip.
+//! Needs Postgres, the Docker engine, `workerctl/busybox:latest`
+//! (`scripts/build-images`) and the Debian package `chromium`. Without them
+//! these tests fail; they never skip. The one test that creates a container
+//! removes it at the end, passed or not.
+
+mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -21,18 +28,22 @@ use workerctl::archive::{DEFAULT_USERCODE, sensorbucket_archive};
 use workerctl::config::Config;
 use workerctl::http::{self, AppState, Probe};
 use workerctl::metrics::Metrics;
-use workerctl::model::{ContainerSpec, ManagedContainer};
+use workerctl::model::labels;
 use workerctl::readiness::ReadyReports;
 use workerctl::reconciler::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
-use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
 use workerctl::status_page::Backend;
+use workerctl::store::dead_letters::{self, NewDeadLetter};
 use workerctl::store::postgres::PgStore;
+
+use common::relay::docker_relay;
 
 const INSTANCE: &str = "status-test";
 /// The Debian package and command that renders the page.
 const CHROMIUM: &str = "chromium";
 const CHROMIUM_DEADLINE: Duration = Duration::from_secs(90);
+/// Only catches a hang: what must happen happens long before.
+const MUST_HAPPEN: Duration = Duration::from_secs(120);
 
 /// The router, served until the test drops it.
 struct Server {
@@ -374,6 +385,94 @@ async fn on_swarm_the_page_names_the_backend_and_what_it_cannot_enforce(pool: Pg
     }
 }
 
+/// A dead letter of `worker` whose traceback ends in `reason`.
+async fn dead_letter(pool: &PgPool, worker: Option<Uuid>, reason: &str) {
+    let letter = NewDeadLetter {
+        worker_id: worker,
+        queue: worker.map_or("worker_unknown".into(), |w| format!("worker_{w}")),
+        error: format!("Traceback (most recent call last):\n  File \"usercode.py\"\n{reason}\n"),
+        attempt: Some(1),
+        failed_at: chrono::Utc::now() - chrono::Duration::minutes(3),
+        message_id: None,
+        body: serde_json::json!({"received_by_worker": {"tracing_id": reason}}),
+        digest: Uuid::new_v4().to_string(),
+    };
+    let new = dead_letters::insert(pool, &letter, 1000)
+        .await
+        .expect("the dead letter is stored");
+    assert!(new, "a fresh digest is a new dead letter");
+}
+
+#[sqlx::test(migrations = false)]
+async fn recent_errors_are_each_workers_last_five_newest_first_and_the_page_shows_them(
+    pool: PgPool,
+) {
+    let fleet = fleet(&pool).await;
+    for n in 1..=7 {
+        dead_letter(
+            &pool,
+            Some(fleet.crashing),
+            &format!("ValueError: bad reading {n}"),
+        )
+        .await;
+    }
+    dead_letter(&pool, Some(fleet.steady), "KeyError: 'unit'").await;
+    dead_letter(&pool, None, "RuntimeError: from no known worker").await;
+    let server = Server::start(pool, Arc::default(), vec![]).await;
+
+    let view = server.json("/api/workers").await;
+    let errors = view["recent_errors"].as_array().expect("a list");
+    let of = |id: Uuid| -> Vec<&Value> {
+        errors
+            .iter()
+            .filter(|e| e["worker_id"] == id.to_string())
+            .collect()
+    };
+    let crashing = of(fleet.crashing);
+    let reasons: Vec<String> = crashing
+        .iter()
+        .map(|e| {
+            e["error"]
+                .as_str()
+                .expect("a traceback")
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        (3..=7)
+            .rev()
+            .map(|n| format!("ValueError: bad reading {n}"))
+            .collect::<Vec<_>>(),
+        "the last five, newest first"
+    );
+    assert_eq!(crashing[0]["worker_name"], "parse-humidity");
+    let steady = of(fleet.steady);
+    assert_eq!(steady.len(), 1, "{errors:?}");
+    assert_eq!(steady[0]["worker_name"], "ingest-temperature");
+    assert!(
+        errors.iter().any(|e| e["worker_id"].is_null()),
+        "a dead letter of no known worker is listed too: {errors:?}"
+    );
+
+    let newest = crashing[0]["id"].as_i64().expect("an id");
+    let dom =
+        String::from_utf8(chromium(&["--dump-dom"], &server.url("/")).await.stdout).expect("UTF-8");
+    for expected in [
+        "5+ · ValueError: bad reading 7".to_string(),
+        format!("3m ago · errors show {newest}"),
+        "1 · KeyError: 'unit'".to_string(),
+    ] {
+        assert!(
+            dom.contains(&expected),
+            "{expected:?} missing from the rendered page:\n{dom}"
+        );
+    }
+}
+
 /// `target/screenshots/status-page.png` of this crate, its directory created.
 fn screenshot_path() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
@@ -415,41 +514,23 @@ async fn chromium(args: &[&str], url: &str) -> std::process::Output {
     out
 }
 
-/// A Docker engine that does whatever it is asked and holds no containers.
-struct AgreeableRuntime;
+/// Removes an instance's containers when dropped, passed or not.
+struct Cleanup(String);
 
-impl ContainerRuntime for AgreeableRuntime {
-    async fn list(&self) -> Result<Vec<ManagedContainer>, RuntimeError> {
-        Ok(vec![])
-    }
-    async fn image(&self, _: &str) -> Result<ImageState, RuntimeError> {
-        Ok(ImageState::Present {
-            id: "sha256:agreeable".into(),
-        })
-    }
-    async fn network_exists(&self, _: &str) -> Result<bool, RuntimeError> {
-        Ok(true)
-    }
-    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
-        Ok(format!("id-{}", spec.name))
-    }
-    async fn start(&self, _: &str) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn stop(&self, _: &str, _: Duration) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn interrupt(&self, _: &str, _: &str, _: Duration) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn remove(&self, _: &str) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn rename(&self, _: &str, _: &str) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-    async fn last_lines(&self, _: &str, _: usize) -> Result<Vec<String>, RuntimeError> {
-        Ok(vec![])
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let filter = format!("label={}={}", labels::INSTANCE, self.0);
+        let listed = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output();
+        let ids = listed
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", id])
+                .output();
+        }
     }
 }
 
@@ -458,23 +539,31 @@ async fn metrics_after_a_pass_count_passes_actions_statuses_and_change_to_runnin
     migrated(&pool).await;
     let id = insert_worker(&pool, "fresh", "enabled", 1, "unknown", "").await;
     let metrics = Arc::new(Metrics::new());
+    let server = Server::start(pool.clone(), metrics.clone(), vec![]).await;
+    let mut config = Config {
+        instance: format!("status{}", &Uuid::new_v4().simple().to_string()[..10]),
+        ..Config::default()
+    };
+    let _cleanup = Cleanup(config.instance.clone());
+    config.docker.image = common::stand_in_image().into();
+    // The stand-in reports ready here, to a server that is not the
+    // reconciler's: the worker stays "starting" for this test.
+    config.code_server.public_url = server.url("");
+    let runtime = DockerRuntime::connect(&config.instance)
+        .await
+        .expect("the Docker engine answers");
     let store = Arc::new(PgStore::from_pool(pool.clone()));
-    let settings = PassSettings::from_config(&Config::default());
+    let settings = PassSettings::from_config(&config);
     let reports = Arc::new(ReadyReports::new(Arc::default()));
-    let mut reconciler = Reconciler::new(
-        store,
-        Arc::new(AgreeableRuntime),
-        settings,
-        metrics.clone(),
-        reports,
-    );
+    let mut reconciler =
+        Reconciler::new(store, Arc::new(runtime), settings, metrics.clone(), reports);
     metrics.change_announced(); // as the listener does on a NOTIFY
     let report = reconciler.pass().await.expect("the pass runs");
     assert_eq!(report.started, 1, "{report:?}");
-    let done = reconciler.drain(Duration::from_secs(10)).await;
+    let done = reconciler.drain(MUST_HAPPEN).await;
+    assert_eq!(done.len(), 1, "the create finished: {done:?}");
     assert!(done.iter().all(|d| d.result.is_ok()), "{done:?}");
 
-    let server = Server::start(pool, metrics, vec![]).await;
     let response = server.get("/metrics").await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.expect("body");
@@ -524,24 +613,20 @@ async fn an_unreachable_database_makes_readyz_and_the_view_503_and_says_so() {
     // Port 9 (discard) has no Postgres behind it.
     let down = PgStore::connect("postgres://x:y@127.0.0.1:9/none").expect("lazy pool");
     let down = down.pool().clone();
-    let docker_ok = Probe::new("docker", || async { Ok(()) });
+    let docker = DockerRuntime::connect(INSTANCE)
+        .await
+        .expect("the Docker engine answers");
     let probes = vec![
         Probe::database(Arc::new(PgStore::from_pool(down.clone()))),
-        docker_ok,
+        Probe::docker(Arc::new(docker)),
     ];
     let server = Server::start(down, Arc::default(), probes).await;
 
-    let started = Instant::now();
-    let response = server.get("/readyz").await;
+    let response = within(server.get("/readyz"), "/readyz answers").await;
     assert_eq!(response.status(), 503);
     let message = message_of(response).await;
     assert!(message.contains("database: "), "{message}");
     assert!(!message.contains("docker"), "docker answered: {message}");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
 
     let response = server.get("/api/workers").await;
     assert_eq!(response.status(), 503);
@@ -556,25 +641,41 @@ async fn an_unreachable_database_makes_readyz_and_the_view_503_and_says_so() {
 
 #[sqlx::test(migrations = false)]
 async fn readyz_names_a_dependency_that_does_not_answer_in_time(pool: PgPool) {
-    let hung = Probe::new("docker", || async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        Ok(())
-    });
+    // The real engine behind a relay that goes silent: the ping is sent and
+    // never answered, as with a hung engine.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("docker.sock");
+    let relay = docker_relay(&socket).await;
+    let client = bollard::Docker::connect_with_unix(
+        socket.to_str().expect("utf-8 path"),
+        120,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("a client for the relay");
+    let docker = DockerRuntime::with_client(client, INSTANCE)
+        .await
+        .expect("the engine answers through the relay");
     let probes = vec![
         Probe::database(Arc::new(PgStore::from_pool(pool.clone()))),
-        hung,
+        Probe::docker(Arc::new(docker)),
     ];
     let server = Server::start(pool, Arc::default(), probes).await;
-    let started = Instant::now();
-    let response = server.get("/readyz").await;
+    let response = within(server.get("/readyz"), "/readyz answers").await;
+    assert_eq!(response.status(), 200, "both answer before the stall");
+
+    relay.stall();
+    let response = within(server.get("/readyz"), "/readyz answers").await;
     assert_eq!(response.status(), 503);
     let message = message_of(response).await;
     assert_eq!(message, "not ready: docker: no answer within 1s");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    relay.cut();
+}
+
+/// `f`'s output, failing the test if it takes longer than [`MUST_HAPPEN`].
+async fn within<F: std::future::Future>(f: F, what: &str) -> F::Output {
+    tokio::time::timeout(MUST_HAPPEN, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 async fn message_of(response: reqwest::Response) -> String {

@@ -27,8 +27,10 @@ use workerctl::store::postgres::PgStore;
 const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
 /// The stand-in worker with a HEALTHCHECK: a daemon that takes over sees
 /// readiness in the engine, while the ready report went to the dead leader
-/// (reports live in the memory of the daemon that received them).
-const IMAGE: &str = "workerctl-test/healthy-worker:latest";
+/// (reports live in the memory of the daemon that received them). A
+/// `silent.*` entrypoint is healthy only once the test creates `/tmp/go`
+/// in it, so the test decides when a rollout to it can finish.
+const IMAGE: &str = "workerctl-test/gated-worker:latest";
 
 fn image() -> &'static str {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
@@ -36,7 +38,7 @@ fn image() -> &'static str {
         let base = common::stand_in_image();
         let dir = tempfile::tempdir().expect("temp dir");
         let dockerfile =
-            format!("FROM {base}\nHEALTHCHECK --interval=1s --timeout=1s --retries=3 CMD true\n");
+            format!("FROM {base}\nHEALTHCHECK --interval=1s --timeout=1s --retries=3 CMD [ \"$CODE_ENTRYPOINT\" != silent.main ] || [ -e /tmp/go ]\n");
         std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
         let out = std::process::Command::new("docker")
             .args(["build", "-q", "-t", IMAGE])
@@ -160,6 +162,26 @@ async fn running(docker: &Docker, instance: &str) -> Vec<String> {
         .collect()
 }
 
+/// The id of the instance's container of `revision`.
+async fn container_of(docker: &Docker, instance: &str, revision: &str) -> String {
+    let filters = HashMap::from([(
+        "label",
+        vec![
+            format!("{}={instance}", labels::INSTANCE),
+            format!("{}={revision}", labels::REVISION),
+        ],
+    )]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let listed = docker.list_containers(Some(options)).await.expect("lists");
+    let [c] = listed.as_slice() else {
+        panic!("one container of revision {revision}: {listed:?}");
+    };
+    c.id.clone().expect("an id")
+}
+
 /// Fails if two running containers share a revision (one replica each).
 fn no_twins(revisions: &[String]) {
     let mut seen = std::collections::HashSet::new();
@@ -244,8 +266,9 @@ async fn the_standby_finishes_a_rollout_whose_leader_was_killed(pool: PgPool) {
     assert_eq!(leader.leader_gauge().await.as_deref(), Some("1"));
     assert_eq!(standby.leader_gauge().await.as_deref(), Some("0"));
 
-    // A new revision, which says it is ready only through its health check
-    // (a second or so): the leader starts it beside the old one ...
+    // A new revision, which says it is ready only through its health check,
+    // and that only once the test lets it: the leader starts it beside the
+    // old one ...
     let new_code =
         sensorbucket_archive("def process(msg):\n    return msg  # v2\n").expect("an archive");
     sqlx::query(
@@ -267,6 +290,28 @@ async fn the_standby_finishes_a_rollout_whose_leader_was_killed(pool: PgPool) {
     // ... and dies in the middle of the rollout.
     leader.child.start_kill().expect("SIGKILL");
     leader.child.wait().await.expect("the leader is dead");
+    // Still in the middle: revision 1 serves, revision 2 is not healthy
+    // yet, so nothing could have finished the rollout.
+    let revisions = running(&docker, &instance).await;
+    assert_eq!(revisions.len(), 2, "both revisions run: {revisions:?}");
+    let new = container_of(&docker, &instance, "2").await;
+    let health = docker
+        .inspect_container(&new, None)
+        .await
+        .expect("inspect revision 2")
+        .state
+        .and_then(|s| s.health)
+        .and_then(|h| h.status);
+    assert_ne!(
+        health,
+        Some(bollard::models::HealthStatusEnum::HEALTHY),
+        "revision 2 is not ready yet"
+    );
+    let go = std::process::Command::new("docker")
+        .args(["exec", &new, "touch", "/tmp/go"])
+        .output()
+        .expect("docker exec");
+    assert!(go.status.success(), "{go:?}");
 
     watch(
         &docker,

@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import IO, Any
 
 from .support import PACKAGE_ROOT, code_answer, pipeline_message, sensorbucket_zip, wait_until
 
@@ -134,17 +135,36 @@ def test_run_exits_4_on_code_without_process_and_says_why_once(tmp_path, http_st
     assert "defines no 'process' function" in line["error"]
 
 
-def test_sigterm_during_the_download_backoff_exits_0_promptly(tmp_path, http_stub):
+def test_sigterm_during_the_download_backoff_exits_0_without_downloading_again(tmp_path, http_stub):
     server = http_stub((503, {}))
     env = {"PATH": os.environ.get("PATH", ""), **_worker_env(tmp_path, server.url, WORKER_CODE_FETCH_ATTEMPTS="50")}
     process = subprocess.Popen([sys.executable, "-m", "dockerworker", "run"], cwd=PACKAGE_ROOT, env=env, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    events: list[dict[str, Any]] = []
+    reader = threading.Thread(target=_read_json_lines, args=(process.stdout, events), daemon=True)
+    reader.start()
     try:
-        wait_until(lambda: len(server.script.requests) >= 2, 20, "a retried download")
-        started = time.monotonic()
+        # After the fifth failed download the worker waits 4 to 8 s (the
+        # backoff doubles from 0.5 s, with jitter) before asking again.
+        wait_until(lambda: _count(events, "code_fetch_retry") >= 5, 60, "the fifth backoff")
+        asked = len(server.script.requests)
         process.terminate()
-        assert process.wait(timeout=10) == 0
-        assert time.monotonic() - started < 3
+        assert process.wait(timeout=60) == 0
+        assert len(server.script.requests) == asked, "the backoff was cut short: no download after SIGTERM"
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate()
+        process.wait()
+        reader.join(timeout=10)
+
+
+def _read_json_lines(stream: IO[bytes], into: list[dict[str, Any]]) -> None:
+    for line in stream:
+        try:
+            into.append(json.loads(line))
+        except ValueError:
+            continue
+
+
+def _count(events: list[dict[str, Any]], name: str) -> int:
+    return sum(1 for event in list(events) if event.get("event") == name)

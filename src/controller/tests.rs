@@ -132,14 +132,12 @@ async fn shutdown_waits_for_the_actions_in_flight() {
     settle().await;
     assert_eq!(runtime.running(1), [1], "the stop is in flight");
 
-    let asked = tokio::time::Instant::now();
     l.shutdown.cancel();
     l.task.await.expect("the loop ends");
     assert!(
-        asked.elapsed() >= Duration::from_secs(2),
-        "it waited for the stop"
+        runtime.running(1).is_empty(),
+        "the loop ended only once the stop in flight completed"
     );
-    assert!(runtime.running(1).is_empty(), "the stop completed");
 }
 
 #[tokio::test(start_paused = true)]

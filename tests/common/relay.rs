@@ -1,7 +1,8 @@
 //! A relay in front of a service that a test can cut and restore, to play a
 //! service going away and coming back without touching the shared one: a
 //! Unix socket in front of the Docker engine, or a TCP port in front of
-//! Postgres.
+//! Postgres. A relay can also *stall*: the service stops answering while
+//! every connection stays open (a hung engine, a network partition).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Where a relay forwards to.
 #[derive(Clone, Debug)]
@@ -29,6 +31,7 @@ pub struct Relay {
     front: Front,
     accept: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    stalled: CancellationToken,
 }
 
 impl Relay {
@@ -37,12 +40,14 @@ impl Relay {
     pub async fn start(front: Front, upstream: Upstream) -> Relay {
         let connections = Arc::new(Mutex::new(Vec::new()));
         let conns = connections.clone();
+        let stalled = CancellationToken::new();
+        let stall = stalled.clone();
         let (front, accept) = match front {
             Front::Unix(path) => {
                 let listener = UnixListener::bind(&path).expect("bind relay socket");
                 let accept = tokio::spawn(async move {
                     while let Ok((client, _)) = listener.accept().await {
-                        forward(client, upstream.clone(), &conns);
+                        forward(client, upstream.clone(), &conns, &stall);
                     }
                 });
                 (Front::Unix(path), accept)
@@ -52,7 +57,7 @@ impl Relay {
                 let addr = listener.local_addr().expect("relay address");
                 let accept = tokio::spawn(async move {
                     while let Ok((client, _)) = listener.accept().await {
-                        forward(client, upstream.clone(), &conns);
+                        forward(client, upstream.clone(), &conns, &stall);
                     }
                 });
                 (Front::Tcp(addr), accept)
@@ -62,7 +67,17 @@ impl Relay {
             front,
             accept,
             connections,
+            stalled,
         }
+    }
+
+    /// From now on nothing passes in either direction, and nothing is
+    /// closed: open connections stay open on both sides with their bytes
+    /// undelivered, and new ones are accepted and never answered. Neither
+    /// the client nor the service sees an error, only silence — a hung
+    /// service, or a network that drops every packet.
+    pub fn stall(&self) {
+        self.stalled.cancel();
     }
 
     /// Where clients connect.
@@ -85,25 +100,55 @@ impl Relay {
     }
 }
 
-fn forward<C>(mut client: C, upstream: Upstream, connections: &Mutex<Vec<JoinHandle<()>>>)
-where
+fn forward<C>(
+    mut client: C,
+    upstream: Upstream,
+    connections: &Mutex<Vec<JoinHandle<()>>>,
+    stalled: &CancellationToken,
+) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let stalled = stalled.clone();
     let relay = tokio::spawn(async move {
-        match upstream {
-            Upstream::Unix(path) => {
-                if let Ok(mut up) = UnixStream::connect(&path).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+        if !stalled.is_cancelled() {
+            match upstream {
+                Upstream::Unix(path) => {
+                    if let Ok(mut up) = UnixStream::connect(&path).await {
+                        pipe(&mut client, &mut up, &stalled).await;
+                        hold_if(&stalled, up).await;
+                    }
                 }
-            }
-            Upstream::Tcp(addr) => {
-                if let Ok(mut up) = TcpStream::connect(addr).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                Upstream::Tcp(addr) => {
+                    if let Ok(mut up) = TcpStream::connect(addr).await {
+                        pipe(&mut client, &mut up, &stalled).await;
+                        hold_if(&stalled, up).await;
+                    }
                 }
             }
         }
+        hold_if(&stalled, client).await;
     });
     connections.lock().expect("lock").push(relay);
+}
+
+/// Copies both ways until either side closes or the relay stalls.
+async fn pipe<A, B>(a: &mut A, b: &mut B, stalled: &CancellationToken)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(a, b) => {}
+        () = stalled.cancelled() => {}
+    }
+}
+
+/// Once stalled, keeps `stream` open and silent until the relay is cut.
+async fn hold_if<S: Send>(stalled: &CancellationToken, stream: S) {
+    if stalled.is_cancelled() {
+        std::future::pending::<()>().await;
+    }
+    drop(stream);
 }
 
 /// The Docker engine's socket.
