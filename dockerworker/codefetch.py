@@ -5,24 +5,23 @@ be starting when the container is), the decoding of the `{"data": "<base64>"}`
 answer, and the sha256 check against CODE_SHA256.
 Must not do: unpack or import anything (that is `codeload`).
 
-It uses the standard library's urllib, not `requests`: importing requests
-(urllib3, charset_normalizer, idna, importlib.metadata...) cost a container
-about a third of its start-up, for one GET.
+It uses the standard library's http.client, not `requests`: importing
+requests (urllib3, charset_normalizer, idna, importlib.metadata...) cost a
+container about a third of its start-up, for one GET; nor urllib.request,
+which brings tempfile, shutil, bz2, lzma and more for the same GET. It
+follows redirects itself.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import http.client
 import json
-import random
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urljoin, urlsplit
 
 from . import logs
 
@@ -97,14 +96,32 @@ class Answer:
 Get = Callable[[str, float], Answer]
 
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+
+
 def _get(url: str, timeout_s: float) -> Answer:
-    request = urllib.request.Request(url, headers={"accept": "application/json"})
+    for _ in range(_MAX_REDIRECTS + 1):
+        status, location, body = _get_once(url, timeout_s)
+        if status not in _REDIRECTS or not location:
+            return Answer(status, body)
+        url = urljoin(url, location)
+    raise http.client.HTTPException(f"more than {_MAX_REDIRECTS} redirects")
+
+
+def _get_once(url: str, timeout_s: float) -> tuple[int, str | None, bytes]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {url}")
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.hostname or "", parts.port, timeout=timeout_s)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return Answer(response.status, response.read())
-    except urllib.error.HTTPError as error:  # an answer all the same
-        with error:
-            return Answer(error.code, error.read())
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("GET", target, headers={"accept": "application/json", "connection": "close"})
+        response = connection.getresponse()
+        return response.status, response.getheader("location"), response.read()
+    finally:
+        connection.close()
 
 
 def _fetch_once(url: str, timeout_s: float, get: Get) -> bytes:
@@ -137,6 +154,8 @@ def _decode(body: bytes) -> bytes:
 def _verify(archive: bytes, expected_sha256: str | None) -> None:
     if expected_sha256 is None:
         return
+    import hashlib  # only here: it loads OpenSSL's libcrypto
+
     actual = hashlib.sha256(archive).hexdigest()
     if actual != expected_sha256:
         # Not retried: the controller serves the latest revision, so a
@@ -147,5 +166,7 @@ def _verify(archive: bytes, expected_sha256: str | None) -> None:
 def _backoff(attempt: int, policy: FetchPolicy) -> float:
     # Exponential with jitter, so a fleet of workers restarted together does
     # not hammer a recovering controller in lockstep.
+    import random  # only on a retry
+
     ceiling = min(policy.max_delay_s, policy.first_delay_s * 2.0 ** (attempt - 1))
     return ceiling * random.uniform(0.5, 1.0)
