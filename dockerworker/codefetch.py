@@ -5,25 +5,25 @@ be starting when the container is), the decoding of the `{"data": "<base64>"}`
 answer, and the sha256 check against CODE_SHA256.
 Must not do: unpack or import anything (that is `codeload`).
 
-It uses the standard library's http.client, not `requests`: importing
-requests (urllib3, charset_normalizer, idna, importlib.metadata...) cost a
-container about a third of its start-up, for one GET; nor urllib.request,
-which brings tempfile, shutil, bz2, lzma and more for the same GET. It
-follows redirects itself.
+It uses `minihttp`, not `requests`: importing requests (urllib3,
+charset_normalizer, idna, importlib.metadata...) cost a container about a
+third of its start-up, for one GET; nor urllib.request, which brings
+http.client, the email package, tempfile, shutil, bz2 and lzma for the same
+GET. It follows redirects itself.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
-import json
 import threading
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
-from . import logs
+import orjson
+
+from . import logs, minihttp
 
 # Answers that may change if we ask again: the controller is restarting, a
 # proxy in front of it is, or the row is being written right now.
@@ -91,8 +91,8 @@ class Answer:
     body: bytes
 
 
-# A GET with a timeout: the answer, whatever its status; OSError (and
-# http.client's errors) when there is none.
+# A GET with a timeout: the answer, whatever its status; OSError when there
+# is none, ValueError for a URL that is not http(s).
 Get = Callable[[str, float], Answer]
 
 
@@ -102,33 +102,19 @@ _MAX_REDIRECTS = 5
 
 def _get(url: str, timeout_s: float) -> Answer:
     for _ in range(_MAX_REDIRECTS + 1):
-        status, location, body = _get_once(url, timeout_s)
-        if status not in _REDIRECTS or not location:
-            return Answer(status, body)
+        response = minihttp.request("GET", url, timeout_s, headers={"Accept": "application/json"})
+        location = response.headers.get("location")
+        if response.status not in _REDIRECTS or not location:
+            return Answer(response.status, response.body)
         url = urljoin(url, location)
-    raise http.client.HTTPException(f"more than {_MAX_REDIRECTS} redirects")
-
-
-def _get_once(url: str, timeout_s: float) -> tuple[int, str | None, bytes]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"not an http(s) URL: {url}")
-    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_type(parts.hostname or "", parts.port, timeout=timeout_s)
-    try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection.request("GET", target, headers={"accept": "application/json", "connection": "close"})
-        response = connection.getresponse()
-        return response.status, response.getheader("location"), response.read()
-    finally:
-        connection.close()
+    raise minihttp.HttpError(f"more than {_MAX_REDIRECTS} redirects")
 
 
 def _fetch_once(url: str, timeout_s: float, get: Get) -> bytes:
     try:
         answer = get(url, timeout_s)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        # ValueError: a URL urllib cannot use at all (config checks the scheme).
+    except (OSError, ValueError) as exc:
+        # ValueError: a URL that is not http(s) at all (config checks the scheme).
         raise _Retryable(f"request failed: {type(exc).__name__}: {exc}") from exc
     if answer.status in _RETRYABLE_STATUSES:
         raise _Retryable(f"controller answered {answer.status}", answer.status)
@@ -140,7 +126,7 @@ def _fetch_once(url: str, timeout_s: float, get: Get) -> bytes:
 
 def _decode(body: bytes) -> bytes:
     try:
-        encoded = json.loads(body)["data"]
+        encoded = orjson.loads(body)["data"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CodeFetchError(f"code answer is not JSON with a 'data' field: {exc!r}") from exc
     if not isinstance(encoded, str) or not encoded:

@@ -23,19 +23,17 @@ happens there.
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import logs
+import orjson
+
+from . import logs, minihttp
 
 
 @dataclass
@@ -143,70 +141,38 @@ class ReadyFile:
 class HealthServer:
     """A started health endpoint; `port` is the one really bound (useful with port 0).
 
-    Its thread waits in `accept` for as long as nobody asks: not the
-    stdlib's `serve_forever`, which wakes twice a second to look for a
-    shutdown request. `stop` wakes it with a connection of its own.
+    Served by `minihttp.Server` on a thread of its own, which waits in
+    `accept` for as long as nobody asks (the stdlib's `serve_forever` wakes
+    twice a second to look for a shutdown request).
     """
 
     def __init__(self, readiness: Readiness, port: int, host: str = "0.0.0.0") -> None:
-        handler = type("Handler", (_Handler,), {"readiness": readiness})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self._server.timeout = None  # handle_request waits for a connection, however long
-        self._stopping = False
-        self._thread = threading.Thread(target=self._serve, name="health", daemon=True)
+        self.readiness = readiness
+        self._server = minihttp.Server(host, port, self._answer)
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._server.port
 
     def start(self) -> "HealthServer":
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._stopping = True
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1.0).close()
-        except OSError:
-            pass  # not listening on loopback: it stops at its next request, and is a daemon thread
-        self._thread.join(timeout=2.0)
-        self._server.server_close()
+        self._server.stop()
 
-    def _serve(self) -> None:
-        while not self._stopping:
-            self._server.handle_request()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    readiness: Readiness
-
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-        path = self.path.split("?", 1)[0]
+    def _answer(self, path: str) -> tuple[int, bytes]:
         if path == "/healthz":
-            self._answer(200, {"status": "ok"})
-        elif path == "/readyz":
+            return 200, orjson.dumps({"status": "ok"})
+        if path == "/readyz":
             state = self.readiness.snapshot()
             ready = all(state.values())
-            self._answer(200 if ready else 503, {"status": "ready" if ready else "not ready", **state})
-        else:
-            self._answer(404, {"status": "not found"})
-
-    def _answer(self, status: int, body: dict[str, object]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        # Probes every few seconds would drown the per-message log lines.
-        return
+            return (200 if ready else 503), orjson.dumps({"status": "ready" if ready else "not ready", **state})
+        return 404, orjson.dumps({"status": "not found"})
 
 
 # A POST to the ready URL with a timeout: the answer's status; raises OSError
-# or http.client.HTTPException when there is no answer.
+# when there is no answer.
 Post = Callable[[str, float], int]
 
 
@@ -306,7 +272,7 @@ class ReadyReporter:
         """None on success, else why not: 'refused: ...' (4xx, final) or a reason worth a retry."""
         try:
             status = self._post(self.url, self.policy.timeout_s)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
         if 200 <= status < 300:
             return None
@@ -316,17 +282,7 @@ class ReadyReporter:
 
 
 def _post(url: str, timeout_s: float) -> int:
-    parts = urlsplit(url)
-    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_type(parts.hostname or "", parts.port, timeout=timeout_s)
-    try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection.request("POST", target, body=b"", headers={"content-length": "0", "connection": "close"})
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
+    return minihttp.request("POST", url, timeout_s).status
 
 
 def _shown(url: str) -> str:

@@ -40,8 +40,10 @@ def test_the_bound_health_port_is_recorded_for_the_image_healthcheck(tmp_path, m
 
 def test_the_server_stops_at_once_though_it_never_polls():
     server = HealthServer(Readiness(), 0, host="127.0.0.1").start()
+    base = f"http://127.0.0.1:{server.port}"
+    assert http_status(base + "/healthz") == 200
     server.stop()
-    assert not server._thread.is_alive()
+    assert http_status(base + "/healthz") is None, "no longer listening"
 
 
 def test_the_ready_file_exists_exactly_while_ready(tmp_path):
