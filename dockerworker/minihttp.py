@@ -46,7 +46,7 @@ def request(method: str, url: str, timeout_s: float, headers: dict[str, str] | N
         return _via_http_client(method, parts.hostname or "", parts.port, target, timeout_s, headers or {})
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url}")
-    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Connection: close", "Content-Length: 0"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout_s) as sock:
