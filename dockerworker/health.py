@@ -2,11 +2,13 @@
 
 Owns: `/healthz` (200 while the process serves at all: liveness) and
 `/readyz` (200 once the code is loaded and a consumer is attached to the
-queue, 503 otherwise), served by the stdlib on a daemon thread so it answers
+queue, 503 otherwise), served by `minihttp` on a daemon thread so it answers
 even while user code is busy; and the ready report: a `POST` to
 WORKER_READY_URL each time the worker becomes ready (the first attach, and
 every re-attach after a reconnect), so that the controller learns at once,
-without polling, that a new container consumes its queue.
+without polling, that a new container consumes its queue, repeated a few
+times during the first minute (see `ReportPolicy`).
+
 Also here: the ready file (`/tmp/dockerworker.ready`), present while the
 worker is ready and kept fresh by the event loop, which is what the image's
 HEALTHCHECK tests: a `find` of its age, with no Python process started and
