@@ -56,3 +56,40 @@ def test_the_image_health_check_passes_only_while_the_ready_file_is_fresh() -> N
         assert check("touch", "-d", "5 minutes ago", "/tmp/dockerworker.ready") != 0, "a stale one: the loop stopped"
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+def test_a_worker_container_passes_its_health_check_once_it_consumes() -> None:
+    from dockerworker.startbench import (
+        DEFAULT_API,
+        TRIVIAL_CODE,
+        StartBench,
+        _code_answer,
+        _docker_run,
+        _free_port,
+        _HttpServer,
+        _sensorbucket_zip,
+    )
+
+    from .support import AMQP_URL
+
+    bench = StartBench(AMQP_URL, DEFAULT_API, "report")
+    code = _HttpServer(_code_answer(_sensorbucket_zip(TRIVIAL_CODE)))
+    worker_id, token = str(uuid.uuid4()), uuid.uuid4().hex
+    env = {
+        "WORKER_ID": worker_id,
+        "AMQP_HOST": AMQP_URL,
+        "AMQP_XCHG": bench.exchange,
+        "CODE_URL": f"{code.url}/{worker_id}/source",
+        "WORKER_HEALTH_PORT": str(_free_port()),
+        "WORKER_READY_URL": f"{bench.ready.url}/ready?token={token}",
+    }
+    container = _docker_run(f"test-image-{token[:12]}", IMAGE, env)
+    try:
+        bench.ready.wait(token, lambda: False, timeout=120.0)
+        checked = subprocess.run(["docker", "exec", container, *_healthcheck()], capture_output=True, text=True)
+        assert checked.returncode == 0, f"ready, but the health check fails: {checked.stderr}"
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True, check=False)
+        bench.forget_queue(worker_id)
+        code.close()
+        bench.close()
