@@ -18,13 +18,16 @@ Code map (one concern per module):
 - `handover`    all that the event loop and the user thread share (deliveries in, results out)
 - `ledger`      which inputs may be acknowledged (pure bookkeeping)
 - `userthread`  the one thread user code runs on, off the event loop
-- `health`      `/healthz`, `/readyz` and the ready report to `WORKER_READY_URL`
+- `health`      `/healthz`, `/readyz`, the ready file the HEALTHCHECK tests, the ready report to `WORKER_READY_URL`
+- `minihttp`    the little HTTP the runtime speaks (code GET, ready POST, health answers) over plain sockets
 - `logs`        JSON log lines, named levels; capture of user prints per message
 - `app`         the container's command: wiring, signals, exit codes
 - `harness`     `run-once`: one message through user code, no broker
 - `bench`       the throughput benchmark against a real broker, beside `limitclient`
 - `limitclient` the least a worker can do per message: the benchmark's yardstick
 - `startbench`  container start → consuming, per image (the start-up benchmark)
+- `idlebench`   what N idle workers cost: container, engine and machine CPU, memory
+- `restbench`   the floors, start → consuming and idle workers under the daemon, in one run
 
 Architecture invariants: `processing` and `message` never touch AMQP; only
 `amqp` calls pika; an input is acknowledged only after the broker confirmed

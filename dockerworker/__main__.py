@@ -1,17 +1,29 @@
-"""Command line: `python -m dockerworker [run]` (the container) or `run-once` (the local harness)."""
+"""Command line: `python -m dockerworker [run]` (the container) or `run-once` (the local harness).
+
+The container's own command (`run`, or nothing) goes straight to `app.run`:
+argparse (with gettext and locale) and the harness are imported only for
+the rest, so that a container's start does not pay for them.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from . import app, harness
-from .config import DEFAULT_ENTRYPOINT
+if TYPE_CHECKING:
+    import argparse
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if given in ([], ["run"]):
+        from . import app
+
+        return app.run(os.environ)
+    from . import app, harness  # noqa: F811
+
+    args = _parser().parse_args(given)
     if args.command == "run-once":
         return harness.run_once(
             harness.RunOnce(
@@ -26,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # noqa: F811
+
+    from .config import DEFAULT_ENTRYPOINT
+
     parser = argparse.ArgumentParser(prog="python -m dockerworker", description="SensorBucket user-worker runtime")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("run", help="consume the worker's queue (the container's command; the default)")

@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import signal
-import tempfile
 import threading
 from typing import TYPE_CHECKING, Mapping
 
 from . import codefetch, codeload, config as config_module, logs
 from .codeload import UserCode
 from .config import Config, ConfigError
-from .health import HealthServer, Readiness, ReadyReporter
+from .health import READY_FILE_REFRESH_S, HealthServer, Readiness, ReadyFile, ReadyReporter, runtime_file
 
 if TYPE_CHECKING:
     # At run time asyncio (like `messaging`) is imported only once the code
@@ -76,7 +74,7 @@ def run(env: Mapping[str, str]) -> int:
         return ExitCode.INTERNAL
 
 
-HEALTH_PORT_FILE = os.path.join(tempfile.gettempdir(), "dockerworker.health-port")
+HEALTH_PORT_FILE = runtime_file("dockerworker.health-port")
 
 
 def _record_health_port(port: int) -> None:
@@ -98,6 +96,7 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
         logs.event("config_error", level=logging.ERROR, error=f"health port {config.health_port}: {exc}")
         return ExitCode.CONFIG
     _record_health_port(health.port)
+    ready_file = ReadyFile().attach(readiness)
     if config.ready_url is not None:
         ReadyReporter(config.ready_url, readiness).start()
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
@@ -113,7 +112,7 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
     if code is None:
         return ExitCode.OK  # stopped while downloading
     readiness.set(code_loaded=True)
-    return asyncio.run(_consume(config, code, readiness, stop))
+    return asyncio.run(_consume(config, code, readiness, ready_file, stop))
 
 
 class _Fatal(Exception):
@@ -180,7 +179,9 @@ def _load_code(config: Config, archive: bytes | None) -> UserCode | None:
     return code
 
 
-async def _consume(config: Config, code: UserCode, readiness: Readiness, stop: threading.Event) -> int:
+async def _consume(
+    config: Config, code: UserCode, readiness: Readiness, ready_file: ReadyFile, stop: threading.Event
+) -> int:
     import asyncio  # noqa: F811
 
     from . import messaging
@@ -191,10 +192,23 @@ async def _consume(config: Config, code: UserCode, readiness: Readiness, stop: t
         loop.add_signal_handler(signum, _on_signal, shutdown, signum)
     if stop.is_set():
         return ExitCode.OK
+    _refresh_every(loop, ready_file, READY_FILE_REFRESH_S)
     consumer = asyncio.create_task(messaging.run(config, code, readiness, shutdown))
     stopping = asyncio.create_task(shutdown.wait())
     await asyncio.wait({consumer, stopping}, return_when=asyncio.FIRST_COMPLETED)
     return await _finish(consumer, stopping, config.shutdown_grace_s)
+
+
+def _refresh_every(loop: asyncio.AbstractEventLoop, ready_file: ReadyFile, interval_s: float) -> None:
+    """Touch the ready file from the event loop every `interval_s`, for as
+    long as the loop turns: the liveness the HEALTHCHECK reads from its age.
+    One timer, no task; it dies with the loop."""
+
+    def refresh() -> None:
+        ready_file.refresh()
+        loop.call_later(interval_s, refresh)
+
+    loop.call_later(interval_s, refresh)
 
 
 async def _finish(consumer: asyncio.Task[None], stopping: asyncio.Task[bool], grace_s: float) -> int:

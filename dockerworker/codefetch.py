@@ -5,26 +5,25 @@ be starting when the container is), the decoding of the `{"data": "<base64>"}`
 answer, and the sha256 check against CODE_SHA256.
 Must not do: unpack or import anything (that is `codeload`).
 
-It uses the standard library's urllib, not `requests`: importing requests
-(urllib3, charset_normalizer, idna, importlib.metadata...) cost a container
-about a third of its start-up, for one GET.
+It uses `minihttp`, not `requests`: importing requests (urllib3,
+charset_normalizer, idna, importlib.metadata...) cost a container about a
+third of its start-up, for one GET; nor urllib.request, which brings
+http.client, the email package, tempfile, shutil, bz2 and lzma for the same
+GET. It follows redirects itself.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import http.client
-import json
-import random
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urljoin
 
-from . import logs
+import orjson
+
+from . import logs, minihttp
 
 # Answers that may change if we ask again: the controller is restarting, a
 # proxy in front of it is, or the row is being written right now.
@@ -92,26 +91,30 @@ class Answer:
     body: bytes
 
 
-# A GET with a timeout: the answer, whatever its status; OSError (and
-# http.client's errors) when there is none.
+# A GET with a timeout: the answer, whatever its status; OSError when there
+# is none, ValueError for a URL that is not http(s).
 Get = Callable[[str, float], Answer]
 
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+
+
 def _get(url: str, timeout_s: float) -> Answer:
-    request = urllib.request.Request(url, headers={"accept": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return Answer(response.status, response.read())
-    except urllib.error.HTTPError as error:  # an answer all the same
-        with error:
-            return Answer(error.code, error.read())
+    for _ in range(_MAX_REDIRECTS + 1):
+        response = minihttp.request("GET", url, timeout_s, headers={"Accept": "application/json"})
+        location = response.headers.get("location")
+        if response.status not in _REDIRECTS or not location:
+            return Answer(response.status, response.body)
+        url = urljoin(url, location)
+    raise minihttp.HttpError(f"more than {_MAX_REDIRECTS} redirects")
 
 
 def _fetch_once(url: str, timeout_s: float, get: Get) -> bytes:
     try:
         answer = get(url, timeout_s)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        # ValueError: a URL urllib cannot use at all (config checks the scheme).
+    except (OSError, ValueError) as exc:
+        # ValueError: a URL that is not http(s) at all (config checks the scheme).
         raise _Retryable(f"request failed: {type(exc).__name__}: {exc}") from exc
     if answer.status in _RETRYABLE_STATUSES:
         raise _Retryable(f"controller answered {answer.status}", answer.status)
@@ -123,7 +126,7 @@ def _fetch_once(url: str, timeout_s: float, get: Get) -> bytes:
 
 def _decode(body: bytes) -> bytes:
     try:
-        encoded = json.loads(body)["data"]
+        encoded = orjson.loads(body)["data"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CodeFetchError(f"code answer is not JSON with a 'data' field: {exc!r}") from exc
     if not isinstance(encoded, str) or not encoded:
@@ -137,6 +140,8 @@ def _decode(body: bytes) -> bytes:
 def _verify(archive: bytes, expected_sha256: str | None) -> None:
     if expected_sha256 is None:
         return
+    import hashlib  # only here: it loads OpenSSL's libcrypto
+
     actual = hashlib.sha256(archive).hexdigest()
     if actual != expected_sha256:
         # Not retried: the controller serves the latest revision, so a
@@ -147,5 +152,7 @@ def _verify(archive: bytes, expected_sha256: str | None) -> None:
 def _backoff(attempt: int, policy: FetchPolicy) -> float:
     # Exponential with jitter, so a fleet of workers restarted together does
     # not hammer a recovering controller in lockstep.
+    import random  # only on a retry
+
     ceiling = min(policy.max_delay_s, policy.first_delay_s * 2.0 ** (attempt - 1))
     return ceiling * random.uniform(0.5, 1.0)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import inspect
 import io
 import os
-import shutil
 import stat
 import sys
-import tempfile
 import traceback
 import zipfile
 from dataclasses import dataclass
@@ -71,8 +69,20 @@ def unpack(archive: bytes, dest: Path, limits: Limits) -> Path:
 def load_archive(archive: bytes, code_dir: str, entrypoint: str, limits: Limits) -> UserCode:
     """Unpack a downloaded archive into a fresh directory under `code_dir` and load it."""
     os.makedirs(code_dir, exist_ok=True)
-    dest = Path(tempfile.mkdtemp(prefix="code-", dir=code_dir))
-    return load_directory(unpack(archive, dest, limits), entrypoint)
+    return load_directory(unpack(archive, _fresh_dir(code_dir), limits), entrypoint)
+
+
+def _fresh_dir(parent: str) -> Path:
+    """A new directory `code-<random>` under `parent`, private to this user
+    (what tempfile.mkdtemp makes, without importing tempfile, shutil, random
+    and the compressors they bring into every container's start)."""
+    while True:
+        path = Path(parent) / f"code-{os.urandom(6).hex()}"
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def load_path(path: str, entrypoint: str, limits: Limits, work_dir: str) -> UserCode:
@@ -163,7 +173,9 @@ def _code_root(dest: Path) -> Path:
 
 def _load_single_file(source: Path, entrypoint: str, work_dir: str) -> UserCode:
     # Copied so the directory it sits in does not land on sys.path.
-    root = Path(tempfile.mkdtemp(prefix="code-", dir=work_dir))
+    import shutil
+
+    root = _fresh_dir(work_dir)
     shutil.copy(source, root / source.name)
     function_name = SENSORBUCKET_FUNCTION if entrypoint == DEFAULT_ENTRYPOINT else entrypoint.rpartition(".")[2]
     return load_directory(root, f"{source.stem}.{function_name}")

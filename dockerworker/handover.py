@@ -46,6 +46,10 @@ class Handover:
         self._signalled = False
         self._abandoned = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Loop side: deliveries given whose results have not been taken yet,
+        # and who waits for the next delivery (the pump's watchdog, idle).
+        self.in_hand = 0
+        self._given: asyncio.Future[None] | None = None
         # Set by the user thread: the message it is on, and since when
         # (time.monotonic()); None between messages.
         self.current: tuple[Delivery, float] | None = None
@@ -62,6 +66,11 @@ class Handover:
         the loop is still parsing frames.
         """
         self._arrived.append(delivery)
+        self.in_hand += 1
+        if self._given is not None:
+            if not self._given.done():
+                self._given.set_result(None)
+            self._given = None
         if not self._hand_over_scheduled:
             self._hand_over_scheduled = True
             asyncio.get_running_loop().call_soon(self._hand_over)
@@ -85,7 +94,13 @@ class Handover:
         """Take the results left so far, in delivery order: (delivery, outcome, perf_counter at start)."""
         done = self._done
         while done:
+            self.in_hand -= 1
             yield done.popleft()
+
+    async def given(self) -> None:
+        """Returns at the next delivery given (the loop's side)."""
+        self._given = asyncio.get_running_loop().create_future()
+        await self._given
 
     def _hand_over(self) -> None:
         self._hand_over_scheduled = False

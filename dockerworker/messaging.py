@@ -105,8 +105,12 @@ class Session:
 
 
 async def _report(stats: Stats, interval_s: float) -> None:
-    """Every `interval_s`: one `messages` line with the count per outcome, when there were any."""
+    """One `messages` line with the count per outcome, `interval_s` after the
+    first message counted since the last line. An idle worker's reporter
+    sleeps until a message comes, rather than waking every `interval_s` to
+    find nothing to say."""
     while True:
+        await stats.counted()
         started = time.monotonic()
         await asyncio.sleep(interval_s)
         _log_stats(stats, time.monotonic() - started)

@@ -54,7 +54,8 @@ from .ledger import Ledger
 from .processing import Outcome, Verdict
 from .userthread import UserThread
 
-# How often the user thread is checked against the process timeout.
+# How often the user thread is checked against the process timeout, while
+# it has messages in hand (an idle worker's watchdog sleeps until one comes).
 WATCH_INTERVAL_S = 0.5
 # Headers that describe this hop's delivery, not the message: not passed on.
 _HOP_HEADERS = ("x-delivery-count", "x-death", "x-first-death-", "x-last-death-", "x-workerctl-")
@@ -114,10 +115,26 @@ class Stats:
 
     def __init__(self) -> None:
         self.counts: Counter[Verdict] = Counter()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def add(self, verdict: Verdict) -> None:
+        self.counts[verdict] += 1
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            self._waiter = None
 
     def take(self) -> Counter[Verdict]:
         counts, self.counts = self.counts, Counter()
         return counts
+
+    async def counted(self) -> None:
+        """Returns once a message has been counted since the last `take`
+        (at once if one has): an idle worker's reporter sleeps here."""
+        if self.counts:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
 
 
 class Pump:
@@ -241,6 +258,9 @@ class Pump:
     async def _watchdog(self) -> None:
         limit = self.config.process_timeout_s
         while True:
+            if not self.handover.in_hand:
+                await self.handover.given()  # nothing to watch: no timer while idle
+                continue
             await asyncio.sleep(WATCH_INTERVAL_S)
             current = self.handover.current
             if current is not None and time.monotonic() - current[1] > limit:
@@ -377,7 +397,7 @@ class Pump:
     # -- the log line ----------------------------------------------------------------
 
     def _log(self, delivery: Delivery, outcome: Outcome, verdict: Verdict, started: float) -> None:
-        self.stats.counts[verdict] += 1
+        self.stats.add(verdict)
         level = message_level(verdict, outcome)
         if not logs.enabled(level):
             return

@@ -120,6 +120,11 @@ class StartBench:
         self.code = _HttpServer(_code_answer(_sensorbucket_zip(TRIVIAL_CODE)))
         self.ready = _ReadyListener()
         self._targets: list[_Target] = []
+        self._other_workers: list[str] = []
+
+    def forget_queue(self, worker_id: str) -> None:
+        """Delete this worker's queues at `close` (a worker started by someone else)."""
+        self._other_workers.append(worker_id)
 
     def run(self, images: list[str], runs: int) -> dict[str, list[Timing]]:
         self._targets = [_Target(image) for image in images]
@@ -157,8 +162,8 @@ class StartBench:
         return Timing(ready_at - started, ready_wall - started_wall, cpu_s)
 
     def close(self) -> None:
-        for target in self._targets:
-            for queue in (f"worker_{target.worker_id}", f"worker_{target.worker_id}.retry"):
+        for worker_id in [target.worker_id for target in self._targets] + self._other_workers:
+            for queue in (f"worker_{worker_id}", f"worker_{worker_id}.retry"):
                 self._api_delete(f"/api/queues/%2f/{urllib.parse.quote(queue, safe='')}")
         self._api_delete(f"/api/exchanges/%2f/{urllib.parse.quote(self.exchange, safe='')}")
         self.code.close()
@@ -176,7 +181,7 @@ class StartBench:
                 print(f"clean-up of {path} failed: {error}")
 
 
-def _docker_run(name: str, image: str, env: dict[str, str]) -> str:
+def _docker_run(name: str, image: str, env: dict[str, str], extra: list[str] | None = None) -> str:
     """Starts the worker as workerctl does by default (see src/runtime/docker.rs)."""
     hardening = [
         "--network", "host", "--read-only",
@@ -185,7 +190,7 @@ def _docker_run(name: str, image: str, env: dict[str, str]) -> str:
         "--memory", "256m", "--memory-swap", "256m", "--cpus", "1", "--pids-limit", "128",
     ]  # fmt: skip
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
-    command = ["docker", "run", "-d", "--name", name, *hardening, *env_args, image]
+    command = ["docker", "run", "-d", "--name", name, *hardening, *(extra or []), *env_args, image]
     run = subprocess.run(command, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise RuntimeError(f"docker run of {image} failed (is it built? scripts/build-images): {run.stderr}")

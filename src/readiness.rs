@@ -42,11 +42,14 @@ impl ReadyReports {
         }
     }
 
-    /// Records a report and wakes the loop.
+    /// Records a report and wakes the loop, unless the report was known
+    /// already: the dockerworker repeats its report during its first minute
+    /// (for a daemon that restarts or takes over meanwhile), and a repeat
+    /// tells the planner nothing new, so it only refreshes the report's time.
     pub fn report(&self, report: ReadyReport) {
-        {
+        let known = {
             let mut reports = self.lock();
-            reports.insert(report, Instant::now());
+            let known = reports.insert(report, Instant::now()).is_some();
             while reports.len() > CAPACITY {
                 let oldest = reports
                     .iter()
@@ -57,8 +60,11 @@ impl ReadyReports {
                     None => break,
                 };
             }
+            known
+        };
+        if !known {
+            self.wake.notify_one();
         }
-        self.wake.notify_one();
     }
 
     /// The reports that still mean something, given the containers listed
@@ -158,6 +164,19 @@ mod tests {
         assert_eq!(reports.current(&running, Instant::now()).len(), 1);
         let again = reports.current(&running, Instant::now());
         assert_eq!(again.len(), 1, "still there");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_report_does_not_wake_the_loop_again() {
+        let wake = Arc::new(Notify::new());
+        let reports = ReadyReports::new(wake.clone());
+        reports.report(report("a"));
+        wake.notified().await;
+        reports.report(report("a"));
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(1), wake.notified());
+        assert!(woken.await.is_err(), "a repeat is no news");
+        reports.report(report("b"));
+        wake.notified().await;
     }
 
     #[tokio::test]

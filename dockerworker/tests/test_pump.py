@@ -291,3 +291,39 @@ def test_a_process_that_hangs_goes_to_errors_and_ends_the_pump_with_process_stuc
         assert pump.ledger.in_hand == 2  # message 3 is never taken: the broker requeues it
 
     asyncio.run(main())
+
+
+def _timers() -> list[asyncio.TimerHandle]:
+    """The loop's pending timers (CPython's event loop keeps them in `_scheduled`)."""
+    scheduled: list[asyncio.TimerHandle] = getattr(asyncio.get_running_loop(), "_scheduled")
+    return [timer for timer in scheduled if not timer.cancelled()]
+
+
+def test_an_idle_pump_sets_no_timer_and_its_watchdog_wakes_with_a_message():
+    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        await asyncio.sleep(0.01)  # the watchdog is waiting
+        assert _timers() == [], "nothing to watch: nothing scheduled"
+
+        pump.on_delivery(delivery(1))
+        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        pump.on_confirm(1, multiple=False, acked=True)
+        await until(lambda: pump.handover.in_hand == 0, "the message settled")
+        await until(lambda: _timers() == [], "the watchdog asleep again", timeout=2.0)
+
+    pumping(test, make_pump(process_timeout_s=60.0))
+
+
+def test_the_messages_summary_waits_for_a_message_then_its_interval():
+    from dockerworker import messaging
+
+    async def main() -> None:
+        stats = Stats()
+        reporter = asyncio.ensure_future(messaging._report(stats, 60.0))
+        await asyncio.sleep(0.01)
+        assert _timers() == [], "an idle worker's summary sets no timer"
+        stats.add(Verdict.FORWARDED)
+        await until(lambda: len(_timers()) == 1, "the interval starts with the first message")
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
+
+    asyncio.run(main())

@@ -123,8 +123,8 @@ pub struct SwarmOptions {
     pub stop_timeout: Duration,
     /// What makes a task of a dockerworker image count as started in a
     /// rollout. `None`: the image's own HEALTHCHECK (the dockerworker's
-    /// asks `/readyz` too, but only every 10 s, so the daemon passes
-    /// [`Probe::dockerworker_ready`], every 2 s). Images without the
+    /// tests the same ready file, but only every 2 minutes, so the daemon
+    /// passes [`Probe::dockerworker_ready`], every 2 s). Images without the
     /// dockerworker label keep their own HEALTHCHECK either way.
     pub readiness: Option<Probe>,
 }
@@ -144,14 +144,22 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// The dockerworker's readiness: `/readyz` answers 200 once the code is
-    /// loaded and a consumer is attached to the worker's queue.
+    /// The dockerworker's readiness: its ready file exists (code loaded, a
+    /// consumer attached to the worker's queue) and is fresh (the runtime's
+    /// event loop touches it every 30 s; older than 90 s means the loop
+    /// stopped, and Swarm replaces the task). A `find`, not a Python
+    /// process: this runs every 2 s in every task. Only while there is no
+    /// ready file (a task starting, or an image from before the ready file)
+    /// does it ask `/readyz`, as it did before, so older dockerworker
+    /// images still roll out.
     pub fn dockerworker_ready() -> Probe {
-        const READYZ: &str = "import urllib.request; \
+        const READY: &str = "if [ -e /tmp/dockerworker.ready ]; then \
+            exec find /tmp/dockerworker.ready ! -newermt '90 seconds ago' -exec false {} +; fi; \
+            exec python -c \"import urllib.request; \
             port = open('/tmp/dockerworker.health-port').read().strip(); \
-            urllib.request.urlopen('http://127.0.0.1:%s/readyz' % port, timeout=2)";
+            urllib.request.urlopen('http://127.0.0.1:%s/readyz' % port, timeout=2)\"";
         Probe {
-            command: vec!["python".into(), "-c".into(), READYZ.into()],
+            command: vec!["sh".into(), "-c".into(), READY.into()],
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(2),
             retries: 3,
@@ -839,7 +847,8 @@ mod tests {
             .and_then(|c| c.health_check)
             .expect("a health check");
         let test = health.test.expect("a test");
-        assert_eq!(&test[..3], ["CMD", "python", "-c"]);
+        assert_eq!(&test[..3], ["CMD", "sh", "-c"]);
+        assert!(test[3].contains("/tmp/dockerworker.ready"), "{}", test[3]);
         assert!(test[3].contains("/readyz"), "{}", test[3]);
         assert_eq!(health.retries, Some(3));
     }
