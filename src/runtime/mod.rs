@@ -5,6 +5,7 @@
 //! [`ServiceRuntime`], implemented by `swarm.rs`.
 
 pub mod docker;
+pub mod trial;
 
 use std::collections::HashMap;
 use std::future::Future;
