@@ -666,6 +666,19 @@ fn short(v: &Value) -> String {
     format!("{cut}...")
 }
 
+/// A body as JSON when it is, else as text.
+pub fn body_value(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)))
+}
+
+/// A recording with its bodies read (`worker messages --output json`, the HTTP API).
+pub fn recording_json(r: &recorded::Recording) -> Value {
+    let mut v = json!(r);
+    v["message"] = body_value(&r.body);
+    v["output"] = r.output_body.as_deref().map_or(Value::Null, body_value);
+    v
+}
+
 fn text_of(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),

@@ -46,10 +46,10 @@ def process(msg):
     return msg
 ";
 
-/// The worker image: `WORKERCTL_TEST_WORKER_IMAGE` (a locally built variant),
+/// The worker image: `TEST_WORKER_IMAGE` (a locally built variant),
 /// else the one scripts/build-images makes.
 fn worker_image() -> String {
-    std::env::var("WORKERCTL_TEST_WORKER_IMAGE").unwrap_or_else(|_| common::worker_image().into())
+    std::env::var("TEST_WORKER_IMAGE").unwrap_or_else(|_| common::worker_image().into())
 }
 
 /// A daemon recording at most `keep` messages per worker, with the write API on.
@@ -501,5 +501,158 @@ async fn http_try_answers_the_report_as_json_behind_the_token(pool: PgPool) {
         .expect("answer");
     assert_eq!(invalid.status().as_u16(), 422);
     assert_eq!(try_containers(id), "");
+
+    // The status page's view lists the latest recorded messages without
+    // their bodies, and opens one whole.
+    let base = format!("http://127.0.0.1:{}", daemon.port);
+    let view: Value = client
+        .get(format!("{base}/api/workers"))
+        .send()
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("json");
+    let recent = view["recent_messages"].as_array().expect("recent messages");
+    assert_eq!(recent.len(), 5, "the newest five: {recent:?}");
+    assert_eq!(recent[0]["tracing_id"], "fixture-3");
+    assert!(recent[0].get("body").is_none() && recent[0].get("message").is_none());
+    let opened: Value = client
+        .get(format!(
+            "{base}/api/workers/{id}/messages/{}",
+            recent[0]["id"]
+        ))
+        .send()
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(opened["message"]["tracing_id"], "fixture-3");
+    assert_eq!(opened["output_key"], json!(next), "{opened}");
+    let _ = broker.connection.close(200, "done".into()).await;
+}
+
+/// A terminal: `workerctl worker dev` under tmux, on a server of its own.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(cli: &Cli, args: &[&str]) -> Terminal {
+        let socket = format!("wt{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let mut line = String::from("env");
+        for (k, v) in &cli.env {
+            line.push_str(&format!(" {k}='{v}'"));
+        }
+        line.push_str(&format!(" {}", harness::BIN));
+        for a in args {
+            line.push_str(&format!(" '{a}'"));
+        }
+        line.push_str("; echo EXITED; sleep 600");
+        let status = StdCommand::new("tmux")
+            .args([
+                "-L",
+                &socket,
+                "new-session",
+                "-d",
+                "-x",
+                "200",
+                "-y",
+                "50",
+                &line,
+            ])
+            .status()
+            .expect("tmux runs (apt-get install tmux)");
+        assert!(status.success());
+        let _ = StdCommand::new("tmux")
+            .args(["-L", &socket, "set", "-g", "history-limit", "50000"])
+            .status();
+        Terminal { socket }
+    }
+
+    fn screen(&self) -> String {
+        let out = StdCommand::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "capture-pane",
+                "-p",
+                "-J",
+                "-S",
+                "-50000",
+            ])
+            .output()
+            .expect("capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn wait_for(&self, needle: &str, n: usize) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if screen.matches(needle).count() >= n {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{needle:?} x{n} never showed:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn keys(&self, keys: &str) {
+        let _ = StdCommand::new("tmux")
+            .args(["-L", &self.socket, "send-keys", keys])
+            .status();
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = StdCommand::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn dev_mode_with_try_reports_each_save_on_recorded_traffic_and_no_deploy_stores_nothing(
+    pool: PgPool,
+) {
+    let (cli, mut daemon) = recording(pool, 50).await;
+    let id = create(&cli, &mut daemon, "decoder", CURRENT_PY).await;
+    let broker = Broker::open(&daemon).await;
+    let next = format!("next-{}", Uuid::new_v4().simple());
+    record_fixture(&cli, &daemon, &broker, id, &next).await;
+    let code = cli.file("dev.py", CANDIDATE_PY.as_bytes());
+    let term = Terminal::start(
+        &cli,
+        &[
+            "worker",
+            "dev",
+            "decoder",
+            "--code",
+            s(&code),
+            "--try",
+            "4",
+            "--no-deploy",
+        ],
+    );
+    let screen = term
+        .wait_for(
+            "4 messages: 1 unchanged, 1 changed, 1 now raises, 1 fixed",
+            1,
+        )
+        .await;
+    assert!(screen.contains("KeyError: 'three'"), "{screen}");
+    let tmp = code.with_extension("py.tmp");
+    std::fs::write(&tmp, CURRENT_PY).expect("write");
+    std::fs::rename(&tmp, &code).expect("save");
+    term.wait_for("4 messages: 4 unchanged", 1).await;
+    term.keys("C-c");
+    term.wait_for("worker decoder left as it is", 1).await;
+    assert_eq!(cli.row(id).await.revision, 1, "--no-deploy stores nothing");
     let _ = broker.connection.close(200, "done".into()).await;
 }

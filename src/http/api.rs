@@ -20,7 +20,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use chrono::Utc;
 use cloudevents::{AttributesReader, Data};
 use serde_json::{Value, json};
@@ -57,6 +57,7 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/workers/{worker}/invoke", post(invoke_handler))
         .route("/api/workers/{worker}/try", post(try_handler))
+        .route("/api/workers/{worker}/messages/{id}", get(message_handler))
         .with_state(state)
 }
 
@@ -110,6 +111,29 @@ async fn invoke_handler(
         }
     };
     with_trace(reply, &prepared.tracing_id, request.cloudevent, target.id)
+}
+
+/// `GET /api/workers/{id-or-name}/messages/{n}`: one recorded message
+/// whole, as received, with its output (what the status page opens). It
+/// only reads, as `/api/workers` does.
+async fn message_handler(
+    State(state): State<ApiState>,
+    Path((worker, id)): Path<(String, i64)>,
+) -> Response {
+    let target = match state.db.resolve(&worker).await {
+        Ok(t) => t,
+        Err(e) => return db_failure(&e),
+    };
+    match crate::store::recorded::get(state.db.pool(), target.id, id).await {
+        Ok(Some(r)) => {
+            (StatusCode::OK, axum::Json(crate::trial::recording_json(&r))).into_response()
+        }
+        Ok(None) => message(
+            StatusCode::NOT_FOUND,
+            &format!("worker {} has no recorded message {id}", target.name),
+        ),
+        Err(e) => message(StatusCode::SERVICE_UNAVAILABLE, &error_chain(&e)),
+    }
 }
 
 /// The body of `POST /api/workers/{id}/try`: the candidate code (`code`,

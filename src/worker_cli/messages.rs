@@ -4,12 +4,13 @@
 
 use chrono::{DateTime, Utc};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{CliError, Output, pretty, table};
 use crate::config::Config;
 use crate::store::admin;
 use crate::store::recorded::{self, Recording};
+use crate::trial::{body_value, recording_json as as_json};
 use crate::trigger_cli::store_failed;
 
 #[derive(Debug, Args)]
@@ -66,19 +67,6 @@ pub async fn run(config: &Config, a: MessagesArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-/// A body as JSON when it is, else as text.
-pub fn body_value(body: &[u8]) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)))
-}
-
-/// A recording with its bodies read.
-pub fn as_json(r: &Recording) -> Value {
-    let mut v = json!(r);
-    v["message"] = body_value(&r.body);
-    v["output"] = r.output_body.as_deref().map_or(Value::Null, body_value);
-    v
 }
 
 /// The list: newest first, one line each.

@@ -97,7 +97,7 @@ fn cli_error(e: TrialError, path: &std::path::Path) -> CliError {
     }
 }
 
-fn print_report(report: &Report, output: Output) {
+pub(super) fn print_report(report: &Report, output: Output) {
     if output == Output::Json {
         println!("{}", pretty(report));
         return;
