@@ -149,19 +149,18 @@ impl Bench {
         let mut figures = Vec::new();
         for round in 0..rounds * 2 {
             let recording = round % 2 == 1;
-            let _ = daemon.kill();
-            let _ = daemon.wait();
+            drop(daemon);
             daemon = self.daemon(recording);
             if recording {
                 self.wait_for_tap(&broker, &mut outputs, worker).await?;
             } else {
                 broker.delete_tap(worker).await;
             }
-            let cpu_before = cpu_ticks(&daemon);
+            let cpu_before = cpu_ticks(&daemon.0);
             let rate = broker.drain(&mut outputs, worker, n).await?;
             // Let the recorder write what it holds before reading its CPU.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let cpu = cpu_ticks(&daemon).saturating_sub(cpu_before);
+            let cpu = cpu_ticks(&daemon.0).saturating_sub(cpu_before);
             eprintln!(
                 "bench: round {} (recording {}): {rate:.0} msg/s",
                 round + 1,
@@ -181,8 +180,7 @@ impl Bench {
         .await
         .map_err(|e| e.to_string())?;
         let trial = self.try_beside_invoke(worker).await?;
-        let _ = daemon.kill();
-        let _ = daemon.wait();
+        drop(daemon);
         let _ = broker.connection.close(200, "done".into()).await;
         report(&figures, n, rows, &trial);
         Ok(())
@@ -285,13 +283,15 @@ impl Bench {
         })
     }
 
-    fn daemon(&self, recording: bool) -> Child {
-        self.cli(&["run"])
-            .env("WORKERCTL_RECORD__ENABLED", recording.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("workerctl run")
+    fn daemon(&self, recording: bool) -> Daemon {
+        Daemon(
+            self.cli(&["run"])
+                .env("WORKERCTL_RECORD__ENABLED", recording.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("workerctl run"),
+        )
     }
 
     fn cli(&self, args: &[&str]) -> Command {
@@ -359,6 +359,17 @@ impl Bench {
                 .await;
             let _ = conn.close(200, "done".into()).await;
         }
+    }
+}
+
+/// A `workerctl run` child, killed (its containers keep running) and
+/// reaped when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
