@@ -103,9 +103,7 @@ pub fn read_input(
     body: &[u8],
     now: DateTime<Utc>,
 ) -> NewRecording {
-    let tracing_id = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("tracing_id").map(text_of));
+    let tracing_id = Head::of(body).and_then(|h| h.tracing_id.as_ref().map(text_of));
     NewRecording {
         worker_id: worker,
         received_at: now,
@@ -121,16 +119,38 @@ pub fn read_input(
 /// to it: not `errors` (always bound), not an invocation's own key (bound by
 /// pattern), nothing with topic wildcards.
 pub fn next_key(body: &[u8]) -> Option<String> {
-    let v = serde_json::from_slice::<Value>(body).ok()?;
-    let index = usize::try_from(v.get("step_index")?.as_u64()?).ok()?;
-    let key = v
-        .get("pipeline_steps")?
-        .as_array()?
-        .get(index + 1)?
-        .as_str()?;
+    let head = Head::of(body)?;
+    let index = usize::try_from(head.step_index?).ok()?;
+    let key = head.pipeline_steps?.get(index + 1)?.clone();
     let ours = key.starts_with(INVOKE_PATTERN.trim_end_matches('*'));
     let bindable = !key.is_empty() && key != ERRORS_KEY && !ours && !key.contains(['*', '#']);
-    bindable.then(|| key.to_string())
+    bindable.then_some(key)
+}
+
+/// The fields of a pipeline message the recorder reads; the rest of the
+/// body is skipped by the parser, not built (a recorded message is parsed
+/// for these only: it is stored as bytes).
+#[derive(serde::Deserialize)]
+struct Head {
+    tracing_id: Option<Value>,
+    step_index: Option<i64>,
+    pipeline_steps: Option<Vec<String>>,
+}
+
+impl Head {
+    fn of(body: &[u8]) -> Option<Head> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// The worker at `step_index + offset` of the steps.
+    fn step_worker(&self, offset: i64) -> Option<Uuid> {
+        let index = self.step_index?.checked_add(offset)?;
+        let step = self
+            .pipeline_steps
+            .as_ref()?
+            .get(usize::try_from(index).ok()?)?;
+        Uuid::parse_str(step).ok()
+    }
 }
 
 /// Matches the keys `worker invoke` appends when a message has no next step.
@@ -140,8 +160,8 @@ const INVOKE_PATTERN: &str = "workerctl.invoke.*";
 /// the current step, or the one an error body names) and for which
 /// tracing id. `None` when it cannot be told.
 pub fn read_output(routing_key: &str, body: &[u8], now: DateTime<Utc>) -> Option<NewOutput> {
-    let v = serde_json::from_slice::<Value>(body).ok()?;
     let (worker_id, tracing_id) = if routing_key == ERRORS_KEY {
+        let v = serde_json::from_slice::<Value>(body).ok()?;
         let received = v.get("received_by_worker")?;
         let named = v
             .get("worker")
@@ -150,7 +170,8 @@ pub fn read_output(routing_key: &str, body: &[u8], now: DateTime<Utc>) -> Option
         let worker = named.or_else(|| step_worker(received, 0))?;
         (worker, text_of(received.get("tracing_id")?))
     } else {
-        (step_worker(&v, -1)?, text_of(v.get("tracing_id")?))
+        let head = Head::of(body)?;
+        (head.step_worker(-1)?, text_of(head.tracing_id.as_ref()?))
     };
     Some(NewOutput {
         worker_id,
@@ -443,6 +464,23 @@ impl<'c> Taps<'c> {
     }
 }
 
+/// The newest `keep` of each worker's inputs in a batch, in order: older
+/// ones would be pruned in the same transaction anyway.
+pub fn newest_per_worker(inputs: Vec<NewRecording>, keep: i64) -> Vec<NewRecording> {
+    let mut seen: HashMap<Uuid, i64> = HashMap::new();
+    let mut kept: Vec<NewRecording> = inputs
+        .into_iter()
+        .rev()
+        .filter(|r| {
+            let n = seen.entry(r.worker_id).or_default();
+            *n += 1;
+            *n <= keep
+        })
+        .collect();
+    kept.reverse();
+    kept
+}
+
 /// What is read and not yet written.
 #[derive(Default)]
 struct Batch {
@@ -540,8 +578,8 @@ async fn flush(
     config: &RecordConfig,
     batch: &mut Batch,
 ) -> Result<(), RecordError> {
-    recorded::insert(pool, &batch.inputs, config.keep).await?;
-    batch.inputs.clear();
+    let newest = newest_per_worker(std::mem::take(&mut batch.inputs), config.keep);
+    recorded::insert(pool, &newest, config.keep).await?;
     let outputs: Vec<NewOutput> = batch.outputs.iter().map(|(o, _)| o.clone()).collect();
     let matched: HashSet<usize> = recorded::match_outputs(pool, &outputs)
         .await?
@@ -623,6 +661,25 @@ mod tests {
                 String::from_utf8_lossy(&body)
             );
         }
+    }
+
+    #[test]
+    fn a_batch_keeps_only_the_newest_of_each_worker_in_order() {
+        let r = |w: &str, t: &str| {
+            read_input(
+                id(w),
+                w,
+                None,
+                format!("{{\"tracing_id\": \"{t}\"}}").as_bytes(),
+                now(),
+            )
+        };
+        let batch = vec![r(W1, "a"), r(W2, "b"), r(W1, "c"), r(W1, "d"), r(W2, "e")];
+        let kept: Vec<String> = newest_per_worker(batch, 2)
+            .into_iter()
+            .filter_map(|x| x.tracing_id)
+            .collect();
+        assert_eq!(kept, ["b", "c", "d", "e"]);
     }
 
     #[test]
