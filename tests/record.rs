@@ -654,5 +654,6 @@ async fn dev_mode_with_try_reports_each_save_on_recorded_traffic_and_no_deploy_s
     term.keys("C-c");
     term.wait_for("worker decoder left as it is", 1).await;
     assert_eq!(cli.row(id).await.revision, 1, "--no-deploy stores nothing");
+    assert_eq!(try_containers(id), "", "no try container is left behind");
     let _ = broker.connection.close(200, "done".into()).await;
 }

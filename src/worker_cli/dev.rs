@@ -107,11 +107,18 @@ pub async fn dev(config: &Config, a: DevArgs) -> Result<(), CliError> {
                 Some(()) = saves.recv() => while saves.try_recv().is_ok() {},
             }
         }
-        tokio::select! {
-            // A round cut short leaves at most a stored revision that the
-            // daemon deploys anyway.
-            _ = interrupt.recv() => break,
-            () = round(&db, config, &target, &a, first) => {}
+        if let Some(last) = a.try_last {
+            // Not cut short by Ctrl-C (the signal waits in `interrupt`): a
+            // try container must be removed by the try that made it.
+            try_save(&db, config, &target, &a, last).await;
+        }
+        if !a.no_deploy {
+            tokio::select! {
+                // A round cut short leaves at most a stored revision that the
+                // daemon deploys anyway.
+                _ = interrupt.recv() => break,
+                () = round(&db, config, &target, &a, first) => {}
+            }
         }
         first = false;
     }
@@ -166,16 +173,10 @@ async fn ensure_worker(db: &Db, a: &DevArgs) -> Result<Target, CliError> {
     })
 }
 
-/// One save: check, (try,) store, wait, invoke. Every failure is printed;
-/// none ends the loop.
+/// One save: check, store, wait, invoke. Every failure is printed; none
+/// ends the loop.
 async fn round(db: &Db, config: &Config, target: &Target, a: &DevArgs, first: bool) {
     let stamp = Utc::now().format("%H:%M:%S");
-    if let Some(last) = a.try_last {
-        try_save(db, config, target, a, last).await;
-        if a.no_deploy {
-            return;
-        }
-    }
     match deploy(db, target, a, first).await {
         Ok(Some(revision)) => eprintln!("── {stamp} revision {revision} ready ──"),
         Ok(None) => return,
