@@ -23,6 +23,7 @@ Code map (one concern per module):
 - `logs`        JSON log lines, named levels; capture of user prints per message
 - `app`         the container's command: wiring, signals, exit codes
 - `harness`     `run-once`: one message through user code, no broker
+- `trial`       try mode (`python -m dockerworker.trial`): recorded messages through two codes, no broker
 - `bench`       the throughput benchmark against a real broker, beside `limitclient`
 - `limitclient` the least a worker can do per message: the benchmark's yardstick
 - `startbench`  container start → consuming, per image (the start-up benchmark)

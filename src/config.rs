@@ -55,6 +55,7 @@ pub struct Config {
     pub log: LogConfig,
     pub api: ApiConfig,
     pub dead_letters: DeadLettersConfig,
+    pub record: RecordConfig,
     pub schedules: SchedulesConfig,
     pub leader: LeaderConfig,
     pub scale: ScaleConfig,
@@ -81,6 +82,18 @@ pub struct DeadLettersConfig {
     /// collects it; the oldest are dropped beyond it.
     pub queue_max_length: i64,
     /// How many dead letters the table keeps; the oldest go first.
+    pub keep: i64,
+}
+
+/// Recorded traffic: the last messages each enabled worker received,
+/// tapped by a bounded queue per worker (src/recorder.rs).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConfig {
+    /// Record each enabled worker's input messages (and match their outputs).
+    pub enabled: bool,
+    /// How many messages are kept per worker, in the table and at most in
+    /// its tap queue; the oldest go first.
     pub keep: i64,
 }
 
@@ -292,6 +305,10 @@ impl Default for Config {
                 queue_max_length: 10_000,
                 keep: 1_000,
             },
+            record: RecordConfig {
+                enabled: true,
+                keep: 200,
+            },
             schedules: SchedulesConfig {
                 enabled: true,
                 poll: Duration::from_secs(1),
@@ -409,6 +426,9 @@ impl Config {
                 "dead_letters.keep",
                 "and dead_letters.queue_max_length must be at least 1",
             );
+        }
+        if !(1..=100_000).contains(&self.record.keep) {
+            return invalid("record.keep", "must be between 1 and 100000");
         }
         if self.schedules.poll.is_zero() {
             return invalid("schedules.poll", "must be longer than 0s");

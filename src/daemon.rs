@@ -262,6 +262,7 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             db: crate::store::admin::Db::from_pool(self.store.pool().clone()),
             amqp: self.config.amqp.clone(),
             token: self.config.api.token.clone(),
+            trial: crate::trial::Settings::from_config(&self.config),
         });
         let server = http::serve_with(listener, state, api, shutdown.clone());
         let stop = shutdown.clone();
@@ -308,10 +309,11 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         rx
     }
 
-    /// The triggers beside the loop: the cron schedules' firing loop and the
-    /// dead-letter collector (each can be turned off in the config).
+    /// The triggers beside the loop: the cron schedules' firing loop, the
+    /// dead-letter collector and the traffic recorder (each can be turned
+    /// off in the config).
     fn spawn_triggers(&self, tracker: &TaskTracker, shutdown: &CancellationToken) {
-        use crate::{dead_letters, scheduler};
+        use crate::{dead_letters, recorder, scheduler};
         let config = &self.config;
         if config.schedules.enabled {
             tracker.spawn(scheduler::run(
@@ -327,6 +329,15 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                 config.amqp.clone(),
                 self.store.pool().clone(),
                 config.dead_letters.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if config.record.enabled {
+            tracker.spawn(recorder::run(
+                config.amqp.clone(),
+                self.store.pool().clone(),
+                config.record.clone(),
+                config.instance.clone(),
                 shutdown.clone(),
             ));
         }

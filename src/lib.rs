@@ -23,6 +23,7 @@ pub mod model;
 pub mod plan;
 pub mod readiness;
 pub mod reconciler;
+pub mod recorder;
 pub mod runtime;
 pub mod scale;
 pub mod scale_metrics;
@@ -34,5 +35,6 @@ pub mod store;
 /// `runtime` module when the runtime trait grows a second implementation.
 #[path = "runtime/swarm.rs"]
 pub mod swarm;
+pub mod trial;
 pub mod trigger_cli;
 pub mod worker_cli;

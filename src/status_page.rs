@@ -12,9 +12,13 @@ use crate::metrics::{LastPass, Metrics};
 use crate::store::StoreError;
 use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::overview::{self, WorkerOverview};
+use crate::store::recorded::{self, Recording};
 
 /// How many of each worker's latest dead letters the page gets.
 pub const ERRORS_PER_WORKER: i64 = 5;
+/// How many of each worker's latest recorded messages the page gets (their
+/// bodies are not in the view: the page opens one by its id).
+pub const MESSAGES_PER_WORKER: i64 = 5;
 
 /// The page itself. It renders nothing from the server: its script fetches
 /// [`StatusView`] from `api/workers` and draws the table.
@@ -54,9 +58,13 @@ pub struct StatusView {
     pub workers: Vec<WorkerOverview>,
     /// The latest dead letters of each worker, newest first.
     pub recent_errors: Vec<DeadLetter>,
+    /// The latest recorded messages of each worker, newest first, without
+    /// their bodies (`GET /api/workers/{id}/messages/{n}` has one whole).
+    pub recent_messages: Vec<Recording>,
 }
 
-/// Reads the view: one query of the overview read model, one of the dead letters.
+/// Reads the view: one query of the overview read model, one of the dead
+/// letters, one of the recorded messages.
 pub async fn view(
     pool: &PgPool,
     instance: &str,
@@ -65,6 +73,7 @@ pub async fn view(
 ) -> Result<StatusView, StoreError> {
     let workers = overview::list(pool).await?;
     let recent_errors = dead_letters::recent(pool, ERRORS_PER_WORKER).await?;
+    let recent_messages = recorded::recent(pool, MESSAGES_PER_WORKER).await?;
     Ok(StatusView {
         instance: instance.to_string(),
         backend: backend.clone(),
@@ -72,6 +81,7 @@ pub async fn view(
         last_pass: metrics.last_pass(),
         workers,
         recent_errors,
+        recent_messages,
     })
 }
 

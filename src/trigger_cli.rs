@@ -152,7 +152,7 @@ fn report(result: Result<(), CliError>) -> ExitCode {
     }
 }
 
-fn store_failed(db: &Db, e: StoreError) -> CliError {
+pub(crate) fn store_failed(db: &Db, e: StoreError) -> CliError {
     match e {
         StoreError::Query { what, source } => db.failed(what, source).into(),
         other => CliError::BadArgument(crate::backoff::error_chain(&other)),

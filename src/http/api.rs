@@ -8,6 +8,9 @@
 //!
 //! It puts messages into the pipeline, so it needs the bearer token of
 //! `api.token`; with none configured it answers 403 and says how to set one.
+//! `POST /api/workers/{id-or-name}/try` is the HTTP door to `workerctl
+//! worker try` ([`crate::trial`]), behind the same token.
+//!
 //! This file owns the HTTP shape only: parsing, auth and status codes.
 
 use std::time::Duration;
@@ -17,7 +20,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use chrono::Utc;
 use cloudevents::{AttributesReader, Data};
 use serde_json::{Value, json};
@@ -45,12 +48,16 @@ pub struct ApiState {
     pub amqp: AmqpConfig,
     /// `api.token`; `None` turns the write API off (403).
     pub token: Option<Secret>,
+    /// What a try container is (`POST /api/workers/{id}/try`).
+    pub trial: crate::trial::Settings,
 }
 
 /// The API's routes, to merge into the daemon's router.
 pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/workers/{worker}/invoke", post(invoke_handler))
+        .route("/api/workers/{worker}/try", post(try_handler))
+        .route("/api/workers/{worker}/messages/{id}", get(message_handler))
         .with_state(state)
 }
 
@@ -104,6 +111,120 @@ async fn invoke_handler(
         }
     };
     with_trace(reply, &prepared.tracing_id, request.cloudevent, target.id)
+}
+
+/// `GET /api/workers/{id-or-name}/messages/{n}`: one recorded message
+/// whole, as received, with its output (what the status page opens). It
+/// only reads, as `/api/workers` does.
+async fn message_handler(
+    State(state): State<ApiState>,
+    Path((worker, id)): Path<(String, i64)>,
+) -> Response {
+    let target = match state.db.resolve(&worker).await {
+        Ok(t) => t,
+        Err(e) => return db_failure(&e),
+    };
+    match crate::store::recorded::get(state.db.pool(), target.id, id).await {
+        Ok(Some(r)) => {
+            (StatusCode::OK, axum::Json(crate::trial::recording_json(&r))).into_response()
+        }
+        Ok(None) => message(
+            StatusCode::NOT_FOUND,
+            &format!("worker {} has no recorded message {id}", target.name),
+        ),
+        Err(e) => message(StatusCode::SERVICE_UNAVAILABLE, &error_chain(&e)),
+    }
+}
+
+/// The body of `POST /api/workers/{id}/try`: the candidate code (`code`,
+/// a usercode.py, or `archive`, a base64 zip) and the inputs (`message`, or
+/// `dead_letters: true`, else the recorded messages; `last` of them).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TryBody {
+    code: Option<String>,
+    archive: Option<String>,
+    #[serde(default = "default_last")]
+    last: i64,
+    message: Option<Value>,
+    #[serde(default)]
+    dead_letters: bool,
+    timeout: Option<String>,
+}
+
+fn default_last() -> i64 {
+    20
+}
+
+/// The same try as `workerctl worker try` ([`crate::trial`]): 200 with the
+/// report (its `summary` says whether anything changed), 400 for a bad
+/// request or no inputs, 404 for an unknown worker, 422 when the candidate
+/// does not load, 503 when a service is away. Needs the bearer token: it
+/// runs code in a container.
+async fn try_handler(
+    State(state): State<ApiState>,
+    Path(worker): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refusal) = authorize(state.token.as_ref(), &headers) {
+        return refusal.into_response();
+    }
+    let (candidate, inputs, timeout) = match read_try(&body) {
+        Ok(parts) => parts,
+        Err(problem) => return message(StatusCode::BAD_REQUEST, &problem),
+    };
+    let target = match state.db.resolve(&worker).await {
+        Ok(t) => t,
+        Err(e) => return db_failure(&e),
+    };
+    let request = crate::trial::Request {
+        worker: target,
+        candidate,
+        inputs,
+        message_timeout: timeout,
+    };
+    match crate::trial::run(&state.db, &state.trial, request).await {
+        Ok(report) => (StatusCode::OK, axum::Json(report)).into_response(),
+        Err(crate::trial::TrialError::Db(e)) => db_failure(&e),
+        Err(e @ crate::trial::TrialError::CandidateInvalid(_)) => {
+            message(StatusCode::UNPROCESSABLE_ENTITY, &error_chain(&e))
+        }
+        Err(e) if e.is_bad_input() => message(StatusCode::BAD_REQUEST, &error_chain(&e)),
+        Err(e) => {
+            warn!("try: {}", error_chain(&e));
+            message(StatusCode::SERVICE_UNAVAILABLE, &error_chain(&e))
+        }
+    }
+}
+
+type TryParts = (Vec<u8>, crate::trial::Inputs, Duration);
+
+fn read_try(body: &[u8]) -> Result<TryParts, String> {
+    use base64::Engine as _;
+    let t: TryBody = serde_json::from_slice(body).map_err(|e| {
+        format!("the body must be JSON: {{\"code\": \"<usercode.py>\"}} or {{\"archive\": \"<base64 zip>\"}}, with \"last\", \"message\" or \"dead_letters\": {e}")
+    })?;
+    let candidate = match (t.code, t.archive) {
+        (Some(code), None) => crate::archive::sensorbucket_archive(&code)
+            .map_err(|e| format!("cannot build the code archive: {e}"))?,
+        (None, Some(zip)) => base64::engine::general_purpose::STANDARD
+            .decode(zip.trim())
+            .map_err(|e| format!("archive is not base64: {e}"))?,
+        _ => return Err("give the candidate code: either \"code\" or \"archive\"".into()),
+    };
+    let inputs = match (t.message, t.dead_letters) {
+        (Some(_), true) => return Err("give \"message\" or \"dead_letters\", not both".into()),
+        (Some(m), false) => crate::trial::Inputs::Message(m),
+        (None, true) => crate::trial::Inputs::DeadLetters(t.last),
+        (None, false) => crate::trial::Inputs::Last(t.last),
+    };
+    let timeout = match t.timeout.as_deref() {
+        None => crate::trial::DEFAULT_MESSAGE_TIMEOUT,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| format!("timeout {text:?} is not a duration (e.g. 10s): {e}"))?,
+    };
+    Ok((candidate, inputs, timeout))
 }
 
 /// The request's pipeline message, and whether it came as a CloudEvent.

@@ -600,7 +600,7 @@ fn create_body(
     }
 }
 
-fn host_config(spec: &ContainerSpec) -> HostConfig {
+pub(crate) fn host_config(spec: &ContainerSpec) -> HostConfig {
     let (limits, hardening) = (&spec.limits, &spec.hardening);
     HostConfig {
         network_mode: Some(spec.network.clone()),

@@ -6,6 +6,7 @@
 
 pub mod compose;
 pub mod docker;
+pub mod trial;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -276,6 +276,22 @@ impl Db {
         })
     }
 
+    /// The worker's stored code, entrypoint and revision (no lock).
+    pub async fn current(&self, id: Uuid) -> Result<Option<Current>, DbError> {
+        sqlx::query_as(
+            "SELECT COALESCE(name::text, '') AS name,
+                    COALESCE(description::text, '') AS description,
+                    COALESCE(entrypoint::text, '') AS entrypoint,
+                    COALESCE(revision, 0) AS revision,
+                    source
+               FROM user_workers WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.failed("load the worker's code", e))
+    }
+
     /// Reads the worker under a row lock, lets `decide` say what changes, and
     /// writes that, all in one transaction. Returns the changes written and
     /// the revision after them.

@@ -4,13 +4,14 @@
 //! implementation.
 //!
 //! Beside it: `admin.rs` (the writes and look-ups people make), `overview.rs`
-//! (the read model people look at), `schedules.rs` and `dead_letters.rs`
+//! (the read model people look at), `schedules.rs`, `dead_letters.rs` and `recorded.rs`
 //! (workerctl's own tables for triggers). Only this module speaks SQL.
 
 pub mod admin;
 pub mod dead_letters;
 pub mod overview;
 pub mod postgres;
+pub mod recorded;
 pub mod scale;
 pub mod schedules;
 

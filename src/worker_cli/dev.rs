@@ -8,7 +8,9 @@
 //! there is one) is shown at once and never stored, so the revision that
 //! runs keeps serving. Ctrl-C leaves the worker as it is, or deletes it with
 //! `--rm`. Each round reuses the commands' own pieces (`store`, `wait`,
-//! `invoke`, `logs`); nothing here is specific but the loop.
+//! `invoke`, `logs`); nothing here is specific but the loop. With `--try`,
+//! each save first runs the report of `worker try` on the worker's recorded
+//! traffic (and with `--no-deploy` only that).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -51,6 +53,14 @@ pub struct DevArgs {
     /// How long each deploy waits to be ready.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait_timeout: Duration,
+    /// Before each deploy, run the saved code on the worker's last N
+    /// recorded messages beside the running revision and print what
+    /// changes (as `workerctl worker try --last N`).
+    #[arg(long = "try", value_name = "N", num_args = 0..=1, default_missing_value = "20")]
+    pub try_last: Option<i64>,
+    /// With --try: only the report, never deploy (the running revision stays).
+    #[arg(long, requires = "try_last")]
+    pub no_deploy: bool,
 }
 
 /// Runs the loop until Ctrl-C.
@@ -97,11 +107,18 @@ pub async fn dev(config: &Config, a: DevArgs) -> Result<(), CliError> {
                 Some(()) = saves.recv() => while saves.try_recv().is_ok() {},
             }
         }
-        tokio::select! {
-            // A round cut short leaves at most a stored revision that the
-            // daemon deploys anyway.
-            _ = interrupt.recv() => break,
-            () = round(&db, config, &target, &a, first) => {}
+        if let Some(last) = a.try_last {
+            // Not cut short by Ctrl-C (the signal waits in `interrupt`): a
+            // try container must be removed by the try that made it.
+            try_save(&db, config, &target, &a, last).await;
+        }
+        if !a.no_deploy {
+            tokio::select! {
+                // A round cut short leaves at most a stored revision that the
+                // daemon deploys anyway.
+                _ = interrupt.recv() => break,
+                () = round(&db, config, &target, &a, first) => {}
+            }
         }
         first = false;
     }
@@ -173,6 +190,33 @@ async fn round(db: &Db, config: &Config, target: &Target, a: &DevArgs, first: bo
         && let Err(e) = call(config, target, path, a.timeout).await
     {
         eprintln!("workerctl: {}", e.one_line());
+    }
+}
+
+/// What the saved code changes on the worker's recorded traffic, beside
+/// the running revision (the report of `worker try`).
+async fn try_save(db: &Db, config: &Config, target: &Target, a: &DevArgs, last: i64) {
+    let stamp = Utc::now().format("%H:%M:%S");
+    let candidate = match code::read(&a.code) {
+        Ok(c) => c.archive().to_vec(),
+        Err(e) => return eprintln!("workerctl: {}", e.one_line()),
+    };
+    let request = crate::trial::Request {
+        worker: target.clone(),
+        candidate,
+        inputs: crate::trial::Inputs::Last(last),
+        message_timeout: crate::trial::DEFAULT_MESSAGE_TIMEOUT,
+    };
+    let settings = crate::trial::Settings::from_config(config);
+    match crate::trial::run(db, &settings, request).await {
+        Ok(report) => {
+            super::trial::print_report(&report, super::Output::Table);
+            eprintln!(
+                "── {stamp} tried on {} recorded messages ──",
+                report.summary.messages
+            );
+        }
+        Err(e) => eprintln!("workerctl: try: {}", crate::backoff::error_chain(&e)),
     }
 }
 

@@ -14,8 +14,10 @@ mod code;
 mod dev;
 mod error;
 pub(crate) mod logs;
+mod messages;
 mod scale;
 pub(crate) mod table;
+mod trial;
 mod wait;
 
 use std::io::Read;
@@ -77,6 +79,15 @@ pub enum WorkerCommand {
     /// message if given and print the result, with the logs in between.
     #[command(after_long_help = EXIT_CODES_HELP)]
     Dev(dev::DevArgs),
+    /// The messages the worker received lately (recorded by the daemon),
+    /// with what each produced; --show N prints one.
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    Messages(messages::MessagesArgs),
+    /// Run candidate code on the worker's recorded messages (or one message,
+    /// or its dead letters) beside its current revision, in a throwaway
+    /// container, and report per message: unchanged, changed, now raises, fixed.
+    #[command(after_long_help = trial::TRY_EXIT_CODES_HELP)]
+    Try(trial::TryArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -212,6 +223,11 @@ pub struct InvokeArgs {
 /// Carries out a worker command; the exit code says how it went (see
 /// [`exit`]). Failures are reported here, on one line.
 pub async fn execute(command: WorkerCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    // `try` has exit codes of its own (0 unchanged, 1 changed, 2 error).
+    let command = match command {
+        WorkerCommand::Try(a) => return Ok(trial::execute(config, a).await),
+        other => other,
+    };
     Ok(match run(command, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
@@ -231,6 +247,8 @@ async fn run(command: WorkerCommand, config: &Config) -> Result<(), CliError> {
         WorkerCommand::Invoke(a) => invoke(config, a).await,
         WorkerCommand::Scale(a) => scale::run(config, a).await,
         WorkerCommand::Dev(a) => dev::dev(config, a).await,
+        WorkerCommand::Messages(a) => messages::run(config, a).await,
+        WorkerCommand::Try(_) => Err(CliError::BadArgument("worker try is run by execute".into())),
     }
 }
 
