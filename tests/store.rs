@@ -397,6 +397,7 @@ async fn migrating_twice_is_a_no_op(pool: PgPool) {
         names,
         [
             "workerctl_forget_observed",
+            "workerctl_forget_recorded",
             "workerctl_forget_scale",
             "workerctl_forget_scale_all",
             "workerctl_forget_schedules",
