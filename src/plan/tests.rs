@@ -1618,6 +1618,23 @@ fn a_container_that_says_nothing_is_ready_once_the_broker_counts_its_consumer() 
 }
 
 #[test]
+fn beside_a_serving_container_the_broker_count_overrules_the_guess() {
+    let past_the_guess = |consumers| {
+        let mut s = silent_rollout(consumers);
+        s.now_ms += ASSUME_READY_MS;
+        run(&s)
+    };
+    let counted = past_the_guess(Some(1));
+    assert!(
+        counted.actions.is_empty(),
+        "the one consumer is the old container's: it keeps serving, {:?}",
+        counted.actions
+    );
+    assert_eq!(status_of(&counted, 1).status, Status::Unknown);
+    assert_eq!(kinds(&past_the_guess(None)), ["remove"], "no count: the guess stands");
+}
+
+#[test]
 fn the_dockerworker_is_never_counted_on_the_broker() {
     let mut s = silent_rollout(Some(2));
     s.containers[1].dockerworker = true;

@@ -88,7 +88,7 @@ impl Context<'_> {
         sorted.current.filter(|c| {
             c.state == RunState::Running
                 && matches!(
-                    self.readiness(c, sorted.outdated.is_empty()),
+                    self.readiness(c, Role::current(sorted)),
                     Readiness::Ready
                 )
         })
@@ -262,7 +262,8 @@ impl Context<'_> {
             .iter()
             .copied()
             .filter(|c| {
-                c.state == RunState::Running && matches!(self.readiness(c, false), Readiness::Ready)
+                c.state == RunState::Running
+                    && matches!(self.readiness(c, Role::Outdated), Readiness::Ready)
             })
             .max_by_key(|c| (c.created, c.id.clone()));
         Sorted {
@@ -360,7 +361,7 @@ impl Context<'_> {
     fn running(&self, current: &ManagedContainer, sorted: &Sorted, plan: &mut Plan) -> Decision {
         let recovering = self.recovering(plan);
         let serving = sorted.serving;
-        match self.readiness(current, sorted.outdated.is_empty()) {
+        match self.readiness(current, Role::current(sorted)) {
             Readiness::Ready => {
                 let info = match recovering {
                     Some(b) => format!(
@@ -415,7 +416,7 @@ impl Context<'_> {
         })
     }
 
-    fn readiness(&self, c: &ManagedContainer, alone: bool) -> Readiness {
+    fn readiness(&self, c: &ManagedContainer, role: Role) -> Readiness {
         let s = self.snapshot;
         let reported = s
             .reports
@@ -424,13 +425,22 @@ impl Context<'_> {
         let started_here = s.started_ms.get(&c.id).copied();
         // After a restart of the daemon: the container it finds was ready
         // if the status it wrote for this revision says so.
-        let adopted = alone
+        let adopted = role == Role::Current { alone: true }
             && started_here.is_none()
             && self.row.status == Status::Ready.as_str()
             && c.revision == Some(self.row.revision);
         let started_ms = started_here.unwrap_or(c.created * 1000);
-        let assumed =
-            c.health == Health::None && s.now_ms >= started_ms + ms(self.policy.assume_ready_after);
+        // The guess (`assume_ready_after`) stands for a container that says
+        // nothing, except for a new one that would replace a serving one
+        // while the broker can count consumers: stopping the old one on a
+        // guess leaves the queue without a consumer until the new one has
+        // connected (seconds, for an image that starts slowly under load).
+        let counted_instead = role == Role::Current { alone: false }
+            && says_nothing(c)
+            && s.consumers.contains_key(&self.row.id);
+        let assumed = c.health == Health::None
+            && !counted_instead
+            && s.now_ms >= started_ms + ms(self.policy.assume_ready_after);
         if reported || adopted || assumed || c.health == Health::Healthy || self.counted(c) {
             Readiness::Ready
         } else {
@@ -627,6 +637,22 @@ impl Context<'_> {
             revision: self.row.revision,
             status,
             info: info.into(),
+        }
+    }
+}
+
+/// Which container readiness is asked of: the one of the current spec
+/// (`alone` when no older one is left), or an older one that may serve.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Current { alone: bool },
+    Outdated,
+}
+
+impl Role {
+    fn current(sorted: &Sorted) -> Role {
+        Role::Current {
+            alone: sorted.outdated.is_empty(),
         }
     }
 }
