@@ -439,3 +439,70 @@ async fn the_readiness_probe_fails_while_the_dockerworker_is_alive_but_not_ready
         "the liveness check the image has passes meanwhile: {alive_err}"
     );
 }
+
+/// The daemon's readiness probe replaces a dockerworker image's own
+/// HEALTHCHECK in the service's tasks (the image's runs rarely, to keep idle
+/// workers cheap, and would hold every start-first rollout that long); an
+/// image that is not the dockerworker keeps its own.
+#[tokio::test]
+async fn a_dockerworker_service_is_gated_by_the_daemons_probe_and_others_by_their_own() {
+    let docker = Docker::connect_with_local_defaults().expect("a Docker client");
+    let (_, busybox_id) = image();
+    let worker_image = common::worker_image();
+    let (ok, worker_id) = docker_cli(&["image", "inspect", "--format", "{{.Id}}", worker_image]);
+    assert!(ok, "{worker_id}");
+    let instance = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut swarm = TestSwarm::take_turn();
+    swarm.init();
+    let options = SwarmOptions {
+        readiness: Some(Probe::dockerworker_ready()),
+        ..OPTIONS
+    };
+    let rt = SwarmRuntime::with_client(docker.clone(), &instance, options)
+        .await
+        .expect("the test swarm's manager answers");
+    let health_of = |service: &str| {
+        let (ok, out) = docker_cli(&[
+            "service",
+            "inspect",
+            "--format",
+            "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck}}",
+            service,
+        ]);
+        assert!(ok, "{out}");
+        out
+    };
+
+    let mut dockerworker = worker(&instance, 1, "main.main", 0);
+    dockerworker.spec.image = worker_image.into();
+    dockerworker.spec.image_id = worker_id.clone();
+    let id = rt.create(&dockerworker).await.expect("creates");
+    let probed = health_of(&id);
+    let listed = the_service(&rt).await;
+    rt.scale(&listed, 0).await.expect("scales");
+    let scaled = health_of(&id);
+    rt.remove(&id).await.expect("removes");
+    for (when, health) in [("created", probed), ("scaled", scaled)] {
+        assert!(
+            health.contains("dockerworker.ready") && health.contains("\"Interval\":2000000000"),
+            "{when}: the daemon's 2 s probe: {health}"
+        );
+    }
+
+    let mut other = worker(&format!("{instance}-b"), 1, "main.main", 0);
+    other.spec.image_id = busybox_id.into();
+    let other_rt = SwarmRuntime::with_client(
+        docker,
+        &format!("{instance}-b"),
+        SwarmOptions {
+            readiness: Some(Probe::dockerworker_ready()),
+            ..OPTIONS
+        },
+    )
+    .await
+    .expect("connects");
+    let id = other_rt.create(&other).await.expect("creates");
+    let own = health_of(&id);
+    other_rt.remove(&id).await.expect("removes");
+    assert_eq!(own, "null", "no probe: the image's own HEALTHCHECK gates");
+}

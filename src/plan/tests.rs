@@ -1631,7 +1631,11 @@ fn beside_a_serving_container_the_broker_count_overrules_the_guess() {
         counted.actions
     );
     assert_eq!(status_of(&counted, 1).status, Status::Unknown);
-    assert_eq!(kinds(&past_the_guess(None)), ["remove"], "no count: the guess stands");
+    assert_eq!(
+        kinds(&past_the_guess(None)),
+        ["remove"],
+        "no count: the guess stands"
+    );
 }
 
 #[test]

@@ -87,10 +87,7 @@ impl Context<'_> {
     fn ready_current<'s>(&self, sorted: &Sorted<'s>) -> Option<&'s ManagedContainer> {
         sorted.current.filter(|c| {
             c.state == RunState::Running
-                && matches!(
-                    self.readiness(c, Role::current(sorted)),
-                    Readiness::Ready
-                )
+                && matches!(self.readiness(c, Role::current(sorted)), Readiness::Ready)
         })
     }
 

@@ -330,29 +330,31 @@ impl SwarmRuntime {
     }
 
     /// The options for a service of `spec`: the readiness probe applies to
-    /// dockerworker images only (their label says so); any other image
-    /// keeps its own HEALTHCHECK, if it has one. An image that cannot be
-    /// inspected gets no probe: Swarm then counts its tasks once they run.
+    /// dockerworker images only (see [`Self::probe_for`]).
     async fn options_for(&self, spec: &ContainerSpec) -> SwarmOptions {
         let mut options = self.options.clone();
-        if options.readiness.is_some() {
-            let image = pinned_image(spec);
-            let dockerworker = match self.api().inspect_image(&image).await {
-                Ok(found) => found
-                    .config
-                    .and_then(|c| c.labels)
-                    .and_then(|l| l.get(labels::RUNTIME).cloned())
-                    .is_some_and(|v| v == "dockerworker"),
-                Err(e) => {
-                    warn!(%image, error = %e, "cannot inspect the image; no readiness probe");
-                    false
-                }
-            };
-            if !dockerworker {
-                options.readiness = None;
-            }
-        }
+        options.readiness = self.probe_for(&pinned_image(spec)).await.cloned();
         options
+    }
+
+    /// The readiness probe for tasks of `image`: the daemon's, for a
+    /// dockerworker image (its label says so); none for any other image,
+    /// which keeps its own HEALTHCHECK, if it has one. An image that cannot
+    /// be inspected gets none: Swarm then counts its tasks once they run.
+    async fn probe_for(&self, image: &str) -> Option<&Probe> {
+        let probe = self.options.readiness.as_ref()?;
+        let dockerworker = match self.api().inspect_image(image).await {
+            Ok(found) => found
+                .config
+                .and_then(|c| c.labels)
+                .and_then(|l| l.get(labels::RUNTIME).cloned())
+                .is_some_and(|v| v == labels::RUNTIME_DOCKERWORKER),
+            Err(e) => {
+                warn!(%image, error = %e, "cannot inspect the image; no readiness probe");
+                false
+            }
+        };
+        dockerworker.then_some(probe)
     }
 
     /// Sets a service's replica count and nothing else: tasks are added or
@@ -368,6 +370,18 @@ impl SwarmRuntime {
                 source,
             })?;
         let mut spec = inspected.spec.unwrap_or_default();
+        // The engine names the task's health check `Healthcheck`, bollard
+        // reads `HealthCheck`: the probe does not survive the read, and
+        // written back without it the tasks would fall back on the image's
+        // own, rare check. Set it again, as create and update do.
+        if let Some(container) = spec
+            .task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut())
+        {
+            let image = container.image.clone().unwrap_or_default();
+            container.health_check = self.probe_for(&image).await.map(Probe::health_config);
+        }
         spec.mode = Some(ServiceSpecMode {
             replicated: Some(ServiceSpecModeReplicated {
                 replicas: Some(i64::from(replicas)),
