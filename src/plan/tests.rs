@@ -67,6 +67,7 @@ pub(super) fn row(n: u128, revision: i32) -> WorkerRow {
         source_sha256: Some("abc".into()),
         code_token: format!("token{n}"),
         scale: Default::default(),
+        debug: false,
     }
 }
 
