@@ -55,7 +55,10 @@ pub struct AdapterLink {
 
 /// Runs the relay in `container` and attaches to it; returns once the
 /// relay is connected to the adapter.
-pub async fn connect(runtime: &DockerRuntime, container: &str) -> Result<AdapterLink, DebugLinkError> {
+pub async fn connect(
+    runtime: &DockerRuntime,
+    container: &str,
+) -> Result<AdapterLink, DebugLinkError> {
     let failed = |source| DebugLinkError::Exec {
         container: container.to_string(),
         source,

@@ -297,7 +297,10 @@ async fn moved(client: &mut OwnedWriteHalf, container: &str) -> Result<(), Strin
 /// Replays the session on a new adapter: initialize, attach, the kept
 /// breakpoint requests, configurationDone; waits for the answers that say
 /// it is attached. What the adapter says meanwhile is not the client's.
-async fn replay_on(mut adapter: AdapterLink, replay: &Replay) -> Result<(AdapterLink, Framer), String> {
+async fn replay_on(
+    mut adapter: AdapterLink,
+    replay: &Replay,
+) -> Result<(AdapterLink, Framer), String> {
     let mut framer = Framer::default();
     let run = async {
         let mut seq = OWN_SEQ;
@@ -305,7 +308,10 @@ async fn replay_on(mut adapter: AdapterLink, replay: &Replay) -> Result<(Adapter
             seq += 1;
             json!({"seq": seq, "type": "request", "command": command, "arguments": arguments})
         };
-        let initialize = request("initialize", replay.initialize.as_ref().unwrap_or(&json!({})));
+        let initialize = request(
+            "initialize",
+            replay.initialize.as_ref().unwrap_or(&json!({})),
+        );
         send(&mut adapter.input, &initialize).await?;
         wait_for(&mut adapter, &mut framer, |m| answers(m, &initialize)).await?;
         let attach = request("attach", replay.attach.as_ref().unwrap_or(&json!({})));
@@ -410,20 +416,33 @@ mod tests {
         replay.record(&set("/a.py", 1));
         replay.record(&set("/b.py", 2));
         replay.record(&set("/a.py", 5));
-        replay.record(&json!({"seq": 9, "type": "request", "command": "evaluate", "arguments": {}}));
+        replay
+            .record(&json!({"seq": 9, "type": "request", "command": "evaluate", "arguments": {}}));
         assert!(replay.attached());
         let lines: Vec<i64> = replay
             .config
             .iter()
-            .map(|(_, r)| r["arguments"]["breakpoints"][0]["line"].as_i64().expect("a line"))
+            .map(|(_, r)| {
+                r["arguments"]["breakpoints"][0]["line"]
+                    .as_i64()
+                    .expect("a line")
+            })
             .collect();
-        assert_eq!(lines, [5, 2], "a.py's latest, then b.py's; evaluate not kept");
+        assert_eq!(
+            lines,
+            [5, 2],
+            "a.py's latest, then b.py's; evaluate not kept"
+        );
     }
 
     #[test]
     fn answers_to_the_sessions_own_requests_are_not_the_clients() {
-        assert!(is_own(&json!({"type": "response", "request_seq": OWN_SEQ + 3})));
-        assert!(is_own(&json!({"type": "response", "request_seq": OWN_SEQ - 1})));
+        assert!(is_own(
+            &json!({"type": "response", "request_seq": OWN_SEQ + 3})
+        ));
+        assert!(is_own(
+            &json!({"type": "response", "request_seq": OWN_SEQ - 1})
+        ));
         assert!(!is_own(&json!({"type": "response", "request_seq": 12})));
         assert!(!is_own(&json!({"type": "event", "event": "stopped"})));
     }
