@@ -52,7 +52,8 @@ def listen() -> int:
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     import debugpy
 
-    _host, port = debugpy.listen(("127.0.0.1", 0))
+    _host, bound = debugpy.listen(("127.0.0.1", 0))
+    port = int(bound)
     with open(DEBUG_PORT_FILE, "w", encoding="ascii") as f:
         f.write(str(port))
     logs.event("debug_listening", port=port, code_dir=DEBUG_CODE_SUBDIR)
