@@ -744,6 +744,7 @@ fn reference_spec(d: &Daemon, id: WorkerId, revision: i32) -> ContainerSpec {
         code_sha256: hex::encode(Sha256::digest(&d.code)),
         // Same length as a real token, so both sides carry the same env.
         code_token: "0".repeat(32),
+        debug: false,
     };
     template.spec(&worker, IMAGE, 0)
 }

@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import app
 
         return app.run(os.environ)
+    if given == ["debug-relay"]:
+        from . import debug
+
+        return debug.relay()
     from . import app, harness  # noqa: F811
 
     args = _parser().parse_args(given)
@@ -45,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dockerworker", description="SensorBucket user-worker runtime")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("run", help="consume the worker's queue (the container's command; the default)")
+    commands.add_parser("debug-relay", help="connect stdin/stdout to this container's debug adapter (--debug workers)")
     once = commands.add_parser("run-once", help="run one message through user code, without a broker")
     once.add_argument("--code", required=True, help="a .py file, a directory, or a zip in the SensorBucket layout")
     once.add_argument("--message", required=True, help="a JSON pipeline message file, or - for stdin")

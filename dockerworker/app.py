@@ -99,6 +99,8 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
     ready_file = ReadyFile().attach(readiness)
     if config.ready_url is not None:
         ReadyReporter(config.ready_url, readiness).start()
+    if config.debug and not _start_debugging():
+        return ExitCode.CONFIG
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
     download = _Download(config, stop).start()
     import asyncio  # noqa: F811 (see TYPE_CHECKING above)
@@ -113,6 +115,19 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
         return ExitCode.OK  # stopped while downloading
     readiness.set(code_loaded=True)
     return asyncio.run(_consume(config, code, readiness, ready_file, stop))
+
+
+def _start_debugging() -> bool:
+    """The debug adapter (WORKER_DEBUG=1), after the threads that must never
+    stop at a breakpoint and before the one that runs user code."""
+    from . import debug
+
+    try:
+        debug.listen()
+    except Exception as exc:  # e.g. an image without debugpy
+        logs.event("config_error", level=logging.ERROR, error=f"cannot start the debug adapter: {exc!r}")
+        return False
+    return True
 
 
 class _Fatal(Exception):
@@ -171,7 +186,10 @@ def _load_code(config: Config, archive: bytes | None) -> UserCode | None:
     if archive is None:
         return None
     try:
-        code = codeload.load_archive(archive, config.code_dir, config.entrypoint, config.limits)
+        subdir: str | None = None
+        if config.debug:
+            from .debug import DEBUG_CODE_SUBDIR as subdir
+        code = codeload.load_archive(archive, config.code_dir, config.entrypoint, config.limits, subdir)
     except codeload.CodeInvalid as exc:
         logs.event("code_invalid", level=logging.ERROR, error=str(exc), revision=config.revision)
         raise _Fatal(ExitCode.CODE_INVALID) from exc
@@ -186,6 +204,10 @@ async def _consume(
 
     from . import messaging
 
+    if config.debug:
+        from . import debug
+
+        debug.untrace_this_thread()
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

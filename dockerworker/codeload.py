@@ -66,10 +66,18 @@ def unpack(archive: bytes, dest: Path, limits: Limits) -> Path:
     return _code_root(dest)
 
 
-def load_archive(archive: bytes, code_dir: str, entrypoint: str, limits: Limits) -> UserCode:
-    """Unpack a downloaded archive into a fresh directory under `code_dir` and load it."""
+def load_archive(
+    archive: bytes, code_dir: str, entrypoint: str, limits: Limits, subdir: str | None = None
+) -> UserCode:
+    """Unpack a downloaded archive into a fresh directory under `code_dir`
+    (named `subdir`, when the path must be known in advance) and load it."""
     os.makedirs(code_dir, exist_ok=True)
-    return load_directory(unpack(archive, _fresh_dir(code_dir), limits), entrypoint)
+    if subdir is None:
+        dest = _fresh_dir(code_dir)
+    else:
+        dest = Path(code_dir) / subdir
+        dest.mkdir(mode=0o700)
+    return load_directory(unpack(archive, dest, limits), entrypoint)
 
 
 def _fresh_dir(parent: str) -> Path:

@@ -61,6 +61,7 @@ class Config:
     ready_url: str | None = None
     log_level: int = logging.INFO
     stats_interval_s: float = 10.0
+    debug: bool = False
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -82,6 +83,7 @@ class Config:
 def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
     """Build a `Config` from an environment mapping, or raise `ConfigError`."""
     code_url = _optional(env, "CODE_URL")
+    debug = _flag(env, "WORKER_DEBUG")
     if need_code_url and code_url is None:
         raise ConfigError("CODE_URL must be set: the worker has no code to run")
     return Config(
@@ -102,10 +104,13 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
         code_fetch_attempts=_int(env, "WORKER_CODE_FETCH_ATTEMPTS", 10, minimum=1),
         code_fetch_timeout_s=_float(env, "WORKER_CODE_FETCH_TIMEOUT_S", 10.0),
         shutdown_grace_s=_float(env, "WORKER_SHUTDOWN_GRACE_S", 5.0),
-        process_timeout_s=_float(env, "WORKER_PROCESS_TIMEOUT_S", 60.0),
+        # A `process` held at a breakpoint is not stuck: no watchdog while
+        # debugging, unless one is asked for.
+        process_timeout_s=_float(env, "WORKER_PROCESS_TIMEOUT_S", 0.0 if debug else 60.0),
         ready_url=_http_url(env, "WORKER_READY_URL"),
         log_level=_log_level(env),
         stats_interval_s=_float(env, "WORKER_STATS_INTERVAL_S", 10.0),
+        debug=debug,
         limits=Limits(
             max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", Limits.max_unpacked_bytes, minimum=1),
             max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", Limits.max_members, minimum=1),
@@ -173,6 +178,13 @@ def _log_level(env: Mapping[str, str]) -> int:
     if value not in LOG_LEVELS:
         raise ConfigError(f"WORKER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return LOG_LEVELS[value]
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = (_optional(env, name) or "0").lower()
+    if value not in ("0", "1", "false", "true"):
+        raise ConfigError(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "true")
 
 
 def _sha256(env: Mapping[str, str]) -> str | None:

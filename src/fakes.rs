@@ -39,6 +39,7 @@ pub fn row(n: u128, revision: i32) -> WorkerRow {
         source_sha256: Some("ab".into()),
         code_token: format!("token{n}"),
         scale: Default::default(),
+        debug: false,
     }
 }
 

@@ -228,6 +228,9 @@ pub struct WorkerRow {
     pub code_token: String,
     /// How many replicas it runs (`workerctl_worker_scale`; one without a row).
     pub scale: crate::scale::ScaleBounds,
+    /// Whether its containers run a debug adapter (`workerctl_worker_debug`:
+    /// a row while `workerctl worker dev --debug` runs for it).
+    pub debug: bool,
 }
 
 /// An enabled, well-formed worker: what should be running.
@@ -239,6 +242,8 @@ pub struct DesiredWorker {
     pub entrypoint: String,
     pub code_sha256: String,
     pub code_token: String,
+    /// Its containers run a debug adapter (`WORKER_DEBUG=1`).
+    pub debug: bool,
 }
 
 /// How a row was understood: what the planner should do with it.
@@ -293,6 +298,7 @@ pub fn intent_of(row: &WorkerRow) -> Intent {
         },
         code_sha256: sha,
         code_token: row.code_token.clone(),
+        debug: row.debug,
     })
 }
 
@@ -530,6 +536,7 @@ mod tests {
             source_sha256: Some("ab".into()),
             code_token: "t0k".into(),
             scale: Default::default(),
+            debug: false,
         }
     }
 

@@ -74,6 +74,11 @@ impl SpecTemplate {
             ("WORKER_REVISION".into(), worker.revision.to_string()),
             ("CODE_SHA256".into(), worker.code_sha256.clone()),
         ]);
+        if worker.debug {
+            // Part of the spec (and its hash): turning debugging on or off
+            // replaces the container, like a new revision.
+            env.insert("WORKER_DEBUG".into(), "1".into());
+        }
         if self.network == "host" {
             // Workers share the host's ports: a fixed health port would let
             // only the first one bind. Port 0 picks a free one.

@@ -396,6 +396,8 @@ async fn migrating_twice_is_a_no_op(pool: PgPool) {
     assert_eq!(
         names,
         [
+            "workerctl_forget_debug",
+            "workerctl_forget_debug_all",
             "workerctl_forget_observed",
             "workerctl_forget_recorded",
             "workerctl_forget_scale",

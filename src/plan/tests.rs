@@ -67,6 +67,7 @@ pub(super) fn row(n: u128, revision: i32) -> WorkerRow {
         source_sha256: Some("abc".into()),
         code_token: format!("token{n}"),
         scale: Default::default(),
+        debug: false,
     }
 }
 
@@ -165,6 +166,33 @@ fn status_of(p: &Plan, n: u128) -> &Verdict {
         .iter()
         .find(|v| v.id == id(n))
         .expect("a verdict for the worker")
+}
+
+#[test]
+fn debugging_puts_the_adapter_in_the_spec_and_turning_it_off_replaces_the_container() {
+    let debugged = WorkerRow {
+        debug: true,
+        ..row(1, 1)
+    };
+    let Intent::Run(plain_worker) = intent_of(&row(1, 1)) else {
+        unreachable!()
+    };
+    let Intent::Run(debug_worker) = intent_of(&debugged) else {
+        unreachable!()
+    };
+    let plain = template().spec(&plain_worker, IMAGE_ID, 0);
+    let debug = template().spec(&debug_worker, IMAGE_ID, 0);
+    assert!(
+        !plain.env.contains_key("WORKER_DEBUG"),
+        "never without --debug"
+    );
+    assert_eq!(debug.env["WORKER_DEBUG"], "1");
+    assert_ne!(plain.hash(), debug.hash());
+    // A running debug container of the same revision is replaced once
+    // debugging is off, as for any change of spec.
+    let running = container_for(&debugged, RunState::Running);
+    let p = run(&snapshot(vec![row(1, 1)], vec![running]));
+    assert_eq!(kinds(&p), ["start-beside"], "{:?}", p.actions);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! [`ServiceRuntime`], implemented by `swarm.rs`.
 
 pub mod compose;
+pub mod debug;
 pub mod docker;
 pub mod trial;
 

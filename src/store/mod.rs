@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod dead_letters;
+pub mod debug;
 pub mod overview;
 pub mod postgres;
 pub mod recorded;

@@ -129,9 +129,11 @@ SELECT w.id,
        COALESCE(workerctl_code_token(w.id), '') AS code_token,
        COALESCE(s.min_replicas, 1)::int8     AS min_replicas,
        COALESCE(s.max_replicas, 1)::int8     AS max_replicas,
-       COALESCE(s.per_replica, 20)::int8     AS per_replica
+       COALESCE(s.per_replica, 20)::int8     AS per_replica,
+       d.worker_id IS NOT NULL               AS debug
   FROM user_workers w
   LEFT JOIN workerctl_worker_scale s ON s.worker_id = w.id
+  LEFT JOIN workerctl_worker_debug d ON d.worker_id = w.id
  ORDER BY w.id";
 
 /// The revision condition makes a status decided for an older revision a
@@ -194,6 +196,7 @@ struct WorkerRecord {
     min_replicas: i64,
     max_replicas: i64,
     per_replica: i64,
+    debug: bool,
 }
 
 impl From<WorkerRecord> for WorkerRow {
@@ -212,6 +215,7 @@ impl From<WorkerRecord> for WorkerRow {
             source_sha256: r.source_sha256,
             code_token: r.code_token,
             scale: ScaleBounds::lenient(r.min_replicas, r.max_replicas, r.per_replica),
+            debug: r.debug,
         }
     }
 }

@@ -10,7 +10,9 @@
 //! `--rm`. Each round reuses the commands' own pieces (`store`, `wait`,
 //! `invoke`, `logs`); nothing here is specific but the loop. With `--try`,
 //! each save first runs the report of `worker try` on the worker's recorded
-//! traffic (and with `--no-deploy` only that).
+//! traffic (and with `--no-deploy` only that). With `--debug`, the worker's
+//! containers run a debug adapter for as long as the loop runs, reached on
+//! the host's loopback through `debug.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,7 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{CliError, code, logs, pretty, read_message, wait};
+use super::{CliError, code, debug, logs, pretty, read_message, wait};
 use crate::config::Config;
 use crate::invoke::{self, Outcome, Verdict};
 use crate::store::admin::{self, Changes, Db, DbError, NewWorker, Target};
@@ -61,6 +63,14 @@ pub struct DevArgs {
     /// With --try: only the report, never deploy (the running revision stays).
     #[arg(long, requires = "try_last")]
     pub no_deploy: bool,
+    /// Run the worker's containers with a debug adapter (debugpy) for as
+    /// long as this runs, and offer it on 127.0.0.1:--debug-port to a DAP
+    /// client (VS Code: attach). The session survives saves.
+    #[arg(long)]
+    pub debug: bool,
+    /// The port on 127.0.0.1 a debug client attaches to.
+    #[arg(long, value_name = "PORT", default_value_t = 5678, requires = "debug")]
+    pub debug_port: u16,
 }
 
 /// Runs the loop until Ctrl-C.
@@ -87,6 +97,10 @@ pub async fn dev(config: &Config, a: DevArgs) -> Result<(), CliError> {
         .watcher()
         .watch(&folder, RecursiveMode::NonRecursive)
         .map_err(|e| CliError::BadArgument(format!("cannot watch {}: {e}", folder.display())))?;
+    let debugging = match a.debug {
+        true => Some(start_debugging(&db, config, &target, &a).await?),
+        false => None,
+    };
     let follow = tokio::spawn(follow_logs(config.instance.clone(), target.id));
     eprintln!(
         "workerctl: watching {} for worker {} ({}); Ctrl-C to stop",
@@ -124,7 +138,62 @@ pub async fn dev(config: &Config, a: DevArgs) -> Result<(), CliError> {
     }
     follow.abort();
     drop(debouncer);
+    if let Some(server) = debugging {
+        server.abort();
+        stop_debugging(&db, &target, a.rm).await;
+    }
     finish(&db, &target, a.rm).await
+}
+
+/// Binds the debug port (first: a port in use is an error before anything
+/// changes), turns the worker's debug adapter on and serves the port.
+async fn start_debugging(
+    db: &Db,
+    config: &Config,
+    target: &Target,
+    a: &DevArgs,
+) -> Result<tokio::task::JoinHandle<()>, CliError> {
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], a.debug_port));
+    let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+        CliError::BadArgument(format!(
+            "cannot listen on {at} for the debugger: {e}; give another --debug-port"
+        ))
+    })?;
+    let runtime = std::sync::Arc::new(logs::docker(&config.instance).await?);
+    let id = crate::model::WorkerId(target.id);
+    if !crate::store::debug::set(db.pool(), id, true)
+        .await
+        .map_err(|e| db.store_failed(e))?
+    {
+        return Err(CliError::UnknownId(target.id));
+    }
+    let local = absolute(&a.code).display().to_string();
+    eprintln!(
+        "workerctl: debugger on {at}; VS Code's launch configuration (launch.json):\n{}",
+        debug::launch_configuration(&target.name, a.debug_port, &local)
+    );
+    Ok(tokio::spawn(debug::serve(listener, runtime, target.id)))
+}
+
+/// Turns the debug adapter off again: the daemon replaces the container
+/// with one without it.
+async fn stop_debugging(db: &Db, target: &Target, removed: bool) {
+    if removed {
+        return; // The row goes with the worker.
+    }
+    let id = crate::model::WorkerId(target.id);
+    match crate::store::debug::set(db.pool(), id, false).await {
+        Ok(_) => println!(
+            "worker {}: debugging off; the daemon restarts it without the debug adapter",
+            target.name
+        ),
+        Err(e) => eprintln!(
+            "workerctl: cannot turn debugging off ({}); run `workerctl worker dev {} --code FILE` \
+             and stop it, or delete the row of workerctl_worker_debug",
+            crate::backoff::error_chain(&e),
+            target.name
+        ),
+    }
 }
 
 async fn finish(db: &Db, target: &Target, rm: bool) -> Result<(), CliError> {

@@ -11,6 +11,7 @@
 //! (formatting), `wait` (`--wait`), `logs` (Docker logs), `invoke` (AMQP).
 
 mod code;
+mod debug;
 mod dev;
 mod error;
 pub(crate) mod logs;
