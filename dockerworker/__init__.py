@@ -24,11 +24,10 @@ Code map (one concern per module):
 - `app`         the container's command: wiring, signals, exit codes
 - `harness`     `run-once`: one message through user code, no broker
 - `trial`       try mode (`python -m dockerworker.trial`): recorded messages through two codes, no broker
-- `bench`       the throughput benchmark against a real broker, beside `limitclient`
-- `limitclient` the least a worker can do per message: the benchmark's yardstick
-- `startbench`  container start → consuming, per image (the start-up benchmark)
-- `idlebench`   what N idle workers cost: container, engine and machine CPU, memory
-- `restbench`   the floors, start → consuming and idle workers under the daemon, in one run
+
+Beside the package, not in it (nor in the image): `tools/`, the runtime's
+benchmarks (throughput beside the limit client, start → consuming, idle
+cost, the floors); `tests/`, its pytest suite.
 
 Architecture invariants: `processing` and `message` never touch AMQP; only
 `amqp` calls pika; an input is acknowledged only after the broker confirmed

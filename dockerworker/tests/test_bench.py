@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 
-from dockerworker.bench import busy_rate
+from dockerworker.tools.bench import busy_rate
 
 from .support import AMQP_URL, PACKAGE_ROOT, Broker, pipeline_message, wait_until
 
@@ -48,7 +48,7 @@ def test_the_limit_client_forwards_each_message_to_its_next_step_and_acks_it(bro
         "WORKER_PREFETCH": "4",
     }
     client = subprocess.Popen(
-        [sys.executable, "-m", "dockerworker.limitclient"], env=env, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE
+        [sys.executable, "-m", "dockerworker.tools.limitclient"], env=env, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE
     )
     try:
         assert client.stdout is not None

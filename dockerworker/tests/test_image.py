@@ -10,7 +10,7 @@ import os
 import subprocess
 import uuid
 
-from dockerworker.startbench import bytecode_check
+from dockerworker.tools.startbench import bytecode_check
 
 IMAGE = os.environ.get("DOCKERWORKER_IMAGE", "workerctl/dockerworker:latest")
 
@@ -20,6 +20,17 @@ def test_the_start_path_compiles_nothing_in_a_read_only_container() -> None:
 
     assert from_source == 0, f"{IMAGE} compiles {from_source} modules at every start: its .pyc are missing or stale"
     assert from_bytecode > 100
+
+
+def test_the_image_ships_the_runtime_without_its_benchmarks_or_tests() -> None:
+    listing = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "ls", IMAGE, "/opt/dockerworker/dockerworker"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+
+    assert "app.py" in listing and "__main__.py" in listing
+    for left_out in ("tools", "tests", "bench.py", "startbench.py", "limitclient.py", "idlebench.py", "restbench.py"):
+        assert left_out not in listing, f"{IMAGE} ships {left_out}"
 
 
 def _healthcheck() -> list[str]:
@@ -59,7 +70,7 @@ def test_the_image_health_check_passes_only_while_the_ready_file_is_fresh() -> N
 
 
 def test_a_worker_container_passes_its_health_check_once_it_consumes() -> None:
-    from dockerworker.startbench import (
+    from dockerworker.tools.startbench import (
         DEFAULT_API,
         TRIVIAL_CODE,
         StartBench,

@@ -6,7 +6,7 @@ the way workerctl starts them (host network, read-only root, tmpfs /tmp and
 trivial `process` served over HTTP like the controller does, and times how
 long each takes until it consumes its queue:
 
-    python -m dockerworker.startbench [--runs 10] [--probe report|readyz]
+    python -m dockerworker.tools.startbench [--runs 10] [--probe report|readyz]
                                       [--image workerctl/dockerworker:latest ...]
 
 `--probe report` (the default) listens for the ready report the runtime
@@ -88,7 +88,7 @@ def bytecode_check(image: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dockerworker.startbench")
+    parser = argparse.ArgumentParser(prog="python -m dockerworker.tools.startbench")
     parser.add_argument("--image", action="append", help="an image to time (repeatable)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per image (after one warm-up run)")
     parser.add_argument("--probe", choices=("report", "readyz"), default="report")

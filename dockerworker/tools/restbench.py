@@ -17,7 +17,7 @@ measured in the same run:
    cgroups), of the daemon process, of the engine and of the whole machine,
    and the memory per container (`idlebench`).
 
-    python -m dockerworker.restbench --daemon target/release/workerctl
+    python -m dockerworker.tools.restbench --daemon target/release/workerctl
         [--image workerctl/dockerworker:latest] [--before IMAGE]
         [--runs 20] [--workers 10,50] [--seconds 30]
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dockerworker.restbench")
+    parser = argparse.ArgumentParser(prog="python -m dockerworker.tools.restbench")
     parser.add_argument("--image", default="workerctl/dockerworker:latest")
     parser.add_argument("--before", help="an older worker image, for the import floor beside it")
     parser.add_argument("--daemon", help="the workerctl binary (without it, no idle figures)")

@@ -13,9 +13,9 @@ of one loop turn in one `send()`), so that the difference between the two
 is what the dockerworker does per message, not how pika writes.
 
 Its rate on a given broker and machine is what the dockerworker's is
-measured against (`python -m dockerworker.bench` prints both, in one run).
+measured against (`python -m dockerworker.tools.bench` prints both, in one run).
 
-    python -m dockerworker.limitclient   # env: AMQP_HOST, AMQP_XCHG, WORKER_ID, WORKER_PREFETCH
+    python -m dockerworker.tools.limitclient   # env: AMQP_HOST, AMQP_XCHG, WORKER_ID, WORKER_PREFETCH
 
 It declares the worker's queue as the dockerworker does and writes one line,
 `consuming`, when its consumer is attached. Stop it with SIGTERM.
@@ -38,7 +38,7 @@ from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
-from .amqp import coalesce_writes
+from ..amqp import coalesce_writes
 
 
 class LimitClient:

@@ -16,7 +16,7 @@ default), reads:
 - the memory of each container (cgroup `memory.usage_in_bytes` less its page
   cache), median over the fleet.
 
-    python -m dockerworker.idlebench [--image IMAGE ...] [--workers 10,50]
+    python -m dockerworker.tools.idlebench [--image IMAGE ...] [--workers 10,50]
                                      [--seconds 30] [--settle 10]
 
 With several images the fleets are measured one after the other, in the order
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dockerworker.idlebench")
+    parser = argparse.ArgumentParser(prog="python -m dockerworker.tools.idlebench")
     parser.add_argument("--image", action="append", help="a worker image (repeatable)")
     parser.add_argument("--workers", default="10,50", help="fleet sizes, comma-separated")
     parser.add_argument("--seconds", type=float, default=30.0, help="the measured window")

@@ -4,13 +4,13 @@ Owns: nothing the runtime uses. For each fleet size (1, 5 and 20 workers by
 default) it runs, in alternating rounds, N containers of the dockerworker
 with a trivial `process` (`def process(msg): return msg`, in a SensorBucket
 archive served over HTTP like the controller does) and N containers of the
-limit client (`dockerworker.limitclient`: the same consume → publish →
+limit client (`dockerworker.tools.limitclient`: the same consume → publish →
 confirm → ack loop with the same prefetch, and nothing else), and prints
 the dockerworker's rate as a fraction of the limit client's. Then it
 measures the per-message latency (p50, p99) at half of the dockerworker's
 maximum rate, for both.
 
-    python -m dockerworker.bench [--image workerctl/dockerworker:latest | --local]
+    python -m dockerworker.tools.bench [--image workerctl/dockerworker:latest | --local]
                                  [--messages 10000] [--rounds 3] [--fleet 1,5,20]
                                  [--prefetch 64] [--latency-messages 10000] [--latency-rate R]
                                  [--profile DIR] [--worker-env NAME=VALUE]
@@ -71,6 +71,9 @@ TRIVIAL_CODE = "def process(msg):\n    return msg\n"
 OURS = "dockerworker"
 LIMIT = "limit client"
 _READY_TIMEOUT_S = 60.0
+# This folder, and where the worker image's `dockerworker` package would keep it.
+TOOLS_DIR = Path(__file__).resolve().parent
+_IMAGE_TOOLS_DIR = "/opt/dockerworker/dockerworker/tools"
 _STALL_TIMEOUT_S = 30.0
 # Enough for a window of a second or more with every worker busy.
 _MIN_PER_WORKER = 4_000
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dockerworker.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dockerworker.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="run workers as containers of this image")
     parser.add_argument("--local", action="store_true", help="run workers as local subprocesses instead")
     parser.add_argument("--messages", type=int, default=20_000, help="messages per fleet (at least 4,000 per worker)")
@@ -418,7 +421,7 @@ class Fleet:
         )
         if self.client == OURS:
             env.update(self.setup.worker_env)
-        module = "dockerworker" if self.client == OURS else "dockerworker.limitclient"
+        module = "dockerworker" if self.client == OURS else "dockerworker.tools.limitclient"
         args = ["run"] if self.client == OURS else []
         if self.setup.image is not None:
             return _Container.start(self.setup.image, env, module, args)
@@ -487,8 +490,10 @@ class _Container(_Worker):
         ]
         env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
         name = f"dockerworker-bench-{env['WORKER_ID']}"
+        # The tools are not in the image: the limit client comes from this checkout.
+        tools = ["-v", f"{TOOLS_DIR}:{_IMAGE_TOOLS_DIR}:ro"] if module.startswith("dockerworker.tools.") else []
         entry = ["--entrypoint", "tini", image, "--", "python", "-m", module, *args]
-        run = subprocess.run(["docker", "run", "-d", "--name", name, *hardening, *env_args, *entry],
+        run = subprocess.run(["docker", "run", "-d", "--name", name, *hardening, *tools, *env_args, *entry],
                              capture_output=True, text=True, check=False)
         if run.returncode != 0:
             raise RuntimeError(f"docker run of {image} failed (is it built? scripts/build-images): {run.stderr}")
@@ -530,7 +535,7 @@ class _Process(_Worker):
     @classmethod
     def start(cls, env: dict[str, str], module: str, args: list[str], profile: Path | None) -> "_Process":
         local = {**os.environ, **env, "WORKER_CODE_DIR": f"/tmp/dockerworker-bench-{env['WORKER_ID']}"}
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         command = [sys.executable, "-m", module, *args]
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
