@@ -99,7 +99,8 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
     ready_file = ReadyFile().attach(readiness)
     if config.ready_url is not None:
         ReadyReporter(config.ready_url, readiness).start()
-    if config.debug and not _start_debugging():
+    debug_port = _start_debugging() if config.debug else None
+    if config.debug and debug_port is None:
         return ExitCode.CONFIG
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
     download = _Download(config, stop).start()
@@ -113,21 +114,25 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
         return fatal.code
     if code is None:
         return ExitCode.OK  # stopped while downloading
+    if debug_port is not None:
+        from . import debug
+
+        debug.announce(debug_port)
     readiness.set(code_loaded=True)
     return asyncio.run(_consume(config, code, readiness, ready_file, stop))
 
 
-def _start_debugging() -> bool:
+def _start_debugging() -> int | None:
     """The debug adapter (WORKER_DEBUG=1), after the threads that must never
-    stop at a breakpoint and before the one that runs user code."""
+    stop at a breakpoint and before the one that runs user code; its port,
+    or None if it cannot start."""
     from . import debug
 
     try:
-        debug.listen()
+        return debug.listen()
     except Exception as exc:  # e.g. an image without debugpy
         logs.event("config_error", level=logging.ERROR, error=f"cannot start the debug adapter: {exc!r}")
-        return False
-    return True
+        return None
 
 
 class _Fatal(Exception):

@@ -46,18 +46,24 @@ def listen() -> int:
 
     Threads started from now on are traced (the user-code thread among
     them); those started before (health endpoint, ready reporter) are not,
-    so they never stop at a breakpoint."""
+    so they never stop at a breakpoint. The relay finds the adapter only
+    once `announce` has run."""
     # pydevd warns at every start that the interpreter's frozen standard
     # modules may miss breakpoints: only user code is debugged here.
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     import debugpy
 
     _host, bound = debugpy.listen(("127.0.0.1", 0))
-    port = int(bound)
+    return int(bound)
+
+
+def announce(port: int) -> None:
+    """Let the relay reach the adapter: called once the code is unpacked,
+    so that a client's first breakpoints find the file they are set in
+    (debugpy refuses a breakpoint in a file that does not exist yet)."""
     with open(DEBUG_PORT_FILE, "w", encoding="ascii") as f:
         f.write(str(port))
     logs.event("debug_listening", port=port, code_dir=DEBUG_CODE_SUBDIR)
-    return port
 
 
 def untrace_this_thread() -> None:
@@ -78,7 +84,10 @@ def relay(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
         with open(DEBUG_PORT_FILE, encoding="ascii") as f:
             port = int(f.read().strip())
     except (OSError, ValueError):
-        print("this worker runs no debug adapter: it was not started with --debug", file=sys.stderr)
+        print(
+            "this worker runs no debug adapter: it was not started with --debug (or its code is not loaded yet)",
+            file=sys.stderr,
+        )
         return NOT_DEBUGGING
     try:
         conn = socket.create_connection(("127.0.0.1", port))
