@@ -1,0 +1,482 @@
+//! The Swarm backend on a real three-node swarm (`scripts/swarm-nodes`:
+//! docker-in-docker nodes on a bridge whose gateway is this host), with the
+//! real dockerworker image and the real broker: a worker's tasks land on
+//! several nodes, each fetches its code from the daemon's code server and
+//! consumes its queue from there, and a save rolls out across the nodes.
+//!
+//! The daemon runs in-process, as `workerctl run` on the Swarm backend does
+//! with `DOCKER_HOST` at the manager: its Swarm and Docker clients both talk
+//! to node 1's engine. Its code server is bound on the bridge's gateway and
+//! the workers get the broker at the gateway too, so both are reached from
+//! every node, not only from the manager.
+//!
+//! Placement: workerctl asks Swarm for none (no constraint, no preference,
+//! no replicas-per-node limit). Swarm's scheduler already puts a service's
+//! next task on the eligible node with the fewest tasks of that service, so
+//! three replicas on three nodes spread one per node; a limit per node would
+//! make a start-first rollout wait for room, and a worker scaled beyond the
+//! node count impossible.
+//!
+//! Needs what `scripts/test` provides (Postgres, RabbitMQ, the images); the
+//! test makes the nodes itself (`scripts/swarm-nodes up`) and removes them
+//! at the end (`down`), whether it passed or not. Ignored by default: it
+//! adds about a minute; run it with
+//! `cargo test --test multinode -- --ignored`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bollard::Docker;
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+use workerctl::archive::sensorbucket_archive;
+use workerctl::config::{Config, Secret};
+use workerctl::daemon::Daemon;
+use workerctl::model::WorkerId;
+use workerctl::runtime::docker::DockerRuntime;
+use workerctl::store::postgres::PgStore;
+use workerctl::swarm::SwarmRuntime;
+
+use common::worker_image;
+
+/// The host, as the nodes reach it: the gateway of scripts/swarm-nodes'
+/// bridge (its default SWARM_NODES_SUBNET).
+const GATEWAY: [u8; 4] = [172, 30, 213, 1];
+/// Node 1's engine, the swarm's manager.
+const MANAGER: &str = "tcp://172.30.213.11:2375";
+/// Held while a process uses the nodes (their names and subnet are fixed).
+const LOCK_FILE: &str = "/tmp/workerctl-swarm-nodes.lock";
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// The three nodes, made for this test and removed when dropped.
+struct Nodes {
+    _turn: File,
+}
+
+impl Nodes {
+    fn up(image: &str) -> Nodes {
+        let turn = File::create(LOCK_FILE).expect("the nodes' lock file");
+        turn.lock().expect("waiting for another user of the nodes");
+        // Nodes an interrupted run left behind.
+        swarm_nodes(&["down"]);
+        let started = Instant::now();
+        swarm_nodes(&["up", image]);
+        eprintln!("three-node swarm up in {:?}", started.elapsed());
+        Nodes { _turn: turn }
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        swarm_nodes(&["down"]);
+    }
+}
+
+fn swarm_nodes(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/swarm-nodes");
+    let out = Command::new(script)
+        .args(args)
+        .output()
+        .expect("scripts/swarm-nodes runs");
+    assert!(
+        out.status.success() || std::thread::panicking(),
+        "scripts/swarm-nodes {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The docker CLI against the manager.
+fn on_manager(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(["-H", MANAGER])
+        .args(args)
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn manager_client() -> Docker {
+    let addr = MANAGER.replace("tcp://", "http://");
+    Docker::connect_with_http(&addr, 120, bollard::API_DEFAULT_VERSION)
+        .expect("a client for the manager")
+}
+
+/// The broker's URL as the nodes (and this host) reach it: AMQP_URL's
+/// credentials and vhost, at the gateway.
+fn broker_at_gateway() -> String {
+    let mut url = reqwest::Url::parse(&common::amqp_url()).expect("AMQP_URL is a URL");
+    let host = std::net::Ipv4Addr::from(GATEWAY).to_string();
+    url.set_host(Some(&host)).expect("a host");
+    url.to_string()
+}
+
+fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    since.as_millis() as i64
+}
+
+/// Answers with its revision and the task it ran in (workerctl names a
+/// task's host `<service>-<slot>`).
+fn usercode(version: u32) -> String {
+    format!(
+        "import socket\n\ndef process(msg):\n    msg.metadata[\"version\"] = {version}\n    msg.metadata[\"task\"] = socket.gethostname()\n    return msg\n"
+    )
+}
+
+struct Test {
+    pool: PgPool,
+    amqp: Connection,
+    publisher: Channel,
+    exchange: String,
+    next_key: String,
+    next_queue: String,
+    next: Consumer,
+    worker: WorkerId,
+    shutdown: CancellationToken,
+}
+
+impl Test {
+    async fn status(&self) -> (String, String) {
+        sqlx::query_as("SELECT status, status_info FROM user_workers WHERE id = $1")
+            .bind(self.worker.0)
+            .fetch_one(&self.pool)
+            .await
+            .expect("read status")
+    }
+
+    async fn status_with(&self, status: &str, fragment: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let (s, info) = self.status().await;
+            if s == status && info.contains(fragment) {
+                return info;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no status {status} saying {fragment:?} within {DEADLINE:?}; last: {s}: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn save_code(&self, code: &str) {
+        sqlx::query("UPDATE user_workers SET source = $1, revision = revision + 1 WHERE id = $2")
+            .bind(sensorbucket_archive(code).expect("archive builds"))
+            .bind(self.worker.0)
+            .execute(&self.pool)
+            .await
+            .expect("update worker code");
+    }
+
+    /// The worker's running tasks, as Swarm says: task slot → node.
+    fn tasks_running(&self) -> BTreeMap<String, String> {
+        let service = format!("label=workerctl.worker-id={}", self.worker);
+        let name = on_manager(&[
+            "service",
+            "ls",
+            "--filter",
+            &service,
+            "--format",
+            "{{.Name}}",
+        ]);
+        assert!(!name.is_empty(), "no service for worker {}", self.worker);
+        let tasks = on_manager(&[
+            "service",
+            "ps",
+            &name,
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.Name}} {{.Node}} {{.CurrentState}}",
+        ]);
+        tasks
+            .lines()
+            .filter(|l| l.contains(" Running"))
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let slot = words.next()?.rsplit('.').next()?.to_string();
+                Some((slot, words.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    async fn publish(&self, n: usize) {
+        let now = now_ms();
+        let body = json!({
+            "tracing_id": Uuid::new_v4().to_string(),
+            "tenant_id": 1,
+            "access_token": "test-access-token",
+            "received_at": now,
+            "pipeline_id": Uuid::new_v4().to_string(),
+            "step_index": 0,
+            "pipeline_steps": [self.worker.to_string(), self.next_key],
+            "timestamp": now,
+            "payload": base64::engine::general_purpose::STANDARD.encode(format!("reading {n}")),
+            "metadata": {"n": n},
+        });
+        let properties = BasicProperties::default()
+            .with_message_id(format!("m{n}").into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .publisher
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.worker.to_string().as_str().into(),
+                options,
+                &serde_json::to_vec(&body).expect("json"),
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publisher confirm");
+        assert!(confirm.is_ack(), "the broker refused the publish");
+        assert!(confirm.take_message().is_none(), "unroutable");
+    }
+
+    /// Publishes `count` messages and collects every answer: the task slot
+    /// that answered each message, by its number.
+    async fn round(&mut self, version: u32, count: usize) -> Vec<(usize, String)> {
+        for n in 0..count {
+            self.publish(n).await;
+        }
+        let mut answers = vec![];
+        while answers.len() < count {
+            let delivery = tokio::time::timeout(DEADLINE, self.next.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} of {count} answered", answers.len()))
+                .expect("the test consumer runs")
+                .expect("a delivery");
+            let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+            assert_eq!(body["metadata"]["version"], version, "{body}");
+            let n = body["metadata"]["n"].as_u64().expect("n") as usize;
+            let task = body["metadata"]["task"].as_str().expect("task");
+            let slot = task.rsplit('-').next().expect("a slot").to_string();
+            answers.push((n, slot));
+        }
+        answers
+    }
+
+    async fn cleanup(self) {
+        self.shutdown.cancel();
+        let channel = self.amqp.create_channel().await.expect("channel");
+        for queue in [
+            self.next_queue.clone(),
+            format!("worker_{}", self.worker),
+            format!("worker_{}.retry", self.worker),
+        ] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.amqp.close(200, "test done".into()).await;
+    }
+}
+
+async fn start(pool: PgPool) -> Test {
+    let tag = Uuid::new_v4().simple().to_string();
+    let instance = format!("n{}", &tag[..12]);
+    let exchange = format!("pipeline.messages.test-{tag}");
+    let next_key = format!("storage-{tag}");
+    let next_queue = format!("{exchange}.next");
+    let store = Arc::new(PgStore::from_pool(pool.clone()));
+    store.migrate().await.expect("migrations apply");
+
+    let amqp = Connection::connect(&broker_at_gateway(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ answers on the nodes' gateway (run scripts/services)");
+    let publisher = amqp.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("publisher confirms");
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    publisher
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the exchange");
+    let channel = amqp.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            next_queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the next step's queue");
+    channel
+        .queue_bind(
+            next_queue.as_str().into(),
+            exchange.as_str().into(),
+            next_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind it");
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let next = channel
+        .basic_consume(
+            next_queue.as_str().into(),
+            "".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume it");
+
+    // The worker: enabled, three replicas, before the daemon starts.
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO user_workers (id, name, description, state, language, tenant_id, revision, status, status_info, source, entrypoint)
+         VALUES ($1, 'spread', '', 'enabled', 'python', 1, 1, 'unknown', '', $2, 'main.main')",
+    )
+    .bind(id)
+    .bind(sensorbucket_archive(&usercode(1)).expect("archive builds"))
+    .execute(&pool)
+    .await
+    .expect("insert worker");
+    sqlx::query(
+        "INSERT INTO workerctl_worker_scale (worker_id, min_replicas, max_replicas) VALUES ($1, 3, 3)",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .expect("three replicas");
+
+    // The daemon, its code server on the gateway.
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((GATEWAY, 0)))
+        .await
+        .expect("bind on the nodes' gateway");
+    let addr = listener.local_addr().expect("local address");
+    let mut config = Config {
+        instance: instance.clone(),
+        ..Config::default()
+    };
+    config.database_url = Secret::new(common::database_url(&pool));
+    config.docker.image = worker_image().into();
+    config.docker.network = "host".into();
+    config.docker.stop_timeout = Duration::from_secs(10);
+    config.code_server.public_url = format!("http://{addr}");
+    config.amqp.url = Secret::new(broker_at_gateway());
+    config.amqp.exchange = exchange.clone();
+    config.swarm.update_monitor = Duration::from_secs(3);
+    let swarm = SwarmRuntime::with_client(manager_client(), &instance, config.swarm_options())
+        .await
+        .expect("the manager answers");
+    let runtime = DockerRuntime::with_client(manager_client(), &instance)
+        .await
+        .expect("the manager's engine answers");
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    Daemon::new(config, store, Arc::new(runtime))
+        .on_swarm(Arc::new(swarm))
+        .spawn(listener, &tracker, &shutdown)
+        .expect("the daemon starts");
+    tracker.close();
+
+    Test {
+        pool,
+        amqp,
+        publisher,
+        exchange,
+        next_key,
+        next_queue,
+        next,
+        worker: WorkerId(id),
+        shutdown,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+#[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
+async fn on_three_nodes_a_workers_tasks_spread_consume_and_roll_out(pool: PgPool) {
+    let nodes = Nodes::up(worker_image());
+    let mut t = start(pool).await;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        t.status_with("ready", "running revision 1 in 3 replica(s)")
+            .await;
+        assert_spread_and_answering(&mut t, 1).await;
+
+        // A save rolls out across the nodes; every answer after it comes
+        // from the new revision, from every task, on every node with one.
+        let rollout = Instant::now();
+        t.save_code(&usercode(2)).await;
+        t.status_with("ready", "running revision 2 in 3 replica(s)")
+            .await;
+        eprintln!("save rolled out over the nodes in {:?}", rollout.elapsed());
+        assert_spread_and_answering(&mut t, 2).await;
+    }))
+    .await;
+    t.cleanup().await;
+    drop(nodes);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The worker's three tasks run on at least two nodes, and each of them
+/// answers (at `version`): having fetched its code from the daemon and
+/// consumed its queue from the node it is on. The broker hands a queue's
+/// messages round-robin to its consumers, so 30 messages reach all three.
+async fn assert_spread_and_answering(t: &mut Test, version: u32) {
+    let tasks = t.tasks_running();
+    let nodes: BTreeSet<&String> = tasks.values().collect();
+    assert_eq!(tasks.len(), 3, "three running tasks: {tasks:?}");
+    assert!(nodes.len() >= 2, "three tasks on one node: {tasks:?}");
+    eprintln!("revision {version}: tasks (slot → node) {tasks:?}");
+    let answers = t.round(version, 30).await;
+    let slots: BTreeSet<&String> = answers.iter().map(|(_, slot)| slot).collect();
+    let running: BTreeSet<&String> = tasks.keys().collect();
+    assert_eq!(slots, running, "the tasks that answered vs those running");
+    let numbers: BTreeSet<usize> = answers.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers.len(), 30, "each message answered once");
+}
