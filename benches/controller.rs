@@ -19,12 +19,16 @@
 //! BENCH_FLEET_REPEATS (3), BENCH_SIZES (50,100,200), DATABASE_URL, and
 //! RUST_LOG for the daemon's own log (default warnings only).
 
+mod common;
+
+use common::{admin_pool, load_average, lock, median, ms, percentile, progress, sorted};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use workerctl::model::{ImageState, Observed};
 
 use bollard::Docker;
 use bollard::models::EventMessage;
@@ -50,11 +54,11 @@ use workerctl::model::{
     ContainerSpec, DesiredWorker, ManagedContainer, Revision, RunState, WorkerId, WorkerRow, labels,
 };
 use workerctl::readiness::ReadyReports;
-use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::reconcile::{Containers, PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
-use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
+use workerctl::runtime::{ContainerRuntime, RuntimeError};
 use workerctl::store::postgres::PgStore;
-use workerctl::store::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
+use workerctl::store::{Code, StatusUpdate, StoreError, WorkerStore};
 
 /// The stand-in worker, built from busybox at start (never pulled). Unlike
 /// the test image it sleeps in one long `sleep` rather than waking every
@@ -179,10 +183,6 @@ async fn measure(db_url: String, instance: String, tasks: Arc<Tasks>, s: Setting
     }
 }
 
-fn progress(what: std::fmt::Arguments<'_>) {
-    eprintln!("bench: {what}");
-}
-
 // ---------------------------------------------------------------------------
 // The recorder: every store and runtime call of the daemon, timestamped.
 
@@ -216,10 +216,6 @@ struct Trace {
     /// When the listener delivered a change notification.
     notified: Mutex<Vec<Instant>>,
     in_flight: AtomicUsize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Trace {
@@ -416,14 +412,6 @@ impl Database {
             Err(e) => eprintln!("bench: cannot drop database {}: {e}", self.name),
         }
     }
-}
-
-async fn admin_pool(url: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(1)
-        .connect(url)
-        .await
-        .expect("Postgres answers at DATABASE_URL (run scripts/services)")
 }
 
 /// The daemon's background tasks, stopped by the caller of [`measure`]
@@ -941,10 +929,6 @@ impl CliBump {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn ms_since(t0: Instant, t: Instant) -> f64 {
     ms(t.saturating_duration_since(t0))
 }
@@ -1153,12 +1137,17 @@ async fn idle_pass(d: &Daemon, workers: usize) -> Idle {
             .expect("Docker answers"),
     );
     let trace = Arc::new(Trace::default());
+    let metrics = Arc::new(Metrics::new());
+    let containers = Containers::new(
+        Arc::new(Timed::new(docker.clone(), trace.clone())),
+        Arc::new(ReadyReports::new(Arc::default())),
+        metrics.clone(),
+    );
     let mut reconciler = Reconciler::new(
         Arc::new(Timed::new(store.clone(), trace.clone())),
-        Arc::new(Timed::new(docker.clone(), trace.clone())),
+        containers,
         PassSettings::from_config(&d.config),
-        Arc::new(Metrics::new()),
-        Arc::new(ReadyReports::new(Arc::default())),
+        metrics,
     )
     .led_by(leadership.clone());
     let first = reconciler.pass().await.expect("first pass");
@@ -1202,40 +1191,9 @@ struct Results {
     idle: Vec<Idle>,
 }
 
-fn sorted(values: impl IntoIterator<Item = f64>) -> Vec<f64> {
-    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    v
-}
-
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let v = sorted(values);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Nearest-rank percentile.
-fn percentile(values: impl IntoIterator<Item = f64>, p: f64) -> f64 {
-    let v = sorted(values);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 /// The median gap between consecutive milestones, over the samples that have both.
 fn gap<T>(samples: &[T], from: impl Fn(&T) -> Option<f64>, to: impl Fn(&T) -> Option<f64>) -> f64 {
     median(samples.iter().filter_map(|s| Some(to(s)? - from(s)?)))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn met(ok: bool) -> &'static str {

@@ -7,7 +7,7 @@
 //! a worker at zero replicas), waits until the management API lists it with
 //! 0 ready messages, publishes one message with a publisher confirm, and
 //! times, from the confirm, until a reading shows it ready, on two pollers
-//! running `broker::poll`:
+//! running `depths::poll`:
 //!
 //! - the **daemon's** poller, every `scale.poll_interval` of the default
 //!   configuration (5 s): what autoscaling sees. A fresh one per trial,
@@ -32,6 +32,9 @@
 //! the credentials of `AMQP_URL`). Settings: BENCH_TRIALS (20). Deletes its
 //! queues, also when a trial fails.
 
+mod common;
+
+use common::env_or;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,17 +47,13 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use workerctl::broker::{self, QueueMonitor, Reading};
 use workerctl::config::Config;
 use workerctl::model::WorkerId;
+use workerctl::scale::depths::{self, QueueMonitor, Reading};
 
 const FAST_POLL: Duration = Duration::from_millis(100);
 /// A reading later than this is a failure, not a figure.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.into())
-}
 
 fn main() -> ExitCode {
     // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
@@ -116,7 +115,7 @@ async fn run() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A `broker::poll` task every `every`: its monitor (to count requests), its
+/// A `depths::poll` task every `every`: its monitor (to count requests), its
 /// readings, and its stop (the poller also stops with `shutdown`).
 fn poller(
     management_url: &str,
@@ -131,7 +130,14 @@ fn poller(
     let (tx, rx) = watch::channel(Reading::NotYet);
     let wake = Arc::new(Notify::new());
     let stop = shutdown.child_token();
-    tokio::spawn(broker::poll(monitor.clone(), every, tx, wake, stop.clone()));
+    tokio::spawn(depths::poll(
+        monitor.clone(),
+        every,
+        tx,
+        wake,
+        stop.clone(),
+        |_| {},
+    ));
     (monitor, (rx, stop))
 }
 

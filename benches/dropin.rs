@@ -29,6 +29,9 @@
 //! and drops it at the end, and removes its containers, queues and exchange.
 //! Settings: BENCH_ROUNDS (5), BENCH_TAKEOVERS (3).
 
+mod common;
+
+use common::{admin_pool, load_average, lock, median, ms, progress, setting, sorted};
 use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -61,13 +64,6 @@ const BENCH_LABEL: &str = "workerctl-bench.dropin";
 const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 const SAVE_EVERY: Duration = Duration::from_millis(500);
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn setting(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> ExitCode {
     // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
@@ -122,18 +118,6 @@ async fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn progress(what: std::fmt::Arguments<'_>) {
-    eprintln!("bench: {what}");
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Milliseconds from `from` to `to`, negative if `to` came first.
@@ -435,11 +419,6 @@ async fn publish_every(ch: &Channel, b: &Bench, worker: Uuid, stop: Cancellation
         }
     }
     0
-}
-
-async fn admin_pool(url: &str) -> PgPool {
-    let pool = PgPoolOptions::new().max_connections(1).connect(url).await;
-    pool.expect("Postgres answers at DATABASE_URL (run scripts/services)")
 }
 
 async fn docker_cli<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(
@@ -779,33 +758,12 @@ async fn sensorbucket_container(b: &Bench, id: Uuid, code_url: &str) -> String {
 // ---------------------------------------------------------------------------
 // The report.
 
-fn sorted(values: &[f64]) -> Vec<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    v
-}
-
-fn median(values: &[f64]) -> f64 {
-    let v = sorted(values);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 fn spread(values: &[f64]) -> String {
     let v = sorted(values);
     match (v.first(), v.last()) {
         (Some(lo), Some(hi)) => format!("{lo:.0}…{hi:.0}"),
         _ => "-".into(),
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn print(rapid: &[(&str, Rapid)], t: &Takeover, load_before: &str, load_after: &str) {
@@ -839,18 +797,18 @@ fn print(rapid: &[(&str, Rapid)], t: &Takeover, load_before: &str, load_after: &
     );
     println!(
         "  daemon start → first answer by the current revision    median {:>6.0} ms  (spread {} ms)  floor: daemon start → first answer, nobody serving {:.0} ms",
-        median(&s(&t.first_new_s)),
+        median(s(&t.first_new_s)),
         spread(&s(&t.first_new_s)),
-        median(&s(&t.floor_s))
+        median(s(&t.floor_s))
     );
     println!(
         "  daemon start → last answer by SensorBucket's container median {:>6.0} ms  (spread {} ms)",
-        median(&s(&t.last_old_s)),
+        median(s(&t.last_old_s)),
         spread(&s(&t.last_old_s))
     );
     println!(
         "  daemon start → SensorBucket's container gone           median {:>6.0} ms  (spread {} ms)",
-        median(&s(&t.gone_s)),
+        median(s(&t.gone_s)),
         spread(&s(&t.gone_s))
     );
     println!("  messages unanswered {:?}", t.lost);

@@ -23,6 +23,9 @@
 //! Everything runs on a throwaway database `workerctl_bench_rec_<random>`,
 //! under its own instance label and exchange, all removed at the end.
 
+mod common;
+
+use common::setting;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -47,13 +50,6 @@ const CANDIDATE_PY: &str =
     "def process(msg):\n    msg.metadata = {'decoder': 'v2'}\n    return msg\n";
 const KEEP: usize = 200;
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn env_or<T: FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -119,8 +115,8 @@ impl Bench {
     }
 
     async fn run(&self) -> Result<(), String> {
-        let n: usize = env_or("BENCH_RECORD_MESSAGES", 30_000);
-        let rounds: usize = env_or("BENCH_RECORD_ROUNDS", 2);
+        let n: usize = setting("BENCH_RECORD_MESSAGES", 30_000);
+        let rounds: usize = setting("BENCH_RECORD_ROUNDS", 2);
         let mut daemon = self.daemon(false);
         let code = self.dir.path().join("echo.py");
         std::fs::write(&code, ECHO_PY).map_err(|e| e.to_string())?;

@@ -29,6 +29,9 @@
 //! Settings: BENCH_SAVES (20), BENCH_STARTS (10), BENCH_ROUNDS (5), and
 //! RUST_LOG for the daemons' log (default warnings only).
 
+mod common;
+
+use common::{admin_pool, count, env_or, load_average, lock, median, ms, percentile, progress};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -74,14 +77,6 @@ const GRACE: Duration = Duration::from_secs(15);
 const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 const POLL: Duration = Duration::from_millis(10);
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.into())
-}
-
-fn setting(key: &str, default: usize) -> usize {
-    env_or(key, "").parse().unwrap_or(default).max(1)
-}
 
 fn main() -> ExitCode {
     // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
@@ -131,18 +126,6 @@ async fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn progress(what: std::fmt::Arguments<'_>) {
-    eprintln!("bench: {what}");
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 // ---------------------------------------------------------------------------
@@ -412,11 +395,6 @@ impl Bench {
     }
 }
 
-async fn admin_pool(url: &str) -> PgPool {
-    let pool = PgPoolOptions::new().max_connections(1).connect(url).await;
-    pool.expect("Postgres answers at DATABASE_URL (run scripts/services)")
-}
-
 async fn build_stand_in() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cmd = serde_json::to_string(&["/bin/sh", "-c", STAND_IN_SCRIPT]).expect("json");
@@ -470,7 +448,7 @@ fn versioned(v: usize) -> String {
 
 async fn saves_and_starts(b: &Bench) -> (Vec<f64>, Vec<(f64, f64)>) {
     let (saves, grace) = (
-        setting("BENCH_SAVES", 20),
+        count("BENCH_SAVES", 20),
         Config::default().docker.stop_timeout,
     );
     let daemon = b.daemon("a", WORKER_IMAGE, grace).await;
@@ -549,7 +527,7 @@ async fn publish_every(
 /// environment, but its ready report comes to a listener of ours: per run,
 /// ms from `docker run` and from the engine's StartedAt to the report.
 async fn start_to_consuming(b: &Bench, worker_container: &str) -> Vec<(f64, f64)> {
-    let runs = setting("BENCH_STARTS", 10);
+    let runs = count("BENCH_STARTS", 10);
     let inspected: Value = serde_json::from_str(&docker(["inspect", worker_container]).await)
         .expect("docker inspect prints JSON");
     let (c, hc) = (&inspected[0], &inspected[0]["HostConfig"]);
@@ -655,7 +633,7 @@ type Create = (f64, f64);
 /// (none stuck, one stuck, rounds in which A's old container was still
 /// waiting out its grace period when B was done).
 async fn grace_period(b: &Bench) -> (Vec<Create>, Vec<Create>, usize) {
-    let rounds = setting("BENCH_ROUNDS", 5);
+    let rounds = count("BENCH_ROUNDS", 5);
     let daemon = b.daemon("b", STAND_IN_IMAGE, GRACE).await;
     let (a, _) = b.insert("stubborn.main", &versioned(0)).await;
     b.ready_at(a, 1).await;
@@ -707,34 +685,6 @@ struct Results {
     overlapped: usize,
 }
 
-fn sorted(values: &[f64]) -> Vec<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    v
-}
-
-fn median(values: &[f64]) -> f64 {
-    let v = sorted(values);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Nearest-rank percentile.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let v = sorted(values);
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
-    v.get(rank - 1).copied().unwrap_or(f64::NAN)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 impl Results {
     fn print(&self, load_before: &str, load_after: &str) {
         let row = |what: &str, v: &[f64], note: String| {
@@ -755,7 +705,7 @@ impl Results {
         );
         row("container start → consuming", &run, note);
         let (free, stuck) = (firsts(&self.free), firsts(&self.stuck));
-        let started = |v: &[Create]| format!("  insert → started {:.0} ms", median(&seconds(v)));
+        let started = |v: &[Create]| format!("  insert → started {:.0} ms", median(seconds(v)));
         row("create → running, none stuck", &free, started(&self.free));
         let note = format!(
             "{}; A still in its grace after B: {}/{}",

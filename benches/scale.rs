@@ -30,6 +30,9 @@
 //! BENCH_IDLE_SIZES (10,50), and RUST_LOG for the daemon's log (default
 //! warnings only).
 
+mod common;
+
+use common::{admin_pool, env_or, load_average, lock, ms, progress};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,13 +53,13 @@ use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 use workerctl::archive::sensorbucket_archive;
-use workerctl::broker::{QueueMonitor, Reading};
 use workerctl::config::{Config, Secret};
 use workerctl::metrics::Metrics;
 use workerctl::model::labels;
 use workerctl::readiness::ReadyReports;
-use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::reconcile::{Containers, PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::scale::depths::{QueueMonitor, Reading};
 use workerctl::store::postgres::PgStore;
 
 const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
@@ -66,10 +69,6 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const DEPTH_EVERY: Duration = Duration::from_millis(200);
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.into())
-}
 
 fn main() -> ExitCode {
     // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
@@ -123,18 +122,6 @@ async fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn progress(what: std::fmt::Arguments<'_>) {
-    eprintln!("bench: {what}");
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 // ---------------------------------------------------------------------------
@@ -445,11 +432,6 @@ async fn declare_bound(channel: &Channel, queue: &str, exchange: &str, key: &str
     bound.await.expect("bind a queue");
 }
 
-async fn admin_pool(url: &str) -> PgPool {
-    let pool = PgPoolOptions::new().max_connections(1).connect(url).await;
-    pool.expect("Postgres answers at DATABASE_URL (run scripts/services)")
-}
-
 /// Runs the docker CLI: its stdout, or what went wrong.
 async fn docker_cli<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(
     args: I,
@@ -609,12 +591,13 @@ async fn idle_pass(b: &Bench, workers: usize) -> Idle {
     let management_calls = monitor.calls();
     let queues_read = read.by_worker.len();
     let (_tx, rx) = watch::channel(Reading::Depths(read));
+    let metrics = Arc::new(Metrics::new());
+    let reports = Arc::new(ReadyReports::new(Arc::default()));
     let mut reconciler = Reconciler::new(
         store.clone(),
-        docker.clone(),
+        Containers::new(docker.clone(), reports, metrics.clone()),
         PassSettings::from_config(&config),
-        Arc::new(Metrics::new()),
-        Arc::new(ReadyReports::new(Arc::default())),
+        metrics,
     )
     .reading_depths(rx);
     reconciler.pass().await.expect("first pass");
@@ -640,12 +623,6 @@ struct Results {
     backlog: usize,
     drains: Vec<Drain>,
     idle: Vec<Idle>,
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// `t=0.0s 1, t=2.5s 4, …`: the first sample and every change.

@@ -43,6 +43,9 @@
 #[path = "../tests/common/swarm.rs"]
 mod test_swarm;
 
+mod common;
+
+use common::{count, load_average, progress};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -65,9 +68,10 @@ use workerctl::config::{Config, Secret};
 use workerctl::daemon::Daemon;
 use workerctl::metrics::Metrics;
 use workerctl::model::{ContainerSpec, Revision, WorkerId, container_name, labels};
+use workerctl::runtime::ServiceRuntime;
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::runtime::swarm::{ManagedService, SwarmRuntime, WorkerService};
 use workerctl::store::postgres::PgStore;
-use workerctl::swarm::{ManagedService, SwarmRuntime, WorkerService};
 
 use test_swarm::{TestSwarm, try_docker_cli as docker_cli};
 
@@ -90,27 +94,6 @@ type Fallible<T> = Result<T, String>;
 /// One error and its causes, on one line.
 fn chain<E: std::error::Error>(e: E) -> String {
     error_chain(&e)
-}
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-        .max(1)
-}
-
-fn progress(what: std::fmt::Arguments<'_>) {
-    eprintln!("bench: {what}");
-}
-
-fn load_average() -> String {
-    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    loadavg
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn main() -> ExitCode {
@@ -143,8 +126,8 @@ fn main() -> ExitCode {
 
 /// Sets up, measures, and always cleans up (database, services, swarm).
 async fn run() -> Fallible<()> {
-    let replicas = setting("BENCH_SWARM_REPLICAS", 4);
-    let bumps = setting("BENCH_SWARM_BUMPS", 3);
+    let replicas = count("BENCH_SWARM_REPLICAS", 4);
+    let bumps = count("BENCH_SWARM_BUMPS", 3);
     let load_before = load_average();
     let image_id = build_image()?;
     let db = Database::create().await?;

@@ -2,7 +2,7 @@
 //! --bench triggers`): how late a cron schedule fires, and what an HTTP
 //! invoke costs beside `workerctl worker invoke` doing the same.
 //!
-//! 1. **Fire-time lateness.** The real firing loop (`scheduler::run` on
+//! 1. **Fire-time lateness.** The real firing loop (`firing::run` on
 //!    Postgres and RabbitMQ, in-process) with one schedule firing every
 //!    second for `BENCH_SCHEDULE_SECS` (default 60) seconds. A listener
 //!    bound to the worker's routing key takes each message as it is routed;
@@ -17,36 +17,31 @@
 //! Everything runs on a throwaway database `workerctl_bench_triggers_<random>`,
 //! under its own instance label and exchange, all removed at the end.
 
+#[path = "../tests/common/amqp.rs"]
+mod amqp;
+mod common;
+
+use common::{percentile, setting};
 use std::process::{Command, ExitCode, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::ExchangeDeleteOptions;
+use lapin::types::AMQPValue;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use workerctl::config::{AmqpConfig, Secret};
-use workerctl::scheduler::{self, AmqpPublisher, PgSchedules, SystemClock};
 use workerctl::store::postgres::PgStore;
+use workerctl::triggers::firing::{self, AmqpPublisher, PgSchedules, SystemClock};
 
 const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
 const TOKEN: &str = "bench-token-0123456789";
 const ECHO_PY: &str = "def process(msg):\n    return msg\n";
-
-fn env_or<T: FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -79,18 +74,18 @@ async fn main() -> ExitCode {
         "  schedule every 1 s for {} s: {} fires, lateness p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         lateness.secs,
         lateness.samples.len(),
-        percentile(&lateness.samples, 50.0),
-        percentile(&lateness.samples, 99.0),
+        percentile(&lateness.samples, 0.50),
+        percentile(&lateness.samples, 0.99),
         lateness.samples.iter().cloned().fold(0.0, f64::max),
     );
     match invokes {
         Some((http, cli)) => println!(
             "  invoke round trip, median of {}: HTTP {:.1} ms (p90 {:.1}), `worker invoke` {:.1} ms (p90 {:.1})",
             http.len(),
-            percentile(&http, 50.0),
-            percentile(&http, 90.0),
-            percentile(&cli, 50.0),
-            percentile(&cli, 90.0),
+            percentile(&http, 0.50),
+            percentile(&http, 0.90),
+            percentile(&cli, 0.50),
+            percentile(&cli, 0.90),
         ),
         None => println!("  invoke round trip: not measured (the worker never became ready)"),
     }
@@ -101,16 +96,6 @@ fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 /// The throwaway database.
@@ -169,7 +154,7 @@ struct Lateness {
 }
 
 async fn schedule_lateness(db: &Database, exchange: &str) -> Lateness {
-    let secs: u64 = env_or("BENCH_SCHEDULE_SECS", 60);
+    let secs: u64 = setting("BENCH_SCHEDULE_SECS", 60);
     let worker = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO user_workers (id, name, state, language, revision, status, source)
@@ -185,7 +170,7 @@ async fn schedule_lateness(db: &Database, exchange: &str) -> Lateness {
         exchange: exchange.to_string(),
     };
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(scheduler::run(
+    let task = tokio::spawn(firing::run(
         PgSchedules(db.pool.clone()),
         AmqpPublisher::new(amqp),
         SystemClock,
@@ -206,7 +191,7 @@ async fn schedule_lateness(db: &Database, exchange: &str) -> Lateness {
             .properties
             .headers()
             .as_ref()
-            .and_then(|h| h.inner().get(scheduler::FIRE_TIME_HEADER).cloned());
+            .and_then(|h| h.inner().get(firing::FIRE_TIME_HEADER).cloned());
         if let Some(AMQPValue::LongLongInt(ms)) = fire {
             samples.push((arrived - ms * 1000) as f64 / 1000.0);
         }
@@ -219,60 +204,6 @@ async fn schedule_lateness(db: &Database, exchange: &str) -> Lateness {
         samples.remove(0);
     }
     Lateness { secs, samples }
-}
-
-async fn listen(exchange: &str, key: &str) -> (lapin::Connection, lapin::Consumer) {
-    let connection =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ answers");
-    let channel = connection.create_channel().await.expect("channel");
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .expect("exchange");
-    let private = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), private, FieldTable::default())
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let no_ack = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "bench".into(),
-            no_ack,
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    (connection, consumer)
 }
 
 async fn cleanup_exchange(exchange: &str) {
@@ -317,7 +248,7 @@ fn workerctl(db: &Database, exchange: &str, instance: &str, port: u16, args: &[&
 }
 
 async fn invoke_round_trips(db: &Database, exchange: &str) -> Option<(Vec<f64>, Vec<f64>)> {
-    let n: usize = env_or("BENCH_INVOKES", 100);
+    let n: usize = setting("BENCH_INVOKES", 100);
     let instance = format!("benchtrig{}", &Uuid::new_v4().simple().to_string()[..6]);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -433,4 +364,9 @@ fn remove_containers(instance: &str) {
             let _ = Command::new("docker").args(["rm", "-f", id]).output();
         }
     }
+}
+
+async fn listen(exchange: &str, key: &str) -> (lapin::Connection, lapin::Consumer) {
+    let (connection, _, consumer) = amqp::listen(&amqp_url(), exchange, &[key]).await;
+    (connection, consumer)
 }

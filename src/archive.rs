@@ -41,13 +41,13 @@ pub fn sensorbucket_archive(usercode: &str) -> Result<Vec<u8>, zip::result::ZipE
     Ok(zip.finish()?.into_inner())
 }
 
-/// Whether `bytes` is a readable zip archive.
-pub fn is_zip(bytes: &[u8]) -> bool {
-    zip::ZipArchive::new(Cursor::new(bytes)).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
+    /// Whether `bytes` is a readable zip archive.
+    fn is_zip(bytes: &[u8]) -> bool {
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).is_ok()
+    }
+
     use super::*;
     use std::io::Read;
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Hardening, Limits};
 
-pub use crate::model::DEFAULT_INSTANCE;
+pub(crate) use crate::model::DEFAULT_INSTANCE;
 
 /// A value that must never be printed (connection strings carry passwords).
 #[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -481,14 +481,6 @@ impl Config {
         Ok(())
     }
 
-    /// How superseded containers are stopped.
-    pub fn stopping(&self) -> crate::execute::Stopping {
-        crate::execute::Stopping {
-            timeout: self.docker.stop_timeout,
-            signal: self.docker.stop_signal.clone(),
-        }
-    }
-
     /// How worker containers are locked down, from the Docker settings.
     pub fn hardening(&self) -> Hardening {
         Hardening {
@@ -502,16 +494,16 @@ impl Config {
     /// How Swarm services roll out: the update monitor, the stop grace
     /// period, and the dockerworker's readiness as the health check that
     /// gates each task.
-    pub fn swarm_options(&self) -> crate::swarm::SwarmOptions {
-        crate::swarm::SwarmOptions {
+    pub fn swarm_options(&self) -> crate::runtime::swarm::SwarmOptions {
+        crate::runtime::swarm::SwarmOptions {
             update_monitor: self.swarm.update_monitor,
             stop_timeout: self.docker.stop_timeout,
-            readiness: Some(crate::swarm::Probe::dockerworker_ready()),
+            readiness: Some(crate::runtime::swarm::Probe::dockerworker_ready()),
         }
     }
 
     /// How the leader lock is kept.
-    pub fn leader_timing(&self) -> crate::leader::LeaderTiming {
+    pub(crate) fn leader_timing(&self) -> crate::leader::LeaderTiming {
         crate::leader::LeaderTiming {
             heartbeat: self.leader.heartbeat,
             lease: self.leader.lease,

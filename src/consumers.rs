@@ -29,20 +29,20 @@ use crate::backoff::error_chain;
 use crate::model::WorkerId;
 
 /// How often the named queues are asked while a rollout waits on them.
-pub const POLL: Duration = Duration::from_millis(100);
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 /// How long to wait before connecting again after the broker refused.
 const RECONNECT: Duration = Duration::from_secs(1);
 
 /// The reconciler's side of the task.
 #[derive(Clone)]
-pub struct ConsumerCounts {
+pub(crate) struct ConsumerCounts {
     wanted: Arc<watch::Sender<BTreeSet<WorkerId>>>,
     counts: watch::Receiver<BTreeMap<WorkerId, u32>>,
 }
 
 impl ConsumerCounts {
     /// Starts the task on `amqp_url`; it ends with `shutdown`.
-    pub fn spawn(
+    pub(crate) fn spawn(
         amqp_url: String,
         wake: Arc<Notify>,
         tracker: &tokio_util::task::TaskTracker,
@@ -59,7 +59,7 @@ impl ConsumerCounts {
     }
 
     /// The workers whose queues to watch from now on (the others are dropped).
-    pub fn want(&self, workers: BTreeSet<WorkerId>) {
+    pub(crate) fn want(&self, workers: BTreeSet<WorkerId>) {
         self.wanted.send_if_modified(|current| {
             let changed = *current != workers;
             *current = workers;
@@ -68,7 +68,7 @@ impl ConsumerCounts {
     }
 
     /// The latest counts of the watched queues.
-    pub fn latest(&self) -> BTreeMap<WorkerId, u32> {
+    pub(crate) fn latest(&self) -> BTreeMap<WorkerId, u32> {
         self.counts.borrow().clone()
     }
 }

@@ -6,7 +6,6 @@
 //! exactly one more. Passes never wait for actions: those run on their own
 //! and their end is one more wake-up.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,60 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{self, error_chain};
-use crate::reconciler::{Done, PassError, PassReport, Reconciler};
-use crate::runtime::ContainerRuntime;
+use crate::reconcile::{Backend, Reconciler};
 use crate::store::WorkerStore;
-
-/// What the loop drives: passes, and the actions they leave running. The
-/// container reconciler and the Swarm one both are.
-pub trait Passes: Send {
-    type Done: Send;
-
-    /// Observes, decides, records and starts the actions of one pass.
-    fn pass(&mut self) -> impl Future<Output = Result<PassReport, PassError>> + Send;
-
-    /// The next action to end; pending while none is in flight. Cancel-safe.
-    fn next_done(&mut self) -> impl Future<Output = Self::Done> + Send;
-
-    /// Records how an action went.
-    fn finished(&mut self, done: &Self::Done);
-
-    /// Records every action that has ended by now, without waiting.
-    fn finish_ended(&mut self);
-
-    fn in_flight(&self) -> usize;
-
-    /// Waits for the actions in flight, at most `limit`, then abandons them.
-    fn drain(&mut self, limit: Duration) -> impl Future<Output = ()> + Send;
-}
-
-impl<S: WorkerStore, R: ContainerRuntime> Passes for Reconciler<S, R> {
-    type Done = Done;
-
-    async fn pass(&mut self) -> Result<PassReport, PassError> {
-        Reconciler::pass(self).await
-    }
-
-    async fn next_done(&mut self) -> Done {
-        Reconciler::next_done(self).await
-    }
-
-    fn finished(&mut self, done: &Done) {
-        Reconciler::finished(self, done)
-    }
-
-    fn finish_ended(&mut self) {
-        Reconciler::finish_ended(self)
-    }
-
-    fn in_flight(&self) -> usize {
-        Reconciler::in_flight(self)
-    }
-
-    async fn drain(&mut self, limit: Duration) {
-        Reconciler::drain(self, limit).await;
-    }
-}
 
 /// Delay before retrying after a pass that could not observe the world;
 /// doubled on each consecutive failure, up to the cap.
@@ -78,7 +25,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How the loop is timed.
 #[derive(Clone, Copy, Debug)]
-pub struct LoopSettings {
+pub(crate) struct LoopSettings {
     /// The periodic resync.
     pub resync: Duration,
     /// How long shutdown waits for the actions in flight (a graceful stop
@@ -88,8 +35,8 @@ pub struct LoopSettings {
 
 /// Runs passes until `shutdown` is cancelled, then waits for the actions in
 /// flight (at most `settings.drain`). Containers are left running.
-pub async fn run(
-    mut reconciler: impl Passes,
+pub(crate) async fn run(
+    mut reconciler: Reconciler<impl WorkerStore, impl Backend>,
     wake: Arc<Notify>,
     settings: LoopSettings,
     shutdown: CancellationToken,

@@ -7,18 +7,18 @@
 //! all start the daemon through [`Daemon::spawn`], so what they test is
 //! what runs.
 
-use crate::consumers::ConsumerCounts;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use crate::backoff::error_chain;
-use crate::broker::{self, QueueMonitor, Reading};
+use crate::consumers::ConsumerCounts;
+use crate::scale::depths::{self, QueueMonitor, Reading};
 
 use crate::config::Config;
 use crate::controller::{self, LoopSettings};
@@ -26,14 +26,13 @@ use crate::http;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::readiness::ReadyReports;
-use crate::reconciler::services::ServiceReconciler;
-use crate::reconciler::{PassSettings, Reconciler};
+use crate::reconcile::{Backend, Containers, PassSettings, Reconciler, Services};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
+use crate::runtime::swarm::SwarmRuntime;
 use crate::status_page;
 use crate::store::WorkerStore;
 use crate::store::postgres::{self, PgStore};
-use crate::swarm::SwarmRuntime;
 
 /// Called when the store announces a change (a benchmark times from it).
 type OnChange = Arc<dyn Fn() + Send + Sync>;
@@ -83,6 +82,15 @@ impl Daemon {
             swarm: None,
         }
     }
+}
+
+/// What the control loop is given besides its backend.
+struct Looping {
+    leadership: Leadership,
+    depths: watch::Receiver<Reading>,
+    wake: Arc<Notify>,
+    /// Dropped once the loop has drained: releases the lock.
+    release: DropGuard,
 }
 
 impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
@@ -136,49 +144,31 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         self.spawn_wake_sources(&wake, tracker, shutdown);
         self.spawn_triggers(tracker, shutdown);
         let depths = self.spawn_depth_poller(&wake, tracker, shutdown);
-        let config = &self.config;
-        let settings = LoopSettings {
-            resync: config.reconcile.interval,
-            drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
+        let pass_settings = PassSettings::from_config(&self.config);
+        let looping = Looping {
+            leadership: leadership.clone(),
+            depths,
+            wake: wake.clone(),
+            release: drained.drop_guard(),
         };
-        let (wake_loop, stop) = (wake.clone(), shutdown.clone());
-        let release = drained.drop_guard();
-        let pass_settings = PassSettings::from_config(config);
         match &self.swarm {
             None => {
-                let reconciler = Reconciler::new(
-                    self.loop_store.clone(),
+                let containers = Containers::new(
                     self.loop_runtime.clone(),
-                    pass_settings,
-                    self.metrics.clone(),
                     reports.clone(),
+                    self.metrics.clone(),
                 )
-                .led_by(leadership.clone())
-                .reading_depths(depths)
                 .counting_consumers(ConsumerCounts::spawn(
-                    config.amqp.url.expose().to_string(),
+                    self.config.amqp.url.expose().to_string(),
                     wake.clone(),
                     tracker,
                     shutdown,
                 ));
-                tracker.spawn(async move {
-                    controller::run(reconciler, wake_loop, settings, stop).await;
-                    drop(release);
-                });
+                self.spawn_loop(containers, pass_settings, looping, tracker, shutdown);
             }
             Some(swarm) => {
-                let reconciler = ServiceReconciler::new(
-                    self.loop_store.clone(),
-                    swarm.clone(),
-                    pass_settings,
-                    self.metrics.clone(),
-                )
-                .led_by(leadership.clone())
-                .reading_depths(depths);
-                tracker.spawn(async move {
-                    controller::run(reconciler, wake_loop, settings, stop).await;
-                    drop(release);
-                });
+                let services = Services::new(swarm.clone());
+                self.spawn_loop(services, pass_settings, looping, tracker, shutdown);
             }
         }
         Ok(Running {
@@ -188,6 +178,36 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             http: addr,
             leadership,
         })
+    }
+
+    /// Runs the control loop over `backend` until shutdown; the lock is
+    /// released once it has drained its actions.
+    fn spawn_loop(
+        &self,
+        backend: impl Backend,
+        pass_settings: PassSettings,
+        looping: Looping,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let config = &self.config;
+        let settings = LoopSettings {
+            resync: config.reconcile.interval,
+            drain: config.docker.stop_timeout + std::time::Duration::from_secs(5),
+        };
+        let reconciler = Reconciler::new(
+            self.loop_store.clone(),
+            backend,
+            pass_settings,
+            self.metrics.clone(),
+        )
+        .led_by(looping.leadership)
+        .reading_depths(looping.depths);
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            controller::run(reconciler, looping.wake, settings, stop).await;
+            drop(looping.release);
+        });
     }
 
     /// Campaigns for the leadership of the instance (Postgres advisory lock
@@ -288,17 +308,19 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         let (tx, rx) = watch::channel(Reading::NotYet);
         let url = config.scale.management_url.expose();
         if url.is_empty() {
-            tx.send_replace(Reading::Unavailable(broker::NO_MANAGEMENT_URL.into()));
+            tx.send_replace(Reading::Unavailable(depths::NO_MANAGEMENT_URL.into()));
             return rx;
         }
         match QueueMonitor::new(url, config.amqp.url.expose()) {
             Ok(monitor) => {
-                tracker.spawn(broker::poll(
+                let metrics = self.metrics.clone();
+                tracker.spawn(depths::poll(
                     Arc::new(monitor),
                     config.scale.poll_interval,
                     tx,
                     wake.clone(),
                     shutdown.clone(),
+                    move |ok| metrics.scale.depth_read(ok),
                 ));
             }
             Err(e) => {
@@ -313,13 +335,14 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
     /// dead-letter collector and the traffic recorder (each can be turned
     /// off in the config).
     fn spawn_triggers(&self, tracker: &TaskTracker, shutdown: &CancellationToken) {
-        use crate::{dead_letters, recorder, scheduler};
+        use crate::recorder;
+        use crate::triggers::{dead_letters, firing};
         let config = &self.config;
         if config.schedules.enabled {
-            tracker.spawn(scheduler::run(
-                scheduler::PgSchedules(self.store.pool().clone()),
-                scheduler::AmqpPublisher::new(config.amqp.clone()),
-                scheduler::SystemClock,
+            tracker.spawn(firing::run(
+                firing::PgSchedules(self.store.pool().clone()),
+                firing::AmqpPublisher::new(config.amqp.clone()),
+                firing::SystemClock,
                 config.schedules.poll,
                 shutdown.clone(),
             ));

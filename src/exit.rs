@@ -14,7 +14,7 @@
 //! traceback ends with the exception, a shell with its complaint).
 
 /// How many of an exited container's last lines are read to explain it.
-pub const LINES_READ: usize = 20;
+pub(crate) const LINES_READ: usize = 20;
 
 /// The longest explanation kept: a status is one sentence, not a log.
 const MAX_CHARS: usize = 300;
@@ -22,7 +22,7 @@ const MAX_CHARS: usize = 300;
 /// The exit code with its meaning when it has a well-known one: the
 /// dockerworker's own codes (its README lists them) when the container runs
 /// it, and the signal deaths any container can have.
-pub fn code_text(code: Option<i64>, dockerworker: bool) -> String {
+pub(crate) fn code_text(code: Option<i64>, dockerworker: bool) -> String {
     let Some(code) = code else {
         return "unknown".into();
     };
@@ -59,14 +59,14 @@ fn dockerworker_meaning(code: i64) -> Option<&'static str> {
 
 /// Whether restarting the container cannot help until the worker's code
 /// changes: the dockerworker found the code invalid (exit code 4).
-pub fn waits_for_fix(code: Option<i64>, dockerworker: bool) -> bool {
+pub(crate) fn waits_for_fix(code: Option<i64>, dockerworker: bool) -> bool {
     dockerworker && code == Some(4)
 }
 
 /// The one line of `lines` (oldest first) that best says why the container
 /// exited: the last error the dockerworker logged, else the last line that is
 /// not blank and not a structured log line of a lower level.
-pub fn explain(lines: &[String]) -> Option<String> {
+pub(crate) fn explain(lines: &[String]) -> Option<String> {
     let mut plain = None;
     for line in lines.iter().rev().map(|l| l.trim()) {
         if line.is_empty() {

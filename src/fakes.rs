@@ -14,17 +14,17 @@ use crate::model::{
     ContainerSpec, Health, ManagedContainer, ManagedService, Owner, Revision, Rollout, RunState,
     WorkerId, WorkerRow, WorkerService,
 };
-use crate::plan::NetworkState;
-use crate::runtime::{ContainerRuntime, ImageState, RuntimeError, ServiceRuntime};
-use crate::store::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
-use crate::swarm::SwarmError;
+use crate::model::{ImageState, NetworkState, Observed};
+use crate::runtime::swarm::SwarmError;
+use crate::runtime::{ContainerRuntime, RuntimeError, ServiceRuntime};
+use crate::store::{Code, StatusUpdate, StoreError, WorkerStore};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An enabled python worker `n` at `revision`, as the store would read it.
-pub fn row(n: u128, revision: i32) -> WorkerRow {
+pub(crate) fn row(n: u128, revision: i32) -> WorkerRow {
     WorkerRow {
         id: WorkerId(Uuid::from_u128(n)),
         name: format!("w{n}"),
@@ -45,31 +45,31 @@ pub fn row(n: u128, revision: i32) -> WorkerRow {
 
 /// Rows in memory; status writes land on them.
 #[derive(Default)]
-pub struct FakeStore {
+pub(crate) struct FakeStore {
     pub rows: Mutex<Vec<WorkerRow>>,
     pub loads: Mutex<u32>,
 }
 
 impl FakeStore {
-    pub fn with(rows: Vec<WorkerRow>) -> Arc<Self> {
+    pub(crate) fn with(rows: Vec<WorkerRow>) -> Arc<Self> {
         Arc::new(FakeStore {
             rows: Mutex::new(rows),
             ..Default::default()
         })
     }
 
-    pub fn loads(&self) -> u32 {
+    pub(crate) fn loads(&self) -> u32 {
         *lock(&self.loads)
     }
 
-    pub fn status_of(&self, n: u128) -> (String, String) {
+    pub(crate) fn status_of(&self, n: u128) -> (String, String) {
         let rows = lock(&self.rows);
         let row = rows.iter().find(|r| r.id.0.as_u128() == n);
         row.map(|r| (r.status.clone(), r.status_info.clone()))
             .unwrap_or_default()
     }
 
-    pub fn update(&self, n: u128, f: impl FnOnce(&mut WorkerRow)) {
+    pub(crate) fn update(&self, n: u128, f: impl FnOnce(&mut WorkerRow)) {
         let mut rows = lock(&self.rows);
         if let Some(row) = rows.iter_mut().find(|r| r.id.0.as_u128() == n) {
             f(row);
@@ -111,7 +111,7 @@ impl WorkerStore for FakeStore {
 /// Containers in memory. Started containers pass their health check at
 /// once; stops take `stop_delay`; the next `failing_creates` creates fail.
 #[derive(Default)]
-pub struct FakeRuntime {
+pub(crate) struct FakeRuntime {
     state: Mutex<RuntimeState>,
 }
 
@@ -125,29 +125,29 @@ struct RuntimeState {
 }
 
 impl FakeRuntime {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(FakeRuntime::default())
     }
 
     /// Stopping worker `n`'s containers takes `delay` (a grace period).
-    pub fn slow_stop(&self, n: u128, delay: Duration) {
+    pub(crate) fn slow_stop(&self, n: u128, delay: Duration) {
         lock(&self.state)
             .stop_delays
             .insert(WorkerId(Uuid::from_u128(n)), delay);
     }
 
     /// The next `n` creates fail.
-    pub fn fail_creates(&self, n: u32) {
+    pub(crate) fn fail_creates(&self, n: u32) {
         lock(&self.state).failing_creates = n;
     }
 
     /// Creates attempted so far, failed ones included.
-    pub fn creates(&self) -> u32 {
+    pub(crate) fn creates(&self) -> u32 {
         lock(&self.state).creates
     }
 
     /// Worker `n`'s containers that run, by revision.
-    pub fn running(&self, n: u128) -> Vec<i32> {
+    pub(crate) fn running(&self, n: u128) -> Vec<i32> {
         let state = lock(&self.state);
         let mut revisions: Vec<i32> = state
             .containers
@@ -273,7 +273,7 @@ impl ContainerRuntime for FakeRuntime {
 /// starts with `broken`, which Swarm rolls back. Creates can be made slow
 /// (per worker) or fail; every call is counted.
 #[derive(Default)]
-pub struct FakeSwarm {
+pub(crate) struct FakeSwarm {
     pub services: Mutex<Vec<ManagedService>>,
     slow_creates: Mutex<HashMap<WorkerId, Duration>>,
     failing_updates: Mutex<u32>,
@@ -281,26 +281,26 @@ pub struct FakeSwarm {
 }
 
 impl FakeSwarm {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(FakeSwarm::default())
     }
 
     /// Creating worker `n`'s service takes `delay`.
-    pub fn slow_create(&self, n: u128, delay: Duration) {
+    pub(crate) fn slow_create(&self, n: u128, delay: Duration) {
         lock(&self.slow_creates).insert(WorkerId(Uuid::from_u128(n)), delay);
     }
 
     /// The next `n` updates fail.
-    pub fn fail_updates(&self, n: u32) {
+    pub(crate) fn fail_updates(&self, n: u32) {
         *lock(&self.failing_updates) = n;
     }
 
-    pub fn calls(&self, what: &str) -> u32 {
+    pub(crate) fn calls(&self, what: &str) -> u32 {
         lock(&self.calls).get(what).copied().unwrap_or(0)
     }
 
     /// Worker `n`'s service: (revision, replicas), if it has one.
-    pub fn service(&self, n: u128) -> Option<(i32, u32)> {
+    pub(crate) fn service(&self, n: u128) -> Option<(i32, u32)> {
         let id = WorkerId(Uuid::from_u128(n));
         lock(&self.services)
             .iter()

@@ -28,7 +28,7 @@ use crate::backoff::error_chain;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::model::WorkerId;
-use crate::plan::ReadyReport;
+use crate::plan::containers::ReadyReport;
 use crate::readiness::ReadyReports;
 use crate::runtime::docker::DockerRuntime;
 use crate::status_page;
@@ -148,7 +148,7 @@ pub async fn serve<S: WorkerStore>(
 
 /// Serves on a bound `listener` until `shutdown` is cancelled, with more
 /// routes (the write API of `http/api.rs`).
-pub async fn serve_with<S: WorkerStore>(
+pub(crate) async fn serve_with<S: WorkerStore>(
     listener: tokio::net::TcpListener,
     state: AppState<S>,
     extra: Router,

@@ -425,7 +425,7 @@ impl Leadership {
 
     /// Follows role changes (for the status page, or to cancel work in
     /// flight the moment leadership is lost).
-    pub fn subscribe(&self) -> watch::Receiver<Role> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Role> {
         self.inner.role.subscribe()
     }
 

@@ -7,31 +7,18 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use workerctl::backoff::{self, error_chain};
-use workerctl::broker::{self, Reading};
-use workerctl::cli::{Cli, Command};
+use workerctl::cli::{Cli, Command, pass, triggers, worker};
 use workerctl::config::{Backend, Config, LogFormat};
-use workerctl::controller::Passes;
 use workerctl::daemon::Daemon;
-use workerctl::leader::LockSession;
-use workerctl::metrics::Metrics;
-use workerctl::model::Status;
-use workerctl::plan::Verdict;
-use workerctl::readiness::ReadyReports;
-use workerctl::reconciler::services::ServiceReconciler;
-use workerctl::reconciler::{Done, PassSettings, Planned, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
-use workerctl::scale::Demand;
-use workerctl::store::Observed;
+use workerctl::runtime::swarm::SwarmRuntime;
 use workerctl::store::postgres::PgStore;
-use workerctl::swarm::SwarmRuntime;
-use workerctl::worker_cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -71,11 +58,11 @@ async fn dispatch(command: Command, config: Config) -> Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan => plan(config).await.map(|()| ExitCode::SUCCESS),
-        Command::Reconcile(_) => reconcile_once(config).await,
-        Command::Worker(cmd) => worker_cli::execute(cmd, &config).await,
-        Command::Schedule(cmd) => Ok(workerctl::trigger_cli::schedule(cmd, &config).await),
-        Command::Errors(cmd) => Ok(workerctl::trigger_cli::errors(cmd, &config).await),
+        Command::Plan => pass::plan(&config).await.map(|()| ExitCode::SUCCESS),
+        Command::Reconcile(_) => pass::reconcile_once(&config).await,
+        Command::Worker(cmd) => worker::execute(cmd, &config).await,
+        Command::Schedule(cmd) => Ok(triggers::schedule(cmd, &config).await),
+        Command::Errors(cmd) => Ok(triggers::errors(cmd, &config).await),
     }
 }
 
@@ -96,174 +83,6 @@ fn init_logging(config: &Config) {
             .init(),
         LogFormat::Text => builder.init(),
     }
-}
-
-/// The reconciler of a single pass, scaling on `depths` as the daemon's
-/// would on its latest reading.
-async fn reconciler(
-    config: &Config,
-    metrics: Arc<Metrics>,
-    depths: Reading,
-) -> Result<Reconciler<PgStore, DockerRuntime>> {
-    let store = PgStore::connect(config.database_url.expose())?;
-    let mut runtime = DockerRuntime::connect(&config.instance).await?;
-    runtime.join_compose_project().await;
-    // The pass only borrows the value: the sender may go at once.
-    let (_, depths) = watch::channel(depths);
-    Ok(Reconciler::new(
-        Arc::new(store),
-        Arc::new(runtime),
-        PassSettings::from_config(config),
-        metrics,
-        Arc::new(ReadyReports::new(Arc::default())),
-    )
-    .reading_depths(depths))
-}
-
-/// One read of the queue depths (one management request), as the daemon's
-/// poller makes it.
-async fn depths(config: &Config) -> Reading {
-    let (management, amqp) = (&config.scale.management_url, &config.amqp.url);
-    broker::read_once(management.expose(), amqp.expose()).await
-}
-
-async fn plan(config: Config) -> Result<()> {
-    let depths = depths(&config).await;
-    match config.runtime.backend {
-        Backend::Docker => {
-            let reconciler = reconciler(&config, Arc::default(), depths.clone()).await?;
-            let p = reconciler.dry_run().await?;
-            print_plan("container", &p.actions, &p.observed, &p.verdicts, &depths);
-        }
-        Backend::Swarm => {
-            let reconciler = service_reconciler(&config, depths.clone()).await?;
-            let p = reconciler.dry_run().await?;
-            print_plan("service", &p.actions, &p.observed, &p.verdicts, &depths);
-        }
-    }
-    Ok(())
-}
-
-/// What a pass would do, on either backend: its actions, the replica counts
-/// it would change, and the workers it cannot act on.
-fn print_plan(
-    what: &str,
-    actions: &[impl std::fmt::Display],
-    observed: &[Observed],
-    verdicts: &[Verdict],
-    depths: &Reading,
-) {
-    if actions.is_empty() {
-        println!("no {what} changes: every {what} is in line with the store");
-    }
-    for action in actions {
-        println!("{action}");
-    }
-    print_replicas(observed, depths);
-    for verdict in verdicts.iter().filter(|v| v.status == Status::Error) {
-        println!("error   worker {}: {}", verdict.id, verdict.info);
-    }
-}
-
-/// The scaler's decisions in a plan: every replica count that differs from
-/// what runs, with the demand behind it.
-fn print_replicas(observed: &[Observed], depths: &Reading) {
-    for o in observed {
-        if o.desired_replicas == o.running_replicas {
-            continue;
-        }
-        let ready = match depths.demand(o.id) {
-            Demand::Ready(n) => format!("{n} message(s) ready"),
-            Demand::NoQueue => "no queue yet".into(),
-            Demand::Unknown => "queue depth unknown".into(),
-        };
-        println!(
-            "{:<12} worker {}: {} wanted, {} running ({ready})",
-            "replicas", o.id, o.desired_replicas, o.running_replicas
-        );
-    }
-    if let Reading::Unavailable(why) = depths {
-        println!("queue depths unknown: {why}; replica counts held");
-    }
-}
-
-async fn reconcile_once(config: Config) -> Result<ExitCode> {
-    // A pass beside a daemon that leads this instance would race it: take
-    // the instance's lock for the pass, or refuse.
-    let url = config.database_url.expose();
-    let mut lock = LockSession::connect(url, &config.instance, config.leader_timing()).await?;
-    if !lock.try_acquire().await? {
-        let who = lock.holder().await.ok().flatten();
-        anyhow::bail!(
-            "instance {} is led by {}: a pass now would race it; stop that daemon first \
-             (`workerctl plan` shows what a pass would do)",
-            config.instance,
-            who.as_deref().unwrap_or("a running daemon")
-        );
-    }
-    let depths = depths(&config).await;
-    // One pass: its actions run to their end, however long a stop takes.
-    let all = Duration::from_secs(24 * 3600);
-    let pass = async {
-        match config.runtime.backend {
-            Backend::Docker => {
-                let mut reconciler = reconciler(&config, Arc::default(), depths).await?;
-                let report = reconciler.pass().await?;
-                Ok(report_pass(report.started, &reconciler.drain(all).await))
-            }
-            Backend::Swarm => {
-                let mut reconciler = service_reconciler(&config, depths).await?;
-                let report = Passes::pass(&mut reconciler).await?;
-                Ok(report_pass(report.started, &reconciler.drain(all).await))
-            }
-        }
-    };
-    let result: Result<ExitCode> = pass.await;
-    lock.release().await;
-    result
-}
-
-/// Prints how a pass's actions went; failure if any failed.
-fn report_pass<A: Planned>(started: usize, done: &[Done<A>]) -> ExitCode {
-    let failures: Vec<String> = done
-        .iter()
-        .filter_map(|d| {
-            let e = d.result.as_ref().err()?;
-            Some(format!(
-                "{} {}: {}",
-                d.action.kind(),
-                d.action.target(),
-                error_chain(e)
-            ))
-        })
-        .collect();
-    println!("{started} action(s), {} failed", failures.len());
-    for failure in &failures {
-        println!("failed: {failure}");
-    }
-    if failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-/// The Swarm backend's reconciler of a single pass.
-async fn service_reconciler(
-    config: &Config,
-    depths: Reading,
-) -> Result<ServiceReconciler<PgStore, SwarmRuntime>> {
-    let store = PgStore::connect(config.database_url.expose())?;
-    let swarm = SwarmRuntime::connect(&config.instance, config.swarm_options()).await?;
-    // The pass only borrows the value: the sender may go at once.
-    let (_, depths) = watch::channel(depths);
-    Ok(ServiceReconciler::new(
-        Arc::new(store),
-        Arc::new(swarm),
-        PassSettings::from_config(config),
-        Arc::default(),
-    )
-    .reading_depths(depths))
 }
 
 /// The daemon: migrations, then the parts of [`Daemon`] under one

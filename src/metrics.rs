@@ -37,8 +37,8 @@ pub struct Metrics {
     pub change_to_running_seconds: Histogram,
     /// Ready reports dropped because their token was not their worker's.
     pub ready_reports_rejected: Counter,
-    /// Replicas, queue depths and leadership (`scale_metrics.rs`).
-    pub scale: crate::scale_metrics::ScaleMetrics,
+    /// Replicas, queue depths and leadership (`scale/metrics.rs`).
+    pub scale: crate::scale::metrics::ScaleMetrics,
     timing: Mutex<Timing>,
 }
 
@@ -113,7 +113,7 @@ impl Metrics {
             "Ready reports dropped because their token was not their worker's",
             ready_reports_rejected.clone(),
         );
-        let scale = crate::scale_metrics::ScaleMetrics::default();
+        let scale = crate::scale::metrics::ScaleMetrics::default();
         scale.register(&mut registry);
         Metrics {
             registry,
@@ -150,13 +150,13 @@ impl Metrics {
 
     /// The change the current pass reacts to, if any: actions it starts
     /// carry it, to time the change to the container they start.
-    pub fn change_in_pass(&self) -> Option<Instant> {
+    pub(crate) fn change_in_pass(&self) -> Option<Instant> {
         self.timing.lock().ok().and_then(|t| t.in_pass)
     }
 
     /// Records that an action got a container running, timed from the
     /// change it reacted to, if any (not on a plain resync or a crash restart).
-    pub fn container_running(&self, since: Option<Instant>) {
+    pub(crate) fn container_running(&self, since: Option<Instant>) {
         if let Some(t) = since {
             self.change_to_running_seconds
                 .observe(t.elapsed().as_secs_f64());
@@ -165,7 +165,7 @@ impl Metrics {
 
     /// Remembers how the pass went, for the status page. A pass that could
     /// not observe the world hands its change on to the next pass.
-    pub fn pass_finished(&self, result: Result<(), String>) {
+    pub(crate) fn pass_finished(&self, result: Result<(), String>) {
         if result.is_err() {
             self.pass_errors.inc();
         }
@@ -195,7 +195,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_workers(&self, status: &str, count: i64) {
+    pub(crate) fn set_workers(&self, status: &str, count: i64) {
         self.workers
             .get_or_create(&StatusLabels {
                 status: status.into(),
@@ -204,7 +204,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

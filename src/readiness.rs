@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::model::{ManagedContainer, RunState, WorkerId, WorkerRow};
-use crate::plan::ReadyReport;
+use crate::plan::containers::ReadyReport;
 
 /// The most reports kept; past that the oldest go (a flood of reports with
 /// made-up names cannot grow the daemon without bound).
@@ -93,7 +93,7 @@ impl ReadyReports {
     /// not that worker's, and returns them: such a report is never believed
     /// (the planner checks the token too), so it is not kept either. A
     /// report of a worker not in `rows` is left for [`current`](Self::current).
-    pub fn drop_forged(&self, rows: &[WorkerRow]) -> Vec<ReadyReport> {
+    pub(crate) fn drop_forged(&self, rows: &[WorkerRow]) -> Vec<ReadyReport> {
         let tokens: BTreeMap<WorkerId, &str> =
             rows.iter().map(|r| (r.id, r.code_token.as_str())).collect();
         let mut forged = Vec::new();

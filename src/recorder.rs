@@ -48,26 +48,26 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::backoff::{self, error_chain};
 use crate::config::{AmqpConfig, RecordConfig};
-use crate::invoke::{self, ERRORS_KEY, InvokeError, refused};
 use crate::store::StoreError;
 use crate::store::recorded::{self, NewOutput, NewRecording};
+use crate::triggers::amqp::{self, AmqpError, keep_session, refused};
+use crate::triggers::invoke::ERRORS_KEY;
 
 /// The queue outputs are tapped into: one per instance, so that daemons
 /// with other databases on the same broker do not take each other's.
-pub fn outputs_queue(instance: &str) -> String {
+pub(crate) fn outputs_queue(instance: &str) -> String {
     format!("workerctl.record.outputs.{instance}")
 }
 /// What a tap of a worker is named.
-pub fn tap_queue(worker: Uuid) -> String {
+pub(crate) fn tap_queue(worker: Uuid) -> String {
     format!("workerctl.record.{worker}")
 }
 /// The most next-step keys the outputs queue is bound to.
-pub const MAX_OUTPUT_KEYS: usize = 256;
+pub(crate) const MAX_OUTPUT_KEYS: usize = 256;
 const OUTPUTS_MAX_LENGTH: i64 = 10_000;
 /// Unused taps are deleted by the broker after this long (ms).
 const TAP_EXPIRES_MS: i64 = 3_600_000;
@@ -80,15 +80,12 @@ const BATCH_WAIT: Duration = Duration::from_millis(100);
 const PREFETCH: u16 = 1000;
 /// How many batches an output waits for its input to be written.
 const OUTPUT_TRIES: u8 = 3;
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const STABLE: Duration = Duration::from_secs(30);
 
 /// Why a recording session ended.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
+pub(crate) enum RecordError {
     #[error("cannot set up the recording taps")]
-    Broker(#[from] InvokeError),
+    Broker(#[from] AmqpError),
     #[error("cannot store recorded messages")]
     Store(#[from] StoreError),
     #[error("the broker closed the recording channel")]
@@ -96,7 +93,7 @@ pub enum RecordError {
 }
 
 /// One input, read: what to store about it.
-pub fn read_input(
+pub(crate) fn read_input(
     worker: Uuid,
     routing_key: &str,
     message_id: Option<&str>,
@@ -118,7 +115,7 @@ pub fn read_input(
 /// (`pipeline_steps[step_index + 1]`), if the outputs queue should be bound
 /// to it: not `errors` (always bound), not an invocation's own key (bound by
 /// pattern), nothing with topic wildcards.
-pub fn next_key(body: &[u8]) -> Option<String> {
+pub(crate) fn next_key(body: &[u8]) -> Option<String> {
     let head = Head::of(body)?;
     let index = usize::try_from(head.step_index?).ok()?;
     let key = head.pipeline_steps?.get(index + 1)?.clone();
@@ -159,7 +156,7 @@ const INVOKE_PATTERN: &str = "workerctl.invoke.*";
 /// What a worker published, read: whose output it is (the worker before
 /// the current step, or the one an error body names) and for which
 /// tracing id. `None` when it cannot be told.
-pub fn read_output(routing_key: &str, body: &[u8], now: DateTime<Utc>) -> Option<NewOutput> {
+pub(crate) fn read_output(routing_key: &str, body: &[u8], now: DateTime<Utc>) -> Option<NewOutput> {
     let (worker_id, tracing_id) = if routing_key == ERRORS_KEY {
         let v = serde_json::from_slice::<Value>(body).ok()?;
         let received = v.get("received_by_worker")?;
@@ -201,33 +198,17 @@ fn text_of(v: &Value) -> String {
 
 /// Records until `shutdown` is cancelled; a lost broker or database is
 /// logged and retried with capped backoff. Never returns early.
-pub async fn run(
+pub(crate) async fn run(
     amqp: AmqpConfig,
     pool: PgPool,
     config: RecordConfig,
     instance: String,
     shutdown: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    loop {
-        let started = Instant::now();
-        // Cancel-safe: unacknowledged deliveries go back to their taps when
-        // the session's connection is dropped.
-        let ended = tokio::select! {
-            () = shutdown.cancelled() => return,
-            ended = session(&amqp, &pool, &config, &instance) => ended,
-        };
-        if started.elapsed() >= STABLE {
-            failures = 0;
-        }
-        let delay = backoff::delay(BACKOFF_MIN, BACKOFF_MAX, failures);
-        failures = failures.saturating_add(1);
-        warn!(error = %error_chain(&ended), retry_in = ?delay, "traffic recorder interrupted");
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
+    keep_session("traffic recorder", &shutdown, || {
+        session(&amqp, &pool, &config, &instance)
+    })
+    .await;
 }
 
 async fn session(
@@ -236,7 +217,7 @@ async fn session(
     config: &RecordConfig,
     instance: &str,
 ) -> RecordError {
-    let connection = match invoke::connect(amqp, "workerctl recorder").await {
+    let connection = match amqp::connect(amqp, "workerctl recorder").await {
         Ok(c) => c,
         Err(e) => return e.into(),
     };
@@ -283,7 +264,7 @@ impl<'c> Taps<'c> {
             .create_channel()
             .await
             .map_err(refused("open a channel"))?;
-        invoke::declare_exchange(&consume, exchange).await?;
+        amqp::declare_exchange(&consume, exchange).await?;
         consume
             .basic_qos(PREFETCH, BasicQosOptions::default())
             .await
@@ -466,7 +447,7 @@ impl<'c> Taps<'c> {
 
 /// The newest `keep` of each worker's inputs in a batch, in order: older
 /// ones would be pruned in the same transaction anyway.
-pub fn newest_per_worker(inputs: Vec<NewRecording>, keep: i64) -> Vec<NewRecording> {
+pub(crate) fn newest_per_worker(inputs: Vec<NewRecording>, keep: i64) -> Vec<NewRecording> {
     let mut seen: HashMap<Uuid, i64> = HashMap::new();
     let mut kept: Vec<NewRecording> = inputs
         .into_iter()

@@ -15,14 +15,14 @@ use crate::store::overview::{self, WorkerOverview};
 use crate::store::recorded::{self, Recording};
 
 /// How many of each worker's latest dead letters the page gets.
-pub const ERRORS_PER_WORKER: i64 = 5;
+pub(crate) const ERRORS_PER_WORKER: i64 = 5;
 /// How many of each worker's latest recorded messages the page gets (their
 /// bodies are not in the view: the page opens one by its id).
-pub const MESSAGES_PER_WORKER: i64 = 5;
+pub(crate) const MESSAGES_PER_WORKER: i64 = 5;
 
 /// The page itself. It renders nothing from the server: its script fetches
 /// [`StatusView`] from `api/workers` and draws the table.
-pub const PAGE: &str = include_str!("status_page.html");
+pub(crate) const PAGE: &str = include_str!("status_page.html");
 
 /// The runtime backend a daemon drives, as the page names it.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -21,24 +21,24 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::invoke::{self, ERRORS_KEY};
 use crate::model::{ContainerSpec, Hardening, Limits, Revision, WorkerId};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::trial::{self as container, TrialRunError};
 use crate::store::StoreError;
 use crate::store::admin::{Db, DbError, Target};
 use crate::store::{dead_letters, recorded};
+use crate::triggers::invoke::{self, ERRORS_KEY};
 
 /// How long one message may take in `process` before it counts as raising.
-pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most inputs one try runs.
-pub const MAX_INPUTS: i64 = 10_000;
+pub(crate) const MAX_INPUTS: i64 = 10_000;
 /// Container start, two code loads and the write-back, beyond the messages.
 const CONTAINER_SLACK: Duration = Duration::from_secs(60);
 
 /// Which inputs to run.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Inputs {
+pub(crate) enum Inputs {
     /// The worker's newest N recorded messages, oldest first.
     Last(i64),
     /// One message (missing fields filled in as `worker invoke` does).
@@ -49,7 +49,7 @@ pub enum Inputs {
 
 /// One input, with where it came from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Input {
+pub(crate) struct Input {
     /// "recorded 1042", "dead letter 7", "message".
     pub source: String,
     pub tracing_id: Option<String>,
@@ -59,7 +59,7 @@ pub struct Input {
 
 /// What the daemon's configuration says a try container is.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub instance: String,
     pub image: String,
     pub network: String,
@@ -69,7 +69,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(config: &Config) -> Self {
+    pub(crate) fn from_config(config: &Config) -> Self {
         Settings {
             instance: config.instance.clone(),
             image: config.docker.image.clone(),
@@ -83,7 +83,7 @@ impl Settings {
 
 /// A try to run.
 #[derive(Clone, Debug)]
-pub struct Request {
+pub(crate) struct Request {
     pub worker: Target,
     /// The candidate code: a SensorBucket code archive.
     pub candidate: Vec<u8>,
@@ -92,7 +92,7 @@ pub struct Request {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TrialError {
+pub(crate) enum TrialError {
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("cannot read the worker's inputs")]
@@ -113,7 +113,7 @@ pub enum TrialError {
 
 impl TrialError {
     /// Whether the caller's input is at fault (400), rather than a service (503).
-    pub fn is_bad_input(&self) -> bool {
+    pub(crate) fn is_bad_input(&self) -> bool {
         match self {
             TrialError::NoInputs(_) | TrialError::BadInput(_) | TrialError::CandidateInvalid(_) => {
                 true
@@ -129,7 +129,7 @@ impl TrialError {
 
 /// What one version of the code did with one message (the try mode's answer).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub outcome: String,
     pub routing_key: Option<String>,
     pub body: Value,
@@ -140,12 +140,12 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn raised(&self) -> bool {
+    pub(crate) fn raised(&self) -> bool {
         self.routing_key.as_deref() == Some(ERRORS_KEY)
     }
 
     /// The last line of the traceback: what was raised.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         last_line(self.error.as_deref().unwrap_or(""))
     }
 
@@ -182,7 +182,7 @@ struct Answer {
 /// How one message fared under the candidate, beside the current revision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Change {
+pub(crate) enum Change {
     Unchanged,
     Changed,
     NowRaises,
@@ -191,7 +191,7 @@ pub enum Change {
 
 /// One message of the report.
 #[derive(Clone, Debug, Serialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub input: Input,
     pub change: Change,
     /// What changed, one line each (`~ measurement …`, `+ metadata.x = 1`).
@@ -203,7 +203,7 @@ pub struct Entry {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub messages: usize,
     pub unchanged: usize,
     pub changed: usize,
@@ -212,7 +212,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn of(entries: &[Entry]) -> Self {
+    pub(crate) fn of(entries: &[Entry]) -> Self {
         let count = |c: Change| entries.iter().filter(|e| e.change == c).count();
         Summary {
             messages: entries.len(),
@@ -224,7 +224,7 @@ impl Summary {
     }
 
     /// `20 messages: 17 unchanged, 2 changed, 1 now raises`.
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         let plural = |n: usize, one: &str, many: &str| {
             if n == 1 {
                 one.to_string()
@@ -247,14 +247,14 @@ impl Summary {
         format!("{} {noun}: {}", self.messages, parts.join(", "))
     }
 
-    pub fn anything_changed(&self) -> bool {
+    pub(crate) fn anything_changed(&self) -> bool {
         self.unchanged != self.messages
     }
 }
 
 /// The whole answer of a try.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub worker_id: Uuid,
     pub worker_name: String,
     /// The revision the candidate was compared with.
@@ -270,7 +270,11 @@ pub struct Report {
 
 /// Runs a try: reads the inputs and the current code, runs both versions
 /// in one throwaway container, compares.
-pub async fn run(db: &Db, settings: &Settings, request: Request) -> Result<Report, TrialError> {
+pub(crate) async fn run(
+    db: &Db,
+    settings: &Settings,
+    request: Request,
+) -> Result<Report, TrialError> {
     let started = tokio::time::Instant::now();
     let current = db
         .current(request.worker.id)
@@ -488,7 +492,7 @@ fn entries(
 /// How the candidate's outcome differs from the current one's, and what
 /// changed in words. Raising twice with the same last line is unchanged;
 /// with another, changed.
-pub fn compare(current: &Outcome, candidate: &Outcome) -> (Change, Vec<String>) {
+pub(crate) fn compare(current: &Outcome, candidate: &Outcome) -> (Change, Vec<String>) {
     match (current.raised(), candidate.raised()) {
         (false, true) => (
             Change::NowRaises,
@@ -530,7 +534,7 @@ pub fn compare(current: &Outcome, candidate: &Outcome) -> (Change, Vec<String>) 
 /// The difference between two output messages, one line each:
 /// measurements added (`+`), removed (`-`) or changed (`~`), keyed by
 /// sensor, observed property and time; metadata keys; any other field.
-pub fn diff_messages(before: &Value, after: &Value) -> Vec<String> {
+pub(crate) fn diff_messages(before: &Value, after: &Value) -> Vec<String> {
     let empty = Map::new();
     let (a, b) = (before.as_object(), after.as_object());
     if a.is_none() || b.is_none() {
@@ -668,12 +672,12 @@ fn short(v: &Value) -> String {
 }
 
 /// A body as JSON when it is, else as text.
-pub fn body_value(body: &[u8]) -> Value {
+pub(crate) fn body_value(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)))
 }
 
 /// A recording with its bodies read (`worker messages --output json`, the HTTP API).
-pub fn recording_json(r: &recorded::Recording) -> Value {
+pub(crate) fn recording_json(r: &recorded::Recording) -> Value {
     let mut v = json!(r);
     v["message"] = body_value(&r.body);
     v["output"] = r.output_body.as_deref().map_or(Value::Null, body_value);

@@ -18,9 +18,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use workerctl::broker::{BrokerError, QueueMonitor, Reading, poll, read_once};
 use workerctl::config::Config;
 use workerctl::model::WorkerId;
+use workerctl::scale::depths::{BrokerError, QueueMonitor, Reading, poll, read_once};
 
 const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
 /// Queue counters lag the broker by up to a quorum tick (seconds); this only
@@ -174,6 +174,7 @@ fn poller_every(
         tx,
         wake.clone(),
         shutdown.clone(),
+        |_| {},
     ));
     (rx, wake, shutdown, monitor)
 }

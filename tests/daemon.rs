@@ -25,7 +25,7 @@ use workerctl::http;
 use workerctl::metrics::Metrics;
 use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
 use workerctl::readiness::ReadyReports;
-use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::reconcile::{Containers, PassSettings, Reconciler};
 use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::WorkerStore;
@@ -114,15 +114,12 @@ impl Daemon {
         common::database_url(&self.pool)
     }
 
-    fn reconciler(&self) -> Reconciler<PgStore, DockerRuntime> {
+    fn reconciler(&self) -> Reconciler<PgStore, Containers<DockerRuntime>> {
         let settings = PassSettings::from_config(&self.config);
-        Reconciler::new(
-            self.store.clone(),
-            self.runtime.clone(),
-            settings,
-            Arc::new(Metrics::new()),
-            Arc::new(ReadyReports::new(Arc::default())),
-        )
+        let metrics = Arc::new(Metrics::new());
+        let reports = Arc::new(ReadyReports::new(Arc::default()));
+        let containers = Containers::new(self.runtime.clone(), reports, metrics.clone());
+        Reconciler::new(self.store.clone(), containers, settings, metrics)
     }
 
     fn spawn(
@@ -485,10 +482,9 @@ async fn an_unreachable_database_fails_the_pass_and_leaves_containers_alone(pool
     let reports = Arc::new(ReadyReports::new(Arc::default()));
     let mut blind = Reconciler::new(
         down,
-        d.runtime.clone(),
+        Containers::new(d.runtime.clone(), reports, Arc::new(Metrics::new())),
         settings,
         Arc::new(Metrics::new()),
-        reports,
     );
     let err = blind
         .pass()

@@ -210,52 +210,7 @@ async fn broker(
     exchange: &str,
     next: &str,
 ) -> (lapin::Connection, lapin::Channel, lapin::Consumer) {
-    let connection =
-        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("the broker answers");
-    let channel = connection.create_channel().await.expect("channel");
-    let durable = lapin::options::ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Topic,
-            durable,
-            Default::default(),
-        )
-        .await
-        .expect("exchange");
-    let private = lapin::options::QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), private, Default::default())
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            next.into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .expect("bind");
-    let no_ack = lapin::options::BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let consumer = channel
-        .basic_consume(queue.name().clone(), "t".into(), no_ack, Default::default())
-        .await
-        .expect("consume");
-    (connection, channel, consumer)
+    common::amqp::listen(&common::amqp_url(), exchange, &[next]).await
 }
 
 async fn publish(channel: &lapin::Channel, exchange: &str, key: Uuid, body: &[u8]) {

@@ -51,8 +51,8 @@ use workerctl::config::{Config, Secret};
 use workerctl::daemon::Daemon;
 use workerctl::model::WorkerId;
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::runtime::swarm::SwarmRuntime;
 use workerctl::store::postgres::PgStore;
-use workerctl::swarm::SwarmRuntime;
 
 use common::worker_image;
 

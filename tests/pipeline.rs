@@ -41,14 +41,14 @@ use workerctl::archive::sensorbucket_archive;
 use workerctl::config::{Config, Secret};
 use workerctl::daemon::Daemon;
 use workerctl::model::{ManagedContainer, Owner, Revision, RunState, WorkerId};
-use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
+use workerctl::runtime::{ContainerRuntime, ServiceRuntime};
 use workerctl::store::postgres::PgStore;
 
 use common::swarm::TestSwarm;
 use common::{amqp_url, worker_image};
 use workerctl::model::Rollout;
-use workerctl::swarm::SwarmRuntime;
+use workerctl::runtime::swarm::SwarmRuntime;
 
 /// Generous: a worker container starts a Python interpreter and downloads
 /// its code before it consumes; a loaded CI host can take a while.

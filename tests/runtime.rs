@@ -14,6 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use workerctl::model::ImageState;
 
 use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, RestartPolicyNameEnum};
@@ -27,7 +28,7 @@ use workerctl::model::{
     container_name, labels,
 };
 use workerctl::runtime::docker::DockerRuntime;
-use workerctl::runtime::{ContainerRuntime, ImageState, RuntimeError};
+use workerctl::runtime::{ContainerRuntime, RuntimeError};
 
 use common::relay::docker_relay;
 

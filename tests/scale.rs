@@ -20,8 +20,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use sqlx::PgPool;
 use uuid::Uuid;
+use workerctl::model::ScaleBounds;
 use workerctl::model::WorkerId;
-use workerctl::scale::ScaleBounds;
 use workerctl::store::postgres::PgStore;
 use workerctl::store::scale;
 

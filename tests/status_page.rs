@@ -30,7 +30,7 @@ use workerctl::http::{self, AppState, Probe};
 use workerctl::metrics::Metrics;
 use workerctl::model::labels;
 use workerctl::readiness::ReadyReports;
-use workerctl::reconciler::{PassSettings, Reconciler};
+use workerctl::reconcile::{Containers, PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::status_page::Backend;
 use workerctl::store::dead_letters::{self, NewDeadLetter};
@@ -555,8 +555,12 @@ async fn metrics_after_a_pass_count_passes_actions_statuses_and_change_to_runnin
     let store = Arc::new(PgStore::from_pool(pool.clone()));
     let settings = PassSettings::from_config(&config);
     let reports = Arc::new(ReadyReports::new(Arc::default()));
-    let mut reconciler =
-        Reconciler::new(store, Arc::new(runtime), settings, metrics.clone(), reports);
+    let mut reconciler = Reconciler::new(
+        store,
+        Containers::new(Arc::new(runtime), reports, metrics.clone()),
+        settings,
+        metrics.clone(),
+    );
     metrics.change_announced(); // as the listener does on a NOTIFY
     let report = reconciler.pass().await.expect("the pass runs");
     assert_eq!(report.started, 1, "{report:?}");

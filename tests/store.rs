@@ -11,6 +11,7 @@ mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
+use workerctl::model::Observed;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use workerctl::model::{Revision, Status, WorkerId, WorkerRow};
 use workerctl::store::postgres::{CHANNEL, PgStore, listen};
-use workerctl::store::{Observed, StatusUpdate, StoreError, WorkerStore};
+use workerctl::store::{StatusUpdate, StoreError, WorkerStore};
 
 /// Long enough for a wake-up that must come, even on a loaded machine.
 const MUST_ARRIVE: Duration = Duration::from_secs(10);

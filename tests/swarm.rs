@@ -25,9 +25,9 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBu
 use uuid::Uuid;
 use workerctl::config::Config;
 use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name, labels};
-use workerctl::plan::NetworkState;
-use workerctl::runtime::ImageState;
-use workerctl::swarm::{
+use workerctl::model::{ImageState, NetworkState};
+use workerctl::runtime::ServiceRuntime;
+use workerctl::runtime::swarm::{
     ManagedService, Probe, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime,
     WorkerService,
 };

@@ -217,60 +217,8 @@ struct Listener {
 }
 
 async fn listen(exchange: &str, key: &str) -> Listener {
-    use lapin::options::{
-        BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    };
-    use lapin::types::FieldTable;
-    let connection =
-        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("the broker answers");
-    let channel = connection.create_channel().await.expect("channel");
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .expect("exchange");
-    let private = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), private, FieldTable::default())
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let no_ack = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "test".into(),
-            no_ack,
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let (connection, _, consumer) =
+        common::amqp::listen(&common::amqp_url(), exchange, &[key]).await;
     Listener {
         _connection: connection,
         consumer,
@@ -834,8 +782,8 @@ async fn a_fire_time_is_won_by_one_compare_and_set_only(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn the_dead_letter_table_keeps_the_newest_and_stores_a_redelivery_once(pool: PgPool) {
-    use workerctl::dead_letters::read_letter;
     use workerctl::store::dead_letters;
+    use workerctl::triggers::dead_letters::read_letter;
     let cli = Cli::new(pool).await;
     for n in 0..5 {
         let body = json!({"error": format!("E{n}"), "received_by_worker": {}}).to_string();

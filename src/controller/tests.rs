@@ -14,8 +14,9 @@ use super::{LoopSettings, run};
 use crate::config::Config;
 use crate::fakes::{FakeRuntime, FakeStore, row};
 use crate::metrics::Metrics;
+use crate::model::{QueueDepth, QueueDepths};
 use crate::readiness::ReadyReports;
-use crate::reconciler::{PassSettings, Reconciler};
+use crate::reconcile::{Containers, PassSettings, Reconciler};
 
 struct Loop {
     wake: Arc<Notify>,
@@ -26,12 +27,13 @@ struct Loop {
 fn start(store: &Arc<FakeStore>, runtime: &Arc<FakeRuntime>) -> Loop {
     let config = Config::default();
     let wake = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::new());
+    let reports = Arc::new(ReadyReports::new(wake.clone()));
     let reconciler = Reconciler::new(
         store.clone(),
-        runtime.clone(),
+        Containers::new(runtime.clone(), reports, metrics.clone()),
         PassSettings::from_config(&config),
-        Arc::new(Metrics::new()),
-        Arc::new(ReadyReports::new(wake.clone())),
+        metrics,
     );
     let settings = LoopSettings {
         resync: Duration::from_secs(3600),
@@ -142,8 +144,8 @@ async fn shutdown_waits_for_the_actions_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn replicas_follow_the_queue_up_at_once_and_down_after_the_cooldown() {
-    use crate::broker::{QueueDepth, QueueDepths, Reading};
-    use crate::scale::ScaleBounds;
+    use crate::model::ScaleBounds;
+    use crate::scale::depths::Reading;
     let mut worker = row(1, 1);
     worker.scale = ScaleBounds::new(1, 3, 20).expect("valid bounds");
     let store = FakeStore::with(vec![worker]);
@@ -160,12 +162,13 @@ async fn replicas_follow_the_queue_up_at_once_and_down_after_the_cooldown() {
         })
     };
     let (depths, readings) = tokio::sync::watch::channel(reading(50));
+    let metrics = Arc::new(Metrics::new());
+    let reports = Arc::new(ReadyReports::new(wake.clone()));
     let reconciler = Reconciler::new(
         store.clone(),
-        runtime.clone(),
+        Containers::new(runtime.clone(), reports, metrics.clone()),
         PassSettings::from_config(&config),
-        Arc::new(Metrics::new()),
-        Arc::new(ReadyReports::new(wake.clone())),
+        metrics,
     )
     .reading_depths(readings);
     let settings = LoopSettings {

@@ -1,6 +1,6 @@
 //! The daemon's write API: `POST /api/workers/{id-or-name}/invoke`, the
 //! HTTP door to the same invocation `workerctl worker invoke` makes
-//! ([`crate::invoke`]). It accepts a pipeline message as JSON, or a
+//! ([`crate::triggers::invoke`]). It accepts a pipeline message as JSON, or a
 //! CloudEvent whose data is one (binary mode with `ce-*` headers, or
 //! structured mode as `application/cloudevents+json`), and answers 200 with
 //! the worker's output, 422 with the `errors` body when `process` failed and
@@ -30,20 +30,20 @@ use uuid::Uuid;
 
 use crate::backoff::error_chain;
 use crate::config::{AmqpConfig, Secret};
-use crate::invoke::{self, Outcome, Verdict};
 use crate::store::Failure;
 use crate::store::admin::{Db, DbError};
+use crate::triggers::invoke::{self, Answer, Outcome};
 
 /// The timeout of an invocation that names none, as `worker invoke` has.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest `?timeout=` accepted: a request is not a background job.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
 const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 /// What the API handlers need.
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub db: Db,
     pub amqp: AmqpConfig,
     /// `api.token`; `None` turns the write API off (403).
@@ -53,7 +53,7 @@ pub struct ApiState {
 }
 
 /// The API's routes, to merge into the daemon's router.
-pub fn routes(state: ApiState) -> Router {
+pub(crate) fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/workers/{worker}/invoke", post(invoke_handler))
         .route("/api/workers/{worker}/try", post(try_handler))
@@ -339,8 +339,8 @@ fn authorize(token: Option<&Secret>, headers: &HeaderMap) -> Result<(), Refusal>
 
 fn answered(routing_key: &str, body: &[u8], elapsed: Duration) -> Response {
     let (status, value) = match invoke::verdict(routing_key, body) {
-        Verdict::Output(v) => (StatusCode::OK, v),
-        Verdict::Failed { body, .. } => (StatusCode::UNPROCESSABLE_ENTITY, body),
+        Answer::Output(v) => (StatusCode::OK, v),
+        Answer::Failed { body, .. } => (StatusCode::UNPROCESSABLE_ENTITY, body),
     };
     let mut response = (status, axum::Json(value)).into_response();
     let headers = response.headers_mut();

@@ -33,9 +33,9 @@ use std::collections::BTreeMap;
 use bollard::Docker;
 
 /// Compose's label keys (the same in v1 and v2).
-pub const PROJECT: &str = "com.docker.compose.project";
-pub const SERVICE: &str = "com.docker.compose.service";
-pub const ONE_OFF: &str = "com.docker.compose.oneoff";
+pub(crate) const PROJECT: &str = "com.docker.compose.project";
+pub(crate) const SERVICE: &str = "com.docker.compose.service";
+pub(crate) const ONE_OFF: &str = "com.docker.compose.oneoff";
 /// The project's working directory and files: `docker compose` v2 reads
 /// them to show where a project comes from; copied when present.
 const PASSED_ON: [&str; 3] = [
@@ -47,7 +47,7 @@ const PASSED_ON: [&str; 3] = [
 /// The container id in a `/proc/self/mountinfo`: the 64-hex-digit path
 /// element after `/containers/` in a mount Docker made for the container
 /// (`/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`).
-pub fn container_id_in_mountinfo(mountinfo: &str) -> Option<String> {
+pub(crate) fn container_id_in_mountinfo(mountinfo: &str) -> Option<String> {
     mountinfo.lines().find_map(|line| {
         let (_, rest) = line.split_once("/containers/")?;
         let id: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
@@ -58,7 +58,7 @@ pub fn container_id_in_mountinfo(mountinfo: &str) -> Option<String> {
 
 /// The labels that make a worker container a one-off of the service whose
 /// container carries `own`; `None` when `own` is not a Compose container's.
-pub fn one_off_labels(own: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+pub(crate) fn one_off_labels(own: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
     let project = own.get(PROJECT).filter(|p| !p.is_empty())?;
     let service = own.get(SERVICE).filter(|s| !s.is_empty())?;
     let mut labels = BTreeMap::from([
@@ -77,7 +77,7 @@ pub fn one_off_labels(own: &BTreeMap<String, String>) -> Option<BTreeMap<String,
 /// The one-off labels for workers of a daemon running in a Compose
 /// container, or `None` (not in a container, not Compose's, or the engine
 /// could not tell).
-pub async fn detect(docker: &Docker) -> Option<BTreeMap<String, String>> {
+pub(crate) async fn detect(docker: &Docker) -> Option<BTreeMap<String, String>> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let candidates = container_id_in_mountinfo(&mountinfo)
         .into_iter()

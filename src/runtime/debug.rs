@@ -6,7 +6,7 @@
 //! Nothing is published: the adapter is reachable only through the engine's
 //! API, by whoever may already `docker exec` into the container, and the
 //! CLI offers it on the host's loopback only. This file only opens the link;
-//! what travels over it is `worker_cli/debug.rs`'s business.
+//! what travels over it is `cli/worker/debug.rs`'s business.
 
 use std::pin::Pin;
 

@@ -31,8 +31,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{ContainerRuntime, ImageState, RuntimeError};
+use super::{ContainerRuntime, RuntimeError};
 use crate::backoff::{self, error_chain};
+use crate::model::ImageState;
 use crate::model::{
     ContainerSpec, Health, Labelled, ManagedContainer, Owner, RunState, WorkerId, labels,
 };
@@ -541,7 +542,7 @@ pub(crate) async fn tail(
     Ok(out)
 }
 
-pub fn is_gone(e: &DockerError) -> bool {
+pub(crate) fn is_gone(e: &DockerError) -> bool {
     matches!(status_code(e), Some(404 | 409))
 }
 

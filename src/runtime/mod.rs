@@ -7,6 +7,7 @@
 pub mod compose;
 pub mod debug;
 pub mod docker;
+pub mod swarm;
 pub mod trial;
 
 use std::collections::HashMap;
@@ -14,8 +15,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::model::{ContainerSpec, ManagedContainer, ManagedService, WorkerService};
-use crate::plan::NetworkState;
-use crate::swarm::{SwarmError, SwarmRuntime};
+use crate::model::{ImageState, NetworkState};
+use swarm::SwarmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -77,13 +78,6 @@ pub enum RuntimeError {
         #[source]
         source: bollard::errors::Error,
     },
-}
-
-/// The state of the worker image, as one pass sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ImageState {
-    Present { id: String },
-    Missing,
 }
 
 /// The reconciler's view of the container engine. `list` is one API call for
@@ -194,45 +188,4 @@ pub trait ServiceRuntime: Send + Sync + 'static {
     /// Removes a service (its tasks stop gracefully). Removing a vanished
     /// one is fine.
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), SwarmError>> + Send;
-}
-
-impl ServiceRuntime for SwarmRuntime {
-    async fn list(&self) -> Result<Vec<ManagedService>, SwarmError> {
-        SwarmRuntime::list(self).await
-    }
-
-    async fn task_errors(
-        &self,
-        services: &[&ManagedService],
-    ) -> Result<HashMap<String, String>, SwarmError> {
-        SwarmRuntime::task_errors(self, services).await
-    }
-
-    async fn image(&self, image: &str) -> Result<ImageState, SwarmError> {
-        SwarmRuntime::image(self, image).await
-    }
-
-    async fn network(&self, network: &str) -> Result<NetworkState, SwarmError> {
-        SwarmRuntime::network(self, network).await
-    }
-
-    async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
-        SwarmRuntime::create(self, service).await
-    }
-
-    async fn update(
-        &self,
-        current: &ManagedService,
-        service: &WorkerService,
-    ) -> Result<(), SwarmError> {
-        SwarmRuntime::update(self, current, service).await
-    }
-
-    async fn scale(&self, current: &ManagedService, replicas: u32) -> Result<(), SwarmError> {
-        SwarmRuntime::scale(self, current, replicas).await
-    }
-
-    async fn remove(&self, id: &str) -> Result<(), SwarmError> {
-        SwarmRuntime::remove(self, id).await
-    }
 }

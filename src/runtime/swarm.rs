@@ -43,9 +43,9 @@ use bollard::query_parameters::{
 use tracing::warn;
 
 use crate::model::{ContainerSpec, Labelled, labels};
+use crate::model::{ImageState, NetworkState};
 pub use crate::model::{ManagedService, Rollout, WorkerService};
-use crate::plan::NetworkState;
-use crate::runtime::ImageState;
+use crate::runtime::ServiceRuntime;
 
 /// The label of a worker's replica number. Swarm numbers a service's
 /// tasks itself (its *slot*); containers get it in `WORKERCTL_REPLICA`
@@ -219,7 +219,7 @@ impl SwarmRuntime {
 
     /// Fails unless the engine manages a swarm: only a manager takes
     /// service requests.
-    pub async fn check_manager(&self) -> Result<(), SwarmError> {
+    pub(crate) async fn check_manager(&self) -> Result<(), SwarmError> {
         let info = self.api().info().await.map_err(SwarmError::Connect)?;
         let swarm = info.swarm.unwrap_or_default();
         let state = swarm.local_node_state.unwrap_or(LocalNodeState::EMPTY);
@@ -266,69 +266,6 @@ impl SwarmRuntime {
         format!("{}={}", labels::INSTANCE, self.instance)
     }
 
-    /// Every service carrying this instance's label, with its running and
-    /// desired task counts: one API call.
-    pub async fn list(&self) -> Result<Vec<ManagedService>, SwarmError> {
-        let filters = HashMap::from([("label", vec![self.instance_filter()])]);
-        let options = ListServicesOptionsBuilder::default()
-            .filters(&filters)
-            .status(true)
-            .build();
-        let services = self
-            .api()
-            .list_services(Some(options))
-            .await
-            .map_err(SwarmError::List)?;
-        Ok(services.into_iter().filter_map(managed_service).collect())
-    }
-
-    /// Creates a worker's service; returns its id. A name held by a service
-    /// of someone else is [`SwarmError::NameTaken`].
-    pub async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
-        let options = self.options_for(&service.spec).await;
-        let spec = service_spec(service, &self.instance, &options);
-        let name = service.spec.name.clone();
-        match self.api().create_service(spec, None).await {
-            Ok(created) => {
-                for warning in created.warnings.unwrap_or_default() {
-                    warn!(service = %name, %warning, "Docker warned on service create");
-                }
-                Ok(created.id.unwrap_or_default())
-            }
-            Err(e) if status_code(&e) == Some(409) => Err(SwarmError::NameTaken { name }),
-            Err(source) => Err(SwarmError::Create { name, source }),
-        }
-    }
-
-    /// Replaces a service's spec: a new revision or spec rolls out as a
-    /// rolling update; a new replica count alone just adds or removes tasks.
-    /// `current` must be what [`list`](Self::list) returned (its version): a
-    /// service changed since is refused by Swarm, and the next pass re-plans.
-    pub async fn update(
-        &self,
-        current: &ManagedService,
-        service: &WorkerService,
-    ) -> Result<(), SwarmError> {
-        let options = self.options_for(&service.spec).await;
-        let spec = service_spec(service, &self.instance, &options);
-        let version = i32::try_from(current.version).unwrap_or(i32::MAX);
-        let options = UpdateServiceOptionsBuilder::default()
-            .version(version)
-            .build();
-        let updated = self
-            .api()
-            .update_service(&current.id, spec, options, None)
-            .await
-            .map_err(|source| SwarmError::Update {
-                service: current.name.clone(),
-                source,
-            })?;
-        for warning in updated.warnings.unwrap_or_default() {
-            warn!(service = %current.name, %warning, "Docker warned on service update");
-        }
-        Ok(())
-    }
-
     /// The options for a service of `spec`: the readiness probe applies to
     /// dockerworker images only (see [`Self::probe_for`]).
     async fn options_for(&self, spec: &ContainerSpec) -> SwarmOptions {
@@ -357,10 +294,87 @@ impl SwarmRuntime {
         dockerworker.then_some(probe)
     }
 
+    /// What a failed task's container said last, if it ran on this node
+    /// (one call; a container elsewhere, or gone, says nothing).
+    async fn last_words(&self, container: &str) -> Option<String> {
+        match crate::runtime::docker::tail(self.api(), container, crate::exit::LINES_READ).await {
+            Ok(lines) => crate::exit::explain(&lines),
+            Err(e) => {
+                tracing::debug!(%container, error = %e, "cannot read a failed task's logs");
+                None
+            }
+        }
+    }
+}
+
+impl ServiceRuntime for SwarmRuntime {
+    /// Every service carrying this instance's label, with its running and
+    /// desired task counts: one API call.
+    async fn list(&self) -> Result<Vec<ManagedService>, SwarmError> {
+        let filters = HashMap::from([("label", vec![self.instance_filter()])]);
+        let options = ListServicesOptionsBuilder::default()
+            .filters(&filters)
+            .status(true)
+            .build();
+        let services = self
+            .api()
+            .list_services(Some(options))
+            .await
+            .map_err(SwarmError::List)?;
+        Ok(services.into_iter().filter_map(managed_service).collect())
+    }
+
+    /// Creates a worker's service; returns its id. A name held by a service
+    /// of someone else is [`SwarmError::NameTaken`].
+    async fn create(&self, service: &WorkerService) -> Result<String, SwarmError> {
+        let options = self.options_for(&service.spec).await;
+        let spec = service_spec(service, &self.instance, &options);
+        let name = service.spec.name.clone();
+        match self.api().create_service(spec, None).await {
+            Ok(created) => {
+                for warning in created.warnings.unwrap_or_default() {
+                    warn!(service = %name, %warning, "Docker warned on service create");
+                }
+                Ok(created.id.unwrap_or_default())
+            }
+            Err(e) if status_code(&e) == Some(409) => Err(SwarmError::NameTaken { name }),
+            Err(source) => Err(SwarmError::Create { name, source }),
+        }
+    }
+
+    /// Replaces a service's spec: a new revision or spec rolls out as a
+    /// rolling update; a new replica count alone just adds or removes tasks.
+    /// `current` must be what [`list`](Self::list) returned (its version): a
+    /// service changed since is refused by Swarm, and the next pass re-plans.
+    async fn update(
+        &self,
+        current: &ManagedService,
+        service: &WorkerService,
+    ) -> Result<(), SwarmError> {
+        let options = self.options_for(&service.spec).await;
+        let spec = service_spec(service, &self.instance, &options);
+        let version = i32::try_from(current.version).unwrap_or(i32::MAX);
+        let options = UpdateServiceOptionsBuilder::default()
+            .version(version)
+            .build();
+        let updated = self
+            .api()
+            .update_service(&current.id, spec, options, None)
+            .await
+            .map_err(|source| SwarmError::Update {
+                service: current.name.clone(),
+                source,
+            })?;
+        for warning in updated.warnings.unwrap_or_default() {
+            warn!(service = %current.name, %warning, "Docker warned on service update");
+        }
+        Ok(())
+    }
+
     /// Sets a service's replica count and nothing else: tasks are added or
     /// removed, none is replaced. Reads the service's spec first (one more
     /// call), so that whatever else it holds is kept as it is.
-    pub async fn scale(&self, current: &ManagedService, replicas: u32) -> Result<(), SwarmError> {
+    async fn scale(&self, current: &ManagedService, replicas: u32) -> Result<(), SwarmError> {
         let inspected = self
             .api()
             .inspect_service(&current.id, None)
@@ -408,7 +422,7 @@ impl SwarmRuntime {
     /// Why the tasks of `services` fail, by service id: the latest task of
     /// each that failed or was rejected, in Swarm's words. One API call for
     /// all of them; none when `services` is empty.
-    pub async fn task_errors(
+    async fn task_errors(
         &self,
         services: &[&ManagedService],
     ) -> Result<HashMap<String, String>, SwarmError> {
@@ -438,20 +452,8 @@ impl SwarmRuntime {
         Ok(errors)
     }
 
-    /// What a failed task's container said last, if it ran on this node
-    /// (one call; a container elsewhere, or gone, says nothing).
-    async fn last_words(&self, container: &str) -> Option<String> {
-        match crate::runtime::docker::tail(self.api(), container, crate::exit::LINES_READ).await {
-            Ok(lines) => crate::exit::explain(&lines),
-            Err(e) => {
-                tracing::debug!(%container, error = %e, "cannot read a failed task's logs");
-                None
-            }
-        }
-    }
-
     /// Resolves an image tag on the manager to its id.
-    pub async fn image(&self, image: &str) -> Result<ImageState, SwarmError> {
+    async fn image(&self, image: &str) -> Result<ImageState, SwarmError> {
         match self.api().inspect_image(image).await {
             Ok(found) => Ok(ImageState::Present {
                 id: found.id.unwrap_or_default(),
@@ -466,7 +468,7 @@ impl SwarmRuntime {
 
     /// Whether services can join the network of that exact name: it must
     /// exist and span the swarm (an overlay network), or be `host`.
-    pub async fn network(&self, network: &str) -> Result<NetworkState, SwarmError> {
+    async fn network(&self, network: &str) -> Result<NetworkState, SwarmError> {
         if network == "host" {
             return Ok(NetworkState::Present);
         }
@@ -487,7 +489,7 @@ impl SwarmRuntime {
 
     /// Removes a service; Swarm stops its tasks gracefully (SIGTERM, the
     /// stop grace period, then SIGKILL). Removing a vanished one is fine.
-    pub async fn remove(&self, id: &str) -> Result<(), SwarmError> {
+    async fn remove(&self, id: &str) -> Result<(), SwarmError> {
         match self.api().delete_service(id).await {
             Err(e) if status_code(&e) == Some(404) => Ok(()),
             other => other.map_err(|source| SwarmError::Remove {
@@ -523,7 +525,7 @@ fn nanos(d: Duration) -> i64 {
 }
 
 /// The service a worker's container spec describes.
-pub fn service_spec(
+pub(crate) fn service_spec(
     service: &WorkerService,
     instance: &str,
     options: &SwarmOptions,

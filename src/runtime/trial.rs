@@ -28,7 +28,7 @@ use super::docker::{host_config, is_gone};
 use crate::model::ContainerSpec;
 
 /// The label every try container carries: the worker it tries code for.
-pub const TRY_LABEL: &str = "workerctl.try";
+pub(crate) const TRY_LABEL: &str = "workerctl.try";
 /// The try mode's command inside the dockerworker image.
 const ENTRYPOINT: [&str; 5] = ["tini", "--", "python", "-m", "dockerworker.trial"];
 /// The most stdout a try container may write (the report of 200 messages

@@ -4,7 +4,7 @@
 //!
 //! Every command is one statement, or one transaction when it must read
 //! before it writes (`update`), so an interrupted command leaves nothing
-//! half-written. Reads for people go through [`super::overview`]. Decisions
+//! half-written. Reads for people go through [`super::overview`]. PassPlan
 //! (what an update changes) are made by the caller; this file only runs SQL
 //! and classifies its errors ([`DbError`]).
 
@@ -68,7 +68,7 @@ fn join(ids: &[Uuid]) -> String {
 /// "no answer within 3s", as a cause.
 #[derive(Debug, thiserror::Error)]
 #[error("no answer within {}", humantime::format_duration(*.0))]
-pub struct NoAnswer(pub Duration);
+pub(crate) struct NoAnswer(pub Duration);
 
 /// A worker named on the command line, once found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,7 +179,7 @@ impl Db {
     }
 
     /// A UUID is looked up as an id, anything else as an exact name.
-    pub async fn resolve(&self, worker: &str) -> Result<Target, DbError> {
+    pub(crate) async fn resolve(&self, worker: &str) -> Result<Target, DbError> {
         if let Ok(id) = Uuid::parse_str(worker) {
             let name: Option<(String,)> =
                 sqlx::query_as("SELECT COALESCE(name::text, '') FROM user_workers WHERE id = $1")
@@ -222,7 +222,7 @@ impl Db {
             .map_err(|e| self.store_failed(e))
     }
 
-    pub async fn overview(&self, id: Uuid) -> Result<Option<WorkerOverview>, DbError> {
+    pub(crate) async fn overview(&self, id: Uuid) -> Result<Option<WorkerOverview>, DbError> {
         overview::get(&self.pool, id)
             .await
             .map_err(|e| self.store_failed(e))
@@ -384,7 +384,11 @@ impl Db {
 
     /// Sets `state`; returns the state before, `None` if the worker is gone.
     /// A real change resets the status, which spoke of the old state.
-    pub async fn set_state(&self, id: Uuid, enabled: bool) -> Result<Option<WorkerState>, DbError> {
+    pub(crate) async fn set_state(
+        &self,
+        id: Uuid,
+        enabled: bool,
+    ) -> Result<Option<WorkerState>, DbError> {
         let (state, info) = if enabled {
             ("enabled", "enabled; waiting for workerctl to start it")
         } else {
@@ -437,7 +441,7 @@ impl Db {
         }
     }
 
-    pub fn store_failed(&self, e: StoreError) -> DbError {
+    pub(crate) fn store_failed(&self, e: StoreError) -> DbError {
         match e {
             StoreError::Query { source, .. } => self.failed("read the workers", source),
             other => DbError::Unreachable {

@@ -159,7 +159,7 @@ pub async fn recent(pool: &PgPool, per_worker: i64) -> Result<Vec<DeadLetter>, S
 }
 
 /// Counts a replay of each of `ids`.
-pub async fn mark_replayed(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
+pub(crate) async fn mark_replayed(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE workerctl_dead_letters
             SET replays = replays + 1, replayed_at = now()

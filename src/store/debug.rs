@@ -42,7 +42,7 @@ pub async fn set(pool: &PgPool, id: WorkerId, on: bool) -> Result<bool, StoreErr
 }
 
 /// Whether the worker's containers run a debug adapter.
-pub async fn is_on(pool: &PgPool, id: WorkerId) -> Result<bool, StoreError> {
+pub(crate) async fn is_on(pool: &PgPool, id: WorkerId) -> Result<bool, StoreError> {
     sqlx::query_scalar(IS_ON)
         .bind(id.0)
         .fetch_one(pool)

@@ -18,7 +18,7 @@ pub mod schedules;
 
 use std::future::Future;
 
-use crate::model::{Revision, Status, WorkerId, WorkerRow};
+use crate::model::{Observed, Revision, Status, WorkerId, WorkerRow};
 
 /// A status the reconciler wants recorded for one worker, valid only for the
 /// revision it was decided for: a write for an older revision is a no-op.
@@ -28,23 +28,6 @@ pub struct StatusUpdate {
     pub revision: Revision,
     pub status: Status,
     pub info: String,
-}
-
-/// What workerctl last observed of a worker's container, kept in
-/// `workerctl_observed` for the CLI and the status page.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Observed {
-    pub id: WorkerId,
-    /// Revision of the container that runs, if one runs.
-    pub running_revision: Option<Revision>,
-    pub container: Option<String>,
-    /// "running", "exited (3)", "absent", …
-    pub container_state: String,
-    pub restarts: i32,
-    pub last_exit_code: Option<i64>,
-    /// Replicas the scaler wants, and replicas with a running container.
-    pub desired_replicas: i32,
-    pub running_replicas: i32,
 }
 
 /// A worker's code, as served to its container.
@@ -85,7 +68,7 @@ const UNDEFINED_TABLE: &str = "42P01";
 
 /// What kind of failure a query met, for saying what to do about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// A table is missing: the migrations never ran on this database.
     NotMigrated,
     /// The connection failed or none could be had: the database is away.
@@ -95,7 +78,7 @@ pub enum Failure {
 }
 
 /// The one classification of sqlx errors that every caller shares.
-pub fn classify(e: &sqlx::Error) -> Failure {
+pub(crate) fn classify(e: &sqlx::Error) -> Failure {
     let code = e.as_database_error().and_then(|d| d.code());
     if code.as_deref() == Some(UNDEFINED_TABLE) {
         return Failure::NotMigrated;

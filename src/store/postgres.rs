@@ -17,10 +17,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Code, Observed, StatusUpdate, StoreError, WorkerStore};
+use super::{Code, StatusUpdate, StoreError, WorkerStore};
 use crate::backoff::{self, error_chain};
+use crate::model::Observed;
+use crate::model::ScaleBounds;
 use crate::model::{Revision, WorkerId, WorkerRow};
-use crate::scale::ScaleBounds;
 
 /// The channel the `user_workers` trigger notifies (migrations/0003).
 pub const CHANNEL: &str = "workerctl_user_workers";
@@ -343,7 +344,7 @@ enum ListenError {
 
 /// Why the listener wakes the controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wake {
+pub(crate) enum Wake {
     /// A NOTIFY arrived: a statement changed `user_workers`.
     Changed,
     /// The listener (re)connected: changes made meanwhile were not announced.
@@ -364,7 +365,7 @@ pub async fn listen(url: String, wake: Arc<Notify>, shutdown: CancellationToken)
 /// with capped exponential backoff. Notifications sent while disconnected are
 /// lost, so every (re)connection calls `on_wake(Wake::Connected)` as well; the
 /// periodic resync remains the safety net. Never panics, never returns an error.
-pub async fn listen_with<F>(url: String, shutdown: CancellationToken, on_wake: F)
+pub(crate) async fn listen_with<F>(url: String, shutdown: CancellationToken, on_wake: F)
 where
     F: Fn(Wake) + Send + Sync + 'static,
 {

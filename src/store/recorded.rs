@@ -24,7 +24,7 @@ pub struct NewRecording {
 
 /// What a worker published for an input with `tracing_id`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct NewOutput {
+pub(crate) struct NewOutput {
     pub worker_id: Uuid,
     pub tracing_id: String,
     pub routing_key: String,
@@ -59,7 +59,7 @@ fn query_failed(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
 }
 
 /// The ids of the enabled workers: the ones whose traffic is recorded.
-pub async fn enabled_workers(pool: &PgPool) -> Result<Vec<Uuid>, StoreError> {
+pub(crate) async fn enabled_workers(pool: &PgPool) -> Result<Vec<Uuid>, StoreError> {
     sqlx::query_scalar("SELECT id FROM user_workers WHERE state = 'enabled' ORDER BY id")
         .fetch_all(pool)
         .await
@@ -121,7 +121,10 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
 /// Attaches each output to the newest recording of its worker and tracing
 /// id that has none yet (one statement). Returns the indexes in `outputs`
 /// that found their input.
-pub async fn match_outputs(pool: &PgPool, outputs: &[NewOutput]) -> Result<Vec<usize>, StoreError> {
+pub(crate) async fn match_outputs(
+    pool: &PgPool,
+    outputs: &[NewOutput],
+) -> Result<Vec<usize>, StoreError> {
     if outputs.is_empty() {
         return Ok(Vec::new());
     }

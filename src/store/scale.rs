@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use sqlx::PgPool;
 
 use super::StoreError;
+use crate::model::ScaleBounds;
 use crate::model::WorkerId;
-use crate::scale::ScaleBounds;
 
 /// Joined with user_workers: the settings of a deleted row are never seen.
 const LOAD_ALL: &str = "

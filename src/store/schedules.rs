@@ -112,7 +112,7 @@ pub async fn record_fire(pool: &PgPool, id: i64, at: DateTime<Utc>) -> Result<bo
 }
 
 /// Records why the last fire was not published ('' when it was).
-pub async fn record_error(pool: &PgPool, id: i64, error: &str) -> Result<(), StoreError> {
+pub(crate) async fn record_error(pool: &PgPool, id: i64, error: &str) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE workerctl_schedules SET last_error = $2
           WHERE id = $1 AND last_error IS DISTINCT FROM $2",

@@ -13,27 +13,27 @@ use uuid::Uuid;
 
 use crate::common::{amqp_url, database_url, free_port, worker_image};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
-pub const ECHO_PY: &str = "def process(msg):\n    return msg\n";
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
+pub(crate) const ECHO_PY: &str = "def process(msg):\n    return msg\n";
 
 // ---------------------------------------------------------------- harness --
 
 /// What a command did.
 #[derive(Debug)]
-pub struct Out {
+pub(crate) struct Out {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
 }
 
 impl Out {
-    pub fn ok(self) -> Out {
+    pub(crate) fn ok(self) -> Out {
         assert_eq!(self.code, 0, "command failed: {self:#?}");
         self
     }
 
     /// Asserts the failure: this exit code, and one line on stderr naming `needle`.
-    pub fn fails(&self, code: i32, needle: &str) -> &str {
+    pub(crate) fn fails(&self, code: i32, needle: &str) -> &str {
         let line = self.stderr.trim_end();
         assert!(!line.contains('\n'), "one line on stderr: {self:#?}");
         self.fails_last(code, needle)
@@ -41,7 +41,7 @@ impl Out {
 
     /// Like [`fails`](Self::fails), for commands that show progress first:
     /// the error is the last line.
-    pub fn fails_last(&self, code: i32, needle: &str) -> &str {
+    pub(crate) fn fails_last(&self, code: i32, needle: &str) -> &str {
         assert_eq!(self.code, code, "exit code: {self:#?}");
         let line = self.stderr.lines().last().unwrap_or_default();
         assert!(line.starts_with("workerctl: "), "{line}");
@@ -53,7 +53,7 @@ impl Out {
 }
 
 /// The binary configured for one test: its database, instance and broker.
-pub struct Cli {
+pub(crate) struct Cli {
     pub pool: PgPool,
     pub env: Vec<(String, String)>,
     pub instance: String,
@@ -61,7 +61,7 @@ pub struct Cli {
 }
 
 impl Cli {
-    pub async fn new(pool: PgPool) -> Cli {
+    pub(crate) async fn new(pool: PgPool) -> Cli {
         let instance = format!("cli{}", &Uuid::new_v4().simple().to_string()[..10]);
         let url = database_url(&pool);
         let cli = Cli {
@@ -78,12 +78,12 @@ impl Cli {
         cli
     }
 
-    pub fn set(&mut self, key: &str, value: &str) {
+    pub(crate) fn set(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.into(), value.into()));
     }
 
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         // Only this test's settings: nothing from the caller's environment.
         for (key, _) in std::env::vars() {
@@ -97,7 +97,7 @@ impl Cli {
         cmd
     }
 
-    pub async fn run(&self, args: &[&str]) -> Out {
+    pub(crate) async fn run(&self, args: &[&str]) -> Out {
         let out = self
             .command(args)
             .stdin(Stdio::null())
@@ -111,14 +111,14 @@ impl Cli {
         }
     }
 
-    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+    pub(crate) fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.dir.path().join(name);
         std::fs::write(&path, bytes).expect("write test file");
         path
     }
 
     /// `worker create` from Python code; returns the id it printed.
-    pub async fn create(&self, name: &str, code: &str, more: &[&str]) -> Uuid {
+    pub(crate) async fn create(&self, name: &str, code: &str, more: &[&str]) -> Uuid {
         let path = self.file(&format!("{name}.py"), code.as_bytes());
         let mut args = vec!["worker", "create", "--name", name, "--code", s(&path)];
         args.extend_from_slice(more);
@@ -126,7 +126,7 @@ impl Cli {
         Uuid::parse_str(out.stdout.trim()).expect("create prints the id on stdout")
     }
 
-    pub async fn row(&self, id: Uuid) -> Row {
+    pub(crate) async fn row(&self, id: Uuid) -> Row {
         sqlx::query_as(
             "SELECT name, description, state, language, revision, status, status_info, entrypoint, source
                FROM user_workers WHERE id = $1",
@@ -138,7 +138,7 @@ impl Cli {
     }
 
     /// Every row, to show that a failed command changed nothing.
-    pub async fn snapshot(&self) -> Vec<Row> {
+    pub(crate) async fn snapshot(&self) -> Vec<Row> {
         sqlx::query_as(
             "SELECT name, description, state, language, revision, status, status_info, entrypoint, source
                FROM user_workers ORDER BY id",
@@ -149,7 +149,7 @@ impl Cli {
     }
 
     /// A worker as the dashboard (or a hand edit) would insert it.
-    pub async fn insert(&self, name: &str) -> Uuid {
+    pub(crate) async fn insert(&self, name: &str) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO user_workers (id, name, state, language, revision, status, source)
@@ -166,7 +166,7 @@ impl Cli {
 }
 
 #[derive(Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct Row {
+pub(crate) struct Row {
     pub name: String,
     pub description: String,
     pub state: String,
@@ -178,11 +178,11 @@ pub struct Row {
     pub source: Option<Vec<u8>>,
 }
 
-pub fn s(path: &Path) -> &str {
+pub(crate) fn s(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-pub fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     for (name, body) in files {
         zip.start_file(*name, zip::write::SimpleFileOptions::default())
@@ -192,7 +192,7 @@ pub fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
     zip.finish().expect("finish").into_inner()
 }
 
-pub fn members(source: &[u8]) -> Vec<String> {
+pub(crate) fn members(source: &[u8]) -> Vec<String> {
     let zip = zip::ZipArchive::new(Cursor::new(source)).expect("stored code is a zip");
     let mut names: Vec<String> = zip
         .file_names()
@@ -202,7 +202,7 @@ pub fn members(source: &[u8]) -> Vec<String> {
     names
 }
 
-pub fn member(source: &[u8], name: &str) -> String {
+pub(crate) fn member(source: &[u8], name: &str) -> String {
     let mut zip = zip::ZipArchive::new(Cursor::new(source)).expect("stored code is a zip");
     let mut text = String::new();
     zip.by_name(name)
@@ -215,7 +215,7 @@ pub fn member(source: &[u8], name: &str) -> String {
 // ------------------------------------------------------------------ daemon --
 
 /// `workerctl run` as a child, configured like the CLI of the test.
-pub struct Daemon {
+pub(crate) struct Daemon {
     pub child: Child,
     pub instance: String,
     pub exchange: Option<String>,
@@ -227,7 +227,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub async fn start(cli: &mut Cli, image: &str) -> Daemon {
+    pub(crate) async fn start(cli: &mut Cli, image: &str) -> Daemon {
         let port = free_port();
         for (key, value) in [
             ("WORKERCTL_DOCKER__IMAGE", image.to_string()),
@@ -265,13 +265,13 @@ impl Daemon {
     }
 
     /// Removes the worker's queues at the end of the test.
-    pub fn remember(&mut self, id: Uuid) {
+    pub(crate) fn remember(&mut self, id: Uuid) {
         self.queues.push(format!("worker_{id}"));
         self.queues.push(format!("worker_{id}.retry"));
     }
 
     /// The daemon's log, for failure messages.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -298,7 +298,7 @@ impl Drop for Daemon {
 }
 
 /// Deletes a test exchange and the worker queues bound to it.
-pub fn remove_broker_objects(exchange: String, queues: Vec<String>) {
+pub(crate) fn remove_broker_objects(exchange: String, queues: Vec<String>) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let Ok(runtime) = tokio::runtime::Runtime::new() else {
         return;
@@ -325,7 +325,7 @@ pub fn remove_broker_objects(exchange: String, queues: Vec<String>) {
 
 /// A CLI and a daemon running the real dockerworker on an exchange of the
 /// test's own.
-pub async fn pipeline(pool: PgPool) -> (Cli, Daemon) {
+pub(crate) async fn pipeline(pool: PgPool) -> (Cli, Daemon) {
     let mut cli = Cli::new(pool).await;
     let exchange = format!("pipeline.messages.cli-test-{}", Uuid::new_v4().simple());
     cli.set("WORKERCTL_AMQP__EXCHANGE", &exchange);

@@ -2,7 +2,8 @@
 //! the services are. Each test crate uses only part of it.
 #![allow(dead_code)]
 
-pub mod swarm;
+pub(crate) mod amqp;
+pub(crate) mod swarm;
 
 use std::process::Command;
 use std::sync::OnceLock;
@@ -10,7 +11,7 @@ use std::sync::OnceLock;
 use sqlx::PgPool;
 
 /// The real runtime, built by scripts/build-images.
-pub const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
+pub(crate) const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
 
 /// A stand-in worker built from busybox: it says hello (on stdout, then on
 /// stderr), reports ready to `WORKER_READY_URL` as the dockerworker does
@@ -19,13 +20,13 @@ pub const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
 /// the order of lines across stdout and stderr is not sure); `silent.*`
 /// never reports ready; `stubborn.*` ignores SIGTERM (it waits out the
 /// whole grace period of a stop).
-pub const STAND_IN_IMAGE: &str = "workerctl-test/worker:latest";
+pub(crate) const STAND_IN_IMAGE: &str = "workerctl-test/worker:latest";
 const STAND_IN_SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; case "$CODE_ENTRYPOINT" in silent.*) ;; *) wget -q -O /dev/null --post-data '' "$WORKER_READY_URL" || echo "cannot report ready";; esac; case "$CODE_ENTRYPOINT" in stubborn.*) trap '' TERM;; *) trap 'exit 0' TERM;; esac; while :; do sleep 0.1; done"#;
 
 const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
 
 /// Builds [`STAND_IN_IMAGE`] once per test process; never pulls.
-pub fn stand_in_image() -> &'static str {
+pub(crate) fn stand_in_image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -49,7 +50,7 @@ pub fn stand_in_image() -> &'static str {
 /// [`WORKER_IMAGE`], or the image `TEST_WORKER_IMAGE` names (a
 /// runtime built from a working tree under a tag of its own, so as not to
 /// change the shared one), failing loudly if it has not been built.
-pub fn worker_image() -> &'static str {
+pub(crate) fn worker_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     let image = IMAGE
         .get_or_init(|| std::env::var("TEST_WORKER_IMAGE").unwrap_or_else(|_| WORKER_IMAGE.into()));
@@ -67,10 +68,10 @@ pub fn worker_image() -> &'static str {
 
 /// An image like SensorBucket's own dockerworker, that knows only the
 /// contract's environment (scripts/build-images builds it).
-pub const CONTRACT_WORKER_IMAGE: &str = "workerctl/contract-worker:latest";
+pub(crate) const CONTRACT_WORKER_IMAGE: &str = "workerctl/contract-worker:latest";
 
 /// [`CONTRACT_WORKER_IMAGE`], failing loudly if it has not been built.
-pub fn contract_worker_image() -> &'static str {
+pub(crate) fn contract_worker_image() -> &'static str {
     let out = Command::new("docker")
         .args([
             "image",
@@ -90,18 +91,18 @@ pub fn contract_worker_image() -> &'static str {
 }
 
 /// The broker: `AMQP_URL`, or the one scripts/services starts.
-pub fn amqp_url() -> String {
+pub(crate) fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into())
 }
 
 /// The broker's management API: `RABBITMQ_MANAGEMENT_URL`, or the one
 /// scripts/services enables.
-pub fn management_url() -> String {
+pub(crate) fn management_url() -> String {
     std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
 
 /// The URL of the fresh database `#[sqlx::test]` made for this test.
-pub fn database_url(pool: &PgPool) -> String {
+pub(crate) fn database_url(pool: &PgPool) -> String {
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the test harness");
     let db = pool
         .connect_options()
@@ -114,8 +115,8 @@ pub fn database_url(pool: &PgPool) -> String {
 }
 
 /// A TCP port free at the time of asking.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     listener.local_addr().expect("addr").port()
 }
-pub mod relay;
+pub(crate) mod relay;

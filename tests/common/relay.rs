@@ -15,19 +15,19 @@ use tokio_util::sync::CancellationToken;
 
 /// Where a relay forwards to.
 #[derive(Clone, Debug)]
-pub enum Upstream {
+pub(crate) enum Upstream {
     Unix(PathBuf),
     Tcp(SocketAddr),
 }
 
 /// Where a relay listens.
 #[derive(Clone, Debug)]
-pub enum Front {
+pub(crate) enum Front {
     Unix(PathBuf),
     Tcp(SocketAddr),
 }
 
-pub struct Relay {
+pub(crate) struct Relay {
     front: Front,
     accept: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -37,7 +37,7 @@ pub struct Relay {
 impl Relay {
     /// Listens on `front` (a TCP port of 0 picks a free one) and forwards
     /// every connection to `upstream`.
-    pub async fn start(front: Front, upstream: Upstream) -> Relay {
+    pub(crate) async fn start(front: Front, upstream: Upstream) -> Relay {
         let connections = Arc::new(Mutex::new(Vec::new()));
         let conns = connections.clone();
         let stalled = CancellationToken::new();
@@ -76,19 +76,19 @@ impl Relay {
     /// undelivered, and new ones are accepted and never answered. Neither
     /// the client nor the service sees an error, only silence — a hung
     /// service, or a network that drops every packet.
-    pub fn stall(&self) {
+    pub(crate) fn stall(&self) {
         self.stalled.cancel();
     }
 
     /// Where clients connect.
-    pub fn front(&self) -> &Front {
+    pub(crate) fn front(&self) -> &Front {
         &self.front
     }
 
     /// Drops every relayed connection and stops listening, as a service
     /// restart or a network cut would. Returns where it listened, to start
     /// it again there.
-    pub fn cut(self) -> Front {
+    pub(crate) fn cut(self) -> Front {
         self.accept.abort();
         for connection in self.connections.lock().expect("lock").drain(..) {
             connection.abort();
@@ -152,7 +152,7 @@ async fn hold_if<S: Send>(stalled: &CancellationToken, stream: S) {
 }
 
 /// The Docker engine's socket.
-pub fn engine_socket() -> PathBuf {
+pub(crate) fn engine_socket() -> PathBuf {
     match std::env::var("DOCKER_HOST") {
         Ok(host) if host.starts_with("unix://") => PathBuf::from(&host["unix://".len()..]),
         _ => PathBuf::from("/var/run/docker.sock"),
@@ -160,7 +160,7 @@ pub fn engine_socket() -> PathBuf {
 }
 
 /// A Unix relay at `path` in front of the Docker engine.
-pub async fn docker_relay(path: &Path) -> Relay {
+pub(crate) async fn docker_relay(path: &Path) -> Relay {
     Relay::start(
         Front::Unix(path.to_path_buf()),
         Upstream::Unix(engine_socket()),

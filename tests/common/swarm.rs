@@ -15,17 +15,17 @@ use std::fs::File;
 use std::process::Command;
 
 /// The label of a node this test made a swarm on.
-pub const MARKER: &str = "workerctl.test-swarm";
+pub(crate) const MARKER: &str = "workerctl.test-swarm";
 /// Held while a process runs swarm tests on this machine.
-pub const LOCK_FILE: &str = "/tmp/workerctl-swarm-tests.lock";
+pub(crate) const LOCK_FILE: &str = "/tmp/workerctl-swarm-tests.lock";
 
 /// Runs the docker CLI: whether it succeeded, and its stdout (or stderr).
-pub fn docker_cli(args: &[&str]) -> (bool, String) {
+pub(crate) fn docker_cli(args: &[&str]) -> (bool, String) {
     run_cli(args).expect("the docker CLI must be installed")
 }
 
 /// Runs the docker CLI: its stdout, or why it failed (its stderr).
-pub fn try_docker_cli(args: &[&str]) -> Result<String, String> {
+pub(crate) fn try_docker_cli(args: &[&str]) -> Result<String, String> {
     match run_cli(args) {
         Ok((true, out)) => Ok(out),
         Ok((false, err)) => Err(format!("docker {}: {err}", args.join(" "))),
@@ -45,7 +45,7 @@ fn run_cli(args: &[&str]) -> std::io::Result<(bool, String)> {
 
 /// This test's turn on the engine, and the swarm it makes; leaves the
 /// swarm when dropped (also on panic).
-pub struct TestSwarm {
+pub(crate) struct TestSwarm {
     _turn: File,
     made: bool,
 }
@@ -53,13 +53,13 @@ pub struct TestSwarm {
 impl TestSwarm {
     /// Takes this machine's turn and makes sure the engine is in no swarm —
     /// unless it is in one this test did not make, which it refuses.
-    pub fn take_turn() -> TestSwarm {
+    pub(crate) fn take_turn() -> TestSwarm {
         Self::try_take_turn().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`take_turn`](Self::take_turn), failing with a message instead.
     /// Waits as long as another process holds the turn.
-    pub fn try_take_turn() -> Result<TestSwarm, String> {
+    pub(crate) fn try_take_turn() -> Result<TestSwarm, String> {
         let turn = File::create(LOCK_FILE).map_err(|e| format!("{LOCK_FILE}: {e}"))?;
         turn.lock()
             .map_err(|e| format!("waiting for the other swarm tests ({LOCK_FILE}): {e}"))?;
@@ -83,13 +83,13 @@ impl TestSwarm {
     }
 
     /// A single-node swarm, its node labelled as made here.
-    pub fn init(&mut self) {
+    pub(crate) fn init(&mut self) {
         self.try_init().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// [`init`](Self::init), failing with a message instead. Once the swarm
     /// is made it is left on drop, even if labelling its node failed.
-    pub fn try_init(&mut self) -> Result<(), String> {
+    pub(crate) fn try_init(&mut self) -> Result<(), String> {
         try_docker_cli(&["swarm", "init", "--advertise-addr", "127.0.0.1"])
             .map_err(|e| format!("docker swarm init failed: {e}"))?;
         self.made = true;
@@ -109,7 +109,7 @@ impl Drop for TestSwarm {
     }
 }
 
-pub fn leave() {
+pub(crate) fn leave() {
     if let Err(e) = try_docker_cli(&["swarm", "leave", "--force"]) {
         eprintln!("docker swarm leave --force failed: {e}");
     }

@@ -15,8 +15,7 @@ use super::super::{LoopSettings, run};
 use crate::config::Config;
 use crate::fakes::{FakeStore, FakeSwarm, row};
 use crate::metrics::Metrics;
-use crate::reconciler::PassSettings;
-use crate::reconciler::services::ServiceReconciler;
+use crate::reconcile::{PassSettings, Reconciler, Services};
 
 struct Loop {
     wake: Arc<Notify>,
@@ -38,9 +37,9 @@ impl Loop {
 
 fn start(store: &Arc<FakeStore>, swarm: &Arc<FakeSwarm>) -> Loop {
     let wake = Arc::new(Notify::new());
-    let reconciler = ServiceReconciler::new(
+    let reconciler = Reconciler::new(
         store.clone(),
-        swarm.clone(),
+        Services::new(swarm.clone()),
         PassSettings::from_config(&Config::default()),
         Arc::new(Metrics::new()),
     );

@@ -1,0 +1,92 @@
+//! What every benchmark needs besides its own measurements: settings from
+//! the environment, progress lines, the machine's load, the database, and
+//! the statistics a figure is printed with. Each benchmark is a crate of
+//! its own (`mod common;`) and uses a part of it.
+#![allow(dead_code)]
+
+use std::borrow::Borrow;
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// `key` from the environment, or `default`.
+pub fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.into())
+}
+
+/// `key` from the environment parsed, or `default` (also when it does not
+/// parse).
+pub fn setting<T: FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A count from the environment: at least 1.
+pub fn count(key: &str, default: usize) -> usize {
+    setting(key, default).max(1)
+}
+
+/// One line on stderr, so that a long run shows where it is.
+pub fn progress(what: std::fmt::Arguments<'_>) {
+    eprintln!("bench: {what}");
+}
+
+/// The 1, 5 and 15-minute load averages, as the figures are printed beside.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// A lock whose holder panicked is still good for a benchmark's records.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Milliseconds, fractional.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// One connection to the database, for the benchmark's own rows.
+pub async fn admin_pool(url: &str) -> PgPool {
+    let pool = PgPoolOptions::new().max_connections(1).connect(url).await;
+    pool.expect("Postgres answers at DATABASE_URL (run scripts/services)")
+}
+
+/// The finite values, in order.
+pub fn sorted(values: impl IntoIterator<Item = impl Borrow<f64>>) -> Vec<f64> {
+    let mut v: Vec<f64> = values
+        .into_iter()
+        .map(|x| *x.borrow())
+        .filter(|x| x.is_finite())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The median of the finite values (NaN for none).
+pub fn median(values: impl IntoIterator<Item = impl Borrow<f64>>) -> f64 {
+    let v = sorted(values);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The nearest-rank percentile `p` (0 < p ≤ 1) of the finite values (NaN
+/// for none).
+pub fn percentile(values: impl IntoIterator<Item = impl Borrow<f64>>, p: f64) -> f64 {
+    let v = sorted(values);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
