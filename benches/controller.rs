@@ -21,7 +21,9 @@
 
 mod common;
 
-use common::{admin_pool, load_average, lock, median, ms, percentile, progress, sorted};
+use common::{
+    admin_pool, bench_main, load_average, lock, median, ms, percentile, progress, sorted,
+};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::process::{ExitCode, Stdio};
@@ -43,7 +45,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 use workerctl::archive::{DEFAULT_USERCODE, sensorbucket_archive};
 use workerctl::config::{Config, Secret};
@@ -108,25 +109,7 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
-    if !std::env::args().skip(1).any(|a| a == "--bench") {
-        eprintln!(
-            "the controller benchmark runs with `cargo bench --bench controller` (scripts/bench)"
-        );
-        return ExitCode::SUCCESS;
-    }
-    let filter = EnvFilter::try_from_default_env()
-        // sqlx calls a DROP DATABASE … WITH (FORCE) over 1 s "slow": not news.
-        .unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run(Settings::from_env()))
+    bench_main("controller", || run(Settings::from_env()))
 }
 
 /// Sets up, measures, and always cleans up: containers of both instances and

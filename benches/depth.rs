@@ -34,7 +34,7 @@
 
 mod common;
 
-use common::env_or;
+use common::{bench_main, env_or};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,16 +56,7 @@ const FAST_POLL: Duration = Duration::from_millis(100);
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
-    if !std::env::args().skip(1).any(|a| a == "--bench") {
-        eprintln!("the depth benchmark runs with `cargo bench --bench depth`");
-        return ExitCode::SUCCESS;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run())
+    bench_main("depth", run)
 }
 
 async fn run() -> ExitCode {

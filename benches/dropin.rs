@@ -31,7 +31,7 @@
 
 mod common;
 
-use common::{admin_pool, load_average, lock, median, ms, progress, setting, sorted};
+use common::{admin_pool, bench_main, load_average, lock, median, ms, progress, setting, sorted};
 use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -66,23 +66,7 @@ const SAVE_EVERY: Duration = Duration::from_millis(500);
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
-    if !std::env::args().skip(1).any(|a| a == "--bench") {
-        eprintln!("the drop-in benchmark runs with `cargo bench --bench dropin`");
-        return ExitCode::SUCCESS;
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,sqlx::query=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run())
+    bench_main("dropin", run)
 }
 
 async fn run() -> ExitCode {

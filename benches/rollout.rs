@@ -31,7 +31,9 @@
 
 mod common;
 
-use common::{admin_pool, count, env_or, load_average, lock, median, ms, percentile, progress};
+use common::{
+    admin_pool, bench_main, count, env_or, load_average, lock, median, ms, percentile, progress,
+};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -52,7 +54,6 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 use workerctl::archive::sensorbucket_archive;
 use workerctl::config::{Config, Secret};
@@ -79,22 +80,7 @@ const POLL: Duration = Duration::from_millis(10);
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
-    if !std::env::args().skip(1).any(|a| a == "--bench") {
-        eprintln!("the rollout benchmark runs with `cargo bench --bench rollout`");
-        return ExitCode::SUCCESS;
-    }
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run())
+    bench_main("rollout", run)
 }
 
 /// Sets up, measures, and always cleans up, also when a measurement panics.

@@ -32,7 +32,7 @@
 
 mod common;
 
-use common::{admin_pool, env_or, load_average, lock, ms, progress};
+use common::{admin_pool, bench_main, env_or, load_average, lock, ms, progress};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,7 +50,6 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 use workerctl::archive::sensorbucket_archive;
 use workerctl::config::{Config, Secret};
@@ -71,22 +70,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 const DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
-    // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) must not run it.
-    if !std::env::args().skip(1).any(|a| a == "--bench") {
-        eprintln!("the scale benchmark runs with `cargo bench --bench scale`");
-        return ExitCode::SUCCESS;
-    }
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run())
+    bench_main("scale", run)
 }
 
 /// Sets up, measures, and always cleans up, also when a measurement panics.

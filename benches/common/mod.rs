@@ -90,3 +90,28 @@ pub fn percentile(values: impl IntoIterator<Item = impl Borrow<f64>>, p: f64) ->
     let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1]
 }
+
+/// A benchmark's `main`: runs `run` on a multi-threaded runtime with warnings
+/// logged to stderr — only under `cargo bench` (which passes `--bench`);
+/// built by `cargo test --all-targets`, it says how to run it and succeeds.
+pub fn bench_main<F>(name: &str, run: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = std::process::ExitCode>,
+{
+    if !std::env::args().skip(1).any(|a| a == "--bench") {
+        eprintln!("the {name} benchmark runs with `cargo bench --bench {name}` (scripts/bench)");
+        return std::process::ExitCode::SUCCESS;
+    }
+    // sqlx calls a DROP DATABASE … WITH (FORCE) over 1 s "slow": not news.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run())
+}
