@@ -15,11 +15,15 @@ measured in the same run:
    image; once every worker's status is `ready` and a settling time has
    passed, a window of nothing (30 s): the CPU of the containers (their
    cgroups), of the daemon process, of the engine and of the whole machine,
-   and the memory per container (`idlebench`).
+   and the memory per container (`idlebench`). Before each fleet, with no
+   daemon and no workers, a window as long: the machine's background, the
+   same run's floor for the whole machine; the workers' cost is the
+   difference. Both windows are split by process (containers, engine, broker,
+   database, daemon, this benchmark, other).
 
     python -m dockerworker.tools.restbench --daemon target/release/workerctl
         [--image workerctl/dockerworker:latest] [--before IMAGE]
-        [--runs 20] [--workers 10,50] [--seconds 30]
+        [--runs 20] [--workers 10,50] [--seconds 30] [--idle-only]
 
 Save → first answer needs a worker saved through the daemon and traffic:
 `cargo bench --bench rollout` (BENCH_SAVES=20) measures it; scripts/bench
@@ -55,6 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     print(f"load average at start: {_load()}", flush=True)
+    if not args.idle_only:
+        _start(args, amqp_url)
+    if args.daemon:
+        for size in (int(n) for n in args.workers.split(",")):
+            fleet = DaemonFleet(args.daemon, args.image, amqp_url, size, args.broker_pid)
+            background, idle = fleet.measure(args.seconds, args.settle)
+            print(background.line("background, no workers: "), flush=True)
+            print(idle.line("idle under the daemon:   "), flush=True)
+            print(f"  split, % of a core   background: {background.split()}", flush=True)
+            print(f"                       {size:3d} workers: {idle.split()}", flush=True)
+            print(
+                f"  {size} workers' cost: machine {(idle.machine_cpu - background.machine_cpu) * 100:+.1f} % of a core"
+                f" over the background; named processes (containers, engine, broker, database, daemon)"
+                f" {_ours(idle) * 100:.2f} % against {_ours(background) * 100:.2f} % in the background",
+                flush=True,
+            )
+    print(f"load average at end: {_load()}", flush=True)
+    return 0
+
+
+def _ours(idle: Idle) -> float:
+    return sum(idle.groups[name] for name in ("containers", "engine", "broker", "database", "daemon"))
+
+
+def _start(args: argparse.Namespace, amqp_url: str) -> None:
     floors = [
         ("busybox start → exit", _floor(BUSYBOX, ["true"], entrypoint=None)),
         ("python -c pass", _floor(args.image, ["-c", "pass"])),
@@ -77,12 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         f"  = floor + {statistics.median(start) - pass_floor:.0f} ms   (docker run → ready {_stats(run)})",
         flush=True,
     )
-    if args.daemon:
-        for size in (int(n) for n in args.workers.split(",")):
-            idle = DaemonFleet(args.daemon, args.image, amqp_url, size).measure(args.seconds, args.settle)
-            print(idle.line("idle under the daemon:"), flush=True)
-    print(f"load average at end: {_load()}", flush=True)
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", default="10,50", help="idle fleet sizes")
     parser.add_argument("--seconds", type=float, default=30.0, help="the idle window")
     parser.add_argument("--settle", type=float, default=10.0, help="wait after the last worker is ready")
+    parser.add_argument(
+        "--broker-pid", type=int, help="the broker's process, when AMQP_URL is a broker of one's own (else any RabbitMQ)"
+    )
+    parser.add_argument("--idle-only", action="store_true", help="only the idle fleets (no floors, no starts)")
     return parser
 
 
@@ -138,8 +165,9 @@ def _load() -> str:
 class DaemonFleet:
     """The workerctl daemon with `size` enabled workers, on a database of its own."""
 
-    def __init__(self, binary: str, image: str, amqp_url: str, size: int) -> None:
+    def __init__(self, binary: str, image: str, amqp_url: str, size: int, broker_pid: int | None = None) -> None:
         self.binary = binary
+        self.broker_pid = broker_pid
         self.image = image
         self.amqp_url = amqp_url
         self.size = size
@@ -152,7 +180,9 @@ class DaemonFleet:
         self.db_url = urllib.parse.urlsplit(admin)._replace(path=f"/{self.db_name}").geturl()
         self.worker_ids = [str(uuid.uuid4()) for _ in range(size)]
 
-    def measure(self, seconds: float, settle: float) -> Idle:
+    def measure(self, seconds: float, settle: float) -> tuple[Idle, Idle]:
+        """(the machine without daemon or workers, the fleet under the daemon), `seconds` each."""
+        background = measure_fleet([], seconds, broker=self.broker_pid)
         self._psql(self.admin_url, f'CREATE DATABASE "{self.db_name}"')
         daemon: subprocess.Popen[bytes] | None = None
         try:
@@ -164,7 +194,7 @@ class DaemonFleet:
             time.sleep(settle)
             containers = self._containers()
             assert len(containers) == self.size, f"{len(containers)} containers for {self.size} workers"
-            return measure_fleet(containers, seconds, pid=daemon.pid)
+            return background, measure_fleet(containers, seconds, pid=daemon.pid, broker=self.broker_pid)
         finally:
             if daemon is not None:
                 daemon.send_signal(signal.SIGTERM)
