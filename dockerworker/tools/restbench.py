@@ -46,6 +46,7 @@ import urllib.parse
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from .idlebench import Idle, measure_fleet
 from .startbench import DEFAULT_AMQP_URL, DEFAULT_API, TRIVIAL_CODE, StartBench, _free_port, _sensorbucket_zip
@@ -116,7 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=20, help="start → consuming runs (after one warm-up)")
     parser.add_argument("--workers", default="10,50", help="idle fleet sizes")
     parser.add_argument("--seconds", type=float, default=30.0, help="the idle window")
-    parser.add_argument("--settle", type=float, default=10.0, help="wait after the last worker is ready")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=60.0,
+        help="wait after the last worker is ready (a worker repeats its ready report for its first minute)",
+    )
     parser.add_argument(
         "--broker-pid", type=int, help="the broker's process, when AMQP_URL is a broker of one's own (else any RabbitMQ)"
     )
@@ -158,6 +164,13 @@ def _stats(values: list[float]) -> str:
     return f"median {statistics.median(values):6.0f} ms, p90 {p90:6.0f} ms"
 
 
+def _started_at(container: str) -> float:
+    inspected = subprocess.run(
+        ["docker", "inspect", "--format", "{{.State.StartedAt}}", container], capture_output=True, text=True, check=False
+    )
+    return _engine_time(inspected.stdout.strip()) if inspected.returncode == 0 else 0.0
+
+
 def _load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -194,7 +207,17 @@ class DaemonFleet:
             time.sleep(settle)
             containers = self._containers()
             assert len(containers) == self.size, f"{len(containers)} containers for {self.size} workers"
-            return background, measure_fleet(containers, seconds, pid=daemon.pid, broker=self.broker_pid)
+            window = time.time()
+            idle = measure_fleet(containers, seconds, pid=daemon.pid, broker=self.broker_pid)
+            after = self._containers()
+            young = sum(1 for c in after if _started_at(c) > window - 60.0)
+            if young or set(after) != set(containers):
+                print(
+                    f"  note: {len(set(after) - set(containers))} containers replaced during the window, {young}"
+                    " started less than 60 s before its start (ready reports still repeating): not at rest",
+                    flush=True,
+                )
+            return background, idle
         finally:
             if daemon is not None:
                 daemon.send_signal(signal.SIGTERM)
@@ -204,7 +227,8 @@ class DaemonFleet:
                     daemon.kill()
             self._clean_up()
 
-    def _start_daemon(self) -> subprocess.Popen[bytes]:
+    def _start_daemon(self, log: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+        """The daemon, its log (stderr) to `log` (else this process's)."""
         port = _free_port()
         env = {
             **os.environ,
@@ -219,7 +243,7 @@ class DaemonFleet:
             "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
         }
         env.pop("WORKERCTL_CONFIG", None)
-        return subprocess.Popen([self.binary, "run"], env=env, stdout=subprocess.DEVNULL)
+        return subprocess.Popen([self.binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=log)
 
     def _insert_workers(self) -> None:
         archive = base64.b64encode(_sensorbucket_zip(TRIVIAL_CODE)).decode()
