@@ -12,8 +12,11 @@ measured in the same run:
    the `docker run` call and from `StartedAt`.
 3. **Idle workers under the daemon**: the workerctl binary (`--daemon`) on a
    throwaway database, with 10 and then 50 enabled workers on the worker
-   image; once every worker's status is `ready` and a settling time has
-   passed, a window of nothing (30 s): the CPU of the containers (their
+   image; once every worker's status is `ready` and a minute has passed (a
+   worker repeats its ready report for its first minute), a window of
+   nothing as long as the image's health-check interval (120 s: the checks of
+   a fleet started together run together, so a shorter window holds all of
+   them or none): the CPU of the containers (their
    cgroups), of the daemon process, of the engine and of the whole machine,
    and the memory per container (`idlebench`). Before each fleet, with no
    daemon and no workers, a window as long: the machine's background, the
@@ -23,7 +26,8 @@ measured in the same run:
 
     python -m dockerworker.tools.restbench --daemon target/release/workerctl
         [--image workerctl/dockerworker:latest] [--before IMAGE]
-        [--runs 20] [--workers 10,50] [--seconds 30] [--idle-only]
+        [--runs 20] [--workers 10,50] [--seconds 120] [--settle 60]
+        [--idle-only] [--broker-pid PID]
 
 Save → first answer needs a worker saved through the daemon and traffic:
 `cargo bench --bench rollout` (BENCH_SAVES=20) measures it; scripts/bench
@@ -116,7 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--daemon", help="the workerctl binary (without it, no idle figures)")
     parser.add_argument("--runs", type=int, default=20, help="start → consuming runs (after one warm-up)")
     parser.add_argument("--workers", default="10,50", help="idle fleet sizes")
-    parser.add_argument("--seconds", type=float, default=30.0, help="the idle window")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=120.0,
+        help="the idle window: the health check's interval, so that each container's check runs in it once",
+    )
     parser.add_argument(
         "--settle",
         type=float,
