@@ -13,6 +13,10 @@ default), reads:
 - the CPU time of one more process, with `--pid` (the workerctl daemon);
 - the whole machine (/proc/stat), which includes the broker, the database and
   whatever else runs: the load average is printed beside it;
+- the same CPU split by process (`/proc/<pid>/stat`, each process's own time
+  and its reaped children's): the engine, the broker (RabbitMQ's Erlang VM and
+  its helpers), the database (every `postgres` process), the daemon, this
+  benchmark, and the rest of the machine (other people's builds);
 - the memory of each container (cgroup `memory.usage_in_bytes` less its page
   cache), median over the fleet.
 
@@ -48,7 +52,12 @@ from .startbench import (
 )
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_ENGINE = ("dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2")
+_ENGINE = ("dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "runc", "docker-proxy")
+_BROKER = ("beam.smp", "epmd", "erl_child_setup", "inet_gethost", "rabbitmq-server")
+_DATABASE = ("postgres",)
+# The groups of `Idle.groups`, in the order printed. "other" is the machine
+# less everything named (other people's work, the kernel's threads).
+GROUPS = ("engine", "broker", "database", "daemon", "bench", "other")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,15 +91,22 @@ class Idle:
     memory_mib: float  # median per container
     pid_cpu: float | None
     load: str
+    groups: dict[str, float]  # fraction of one core per group of processes (GROUPS), from /proc
 
     def line(self, label: str) -> str:
         pid = f"  daemon {self.pid_cpu * 100:5.2f} %" if self.pid_cpu is not None else ""
+        each = f" ({self.containers_cpu * 100 / self.workers:.3f} % each)" if self.workers else ""
+        memory = f"  memory {self.memory_mib:.1f} MiB per container" if self.workers else ""
         return (
             f"{label}  {self.workers:3d} idle workers, {self.seconds:.0f} s:  containers {self.containers_cpu * 100:5.2f} %"
-            f" of a core ({self.containers_cpu * 100 / self.workers:.3f} % each)  engine {self.engine_cpu * 100:5.2f} %"
-            f"{pid}  machine {self.machine_cpu * 100:5.1f} %  memory {self.memory_mib:.1f} MiB per container"
+            f" of a core{each}  engine {self.engine_cpu * 100:5.2f} %"
+            f"{pid}  machine {self.machine_cpu * 100:5.1f} %{memory}"
             f"  (load {self.load})"
         )
+
+    def split(self) -> str:
+        """The machine's CPU by group of processes, in % of a core."""
+        return "  ".join(f"{name} {self.groups.get(name, 0.0) * 100:5.2f}" for name in ("containers", *GROUPS))
 
 
 def run_fleet(image: str, size: int, seconds: float, settle: float, amqp_url: str, api: str) -> Idle:
@@ -125,10 +141,15 @@ def run_fleet(image: str, size: int, seconds: float, settle: float, amqp_url: st
         bench.close()
 
 
-def measure_fleet(container_ids: list[str], seconds: float, pid: int | None = None) -> Idle:
-    """The CPU of the containers, the engine, `pid` and the machine over `seconds`, and memory per container."""
+def measure_fleet(container_ids: list[str], seconds: float, pid: int | None = None, broker: int | None = None) -> Idle:
+    """The CPU of the containers, the engine, `pid` and the machine over `seconds`, and memory per container.
+
+    With `broker`, only that process (a broker of one's own) is the broker
+    group; other brokers on the machine count as "other"."""
     before = _sample(container_ids, pid)
+    before_procs = _processes(pid, broker)
     time.sleep(seconds)
+    after_procs = _processes(pid, broker)
     after = _sample(container_ids, pid)
     elapsed = after.at - before.at
     memory = [m for m in (_memory_mib(c) for c in container_ids) if m is not None]
@@ -141,7 +162,68 @@ def measure_fleet(container_ids: list[str], seconds: float, pid: int | None = No
         memory_mib=statistics.median(memory) if memory else float("nan"),
         pid_cpu=(after.pid - before.pid) / elapsed if pid is not None else None,
         load=Path("/proc/loadavg").read_text().split(" ", 3)[0],
+        groups=_groups(before_procs, after_procs, elapsed, after.containers - before.containers, after.machine - before.machine),
     )
+
+
+def _processes(daemon: int | None, broker: int | None = None) -> dict[int, tuple[str, float]]:
+    """Every process outside a container: pid → (group, own + reaped children's CPU s)."""
+    found: dict[int, tuple[str, float]] = {}
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text()
+            if "/docker/" in (entry / "cgroup").read_text():
+                continue  # a container's: counted by its cgroup
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        ppid = int(fields[1])
+        cpu = sum(int(f) for f in fields[11:15]) / _CLOCK_TICKS
+        if pid == daemon or ppid == daemon:
+            group = "daemon"
+        elif pid == me or ppid == me:
+            group = "bench"
+        elif comm in _ENGINE or comm.startswith("containerd-shim"):
+            group = "engine"
+        elif broker is not None and broker in (pid, ppid):
+            group = "broker"
+        elif comm in _BROKER and broker is None:
+            group = "broker"
+        elif comm in _DATABASE:
+            group = "database"
+        else:
+            group = "other"
+        found[pid] = (group, cpu)
+    return found
+
+
+def _groups(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    elapsed: float,
+    containers: float,
+    machine: float,
+) -> dict[str, float]:
+    """CPU per group over the window, as a fraction of one core.
+
+    A process alive at both ends counts its difference, one born in the
+    window all of its time; one that ended in the window counts in its
+    parent's reaped children's time (when the parent waited for it). The
+    health check's process is counted twice: in its container's cgroup and in
+    the shim that reaped it. "other" is the machine less the named groups.
+    """
+    spent = dict.fromkeys(("containers", *GROUPS), 0.0)
+    for pid, (group, cpu) in after.items():
+        earlier = before.get(pid)
+        spent[group] += cpu - (earlier[1] if earlier is not None and earlier[0] == group else 0.0)
+    spent["containers"] = containers
+    spent["other"] = machine - sum(v for k, v in spent.items() if k != "other")
+    return {name: value / elapsed for name, value in spent.items()}
 
 
 @dataclass

@@ -12,14 +12,22 @@ measured in the same run:
    the `docker run` call and from `StartedAt`.
 3. **Idle workers under the daemon**: the workerctl binary (`--daemon`) on a
    throwaway database, with 10 and then 50 enabled workers on the worker
-   image; once every worker's status is `ready` and a settling time has
-   passed, a window of nothing (30 s): the CPU of the containers (their
+   image; once every worker's status is `ready` and a minute has passed (a
+   worker repeats its ready report for its first minute), a window of
+   nothing as long as the image's health-check interval (120 s: the checks of
+   a fleet started together run together, so a shorter window holds all of
+   them or none): the CPU of the containers (their
    cgroups), of the daemon process, of the engine and of the whole machine,
-   and the memory per container (`idlebench`).
+   and the memory per container (`idlebench`). Before each fleet, with no
+   daemon and no workers, a window as long: the machine's background, the
+   same run's floor for the whole machine; the workers' cost is the
+   difference. Both windows are split by process (containers, engine, broker,
+   database, daemon, this benchmark, other).
 
     python -m dockerworker.tools.restbench --daemon target/release/workerctl
         [--image workerctl/dockerworker:latest] [--before IMAGE]
-        [--runs 20] [--workers 10,50] [--seconds 30]
+        [--runs 20] [--workers 10,50] [--seconds 120] [--settle 60]
+        [--idle-only] [--broker-pid PID]
 
 Save → first answer needs a worker saved through the daemon and traffic:
 `cargo bench --bench rollout` (BENCH_SAVES=20) measures it; scripts/bench
@@ -42,6 +50,7 @@ import urllib.parse
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from .idlebench import Idle, measure_fleet
 from .startbench import DEFAULT_AMQP_URL, DEFAULT_API, TRIVIAL_CODE, StartBench, _free_port, _sensorbucket_zip
@@ -55,6 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     print(f"load average at start: {_load()}", flush=True)
+    if not args.idle_only:
+        _start(args, amqp_url)
+    if args.daemon:
+        for size in (int(n) for n in args.workers.split(",")):
+            fleet = DaemonFleet(args.daemon, args.image, amqp_url, size, args.broker_pid)
+            background, idle = fleet.measure(args.seconds, args.settle)
+            print(background.line("background, no workers: "), flush=True)
+            print(idle.line("idle under the daemon:   "), flush=True)
+            print(f"  split, % of a core   background: {background.split()}", flush=True)
+            print(f"                       {size:3d} workers: {idle.split()}", flush=True)
+            print(
+                f"  {size} workers' cost: machine {(idle.machine_cpu - background.machine_cpu) * 100:+.1f} % of a core"
+                f" over the background; named processes (containers, engine, broker, database, daemon)"
+                f" {_ours(idle) * 100:.2f} % against {_ours(background) * 100:.2f} % in the background",
+                flush=True,
+            )
+    print(f"load average at end: {_load()}", flush=True)
+    return 0
+
+
+def _ours(idle: Idle) -> float:
+    return sum(idle.groups[name] for name in ("containers", "engine", "broker", "database", "daemon"))
+
+
+def _start(args: argparse.Namespace, amqp_url: str) -> None:
     floors = [
         ("busybox start → exit", _floor(BUSYBOX, ["true"], entrypoint=None)),
         ("python -c pass", _floor(args.image, ["-c", "pass"])),
@@ -77,12 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         f"  = floor + {statistics.median(start) - pass_floor:.0f} ms   (docker run → ready {_stats(run)})",
         flush=True,
     )
-    if args.daemon:
-        for size in (int(n) for n in args.workers.split(",")):
-            idle = DaemonFleet(args.daemon, args.image, amqp_url, size).measure(args.seconds, args.settle)
-            print(idle.line("idle under the daemon:"), flush=True)
-    print(f"load average at end: {_load()}", flush=True)
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,8 +120,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--daemon", help="the workerctl binary (without it, no idle figures)")
     parser.add_argument("--runs", type=int, default=20, help="start → consuming runs (after one warm-up)")
     parser.add_argument("--workers", default="10,50", help="idle fleet sizes")
-    parser.add_argument("--seconds", type=float, default=30.0, help="the idle window")
-    parser.add_argument("--settle", type=float, default=10.0, help="wait after the last worker is ready")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=120.0,
+        help="the idle window: the health check's interval, so that each container's check runs in it once",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=60.0,
+        help="wait after the last worker is ready (a worker repeats its ready report for its first minute)",
+    )
+    parser.add_argument(
+        "--broker-pid", type=int, help="the broker's process, when AMQP_URL is a broker of one's own (else any RabbitMQ)"
+    )
+    parser.add_argument("--idle-only", action="store_true", help="only the idle fleets (no floors, no starts)")
     return parser
 
 
@@ -131,6 +173,13 @@ def _stats(values: list[float]) -> str:
     return f"median {statistics.median(values):6.0f} ms, p90 {p90:6.0f} ms"
 
 
+def _started_at(container: str) -> float:
+    inspected = subprocess.run(
+        ["docker", "inspect", "--format", "{{.State.StartedAt}}", container], capture_output=True, text=True, check=False
+    )
+    return _engine_time(inspected.stdout.strip()) if inspected.returncode == 0 else 0.0
+
+
 def _load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -138,8 +187,9 @@ def _load() -> str:
 class DaemonFleet:
     """The workerctl daemon with `size` enabled workers, on a database of its own."""
 
-    def __init__(self, binary: str, image: str, amqp_url: str, size: int) -> None:
+    def __init__(self, binary: str, image: str, amqp_url: str, size: int, broker_pid: int | None = None) -> None:
         self.binary = binary
+        self.broker_pid = broker_pid
         self.image = image
         self.amqp_url = amqp_url
         self.size = size
@@ -152,7 +202,9 @@ class DaemonFleet:
         self.db_url = urllib.parse.urlsplit(admin)._replace(path=f"/{self.db_name}").geturl()
         self.worker_ids = [str(uuid.uuid4()) for _ in range(size)]
 
-    def measure(self, seconds: float, settle: float) -> Idle:
+    def measure(self, seconds: float, settle: float) -> tuple[Idle, Idle]:
+        """(the machine without daemon or workers, the fleet under the daemon), `seconds` each."""
+        background = measure_fleet([], seconds, broker=self.broker_pid)
         self._psql(self.admin_url, f'CREATE DATABASE "{self.db_name}"')
         daemon: subprocess.Popen[bytes] | None = None
         try:
@@ -164,7 +216,17 @@ class DaemonFleet:
             time.sleep(settle)
             containers = self._containers()
             assert len(containers) == self.size, f"{len(containers)} containers for {self.size} workers"
-            return measure_fleet(containers, seconds, pid=daemon.pid)
+            window = time.time()
+            idle = measure_fleet(containers, seconds, pid=daemon.pid, broker=self.broker_pid)
+            after = self._containers()
+            young = sum(1 for c in after if _started_at(c) > window - 60.0)
+            if young or set(after) != set(containers):
+                print(
+                    f"  note: {len(set(after) - set(containers))} containers replaced during the window, {young}"
+                    " started less than 60 s before its start (ready reports still repeating): not at rest",
+                    flush=True,
+                )
+            return background, idle
         finally:
             if daemon is not None:
                 daemon.send_signal(signal.SIGTERM)
@@ -174,7 +236,8 @@ class DaemonFleet:
                     daemon.kill()
             self._clean_up()
 
-    def _start_daemon(self) -> subprocess.Popen[bytes]:
+    def _start_daemon(self, log: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+        """The daemon, its log (stderr) to `log` (else this process's)."""
         port = _free_port()
         env = {
             **os.environ,
@@ -189,7 +252,7 @@ class DaemonFleet:
             "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
         }
         env.pop("WORKERCTL_CONFIG", None)
-        return subprocess.Popen([self.binary, "run"], env=env, stdout=subprocess.DEVNULL)
+        return subprocess.Popen([self.binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=log)
 
     def _insert_workers(self) -> None:
         archive = base64.b64encode(_sensorbucket_zip(TRIVIAL_CODE)).decode()
