@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use workerctl::model::{ImageState, Observed};
+use workerctl::reconcile::containers::Containers;
 
 use bollard::Docker;
 use bollard::models::EventMessage;
@@ -55,7 +56,7 @@ use workerctl::model::{
     ContainerSpec, DesiredWorker, ManagedContainer, Revision, RunState, WorkerId, WorkerRow, labels,
 };
 use workerctl::readiness::ReadyReports;
-use workerctl::reconcile::{Containers, PassSettings, Reconciler};
+use workerctl::reconcile::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::{ContainerRuntime, RuntimeError};
 use workerctl::store::postgres::PgStore;

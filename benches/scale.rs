@@ -36,6 +36,7 @@ use common::{admin_pool, bench_main, env_or, load_average, lock, ms, progress};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use workerctl::reconcile::containers::Containers;
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
@@ -56,7 +57,7 @@ use workerctl::config::{Config, Secret};
 use workerctl::metrics::Metrics;
 use workerctl::model::labels;
 use workerctl::readiness::ReadyReports;
-use workerctl::reconcile::{Containers, PassSettings, Reconciler};
+use workerctl::reconcile::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::scale::depths::{QueueMonitor, Reading};
 use workerctl::store::postgres::PgStore;

@@ -7,6 +7,8 @@
 //! all start the daemon through [`Daemon::spawn`], so what they test is
 //! what runs.
 
+use crate::reconcile::containers::Containers;
+use crate::reconcile::swarm::Services;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ use crate::http;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::readiness::ReadyReports;
-use crate::reconcile::{Backend, Containers, PassSettings, Reconciler, Services};
+use crate::reconcile::{Backend, PassSettings, Reconciler};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::swarm::SwarmRuntime;

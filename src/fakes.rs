@@ -15,7 +15,7 @@ use crate::model::{
     WorkerId, WorkerRow, WorkerService,
 };
 use crate::model::{ImageState, NetworkState, Observed};
-use crate::runtime::swarm::SwarmError;
+use crate::runtime::SwarmError;
 use crate::runtime::{ContainerRuntime, RuntimeError, ServiceRuntime};
 use crate::store::{Code, StatusUpdate, StoreError, WorkerStore};
 

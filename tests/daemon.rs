@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use workerctl::reconcile::containers::Containers;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -25,7 +26,7 @@ use workerctl::http;
 use workerctl::metrics::Metrics;
 use workerctl::model::{ManagedContainer, Revision, RunState, WorkerId};
 use workerctl::readiness::ReadyReports;
-use workerctl::reconcile::{Containers, PassSettings, Reconciler};
+use workerctl::reconcile::{PassSettings, Reconciler};
 use workerctl::runtime::ContainerRuntime;
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::store::WorkerStore;

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use workerctl::reconcile::containers::Containers;
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -30,7 +31,7 @@ use workerctl::http::{self, AppState, Probe};
 use workerctl::metrics::Metrics;
 use workerctl::model::labels;
 use workerctl::readiness::ReadyReports;
-use workerctl::reconcile::{Containers, PassSettings, Reconciler};
+use workerctl::reconcile::{PassSettings, Reconciler};
 use workerctl::runtime::docker::DockerRuntime;
 use workerctl::status_page::Backend;
 use workerctl::store::dead_letters::{self, NewDeadLetter};

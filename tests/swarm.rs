@@ -14,6 +14,7 @@
 mod common;
 
 use common::swarm::{TestSwarm, docker_cli};
+use workerctl::runtime::SwarmError;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
@@ -28,8 +29,7 @@ use workerctl::model::{ContainerSpec, Limits, Revision, WorkerId, container_name
 use workerctl::model::{ImageState, NetworkState};
 use workerctl::runtime::ServiceRuntime;
 use workerctl::runtime::swarm::{
-    ManagedService, Probe, REPLICA_ENV, Rollout, SwarmError, SwarmOptions, SwarmRuntime,
-    WorkerService,
+    ManagedService, Probe, REPLICA_ENV, Rollout, SwarmOptions, SwarmRuntime, WorkerService,
 };
 
 const BUSYBOX: &str = "workerctl/busybox:latest";

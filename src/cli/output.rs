@@ -7,7 +7,7 @@ use std::path::Path;
 use clap::ValueEnum;
 use serde_json::Value;
 
-use super::CliError;
+use super::error::CliError;
 
 /// How a command prints its result: a table for people, JSON for scripts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -2,6 +2,8 @@
 //! daemon runs, built the same way for either backend, without the daemon;
 //! printed alike for both.
 
+use crate::reconcile::containers::Containers;
+use crate::reconcile::swarm::Services;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +17,7 @@ use crate::leader::LockSession;
 use crate::model::{Demand, Observed, Status};
 use crate::readiness::ReadyReports;
 use crate::reconcile::{
-    Backend as ReconcileBackend, Containers, Done, PassPlan, PassSettings, Planned, Reconciler,
-    Services,
+    Backend as ReconcileBackend, Done, PassPlan, PassSettings, Planned, Reconciler,
 };
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::swarm::SwarmRuntime;

@@ -2,6 +2,7 @@
 //! tokio time: what wakes it, what it leaves alone, what it retries, how
 //! it stops.
 
+use crate::reconcile::containers::Containers;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::fakes::{FakeRuntime, FakeStore, row};
 use crate::metrics::Metrics;
 use crate::model::{QueueDepth, QueueDepths};
 use crate::readiness::ReadyReports;
-use crate::reconcile::{Containers, PassSettings, Reconciler};
+use crate::reconcile::{PassSettings, Reconciler};
 
 struct Loop {
     wake: Arc<Notify>,

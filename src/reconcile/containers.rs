@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use tokio::time::Instant;
@@ -24,6 +23,7 @@ use tracing::{debug, warn};
 
 use super::{
     ActionError, Backend, Done, Observation, PassError, PassPlan, PassSettings, Planned, Shared,
+    Stopping,
 };
 use crate::backoff::error_chain;
 use crate::consumers::ConsumerCounts;
@@ -36,23 +36,12 @@ use crate::plan::containers::{Action, Books, Plan, Snapshot, Step, plan};
 use crate::readiness::ReadyReports;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
-/// How a container is asked to stop (`docker.stop_timeout`, `docker.stop_signal`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stopping {
-    /// Grace period between the stop signal and SIGKILL.
-    pub timeout: Duration,
-    /// The configured signal; `None`: chosen by the image.
-    pub signal: Option<String>,
-}
-
-impl Stopping {
-    /// The signal for a container workerctl did not create, whose own stop
-    /// signal was never chosen for it: the configured one, else SIGINT —
-    /// SensorBucket's controller starts its image with none, and that image
-    /// (a Python PID 1 without handlers) ignores SIGTERM but stops on SIGINT.
-    pub(crate) fn foreign_signal(&self) -> &str {
-        self.signal.as_deref().unwrap_or("SIGINT")
-    }
+/// The signal for a container workerctl did not create, whose own stop
+/// signal was never chosen for it: the configured one, else SIGINT —
+/// SensorBucket's controller starts its image with none, and that image (a
+/// Python PID 1 without handlers) ignores SIGTERM but stops on SIGINT.
+fn foreign_signal(stopping: &Stopping) -> &str {
+    stopping.signal.as_deref().unwrap_or("SIGINT")
 }
 
 /// Applies `step`; returns the id of the container it started, if any.
@@ -99,7 +88,7 @@ async fn retire<R: ContainerRuntime>(
         _ if !running => {}
         Owner::Workerctl => runtime.stop(&container.id, stopping.timeout).await?,
         Owner::SensorBucket => {
-            let signal = stopping.foreign_signal();
+            let signal = foreign_signal(stopping);
             runtime
                 .interrupt(&container.id, signal, stopping.timeout)
                 .await?

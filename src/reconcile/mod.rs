@@ -40,14 +40,11 @@ use crate::model::{Observed, QueueDepths};
 use crate::model::{WorkerId, WorkerRow};
 use crate::plan::{ActionFailure, Policy, Slot, SpecTemplate, Verdict};
 use crate::runtime::RuntimeError;
-use crate::runtime::swarm::SwarmError;
+use crate::runtime::SwarmError;
 use crate::scale::depths::Reading;
 use crate::store::{StoreError, WorkerStore};
-pub use containers::Containers;
-pub(crate) use containers::Stopping;
 use in_flight::InFlight;
 use publish::StatusWriter;
-pub use swarm::Services;
 
 /// What differs between backends, and only that. A backend is shared by the
 /// pass and the action tasks (`&self` only); what it carries from one pass
@@ -177,6 +174,15 @@ pub struct Done<A> {
     /// The change announced by the store that the pass which decided it
     /// reacted to, if any: a container it starts is timed from it.
     pub change: Option<std::time::Instant>,
+}
+
+/// How a container is asked to stop (`docker.stop_timeout`, `docker.stop_signal`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stopping {
+    /// Grace period between the stop signal and SIGKILL.
+    pub timeout: Duration,
+    /// The configured signal; `None`: chosen by the image.
+    pub signal: Option<String>,
 }
 
 /// Settings of a pass that do not come from the snapshot.

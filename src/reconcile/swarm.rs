@@ -21,7 +21,7 @@ use crate::plan::Slot;
 use crate::plan::replicas::ScaleState;
 use crate::plan::swarm::{ServiceAction, ServicePlan, ServiceSnapshot, ServiceStep, plan_services};
 use crate::runtime::ServiceRuntime;
-use crate::runtime::swarm::SwarmError;
+use crate::runtime::SwarmError;
 
 /// The Swarm backend over `runtime` (a swarm manager).
 pub struct Services<R> {

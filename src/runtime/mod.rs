@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use crate::model::{ContainerSpec, ManagedContainer, ManagedService, WorkerService};
 use crate::model::{ImageState, NetworkState};
-use swarm::SwarmError;
+
+use bollard::errors::Error as DockerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -77,6 +78,63 @@ pub enum RuntimeError {
         name: String,
         #[source]
         source: bollard::errors::Error,
+    },
+}
+
+/// Why a call to the swarm failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("cannot reach the Docker engine")]
+    Connect(#[source] DockerError),
+    #[error(
+        "the Docker engine is not a swarm manager (swarm state: {state}); \
+         run `docker swarm init` there, or point DOCKER_HOST at a manager, or set runtime.backend = \"docker\""
+    )]
+    NotManager { state: String },
+    #[error("cannot list services")]
+    List(#[source] DockerError),
+    #[error("cannot list the tasks of services")]
+    Tasks(#[source] DockerError),
+    #[error("cannot inspect image {image}")]
+    InspectImage {
+        image: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot inspect network {network}")]
+    InspectNetwork {
+        network: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot inspect service {service}")]
+    Inspect {
+        service: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error(
+        "the service name {name} is taken by a service this workerctl instance does not own; \
+         remove it (docker service rm {name}) or give this daemon another `instance`"
+    )]
+    NameTaken { name: String },
+    #[error("cannot create service {name}")]
+    Create {
+        name: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot update service {service}")]
+    Update {
+        service: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("cannot remove service {service}")]
+    Remove {
+        service: String,
+        #[source]
+        source: DockerError,
     },
 }
 

@@ -45,7 +45,7 @@ use tracing::warn;
 use crate::model::{ContainerSpec, Labelled, labels};
 use crate::model::{ImageState, NetworkState};
 pub use crate::model::{ManagedService, Rollout, WorkerService};
-use crate::runtime::ServiceRuntime;
+use crate::runtime::{ServiceRuntime, SwarmError};
 
 /// The label of a worker's replica number. Swarm numbers a service's
 /// tasks itself (its *slot*); containers get it in `WORKERCTL_REPLICA`
@@ -57,62 +57,6 @@ const SLOT_TEMPLATE: &str = "{{.Task.Slot}}";
 const TMPFS_BYTES: i64 = 64 << 20;
 /// Swarm restarts a task that exits; this long after it exited.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum SwarmError {
-    #[error("cannot reach the Docker engine")]
-    Connect(#[source] DockerError),
-    #[error(
-        "the Docker engine is not a swarm manager (swarm state: {state}); \
-         run `docker swarm init` there, or point DOCKER_HOST at a manager, or set runtime.backend = \"docker\""
-    )]
-    NotManager { state: String },
-    #[error("cannot list services")]
-    List(#[source] DockerError),
-    #[error("cannot list the tasks of services")]
-    Tasks(#[source] DockerError),
-    #[error("cannot inspect image {image}")]
-    InspectImage {
-        image: String,
-        #[source]
-        source: DockerError,
-    },
-    #[error("cannot inspect network {network}")]
-    InspectNetwork {
-        network: String,
-        #[source]
-        source: DockerError,
-    },
-    #[error("cannot inspect service {service}")]
-    Inspect {
-        service: String,
-        #[source]
-        source: DockerError,
-    },
-    #[error(
-        "the service name {name} is taken by a service this workerctl instance does not own; \
-         remove it (docker service rm {name}) or give this daemon another `instance`"
-    )]
-    NameTaken { name: String },
-    #[error("cannot create service {name}")]
-    Create {
-        name: String,
-        #[source]
-        source: DockerError,
-    },
-    #[error("cannot update service {service}")]
-    Update {
-        service: String,
-        #[source]
-        source: DockerError,
-    },
-    #[error("cannot remove service {service}")]
-    Remove {
-        service: String,
-        #[source]
-        source: DockerError,
-    },
-}
 
 /// How services are rolled out.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! failed update is retried with backoff, a rolled-back save is not asked
 //! again, and an idle pass costs the same few calls whatever it finds.
 
+use crate::reconcile::swarm::Services;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use super::super::{LoopSettings, run};
 use crate::config::Config;
 use crate::fakes::{FakeStore, FakeSwarm, row};
 use crate::metrics::Metrics;
-use crate::reconcile::{PassSettings, Reconciler, Services};
+use crate::reconcile::{PassSettings, Reconciler};
 
 struct Loop {
     wake: Arc<Notify>,
