@@ -5,9 +5,11 @@
 //! Nothing here does I/O; these are plain values with parsing at the edges
 //! ("parse, don't validate").
 
+mod ids;
 mod observed;
 mod scale;
 
+pub use ids::{Revision, WorkerId};
 pub use observed::{ImageState, NetworkState, Observed};
 
 pub(crate) use observed::{Demand, QueueDepth, QueueDepths};
@@ -16,11 +18,9 @@ pub use scale::ScaleBounds;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 /// The instance name used when none is configured. It lives here, not in
 /// `config.rs`, so that the vocabulary depends on nothing (config uses model).
@@ -94,35 +94,6 @@ impl Labelled {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
         }
-    }
-}
-
-/// A worker's id: the primary key of `user_workers`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct WorkerId(pub Uuid);
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for WorkerId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(WorkerId)
-    }
-}
-
-/// A worker's code revision; the dashboard increments it on every save.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Revision(pub i32);
-
-impl fmt::Display for Revision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
     }
 }
 
@@ -529,6 +500,7 @@ pub struct ManagedService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     fn row() -> WorkerRow {
         WorkerRow {

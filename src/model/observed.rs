@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::{Revision, WorkerId};
+use super::ids::{Revision, WorkerId};
 
 /// What is known of one worker's queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
