@@ -296,7 +296,11 @@ impl Default for Config {
             },
             log: LogConfig {
                 format: LogFormat::Text,
-                filter: "info".into(),
+                // lapin logs every channel the broker closes at ERROR, also
+                // the expected ones (a passive declare of a worker queue
+                // that does not exist yet, while a worker starts); the
+                // daemon reports what it cannot do itself, with context.
+                filter: "info,lapin::channel=off".into(),
             },
             api: ApiConfig::default(),
             dead_letters: DeadLettersConfig {
