@@ -25,9 +25,8 @@
 
 mod common;
 
-use common::setting;
+use common::{Database, amqp_url, setting};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -38,11 +37,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use serde_json::json;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use uuid::Uuid;
-
-use workerctl::store::postgres::PgStore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
 const ECHO_PY: &str = "def process(msg):\n    return msg\n";
@@ -50,16 +45,6 @@ const CANDIDATE_PY: &str =
     "def process(msg):\n    msg.metadata = {'decoder': 'v2'}\n    return msg\n";
 const KEEP: usize = 200;
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://workerctl:workerctl@127.0.0.1:5432/workerctl".into())
-}
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://workerctl:workerctl@127.0.0.1:5672/%2f".into())
-}
 
 fn image() -> String {
     std::env::var("WORKERCTL_DOCKER__IMAGE")
@@ -71,7 +56,7 @@ async fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--list") {
         return ExitCode::SUCCESS;
     }
-    let db = Database::create().await;
+    let db = Database::create("workerctl_bench_rec").await;
     let bench = Bench::new(db);
     let result = bench.run().await;
     bench.cleanup().await;
@@ -601,55 +586,5 @@ impl Broker {
             .channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
             .await;
-    }
-}
-
-/// The throwaway database.
-struct Database {
-    name: String,
-    url: String,
-    pool: PgPool,
-}
-
-impl Database {
-    async fn create() -> Database {
-        let base = database_url();
-        let name = format!(
-            "workerctl_bench_rec_{}",
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
-        let mut admin = PgConnectOptions::from_str(&base)
-            .expect("DATABASE_URL")
-            .connect()
-            .await
-            .expect("Postgres answers");
-        admin
-            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-            .await
-            .expect("CREATE DATABASE (the DATABASE_URL role must be allowed to)");
-        let _ = admin.close().await;
-        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
-        url.set_path(&name);
-        let url = url.to_string();
-        let store = PgStore::connect(&url).expect("url");
-        store.migrate().await.expect("migrations");
-        Database {
-            name,
-            url,
-            pool: store.pool().clone(),
-        }
-    }
-
-    async fn drop(&self) {
-        self.pool.close().await;
-        if let Ok(mut admin) = PgConnectOptions::from_str(&database_url())
-            .expect("url")
-            .connect()
-            .await
-        {
-            let _ = admin
-                .execute(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str())
-                .await;
-        }
     }
 }

@@ -21,44 +21,30 @@
 mod amqp;
 mod common;
 
-use common::{percentile, setting};
+use common::{Database, amqp_url, percentile, setting};
 use std::process::{Command, ExitCode, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
 use lapin::options::ExchangeDeleteOptions;
 use lapin::types::AMQPValue;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use workerctl::config::{AmqpConfig, Secret};
-use workerctl::store::postgres::PgStore;
 use workerctl::triggers::firing::{self, AmqpPublisher, PgSchedules, SystemClock};
 
 const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
 const TOKEN: &str = "bench-token-0123456789";
 const ECHO_PY: &str = "def process(msg):\n    return msg\n";
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://workerctl:workerctl@127.0.0.1:5432/workerctl".into())
-}
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://workerctl:workerctl@127.0.0.1:5672/%2f".into())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--list") {
         return ExitCode::SUCCESS;
     }
-    let db = Database::create().await;
+    let db = Database::create("workerctl_bench_triggers").await;
     let exchange = format!("pipeline.messages.bench-{}", Uuid::new_v4().simple());
     let lateness = schedule_lateness(&db, &exchange).await;
     let invokes = invoke_round_trips(&db, &exchange).await;
@@ -96,56 +82,6 @@ fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-/// The throwaway database.
-struct Database {
-    name: String,
-    url: String,
-    pool: PgPool,
-}
-
-impl Database {
-    async fn create() -> Database {
-        let base = database_url();
-        let name = format!(
-            "workerctl_bench_triggers_{}",
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
-        let mut admin = PgConnectOptions::from_str(&base)
-            .expect("DATABASE_URL")
-            .connect()
-            .await
-            .expect("Postgres answers");
-        admin
-            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-            .await
-            .expect("CREATE DATABASE (the DATABASE_URL role must be allowed to)");
-        let _ = admin.close().await;
-        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
-        url.set_path(&name);
-        let url = url.to_string();
-        let store = PgStore::connect(&url).expect("url");
-        store.migrate().await.expect("migrations");
-        Database {
-            name,
-            url,
-            pool: store.pool().clone(),
-        }
-    }
-
-    async fn drop(self) {
-        self.pool.close().await;
-        if let Ok(mut admin) = PgConnectOptions::from_str(&database_url())
-            .expect("url")
-            .connect()
-            .await
-        {
-            let _ = admin
-                .execute(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str())
-                .await;
-        }
-    }
 }
 
 struct Lateness {

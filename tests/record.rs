@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use harness::{Cli, Daemon, s};
+use harness::{Cli, Daemon, Terminal, s, save};
 
 const TOKEN: &str = "test-token-0123456789";
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -533,90 +533,6 @@ async fn http_try_answers_the_report_as_json_behind_the_token(pool: PgPool) {
     let _ = broker.connection.close(200, "done".into()).await;
 }
 
-/// A terminal: `workerctl worker dev` under tmux, on a server of its own.
-struct Terminal {
-    socket: String,
-}
-
-impl Terminal {
-    fn start(cli: &Cli, args: &[&str]) -> Terminal {
-        let socket = format!("wt{}", &Uuid::new_v4().simple().to_string()[..10]);
-        let mut line = String::from("env");
-        for (k, v) in &cli.env {
-            line.push_str(&format!(" {k}='{v}'"));
-        }
-        line.push_str(&format!(" {}", harness::BIN));
-        for a in args {
-            line.push_str(&format!(" '{a}'"));
-        }
-        line.push_str("; echo EXITED; sleep 600");
-        let status = StdCommand::new("tmux")
-            .args([
-                "-L",
-                &socket,
-                "new-session",
-                "-d",
-                "-x",
-                "200",
-                "-y",
-                "50",
-                &line,
-            ])
-            .status()
-            .expect("tmux runs (apt-get install tmux)");
-        assert!(status.success());
-        let _ = StdCommand::new("tmux")
-            .args(["-L", &socket, "set", "-g", "history-limit", "50000"])
-            .status();
-        Terminal { socket }
-    }
-
-    fn screen(&self) -> String {
-        let out = StdCommand::new("tmux")
-            .args([
-                "-L",
-                &self.socket,
-                "capture-pane",
-                "-p",
-                "-J",
-                "-S",
-                "-50000",
-            ])
-            .output()
-            .expect("capture-pane");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn wait_for(&self, needle: &str, n: usize) -> String {
-        let start = Instant::now();
-        loop {
-            let screen = self.screen();
-            if screen.matches(needle).count() >= n {
-                return screen;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{needle:?} x{n} never showed:\n{screen}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn keys(&self, keys: &str) {
-        let _ = StdCommand::new("tmux")
-            .args(["-L", &self.socket, "send-keys", keys])
-            .status();
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = StdCommand::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .status();
-    }
-}
-
 #[sqlx::test(migrations = false)]
 async fn dev_mode_with_try_reports_each_save_on_recorded_traffic_and_no_deploy_stores_nothing(
     pool: PgPool,
@@ -647,9 +563,7 @@ async fn dev_mode_with_try_reports_each_save_on_recorded_traffic_and_no_deploy_s
         )
         .await;
     assert!(screen.contains("KeyError: 'three'"), "{screen}");
-    let tmp = code.with_extension("py.tmp");
-    std::fs::write(&tmp, CURRENT_PY).expect("write");
-    std::fs::rename(&tmp, &code).expect("save");
+    save(&code, CURRENT_PY.as_bytes());
     term.wait_for("4 messages: 4 unchanged", 1).await;
     term.keys("C-c");
     term.wait_for("worker decoder left as it is", 1).await;

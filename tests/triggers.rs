@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use harness::{Cli, Daemon, pipeline, s};
+use harness::{Cli, Daemon, Terminal, pipeline, s, save};
 
 const TOKEN: &str = "test-token-0123456789";
 const SETTER_PY: &str =
@@ -567,99 +567,6 @@ async fn two_daemons_publish_each_fire_time_once(pool: PgPool) {
 }
 
 // ------------------------------------------------------------- watch mode --
-
-/// A terminal: `workerctl worker dev` under tmux, on a server of its own.
-struct Terminal {
-    socket: String,
-}
-
-impl Terminal {
-    fn start(cli: &Cli, args: &[&str]) -> Terminal {
-        let socket = format!("wd{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let conf = cli.file("tmux.conf", b"set -g history-limit 50000\n");
-        let mut line = String::from("env");
-        for (k, v) in &cli.env {
-            line.push_str(&format!(" {k}='{v}'"));
-        }
-        line.push_str(&format!(" {}", harness::BIN));
-        for a in args {
-            line.push_str(&format!(" '{a}'"));
-        }
-        line.push_str("; echo EXITED; sleep 600");
-        let status = std::process::Command::new("tmux")
-            .args([
-                "-L",
-                &socket,
-                "-f",
-                s(&conf),
-                "new-session",
-                "-d",
-                "-x",
-                "200",
-                "-y",
-                "50",
-                &line,
-            ])
-            .status()
-            .expect("tmux runs (apt-get install tmux)");
-        assert!(status.success());
-        Terminal { socket }
-    }
-
-    fn screen(&self) -> String {
-        let out = std::process::Command::new("tmux")
-            .args([
-                "-L",
-                &self.socket,
-                "capture-pane",
-                "-p",
-                "-J",
-                "-S",
-                "-50000",
-            ])
-            .output()
-            .expect("capture-pane");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Waits until the screen shows `needle` `n` times.
-    async fn wait_for(&self, needle: &str, n: usize) -> String {
-        let start = Instant::now();
-        loop {
-            let screen = self.screen();
-            if screen.matches(needle).count() >= n {
-                return screen;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{needle:?} x{n} never showed:\n{screen}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn keys(&self, keys: &str) {
-        let _ = std::process::Command::new("tmux")
-            .args(["-L", &self.socket, "send-keys", keys])
-            .status();
-    }
-}
-
-/// Saves as editors do: a new file renamed over the old one, so that no
-/// half-written file is ever seen.
-fn save(path: &std::path::Path, code: &[u8]) {
-    let tmp = path.with_extension("py.tmp");
-    std::fs::write(&tmp, code).expect("write");
-    std::fs::rename(&tmp, path).expect("rename");
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .status();
-    }
-}
 
 #[sqlx::test(migrations = false)]
 async fn dev_mode_deploys_each_save_shows_a_broken_one_at_once_and_leaves_the_worker(pool: PgPool) {

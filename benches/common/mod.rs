@@ -115,3 +115,72 @@ where
         .expect("tokio runtime");
     runtime.block_on(run())
 }
+
+/// `DATABASE_URL`, or the project's local server.
+pub fn database_url() -> String {
+    env_or(
+        "DATABASE_URL",
+        "postgres://workerctl:workerctl@127.0.0.1:5432/workerctl",
+    )
+}
+
+/// `AMQP_URL`, or the project's local broker.
+pub fn amqp_url() -> String {
+    env_or("AMQP_URL", "amqp://workerctl:workerctl@127.0.0.1:5672/%2f")
+}
+
+/// A throwaway database on the server of `DATABASE_URL`, migrated; dropped
+/// by [`Database::drop`].
+pub struct Database {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl Database {
+    /// `<prefix>_<random>`, created and migrated.
+    pub async fn create(prefix: &str) -> Database {
+        use sqlx::{ConnectOptions, Connection, Executor};
+        let base = database_url();
+        let name = format!(
+            "{prefix}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut admin = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&base)
+            .expect("DATABASE_URL")
+            .connect()
+            .await
+            .expect("Postgres answers");
+        admin
+            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .expect("CREATE DATABASE (the DATABASE_URL role must be allowed to)");
+        let _ = admin.close().await;
+        let mut url = reqwest::Url::parse(&base).expect("DATABASE_URL is a URL");
+        url.set_path(&name);
+        let url = url.to_string();
+        let store = workerctl::store::postgres::PgStore::connect(&url).expect("url");
+        store.migrate().await.expect("migrations");
+        Database {
+            name,
+            url,
+            pool: store.pool().clone(),
+        }
+    }
+
+    /// Closes the pool and drops the database.
+    pub async fn drop(&self) {
+        use sqlx::{ConnectOptions, Executor};
+        self.pool.close().await;
+        if let Ok(mut admin) =
+            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&database_url())
+                .expect("url")
+                .connect()
+                .await
+        {
+            let _ = admin
+                .execute(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str())
+                .await;
+        }
+    }
+}

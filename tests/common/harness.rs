@@ -7,6 +7,8 @@ use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
 
+use std::time::{Duration, Instant};
+
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
@@ -332,4 +334,100 @@ pub(crate) async fn pipeline(pool: PgPool) -> (Cli, Daemon) {
     let mut daemon = Daemon::start(&mut cli, worker_image()).await;
     daemon.exchange = Some(exchange);
     (cli, daemon)
+}
+
+/// Only catches a hang: a terminal shows what it waits for within seconds.
+const SCREEN_DEADLINE: Duration = Duration::from_secs(90);
+
+/// A terminal: `workerctl worker dev` under tmux, on a server of its own.
+pub(crate) struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    pub(crate) fn start(cli: &Cli, args: &[&str]) -> Terminal {
+        let socket = format!("wd{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let conf = cli.file("tmux.conf", b"set -g history-limit 50000\n");
+        let mut line = String::from("env");
+        for (k, v) in &cli.env {
+            line.push_str(&format!(" {k}='{v}'"));
+        }
+        line.push_str(&format!(" {}", BIN));
+        for a in args {
+            line.push_str(&format!(" '{a}'"));
+        }
+        line.push_str("; echo EXITED; sleep 600");
+        let status = StdCommand::new("tmux")
+            .args([
+                "-L",
+                &socket,
+                "-f",
+                s(&conf),
+                "new-session",
+                "-d",
+                "-x",
+                "200",
+                "-y",
+                "50",
+                &line,
+            ])
+            .status()
+            .expect("tmux runs (apt-get install tmux)");
+        assert!(status.success());
+        Terminal { socket }
+    }
+
+    pub(crate) fn screen(&self) -> String {
+        let out = StdCommand::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "capture-pane",
+                "-p",
+                "-J",
+                "-S",
+                "-50000",
+            ])
+            .output()
+            .expect("capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows `needle` `n` times.
+    pub(crate) async fn wait_for(&self, needle: &str, n: usize) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if screen.matches(needle).count() >= n {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < SCREEN_DEADLINE,
+                "{needle:?} x{n} never showed:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub(crate) fn keys(&self, keys: &str) {
+        let _ = StdCommand::new("tmux")
+            .args(["-L", &self.socket, "send-keys", keys])
+            .status();
+    }
+}
+
+/// Saves as editors do: a new file renamed over the old one, so that no
+/// half-written file is ever seen.
+pub(crate) fn save(path: &Path, code: &[u8]) {
+    let tmp = path.with_extension("py.tmp");
+    std::fs::write(&tmp, code).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = StdCommand::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
 }
