@@ -224,14 +224,22 @@ impl Daemon {
     }
 
     async fn status_matching(&self, id: WorkerId, status: &str, needle: &str) -> String {
-        self.wait_for(
-            &format!("status {status} containing {needle:?}"),
-            async || {
-                let (s, info) = self.status(id).await;
-                (s == status && info.contains(needle)).then_some(info)
-            },
-        )
-        .await
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let (s, info) = self.status(id).await;
+            if s == status && info.contains(needle) {
+                return info;
+            }
+            if seen.last() != Some(&(s.clone(), info.clone())) {
+                seen.push((s, info));
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for status {status} containing {needle:?}; saw, in order: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn cleanup(mut self) {
@@ -676,8 +684,8 @@ fn ready_url_of(container: &ManagedContainer) -> String {
 
 #[sqlx::test(migrations = false)]
 async fn a_worker_stuck_in_its_grace_period_does_not_hold_up_another(pool: PgPool) {
-    // SIGTERM, which the stubborn stand-in ignores (by default it would get
-    // SIGINT, as an image that declares no stop signal).
+    // The stubborn stand-in ignores the stop signal, whichever it is (by
+    // default SIGINT, as an image that declares none).
     let d = Daemon::start_with(pool, |c| {
         c.docker.stop_timeout = Duration::from_secs(10);
         c.docker.stop_signal = Some("SIGTERM".into());

@@ -18,10 +18,12 @@ pub(crate) const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
 /// once it consumes, and runs until SIGTERM. By its entrypoint:
 /// `crash.*` says only "crashing" and exits with code 3 at once (one line:
 /// the order of lines across stdout and stderr is not sure); `silent.*`
-/// never reports ready; `stubborn.*` ignores SIGTERM (it waits out the
-/// whole grace period of a stop).
+/// never reports ready; `stubborn.*` ignores SIGTERM and SIGINT (it waits
+/// out the whole grace period of a stop). The signal handlers are in place
+/// before the ready report: a shell left to its defaults as PID 1 dies of a
+/// SIGINT or not depending on whether it is waiting for a child just then.
 pub(crate) const STAND_IN_IMAGE: &str = "workerctl-test/worker:latest";
-const STAND_IN_SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; case "$CODE_ENTRYPOINT" in silent.*) ;; *) wget -q -O /dev/null --post-data '' "$WORKER_READY_URL" || echo "cannot report ready";; esac; case "$CODE_ENTRYPOINT" in stubborn.*) trap '' TERM;; *) trap 'exit 0' TERM;; esac; while :; do sleep 0.1; done"#;
+const STAND_IN_SCRIPT: &str = r#"case "$CODE_ENTRYPOINT" in crash.*) echo crashing; exit 3;; esac; echo "hello from revision $WORKER_REVISION"; echo "warming up" >&2; case "$CODE_ENTRYPOINT" in stubborn.*) trap '' INT TERM;; *) trap 'exit 0' INT TERM;; esac; case "$CODE_ENTRYPOINT" in silent.*) ;; *) wget -q -O /dev/null --post-data '' "$WORKER_READY_URL" || echo "cannot report ready";; esac; while :; do sleep 0.1; done"#;
 
 const DEFAULT_AMQP_URL: &str = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f";
 
