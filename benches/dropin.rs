@@ -27,7 +27,8 @@
 //! (`DATABASE_URL`), RabbitMQ (`AMQP_URL`), Docker and the images of
 //! scripts/build-images. It creates the database `bench_dropin_<random>`
 //! and drops it at the end, and removes its containers, queues and exchange.
-//! Settings: BENCH_ROUNDS (5), BENCH_TAKEOVERS (3).
+//! Settings: BENCH_ROUNDS (5), BENCH_TAKEOVERS (3), BENCH_IMAGES (the
+//! images of (a): `dockerworker,contract`).
 
 mod common;
 
@@ -76,11 +77,18 @@ async fn run() -> ExitCode {
     // Not spawned: the clean-up runs after a panicking measurement too.
     let outcome = std::panic::AssertUnwindSafe(async move {
         let mut rapid = Vec::new();
-        for (image, code) in [
-            (WORKER_IMAGE, attr_versioned as fn(usize) -> String),
-            (CONTRACT_IMAGE, dict_versioned),
+        let images: String = setting("BENCH_IMAGES", "dockerworker,contract".into());
+        for (name, image, code) in [
+            (
+                "dockerworker",
+                WORKER_IMAGE,
+                attr_versioned as fn(usize) -> String,
+            ),
+            ("contract", CONTRACT_IMAGE, dict_versioned),
         ] {
-            rapid.push((image, rapid_saves(&body, image, code).await));
+            if images.split(',').any(|i| i == name) {
+                rapid.push((image, rapid_saves(&body, image, code).await));
+            }
         }
         let takeovers = takeovers(&body).await;
         (rapid, takeovers)
