@@ -12,11 +12,19 @@
 //! is now, no statistics involved) and wakes the loop when a count changes.
 //! With nobody named it holds no connection and makes no request.
 //!
+//! A pass asks for counts read after it listed the containers
+//! ([`ConsumerCounts::as_of`]): a count read before then may still hold the
+//! consumer of a container that has gone since (a superseded one, retired a
+//! moment ago), and would make a new container that has not connected yet
+//! look as if it consumed.
+//!
 //! It decides nothing: the planner reads the counts (`Snapshot::consumers`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -27,17 +35,30 @@ use tracing::{debug, warn};
 
 use crate::backoff::error_chain;
 use crate::model::WorkerId;
+use crate::plan::containers::ConsumerCount;
 
 /// How often the named queues are asked while a rollout waits on them.
 pub(crate) const POLL: Duration = Duration::from_millis(100);
 /// How long to wait before connecting again after the broker refused.
 const RECONNECT: Duration = Duration::from_secs(1);
+/// How long a pass waits for a count read after it listed the containers.
+const FRESH: Duration = Duration::from_millis(300);
+
+/// The counts of one read of the broker.
+#[derive(Clone, Debug, Default)]
+struct Counts {
+    /// When the read began; `None` before the first.
+    began: Option<Instant>,
+    by_worker: BTreeMap<WorkerId, u32>,
+}
 
 /// The reconciler's side of the task.
 #[derive(Clone)]
 pub(crate) struct ConsumerCounts {
     wanted: Arc<watch::Sender<BTreeSet<WorkerId>>>,
-    counts: watch::Receiver<BTreeMap<WorkerId, u32>>,
+    counts: watch::Receiver<Counts>,
+    /// Asks the task to read now rather than at its next poll.
+    nudge: Arc<Notify>,
 }
 
 impl ConsumerCounts {
@@ -49,12 +70,21 @@ impl ConsumerCounts {
         shutdown: &CancellationToken,
     ) -> ConsumerCounts {
         let (wanted, wanted_rx) = watch::channel(BTreeSet::new());
-        let (counts_tx, counts) = watch::channel(BTreeMap::new());
+        let (counts_tx, counts) = watch::channel(Counts::default());
+        let nudge = Arc::new(Notify::new());
         let shutdown = shutdown.clone();
-        tracker.spawn(run(amqp_url, wanted_rx, counts_tx, wake, shutdown));
+        let task = Task {
+            amqp_url,
+            wanted: wanted_rx,
+            counts: counts_tx,
+            wake,
+            nudge: nudge.clone(),
+        };
+        tracker.spawn(task.run(shutdown));
         ConsumerCounts {
             wanted: Arc::new(wanted),
             counts,
+            nudge,
         }
     }
 
@@ -67,64 +97,114 @@ impl ConsumerCounts {
         });
     }
 
-    /// The latest counts of the watched queues.
-    pub(crate) fn latest(&self) -> BTreeMap<WorkerId, u32> {
-        self.counts.borrow().clone()
+    /// The counts of the watched queues, [`ConsumerCount::Fresh`] if a read
+    /// that began at `listed` or later comes within [`FRESH`], else the
+    /// latest ones as [`ConsumerCount::Stale`]. Empty while the broker
+    /// cannot be asked, without waiting.
+    pub(crate) async fn as_of(&self, listed: Instant) -> BTreeMap<WorkerId, ConsumerCount> {
+        if self.counts.borrow().by_worker.is_empty() {
+            return BTreeMap::new();
+        }
+        self.nudge.notify_one();
+        let mut counts = self.counts.clone();
+        let fresh = counts.wait_for(|c| c.began.is_some_and(|at| at >= listed));
+        let (counts, count): (Counts, fn(u32) -> ConsumerCount) =
+            match tokio::time::timeout(FRESH, fresh).await {
+                Ok(Ok(fresh)) => (fresh.clone(), ConsumerCount::Fresh),
+                // The task ended (shutdown), or no read came in time.
+                _ => (self.counts.borrow().clone(), |_| ConsumerCount::Stale),
+            };
+        counts
+            .by_worker
+            .into_iter()
+            .map(|(id, n)| (id, count(n)))
+            .collect()
     }
 }
 
-async fn run(
+/// The task that asks the broker.
+struct Task {
     amqp_url: String,
-    mut wanted: watch::Receiver<BTreeSet<WorkerId>>,
-    counts: watch::Sender<BTreeMap<WorkerId, u32>>,
+    wanted: watch::Receiver<BTreeSet<WorkerId>>,
+    counts: watch::Sender<Counts>,
+    /// Wakes the reconciler's loop when a count changes.
     wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    let mut broker: Option<(Connection, Channel)> = None;
-    loop {
-        let workers = wanted.borrow_and_update().clone();
-        if workers.is_empty() {
-            if let Some((connection, _)) = broker.take() {
-                let _ = connection.close(200, "nothing to watch".into()).await;
-            }
-            counts.send_if_modified(|c| !std::mem::take(c).is_empty());
-            tokio::select! {
-                // Cancel-safe: both only wait.
-                _ = shutdown.cancelled() => return,
-                changed = wanted.changed() => if changed.is_err() { return },
-            }
-            continue;
-        }
-        let read = match &broker {
-            Some((_, channel)) => Some(read(channel, &workers).await),
-            None => None,
-        };
-        match read {
-            Some(Ok(now)) => {
-                if counts.send_if_modified(|c| replace_if_changed(c, now)) {
-                    wake.notify_one();
+    nudge: Arc<Notify>,
+}
+
+impl Task {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut broker: Option<(Connection, Channel)> = None;
+        loop {
+            let workers = self.wanted.borrow_and_update().clone();
+            if workers.is_empty() {
+                if let Some((connection, _)) = broker.take() {
+                    let _ = connection.close(200, "nothing to watch".into()).await;
                 }
+                self.forget();
+                tokio::select! {
+                    // Cancel-safe: both only wait.
+                    _ = shutdown.cancelled() => return,
+                    changed = self.wanted.changed() => if changed.is_err() { return },
+                }
+                continue;
             }
-            // A queue not declared yet closes the channel: open another.
-            Some(Err(())) => broker = reopen(broker.take()).await,
-            None => broker = connect(&amqp_url).await,
+            broker = match broker {
+                Some((connection, channel)) => {
+                    let began = Instant::now();
+                    let (now, channel) = read(&connection, channel, &workers).await;
+                    self.publish(began, now);
+                    channel.map(|channel| (connection, channel))
+                }
+                None => connect(&self.amqp_url).await,
+            };
+            if broker.is_none() {
+                // Nothing can be counted: no count may stand for one.
+                self.forget();
+            }
+            let pause = if broker.is_some() { POLL } else { RECONNECT };
+            tokio::select! {
+                // Cancel-safe: all four only wait.
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.nudge.notified() => {}
+                changed = self.wanted.changed() => if changed.is_err() { return },
+            }
         }
-        let pause = if broker.is_some() { POLL } else { RECONNECT };
-        tokio::select! {
-            // Cancel-safe: all three only wait.
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-            changed = wanted.changed() => if changed.is_err() { return },
+    }
+
+    /// Records a read (every read: a pass may be waiting for a fresh one),
+    /// and wakes the loop if a count changed.
+    fn publish(&self, began: Instant, now: BTreeMap<WorkerId, u32>) {
+        let mut changed = false;
+        self.counts.send_modify(|c| {
+            changed = c.by_worker != now;
+            *c = Counts {
+                began: Some(began),
+                by_worker: now,
+            };
+        });
+        if changed {
+            self.wake.notify_one();
         }
+    }
+
+    fn forget(&self) {
+        self.counts.send_if_modified(|c| {
+            let had = !c.by_worker.is_empty();
+            *c = Counts::default();
+            had
+        });
     }
 }
 
-/// Each worker queue's consumer count; `Err` when the channel was closed
-/// (a queue that does not exist yet), with the counts read so far dropped.
+/// Each worker queue's consumer count, leaving out the queues not declared
+/// yet; the channel to go on with (`None`: the connection is lost).
 async fn read(
-    channel: &Channel,
+    connection: &Connection,
+    mut channel: Channel,
     workers: &BTreeSet<WorkerId>,
-) -> Result<BTreeMap<WorkerId, u32>, ()> {
+) -> (BTreeMap<WorkerId, u32>, Option<Channel>) {
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -141,17 +221,15 @@ async fn read(
             }
             Err(e) => {
                 debug!(%queue, error = %error_chain(&e), "cannot count its consumers yet");
-                return Err(());
+                // A queue not declared yet closes the channel: open another.
+                match connection.create_channel().await {
+                    Ok(next) => channel = next,
+                    Err(_) => return (now, None),
+                }
             }
         }
     }
-    Ok(now)
-}
-
-fn replace_if_changed(current: &mut BTreeMap<WorkerId, u32>, now: BTreeMap<WorkerId, u32>) -> bool {
-    let changed = *current != now;
-    *current = now;
-    changed
+    (now, Some(channel))
 }
 
 async fn connect(amqp_url: &str) -> Option<(Connection, Channel)> {
@@ -170,13 +248,5 @@ async fn connect(amqp_url: &str) -> Option<(Connection, Channel)> {
             );
             None
         }
-    }
-}
-
-async fn reopen(broker: Option<(Connection, Channel)>) -> Option<(Connection, Channel)> {
-    let (connection, _) = broker?;
-    match connection.create_channel().await {
-        Ok(channel) => Some((connection, channel)),
-        Err(_) => None,
     }
 }

@@ -141,9 +141,21 @@ pub struct Snapshot {
     /// Why `depths` is `None`, in one line (for the status).
     pub depths_unknown: String,
     /// Consumers on the queues of the workers the last plan asked to watch
-    /// (`Plan::watch_consumers`), as the broker counts them now.
-    pub consumers: BTreeMap<WorkerId, u32>,
+    /// (`Plan::watch_consumers`); absent where the broker cannot count them.
+    pub consumers: BTreeMap<WorkerId, ConsumerCount>,
     pub now_ms: i64,
+}
+
+/// A worker queue's consumers, as the broker counted them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumerCount {
+    /// Counted after `containers` was listed: a container missing from the
+    /// list had closed its connection before, and is not in the count.
+    Fresh(u32),
+    /// Counted before (no later count came in time): it may hold the
+    /// consumer of a container gone since, so it proves nothing but that the
+    /// broker can count.
+    Stale,
 }
 
 /// What to do to one container or worker.

@@ -14,7 +14,7 @@
 //! What a pass leaves to the next: the planner's books, and when this
 //! daemon started each container.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::{StreamExt, stream};
@@ -242,11 +242,10 @@ impl<R: ContainerRuntime> Backend for Containers<R> {
             last_words,
             depths: shared.depths,
             depths_unknown: shared.depths_unknown,
-            consumers: self
-                .consumers
-                .as_ref()
-                .map(ConsumerCounts::latest)
-                .unwrap_or_default(),
+            consumers: match &self.consumers {
+                Some(counts) => counts.as_of(listed_at).await,
+                None => BTreeMap::new(),
+            },
             containers,
             now_ms: shared.now_ms,
         })

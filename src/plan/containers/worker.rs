@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use super::{
-    Action, Backoff, FailedRollout, Plan, Policy, Slot, Snapshot, SpecTemplate, Step, Takeover,
-    Verdict,
+    Action, Backoff, ConsumerCount, FailedRollout, Plan, Policy, Slot, Snapshot, SpecTemplate,
+    Step, Takeover, Verdict,
 };
 use crate::exit;
 use crate::model::{
@@ -48,9 +48,14 @@ struct Sorted<'a> {
     /// among them), but for those already being removed.
     outdated: Vec<&'a ManagedContainer>,
     /// The outdated container that serves the queue until the current one is
-    /// ready: the newest that runs and was ready. Every other outdated
-    /// container serves nobody and goes at once.
+    /// ready: the newest that runs and was ready.
     serving: Option<&'a ManagedContainer>,
+    /// The outdated container kept until the current one is ready: the
+    /// serving one, else the oldest that runs, which may serve without the
+    /// daemon knowing yet (a save a moment after a start: its ready report,
+    /// or the broker's count of its consumer, is still on its way). Every
+    /// other outdated container serves nobody and goes at once.
+    kept: Option<&'a ManagedContainer>,
     /// Containers being removed by an action in flight.
     going: Vec<&'a ManagedContainer>,
 }
@@ -149,7 +154,7 @@ impl Context<'_> {
     }
 
     /// Every container of this replica that serves nobody goes at once: the
-    /// outdated ones but the one still serving (all of them once the current
+    /// outdated ones but the one kept (all of them once the current
     /// container is `ready`), and duplicates. `spare` is the name holder a
     /// start-beside of this pass moves out of the way: it goes in a later
     /// pass, once renamed.
@@ -160,10 +165,10 @@ impl Context<'_> {
         spare: Option<&str>,
         plan: &mut Plan,
     ) {
-        let serving = sorted.serving.map(|c| c.id.as_str());
+        let kept = sorted.kept.map(|c| c.id.as_str());
         for c in &sorted.outdated {
             let id = Some(c.id.as_str());
-            if spare == id || (ready.is_none() && serving == id) {
+            if spare == id || (ready.is_none() && kept == id) {
                 continue;
             }
             let reason = match ready {
@@ -264,11 +269,19 @@ impl Context<'_> {
                     && matches!(self.readiness(c, Role::Outdated), Readiness::Ready)
             })
             .max_by_key(|c| (c.created, c.id.clone()));
+        let kept = serving.or_else(|| {
+            outdated
+                .iter()
+                .copied()
+                .filter(|c| c.state == RunState::Running)
+                .min_by_key(|c| (c.created, c.id.clone()))
+        });
         Sorted {
             current: keep,
             duplicates,
             outdated,
             serving,
+            kept,
             going,
         }
     }
@@ -453,7 +466,8 @@ impl Context<'_> {
         if !says_nothing(c) {
             return false;
         }
-        let Some(&consumers) = self.snapshot.consumers.get(&self.row.id) else {
+        let Some(&ConsumerCount::Fresh(consumers)) = self.snapshot.consumers.get(&self.row.id)
+        else {
             return false;
         };
         let others = self

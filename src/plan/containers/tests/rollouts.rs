@@ -385,6 +385,22 @@ fn rapid_saves_and_takeover_decisions() {
 }
 
 #[test]
+fn when_none_is_known_to_serve_the_oldest_running_stays_until_the_newest_is_ready() {
+    // Revision 1 consumes, but a save came before its ready report did.
+    let mut s = superseded(true);
+    s.reports.clear();
+    let newest = new_container(&row(1, 3), &mut s, RunState::Running, 10);
+    let p = run(&s);
+    assert_eq!(kinds(&p), ["remove"]);
+    let Step::Remove { container } = &p.actions[0].step else {
+        panic!("a remove")
+    };
+    assert_eq!(container.revision, Some(Revision(2)), "revision 1 stays");
+    s.reports.insert(report_of(&row(1, 3), &newest));
+    assert_eq!(kinds(&run(&s)), ["remove", "remove"], "then both go");
+}
+
+#[test]
 fn superseded_containers_are_removed_in_slots_of_their_own() {
     let mut s = superseded(true);
     let c = new_container(&row(1, 3), &mut s, RunState::Running, 10);

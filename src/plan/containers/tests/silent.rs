@@ -13,7 +13,7 @@ fn silent_rollout(consumers: Option<u32>) -> Snapshot {
     }
     s.containers[0].created = 1;
     if let Some(n) = consumers {
-        s.consumers.insert(id(1), n);
+        s.consumers.insert(id(1), ConsumerCount::Fresh(n));
     }
     s
 }
@@ -56,6 +56,27 @@ fn beside_a_serving_container_the_broker_count_overrules_the_guess() {
         kinds(&past_the_guess(None)),
         ["remove"],
         "no count: the guess stands"
+    );
+}
+
+#[test]
+fn a_count_read_before_the_containers_were_listed_proves_nothing() {
+    // Two consumers, read a moment ago: one may be a superseded container's
+    // that has closed and gone since, and the new one has not connected.
+    let mut s = silent_rollout(Some(2));
+    s.consumers.insert(id(1), ConsumerCount::Stale);
+    let p = run(&s);
+    assert!(
+        p.actions.is_empty(),
+        "the old one serves on: {:?}",
+        p.actions
+    );
+    assert_eq!(status_of(&p, 1).status, Status::Unknown);
+    assert_eq!(p.watch_consumers, BTreeSet::from([id(1)]));
+    s.now_ms += ASSUME_READY_MS;
+    assert!(
+        run(&s).actions.is_empty(),
+        "the broker can count: the guess does not stand either"
     );
 }
 
