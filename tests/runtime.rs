@@ -490,6 +490,46 @@ async fn interrupt_sends_its_signal_and_kills_only_what_ignores_it() {
 }
 
 #[tokio::test]
+async fn a_stop_signal_missed_is_sent_again_within_the_grace_period() {
+    // Each ignores its first signal and exits on the next, as an interpreter
+    // running as PID 1 that was signalled before it set its handler. Their
+    // grace periods outlast `within`: waited out, the test fails.
+    with_harness(|h| async move {
+        let late = |signal: &str| {
+            format!(
+                r#"trap "trap 'exit 0' {signal}" {signal}; echo trapped; while true; do sleep 0.1; done"#
+            )
+        };
+        let stopped = h.create_started(&h.spec(&late("TERM"))).await;
+        let interrupted = h.create_started(&h.spec(&late("INT"))).await;
+        for id in [&stopped, &interrupted] {
+            h.wait_for_line(id, "trapped").await;
+        }
+        let grace = Duration::from_secs(300);
+        let (a, b) = within(
+            async {
+                tokio::join!(
+                    h.rt.stop(&stopped, grace),
+                    h.rt.interrupt(&interrupted, "SIGINT", grace)
+                )
+            },
+            "the stops return",
+        )
+        .await;
+        a.expect("stop");
+        b.expect("interrupt");
+        for id in [&stopped, &interrupted] {
+            assert_eq!(
+                h.wait_for(id, is_exited).await.state,
+                RunState::Exited(Some(0)),
+                "it exited on the second signal, not killed"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn removing_or_stopping_a_vanished_container_is_fine() {
     with_harness(|h| async move {
         let id = h.rt.create(&h.spec("exit 0")).await.expect("create");

@@ -51,6 +51,13 @@ const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Options of the worker's writable places. `exec` must be explicit: Docker
 /// mounts a tmpfs `noexec` by default, and Python may load code extracted
 /// there.
+/// How long a stopping container has to exit before its stop signal is sent
+/// once more (then it waits out the rest of its grace period). An
+/// interpreter that runs as PID 1 ignores a signal that arrives before it
+/// has set its handler — a container retired in its first moments, such as
+/// SensorBucket's image superseded by a quick second save — and would
+/// otherwise hold its whole grace period (10 s by default) for nothing.
+const RESIGNAL: Duration = Duration::from_secs(1);
 const TMPFS_OPTIONS: &str = "rw,exec,nosuid,nodev,size=64m";
 
 /// The bollard-backed runtime; one per daemon, scoped to one `instance`.
@@ -64,6 +71,27 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// One stop request: the container's stop signal, then SIGKILL after
+    /// `timeout`. A stopped or vanished container is fine.
+    async fn stop_once(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let options = StopContainerOptionsBuilder::default()
+            .t(whole_seconds(timeout))
+            .build();
+        // The engine answers only once the container is down: allow for the grace period.
+        let client = self
+            .api()
+            .clone()
+            .with_timeout(self.docker.timeout() + timeout);
+        match client.stop_container(id, Some(options)).await {
+            // 404: gone; 304: already stopped (by the other request, say).
+            Err(e) if matches!(status_code(&e), Some(304 | 404)) => Ok(()),
+            other => other.map_err(|source| RuntimeError::Stop {
+                container: id.to_string(),
+                source,
+            }),
+        }
+    }
+
     /// Connects to the local engine (`DOCKER_HOST` or the default socket) and
     /// negotiates the API version down to what the engine speaks.
     pub async fn connect(instance: &str) -> Result<Self, RuntimeError> {
@@ -255,21 +283,24 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn stop(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
-        let options = StopContainerOptionsBuilder::default()
-            .t(whole_seconds(timeout))
-            .build();
-        // The engine answers only once the container is down: allow for the grace period.
-        let client = self
-            .api()
-            .clone()
-            .with_timeout(self.docker.timeout() + timeout);
-        match client.stop_container(id, Some(options)).await {
-            Err(e) if status_code(&e) == Some(404) => Ok(()),
-            other => other.map_err(|source| RuntimeError::Stop {
-                container: id.to_string(),
-                source,
-            }),
+        // Each stop request sends the container's stop signal: a second one,
+        // made while the first waits, is the signal again (see RESIGNAL).
+        let first = self.stop_once(id, timeout);
+        tokio::pin!(first);
+        let again = match RESIGNAL < timeout {
+            true => RESIGNAL,
+            false => return first.await,
+        };
+        tokio::select! {
+            stopped = &mut first => return stopped,
+            _ = tokio::time::sleep(again) => {}
         }
+        debug!(
+            container = id,
+            "still running after its stop signal: sending it again"
+        );
+        let (first, second) = tokio::join!(first, self.stop_once(id, timeout - again));
+        first.and(second)
     }
 
     async fn interrupt(
@@ -278,27 +309,39 @@ impl ContainerRuntime for DockerRuntime {
         signal: &str,
         timeout: Duration,
     ) -> Result<(), RuntimeError> {
-        let failed = |source| RuntimeError::Stop {
-            container: id.to_string(),
-            source,
-        };
-        let options = KillContainerOptionsBuilder::default()
-            .signal(signal)
-            .build();
-        match self.api().kill_container(id, Some(options)).await {
-            // 404: gone; 409: not running. Either way it is down.
-            Err(e) if matches!(status_code(&e), Some(404 | 409)) => return Ok(()),
-            other => other.map_err(failed)?,
+        let started = Instant::now();
+        let mut resent = false;
+        loop {
+            let options = KillContainerOptionsBuilder::default()
+                .signal(signal)
+                .build();
+            match self.api().kill_container(id, Some(options)).await {
+                // 404: gone; 409: not running. Either way it is down.
+                Err(e) if matches!(status_code(&e), Some(404 | 409)) => return Ok(()),
+                other => other.map_err(|source| RuntimeError::Stop {
+                    container: id.to_string(),
+                    source,
+                })?,
+            }
+            let options = WaitContainerOptionsBuilder::default()
+                .condition("not-running")
+                .build();
+            let mut exited = self.api().wait_container(id, Some(options));
+            let left = timeout.saturating_sub(started.elapsed());
+            let wait = if resent { left } else { left.min(RESIGNAL) };
+            if tokio::time::timeout(wait, exited.next()).await.is_ok() {
+                return Ok(());
+            }
+            if resent || wait == left {
+                // It did not stop in time: what `docker stop` does after its grace period.
+                return self.stop_once(id, Duration::ZERO).await;
+            }
+            debug!(
+                container = id,
+                signal, "still running after the signal: sending it again"
+            );
+            resent = true;
         }
-        let options = WaitContainerOptionsBuilder::default()
-            .condition("not-running")
-            .build();
-        let mut exited = self.api().wait_container(id, Some(options));
-        if tokio::time::timeout(timeout, exited.next()).await.is_ok() {
-            return Ok(());
-        }
-        // It did not stop in time: what `docker stop` does after its grace period.
-        self.stop(id, Duration::ZERO).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
