@@ -455,11 +455,14 @@ async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
 }
 
 /// Waits until `answers` holds one of `version`; returns when it arrived.
-async fn first_answer(answers: &Mutex<Vec<Answer>>, version: u64) -> Instant {
+/// The first answer by `version` to a message for `worker` (the answers
+/// queue may still hold another round's).
+async fn first_answer(answers: &Mutex<Vec<Answer>>, worker: Uuid, version: u64) -> Instant {
+    let prefix = worker.to_string();
     until(&format!("an answer by version {version}"), async || {
         lock(answers)
             .iter()
-            .find(|a| a.version == version)
+            .find(|a| a.version == version && a.message.starts_with(&prefix))
             .map(|a| a.at)
     })
     .await
@@ -503,7 +506,7 @@ async fn rapid_saves(b: &Bench, image: &str, code: fn(usize) -> String) -> Rapid
                 b.save(id, &code(v)).await;
                 tokio::time::sleep(SAVE_EVERY).await;
             }
-            let newest = first_answer(&answers, 5).await;
+            let newest = first_answer(&answers, id, 5).await;
             until("one container left", async || {
                 (containers_of(id).await.len() == 1).then_some(())
             })
@@ -570,7 +573,7 @@ async fn first_answer_of(
     let stop = CancellationToken::new();
     let publishing = publish_every(publisher, b, id, stop.clone());
     let answered = async {
-        first_answer(answers, v).await;
+        first_answer(answers, id, v).await;
         stop.cancel();
     };
     tokio::join!(publishing, answered);
@@ -648,7 +651,7 @@ async fn takeovers(b: &Bench) -> Takeover {
         let started = Instant::now();
         let daemon = b.daemon(WORKER_IMAGE).await;
         let taking_over = async {
-            let first_new = first_answer(&answers, 2).await;
+            let first_new = first_answer(&answers, id, 2).await;
             until("SensorBucket's container to go", async || {
                 docker_cli(["inspect", &theirs])
                     .await
@@ -670,7 +673,11 @@ async fn takeovers(b: &Bench) -> Takeover {
             .filter(|a| a.version == 1 && a.at >= started)
             .map(|a| a.at)
             .max();
-        let answered: BTreeSet<&str> = answers.iter().map(|a| a.message.as_str()).collect();
+        let answered: BTreeSet<&str> = answers
+            .iter()
+            .filter(|a| a.message.starts_with(&id.to_string()))
+            .map(|a| a.message.as_str())
+            .collect();
         let secs = |t: Instant| t.duration_since(started).as_secs_f64();
         out.first_new_s.push(secs(first_new));
         out.last_old_s.push(last_old.map_or(f64::NAN, secs));
