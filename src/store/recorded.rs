@@ -1,8 +1,8 @@
 //! `workerctl_recorded_messages` (migrations/0032): the last messages each
 //! worker received, as received, with what each produced where it could be
-//! matched. The recorder (src/recorder.rs) inserts in batches and matches
-//! outputs; `workerctl worker messages`, `worker try` and the status page
-//! read. Plain SQL and row mapping: what to record is decided by the callers.
+//! matched. The recorder (src/recorder.rs) inserts what it reads from a
+//! worker's tap and matches outputs, each time one of `workerctl worker
+//! messages`, `worker try` or the status page asks; they then read here. Plain SQL and row mapping: what to record is decided by the callers.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -64,6 +64,25 @@ pub(crate) async fn enabled_workers(pool: &PgPool) -> Result<Vec<Uuid>, StoreErr
         .fetch_all(pool)
         .await
         .map_err(query_failed("list the enabled workers"))
+}
+
+/// Takes the lock that serialises the readers of one worker's tap (the
+/// daemon, `worker messages`, `worker try`), held until the returned
+/// transaction ends: two readers of one tap would each see part of it.
+pub(crate) async fn lock_tap(
+    pool: &PgPool,
+    worker: Uuid,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_failed("begin reading a recording tap"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("workerctl.record.{worker}"))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_failed("lock a recording tap"))?;
+    Ok(tx)
 }
 
 /// Stores a batch of inputs (one statement), then drops, for each worker in
