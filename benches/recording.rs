@@ -440,6 +440,9 @@ fn report(rounds: &[Round], n: usize, rows: i64, t: &TrialFigures, load_start: &
         load()
     );
     println!("  one echo worker, {n} messages per round, publish → last output on the next step:");
+    if let Ok(extra) = std::env::var("BENCH_TAP_EXTRA") {
+        println!("    (taps only: declared with {extra} too)");
+    }
     for mode in Mode::ALL {
         let v = of(mode, &rate);
         let m = median(&v);
@@ -501,6 +504,24 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// More arguments for the taps of the "taps only" mode, to measure
+/// variants: `BENCH_TAP_EXTRA="x-queue-version=2,x-queue-mode=lazy"`
+/// (numbers as integers, the rest as strings).
+fn tap_extra() -> Vec<(String, AMQPValue)> {
+    std::env::var("BENCH_TAP_EXTRA")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            let value = match v.parse::<i64>() {
+                Ok(n) => AMQPValue::LongLongInt(n),
+                Err(_) => AMQPValue::LongString(v.into()),
+            };
+            (k.trim().to_string(), value)
+        })
+        .collect()
 }
 
 /// The broker's process: `BENCH_BROKER_PID`, else the local `beam.smp`
@@ -724,6 +745,9 @@ impl Broker {
                 AMQPValue::LongString("drop-head".into()),
             );
             args.insert("x-expires".into(), AMQPValue::LongLongInt(3_600_000));
+            for (key, value) in tap_extra() {
+                args.insert(key.into(), value);
+            }
             self.channel
                 .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
                 .await

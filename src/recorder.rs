@@ -595,7 +595,9 @@ async fn read_on(
     let most = usize::try_from(keep).unwrap_or(0);
     let mut keys = HashSet::new();
     for &worker in workers {
-        let lock = recorded::lock_tap(pool, worker).await?;
+        // One connection for the lock and the writes: a CLI's pool may
+        // have no other.
+        let mut lock = recorded::lock_tap(pool, worker).await?;
         let Some(deliveries) = read_queue(connection, &tap_queue(worker), most).await? else {
             continue;
         };
@@ -608,12 +610,12 @@ async fn read_on(
             })
             .collect();
         keys.extend(tap.iter().filter_map(|r| next_key(&r.body)));
-        let mut stored = recorded::list(pool, worker, keep).await?;
+        let mut stored = recorded::list_on(&mut lock, worker, keep).await?;
         stored.reverse();
         let stored: Vec<&[u8]> = stored.iter().map(|r| r.body.as_slice()).collect();
         let bodies: Vec<&[u8]> = tap.iter().map(|r| r.body.as_slice()).collect();
         let seen = seen_before(&stored, &bodies);
-        recorded::insert(pool, &tap[seen..], keep).await?;
+        recorded::insert_on(&mut lock, &tap[seen..], keep).await?;
         lock.commit().await.map_err(|source| StoreError::Query {
             what: "end reading a recording tap",
             source,

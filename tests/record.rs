@@ -318,7 +318,8 @@ async fn warm_up(
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "never recorded: {}",
+            "never recorded: {}\n{}",
+            out.stderr,
             daemon.log()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -425,6 +426,31 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
     }
     let _ = channel.close(200, "done".into()).await;
     assert_eq!(order, ["t-10", "t-11", "t-12", "t-13", "t-14"]);
+
+    // The status page, while it is read, has the taps read for it (in the
+    // background: a later view shows what an earlier one asked for).
+    broker
+        .publish(&id.to_string(), &message(id, &next, "15", "t-15"))
+        .await;
+    next_body(&mut downstream).await;
+    let url = format!("http://127.0.0.1:{}/api/workers", daemon.port);
+    let start = Instant::now();
+    loop {
+        let view: Value = reqwest::get(&url)
+            .await
+            .expect("answer")
+            .json()
+            .await
+            .expect("json");
+        if view["recent_messages"][0]["tracing_id"] == "t-15" {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the status page never showed t-15: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let _ = broker.connection.close(200, "done".into()).await;
 }
 

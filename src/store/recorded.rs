@@ -91,16 +91,32 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
     if batch.is_empty() {
         return Ok(());
     }
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_failed("begin a recording batch"))?;
+    insert_on(&mut tx, batch, keep).await?;
+    tx.commit()
+        .await
+        .map_err(query_failed("commit recorded messages"))
+}
+
+/// [`insert`] on a connection (the reader's, which holds its tap's lock in
+/// a transaction).
+pub(crate) async fn insert_on(
+    conn: &mut sqlx::PgConnection,
+    batch: &[NewRecording],
+    keep: i64,
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
     let workers: Vec<Uuid> = batch.iter().map(|r| r.worker_id).collect();
     let times: Vec<DateTime<Utc>> = batch.iter().map(|r| r.received_at).collect();
     let keys: Vec<String> = batch.iter().map(|r| r.routing_key.clone()).collect();
     let ids: Vec<Option<String>> = batch.iter().map(|r| r.message_id.clone()).collect();
     let traces: Vec<Option<String>> = batch.iter().map(|r| r.tracing_id.clone()).collect();
     let bodies: Vec<Vec<u8>> = batch.iter().map(|r| r.body.clone()).collect();
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(query_failed("begin a recording batch"))?;
     sqlx::query(
         "INSERT INTO workerctl_recorded_messages
                 (worker_id, received_at, routing_key, message_id, tracing_id, body)
@@ -113,7 +129,7 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
     .bind(&ids)
     .bind(&traces)
     .bind(&bodies)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .map_err(query_failed("store recorded messages"))?;
     let mut distinct = workers;
@@ -129,12 +145,10 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
     )
     .bind(&distinct)
     .bind(keep)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .map_err(query_failed("prune recorded messages"))?;
-    tx.commit()
-        .await
-        .map_err(query_failed("commit recorded messages"))
+    Ok(())
 }
 
 /// Attaches each output to the newest recording of its worker and tracing
@@ -187,11 +201,24 @@ pub(crate) async fn match_outputs(
 
 /// A worker's newest `last` recordings, newest first.
 pub async fn list(pool: &PgPool, worker: Uuid, last: i64) -> Result<Vec<Recording>, StoreError> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_failed("list recorded messages"))?;
+    list_on(&mut conn, worker, last).await
+}
+
+/// [`list`] on a connection.
+pub(crate) async fn list_on(
+    conn: &mut sqlx::PgConnection,
+    worker: Uuid,
+    last: i64,
+) -> Result<Vec<Recording>, StoreError> {
     let sql = format!("{SELECT} WHERE worker_id = $1 ORDER BY id DESC LIMIT $2");
     sqlx::query_as(&sql)
         .bind(worker)
         .bind(last)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(query_failed("list recorded messages"))
 }
