@@ -443,6 +443,9 @@ fn report(rounds: &[Round], n: usize, rows: i64, t: &TrialFigures, load_start: &
     if let Ok(extra) = std::env::var("BENCH_TAP_EXTRA") {
         println!("    (taps only: declared with {extra} too)");
     }
+    if std::env::var("BENCH_TAPS_INPUT_ONLY").is_ok_and(|v| v == "1") {
+        println!("    (taps only: the input tap alone, no outputs tap)");
+    }
     for mode in Mode::ALL {
         let v = of(mode, &rate);
         let m = median(&v);
@@ -733,7 +736,9 @@ impl Broker {
                 self.next_key.clone(),
             ),
         ];
-        for (name, max_length, key) in taps {
+        // BENCH_TAPS_INPUT_ONLY=1: the input tap alone (how the cost splits).
+        let input_only = std::env::var("BENCH_TAPS_INPUT_ONLY").is_ok_and(|v| v == "1");
+        for (name, max_length, key) in taps.into_iter().take(if input_only { 1 } else { 2 }) {
             let mut args = FieldTable::default();
             args.insert(
                 "x-queue-type".into(),
