@@ -31,8 +31,9 @@
 //! newest recording of its worker with its tracing id. Between reads the
 //! daemon's only work is keeping the taps declared; the broker's is one more
 //! enqueue per message into a queue nobody reads (measured in
-//! docs/benchmarks.md). A message's arrival time is the time it was first
-//! read, or the publisher's AMQP `timestamp` when it set one. Every tap
+//! docs/benchmarks.md). A message's arrival time is when it was published
+//! if it says (the `timestamp` header a worker runtime adds, or the AMQP
+//! `timestamp` property), else the time it was first read. Every tap
 //! expires an hour after it was last declared or read (the daemon declares
 //! it again every [`TAP_RENEW`]), so a daemon that is gone leaves none.
 //!
@@ -729,14 +730,42 @@ async fn read_queue(
     Ok(Some(read))
 }
 
-/// When a message arrived, as far as a read can tell: the publisher's AMQP
-/// `timestamp` (seconds) if it set one that is not in the future, else now.
+/// When a message arrived, as far as a read can tell: when it was
+/// published, if it says — the `timestamp` header (Unix ms) every message a
+/// worker runtime publishes carries (docs/compatibility.md §4), else the
+/// AMQP `timestamp` property (Unix s) — unless that is in the future; else
+/// now (it arrived at or before the read).
 fn arrival(delivery: &Delivery, now: DateTime<Utc>) -> DateTime<Utc> {
-    delivery
+    let header = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("timestamp"))
+        .and_then(header_millis);
+    let property = delivery
         .properties
         .timestamp()
         .and_then(|s| i64::try_from(s).ok())
-        .and_then(|s| DateTime::<Utc>::from_timestamp(s, 0))
+        .and_then(|s| s.checked_mul(1000));
+    published_or_now(header.or(property), now)
+}
+
+/// An integer header's value.
+fn header_millis(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::Timestamp(s) => i64::try_from(*s).ok()?.checked_mul(1000),
+        _ => None,
+    }
+}
+
+/// The publish time (Unix ms) if there is one that is not in the future,
+/// else `now`.
+pub(crate) fn published_or_now(published_ms: Option<i64>, now: DateTime<Utc>) -> DateTime<Utc> {
+    published_ms
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
         .filter(|t| *t <= now)
         .unwrap_or(now)
 }
@@ -810,6 +839,19 @@ mod tests {
                 String::from_utf8_lossy(&body)
             );
         }
+    }
+
+    #[test]
+    fn a_message_arrived_when_it_was_published_if_it_says_and_that_is_not_later() {
+        assert_eq!(
+            published_or_now(Some(4_000), now()).timestamp_millis(),
+            4_000
+        );
+        assert_eq!(published_or_now(Some(6_000), now()), now(), "in the future");
+        assert_eq!(published_or_now(None, now()), now());
+        assert_eq!(header_millis(&AMQPValue::LongLongInt(7)), Some(7));
+        assert_eq!(header_millis(&AMQPValue::Timestamp(2)), Some(2_000));
+        assert_eq!(header_millis(&AMQPValue::LongString("x".into())), None);
     }
 
     #[test]

@@ -451,6 +451,40 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // A message that says when it was published (the `timestamp` header a
+    // worker runtime adds, Unix ms) arrived then; one that does not, when
+    // it was first read.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "timestamp".into(),
+        lapin::types::AMQPValue::LongLongInt(1_700_000_000_000),
+    );
+    broker
+        .channel
+        .basic_publish(
+            broker.exchange.as_str().into(),
+            id.to_string().as_str().into(),
+            Default::default(),
+            &message(id, &next, "16", "t-16"),
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("sent");
+    next_body(&mut downstream).await;
+    let out = cli
+        .run(&[
+            "worker", "messages", "reader", "--last", "2", "--output", "json",
+        ])
+        .await
+        .ok();
+    let list: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON list");
+    assert_eq!(list[0]["tracing_id"], "t-16");
+    assert_eq!(list[0]["received_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(list[1]["tracing_id"], "t-15");
+    assert_ne!(list[1]["received_at"], "2023-11-14T22:13:20Z");
     let _ = broker.connection.close(200, "done".into()).await;
 }
 
