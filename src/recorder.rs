@@ -671,7 +671,9 @@ async fn bind_outputs(
     Ok(())
 }
 
-/// Every message in `queue` (at most `most`), oldest first, left in place:
+/// Every message in `queue` (at most `most`, and at most 65,535: the
+/// largest prefetch; a larger `record.keep` is read in its oldest 65,535),
+/// oldest first, left in place:
 /// taken by a consumer with a prefetch of the queue's length that
 /// acknowledges none, whose channel is then closed, so that the broker puts
 /// them back where they were. `None` if the queue does not exist.
