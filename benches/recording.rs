@@ -7,13 +7,17 @@
 //!    Each round publishes `BENCH_RECORD_MESSAGES` (default 30,000)
 //!    messages to it as fast as the publisher can and times the first
 //!    publish → the last output on the next step (msg/s through the
-//!    worker, above the 5,000 msg/s asked about). Rounds alternate between
-//!    a daemon with `record.enabled = false` (its tap deleted: the floor)
-//!    and one with recording on (the daemon is restarted between rounds;
-//!    it adopts the running container unchanged). `BENCH_RECORD_ROUNDS`
-//!    (default 2) of each; medians. Also the daemon's CPU time per 1,000
-//!    messages in each mode (from /proc), and whether the table holds
-//!    exactly `record.keep` rows at the end.
+//!    worker, above the 5,000 msg/s asked about). Rounds cycle through
+//!    three modes: a daemon with `record.enabled = false` and no tap (the
+//!    floor); the same daemon with the taps the recorder would make
+//!    (input tap and outputs tap, declared and bound by the benchmark) but
+//!    nobody reading them (the broker's share of the cost); and a daemon
+//!    with recording on (the daemon is restarted between rounds; it adopts
+//!    the running container unchanged). `BENCH_RECORD_ROUNDS` (default 3)
+//!    of each; medians and spread. Also the daemon's and the broker's CPU
+//!    time per 1,000 messages in each mode (from /proc; the broker is the
+//!    local `beam.smp`, or `BENCH_BROKER_PID`), and whether the table holds
+//!    exactly `record.keep` rows at the end (after a `worker messages`).
 //! 2. **`worker try` on the last 200 messages**: seconds from the command
 //!    to its report (a process, as a person runs it), beside `worker
 //!    invoke` of the same 200 messages one by one (200 processes), and
@@ -35,11 +39,15 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_workerctl");
+/// The daemon and CLI: this build's, or `BENCH_WORKERCTL_BIN` (to measure
+/// another build with the same benchmark).
+fn bin() -> String {
+    std::env::var("BENCH_WORKERCTL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_workerctl").into())
+}
 const ECHO_PY: &str = "def process(msg):\n    return msg\n";
 const CANDIDATE_PY: &str =
     "def process(msg):\n    msg.metadata = {'decoder': 'v2'}\n    return msg\n";
@@ -79,11 +87,35 @@ struct Bench {
     port: u16,
 }
 
+/// What a round measures.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    /// Recording off, no tap: the floor.
+    Off,
+    /// Recording off, the taps declared and bound but read by nobody.
+    TapsOnly,
+    /// Recording on.
+    On,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Off, Mode::TapsOnly, Mode::On];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "recording off (floor)",
+            Mode::TapsOnly => "taps only, unread",
+            Mode::On => "recording on",
+        }
+    }
+}
+
 /// One round's figures.
 struct Round {
-    recording: bool,
+    mode: Mode,
     msg_per_s: f64,
     daemon_cpu_ms_per_1000: f64,
+    broker_cpu_ms_per_1000: f64,
 }
 
 impl Bench {
@@ -101,7 +133,8 @@ impl Bench {
 
     async fn run(&self) -> Result<(), String> {
         let n: usize = setting("BENCH_RECORD_MESSAGES", 30_000);
-        let rounds: usize = setting("BENCH_RECORD_ROUNDS", 2);
+        let rounds: usize = setting("BENCH_RECORD_ROUNDS", 3);
+        let load_start = load();
         let mut daemon = self.daemon(false);
         let code = self.dir.path().join("echo.py");
         std::fs::write(&code, ECHO_PY).map_err(|e| e.to_string())?;
@@ -127,31 +160,56 @@ impl Bench {
             .map_err(|e| e.to_string())?;
         let broker = Broker::open(&self.exchange, &self.next_key).await;
         let mut outputs = broker.listen().await;
+        let broker_pid = broker_pid();
         let mut figures = Vec::new();
-        for round in 0..rounds * 2 {
-            let recording = round % 2 == 1;
+        for round in 0..rounds * Mode::ALL.len() {
+            let mode = Mode::ALL[round % Mode::ALL.len()];
             drop(daemon);
-            daemon = self.daemon(recording);
-            if recording {
-                self.wait_for_tap(&broker, &mut outputs, worker).await?;
-            } else {
-                broker.delete_tap(worker).await;
+            broker.delete_taps(worker, &self.instance).await;
+            if mode == Mode::TapsOnly {
+                broker.declare_taps(worker, &self.instance).await?;
             }
-            let cpu_before = cpu_ticks(&daemon.0);
+            daemon = self.daemon(mode == Mode::On);
+            if mode == Mode::On {
+                self.wait_for_tap(&broker, &mut outputs, worker).await?;
+            }
+            let cpu_before = cpu_ticks(daemon.0.id());
+            let broker_before = broker_pid.map(cpu_ticks).unwrap_or(0);
             let rate = broker.drain(&mut outputs, worker, n).await?;
             // Let the recorder write what it holds before reading its CPU.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let cpu = cpu_ticks(&daemon.0).saturating_sub(cpu_before);
+            let cpu = cpu_ticks(daemon.0.id()).saturating_sub(cpu_before);
+            let broker_cpu = broker_pid
+                .map(cpu_ticks)
+                .unwrap_or(0)
+                .saturating_sub(broker_before);
             eprintln!(
-                "bench: round {} (recording {}): {rate:.0} msg/s",
+                "bench: round {} ({}): {rate:.0} msg/s, load {}",
                 round + 1,
-                if recording { "on" } else { "off" }
+                mode.name(),
+                load()
             );
+            let per_1000 = |ticks: u64| ticks as f64 * 10.0 / (n as f64 / 1000.0);
             figures.push(Round {
-                recording,
+                mode,
                 msg_per_s: rate,
-                daemon_cpu_ms_per_1000: cpu as f64 * 10.0 / (n as f64 / 1000.0),
+                daemon_cpu_ms_per_1000: per_1000(cpu),
+                broker_cpu_ms_per_1000: per_1000(broker_cpu),
             });
+        }
+        // What `worker messages` shows (and, where the recorder reads on
+        // demand, the read that fills the table).
+        let listed = self
+            .cli(&[
+                "worker", "messages", "echo", "--last", "1", "--output", "json",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !listed.status.success() {
+            return Err(format!(
+                "worker messages failed: {}",
+                String::from_utf8_lossy(&listed.stderr)
+            ));
         }
         let rows: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM workerctl_recorded_messages WHERE worker_id = $1",
@@ -163,11 +221,13 @@ impl Bench {
         let trial = self.try_beside_invoke(worker).await?;
         drop(daemon);
         let _ = broker.connection.close(200, "done".into()).await;
-        report(&figures, n, rows, &trial);
+        report(&figures, n, rows, &trial, &load_start);
         Ok(())
     }
 
-    /// Publishes warm-up messages until one is recorded (the tap exists).
+    /// Publishes warm-up messages until the daemon's tap takes them: it
+    /// exists and is consumed (a recorder that consumes) or holds messages
+    /// (one that reads on demand).
     async fn wait_for_tap(
         &self,
         broker: &Broker,
@@ -179,15 +239,9 @@ impl Bench {
             broker.publish(worker, "warm-up").await;
             let _ = tokio::time::timeout(Duration::from_secs(10), outputs.next()).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let rows: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM workerctl_recorded_messages
-                  WHERE worker_id = $1 AND tracing_id = 'warm-up'",
-            )
-            .bind(worker)
-            .fetch_one(&self.db.pool)
-            .await
-            .map_err(|e| e.to_string())?;
-            if rows > 0 {
+            if let Some((messages, consumers)) = broker.tap(worker).await
+                && (messages > 0 || consumers > 0)
+            {
                 return Ok(());
             }
             if start.elapsed() > DEADLINE {
@@ -276,7 +330,7 @@ impl Bench {
     }
 
     fn cli(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         for (key, _) in std::env::vars() {
             if key.starts_with("WORKERCTL_") && key != "WORKERCTL_DOCKER__IMAGE" {
                 cmd.env_remove(key);
@@ -363,46 +417,69 @@ struct TrialFigures {
     floor_s: Option<f64>,
 }
 
-fn report(rounds: &[Round], n: usize, rows: i64, t: &TrialFigures) {
-    let median = |on: bool, f: &dyn Fn(&Round) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().filter(|r| r.recording == on).map(f).collect();
+fn report(rounds: &[Round], n: usize, rows: i64, t: &TrialFigures, load_start: &str) {
+    let of = |mode: Mode, f: &dyn Fn(&Round) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().filter(|r| r.mode == mode).map(f).collect();
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        v
     };
-    let list = |on: bool| {
-        rounds
-            .iter()
-            .filter(|r| r.recording == on)
-            .map(|r| format!("{:.0}", r.msg_per_s))
-            .collect::<Vec<_>>()
-            .join(", ")
+    let median = |v: &[f64]| {
+        let mid = v.len() / 2;
+        match v.len() {
+            0 => f64::NAN,
+            l if l % 2 == 0 => (v[mid - 1] + v[mid]) / 2.0,
+            _ => v[mid],
+        }
     };
-    let (off, on) = (
-        median(false, &|r| r.msg_per_s),
-        median(true, &|r| r.msg_per_s),
-    );
+    let rate = |r: &Round| r.msg_per_s;
+    let off = median(&of(Mode::Off, &rate));
     println!();
     println!(
-        "recording benchmark ({}, load average at end {})",
+        "recording benchmark ({}, load average at start {load_start}, at end {})",
         Utc::now().format("%Y-%m-%d %H:%M UTC"),
         load()
     );
     println!("  one echo worker, {n} messages per round, publish → last output on the next step:");
-    println!(
-        "    recording off (floor): {off:>6.0} msg/s median  (rounds: {})",
-        list(false)
-    );
-    println!(
-        "    recording on:          {on:>6.0} msg/s median  (rounds: {}), {:+.1} % of off",
-        list(true),
-        (on / off - 1.0) * 100.0
-    );
-    println!(
-        "    daemon CPU per 1,000 messages: {:.1} ms recording on, {:.1} ms off ({:.0} % of a core at 5,000 msg/s on)",
-        median(true, &|r| r.daemon_cpu_ms_per_1000),
-        median(false, &|r| r.daemon_cpu_ms_per_1000),
-        median(true, &|r| r.daemon_cpu_ms_per_1000) * 5.0 / 10.0,
-    );
+    if let Ok(extra) = std::env::var("BENCH_TAP_EXTRA") {
+        println!("    (taps only: declared with {extra} too)");
+    }
+    if std::env::var("BENCH_TAPS_INPUT_ONLY").is_ok_and(|v| v == "1") {
+        println!("    (taps only: the input tap alone, no outputs tap)");
+    }
+    for mode in Mode::ALL {
+        let v = of(mode, &rate);
+        let m = median(&v);
+        let list: Vec<String> = rounds
+            .iter()
+            .filter(|r| r.mode == mode)
+            .map(|r| format!("{:.0}", r.msg_per_s))
+            .collect();
+        let spread = match (v.first(), v.last()) {
+            (Some(lo), Some(hi)) if m > 0.0 => (hi - lo) / m * 100.0,
+            _ => f64::NAN,
+        };
+        let beside = if mode == Mode::Off {
+            String::new()
+        } else {
+            format!(", {:+.1} % of off", (m / off - 1.0) * 100.0)
+        };
+        println!(
+            "    {:<22} {m:>6.0} msg/s median  (rounds: {}; spread {spread:.0} %){beside}",
+            format!("{}:", mode.name()),
+            list.join(", "),
+        );
+    }
+    for mode in Mode::ALL {
+        let daemon = median(&of(mode, &|r| r.daemon_cpu_ms_per_1000));
+        let broker = median(&of(mode, &|r| r.broker_cpu_ms_per_1000));
+        println!(
+            "    CPU per 1,000 messages, {:<22} daemon {daemon:>5.1} ms, broker {broker:>6.1} ms \
+             (at 5,000 msg/s: {:.0} % and {:.0} % of a core)",
+            format!("{}:", mode.name()),
+            daemon * 5.0 / 10.0,
+            broker * 5.0 / 10.0,
+        );
+    }
     println!("    recorded rows at the end: {rows} (record.keep = {KEEP})");
     println!(
         "  worker try --last {}: {:.1} s command → report ({})",
@@ -432,9 +509,43 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// More arguments for the taps of the "taps only" mode, to measure
+/// variants: `BENCH_TAP_EXTRA="x-queue-version=2,x-queue-mode=lazy"`
+/// (numbers as integers, the rest as strings).
+fn tap_extra() -> Vec<(String, AMQPValue)> {
+    std::env::var("BENCH_TAP_EXTRA")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            let value = match v.parse::<i64>() {
+                Ok(n) => AMQPValue::LongLongInt(n),
+                Err(_) => AMQPValue::LongString(v.into()),
+            };
+            (k.trim().to_string(), value)
+        })
+        .collect()
+}
+
+/// The broker's process: `BENCH_BROKER_PID`, else the local `beam.smp`
+/// (none when the broker runs elsewhere: its CPU then reads 0).
+fn broker_pid() -> Option<u32> {
+    if let Some(pid) = std::env::var("BENCH_BROKER_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        return Some(pid);
+    }
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
 /// utime + stime of a process, in clock ticks (100 per second).
-fn cpu_ticks(child: &Child) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
     let field = |i: usize| {
@@ -580,11 +691,83 @@ impl Broker {
         Ok(n as f64 / start.elapsed().as_secs_f64())
     }
 
-    async fn delete_tap(&self, worker: Uuid) {
+    /// The worker's tap, if it exists: (messages ready, consumers).
+    async fn tap(&self, worker: Uuid) -> Option<(u32, u32)> {
+        let channel = self.connection.create_channel().await.ok()?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
         let name = format!("workerctl.record.{worker}");
-        let _ = self
-            .channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
+        let q = channel
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+            .ok()?;
+        let _ = channel.close(200, "done".into()).await;
+        Some((q.message_count(), q.consumer_count()))
+    }
+
+    /// The queues a recorder taps with: the worker's tap, and the outputs
+    /// queue (bound to the next step).
+    async fn delete_taps(&self, worker: Uuid, instance: &str) {
+        for name in [
+            format!("workerctl.record.{worker}"),
+            format!("workerctl.record.outputs.{instance}"),
+        ] {
+            let _ = self
+                .channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+
+    /// Declares and binds the taps as the recorder does (same arguments),
+    /// for nobody to read.
+    async fn declare_taps(&self, worker: Uuid, instance: &str) -> Result<(), String> {
+        let taps = [
+            (
+                format!("workerctl.record.{worker}"),
+                KEEP as i64,
+                worker.to_string(),
+            ),
+            (
+                format!("workerctl.record.outputs.{instance}"),
+                10_000,
+                self.next_key.clone(),
+            ),
+        ];
+        // BENCH_TAPS_INPUT_ONLY=1: the input tap alone (how the cost splits).
+        let input_only = std::env::var("BENCH_TAPS_INPUT_ONLY").is_ok_and(|v| v == "1");
+        for (name, max_length, key) in taps.into_iter().take(if input_only { 1 } else { 2 }) {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("classic".into()),
+            );
+            args.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("drop-head".into()),
+            );
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(3_600_000));
+            for (key, value) in tap_extra() {
+                args.insert(key.into(), value);
+            }
+            self.channel
+                .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+                .await
+                .map_err(|e| format!("declare {name}: {e}"))?;
+            self.channel
+                .queue_bind(
+                    name.as_str().into(),
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("bind {name}: {e}"))?;
+        }
+        Ok(())
     }
 }

@@ -86,11 +86,13 @@ pub struct DeadLettersConfig {
 }
 
 /// Recorded traffic: the last messages each enabled worker received,
-/// tapped by a bounded queue per worker (src/recorder.rs).
+/// tapped by a bounded queue per worker that is read only when asked
+/// (src/recorder.rs).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordConfig {
-    /// Record each enabled worker's input messages (and match their outputs).
+    /// Tap each enabled worker's input messages (and their outputs); the
+    /// CLI and the status page read the taps only when this is on.
     pub enabled: bool,
     /// How many messages are kept per worker, in the table and at most in
     /// its tap queue; the oldest go first.

@@ -279,6 +279,10 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
                     limitations: swarm.limitations().into_iter().map(String::from).collect(),
                 },
             }),
+            read_taps: crate::recorder::Reader::from_config(&self.config).map(|reader| {
+                let reads = crate::recorder::status_reads(reader, self.store.pool().clone());
+                Arc::new(reads) as Arc<dyn Fn() + Send + Sync>
+            }),
         };
         let api = http::api::routes(http::api::ApiState {
             db: crate::store::admin::Db::from_pool(self.store.pool().clone()),

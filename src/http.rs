@@ -57,6 +57,10 @@ pub struct AppState<S> {
     /// Which runtime backend acts, and what it cannot enforce: shown on the
     /// status page.
     pub backend: Arc<status_page::Backend>,
+    /// Called when the status page's view is read: asks for the workers'
+    /// recording taps to be read into the table (in the background, at
+    /// most every few seconds). `None` when recording is off.
+    pub read_taps: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl<S> Clone for AppState<S> {
@@ -70,6 +74,7 @@ impl<S> Clone for AppState<S> {
             reports: self.reports.clone(),
             leadership: self.leadership.clone(),
             backend: self.backend.clone(),
+            read_taps: self.read_taps.clone(),
         }
     }
 }
@@ -248,6 +253,9 @@ async fn ready<S: WorkerStore>(
 /// The status page's view: every worker, as JSON; 503 if the database
 /// cannot be read.
 async fn workers<S: WorkerStore>(State(state): State<AppState<S>>) -> Response {
+    if let Some(read_taps) = &state.read_taps {
+        read_taps();
+    }
     match status_page::view(&state.pool, &state.instance, &state.metrics, &state.backend).await {
         Ok(view) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(view)).into_response(),
         Err(e) => {

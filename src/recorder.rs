@@ -1,56 +1,64 @@
-//! The traffic recorder, a daemon task: keeps the last `record.keep`
-//! messages each enabled worker received, as received, and what each
-//! produced, in `workerctl_recorded_messages` — the inputs `workerctl worker
-//! try` replays through new code.
+//! The traffic recorder: keeps the last `record.keep` messages each enabled
+//! worker received, as received, and what each produced — the inputs
+//! `workerctl worker try` replays through new code.
 //!
 //! **How it taps.** Beside each enabled worker's own queue (`worker_<id>`,
-//! bound to the pipeline exchange with the worker's id) it declares a
-//! *tap*: a classic, non-durable queue `workerctl.record.<id>` with the same
-//! binding, `x-max-length = record.keep` and `x-overflow = drop-head`, so the
-//! broker hands it a copy of every message the worker's queue gets and
-//! drops the oldest beyond the bound. The worker's queue, its consumers and
-//! the publisher's path are untouched: the tap is another queue the exchange
-//! routes to (classic and transient, so the copy costs no disk write and no
-//! raft round). A worker is tapped only once its own queue exists, or the
-//! tap would make messages routable that no worker queue takes (`worker
-//! invoke` and the scaler read "unroutable" as "never started").
+//! bound to the pipeline exchange with the worker's id) the daemon declares
+//! a *tap*: a classic, non-durable queue `workerctl.record.<id>` with the
+//! same binding, `x-max-length = record.keep` and `x-overflow = drop-head`,
+//! so the broker hands it a copy of every message the worker's queue gets
+//! and drops the oldest beyond the bound. The worker's queue, its consumers
+//! and the publisher's path are untouched: the tap is another queue the
+//! exchange routes to (classic and transient, so the copy costs no disk
+//! write and no raft round). A worker is tapped only once its own queue
+//! exists, or the tap would make messages routable that no worker queue
+//! takes (`worker invoke` and the scaler read "unroutable" as "never
+//! started").
 //!
-//! Outputs: one more bounded queue, `workerctl.record.outputs.<instance>`, bound to
-//! `errors`, to `workerctl.invoke.*` and to each next step a recorded
-//! message names (at most [`MAX_OUTPUT_KEYS`] keys). An output is attached
-//! to the newest recording of its worker with its tracing id.
+//! Outputs: one more bounded queue, `workerctl.record.outputs.<instance>`,
+//! bound to `errors`, to `workerctl.invoke.*` and to each next step a
+//! recorded message names (at most [`MAX_OUTPUT_KEYS`] keys).
 //!
-//! The daemon consumes the taps on one channel, writes them in batches (one
-//! insert and one prune per batch, one statement to match outputs) and
-//! acknowledges a batch after it committed. Nothing here is in the path of a
-//! pipeline message: when the daemon falls behind or is away, the taps drop
-//! their oldest, which is what a bounded recording wants anyway. Every tap
-//! expires an hour after its last consumer went.
+//! **Nobody consumes the taps.** A tap *is* the bounded buffer of the last
+//! `record.keep` messages, so it is read only when someone asks ([`read`]:
+//! `worker messages`, `worker try --last`, HTTP try, the status page at
+//! most every [`STATUS_READ_EVERY`]): a consumer with a prefetch of the
+//! tap's length takes every message without acknowledging any, then closes
+//! its channel, and the broker puts them all back, in order, where they
+//! were. What was read is written to `workerctl_recorded_messages` (the
+//! messages not in the table yet, found by where the tap's head overlaps the
+//! table's tail), and each output in the outputs queue is attached to the
+//! newest recording of its worker with its tracing id. Between reads the
+//! daemon's only work is keeping the taps declared; the broker's is one more
+//! enqueue per message into a queue nobody reads (measured in
+//! docs/benchmarks.md). A message's arrival time is when it was published
+//! if it says (the `timestamp` header a worker runtime adds, or the AMQP
+//! `timestamp` property), else the time it was first read. Every tap
+//! expires an hour after it was last declared or read (the daemon declares
+//! it again every [`TAP_RENEW`]), so a daemon that is gone leaves none.
 //!
 //! The reading of deliveries ([`read_input`], [`read_output`],
-//! [`next_key`]) is pure and tested here.
+//! [`next_key`], [`seen_before`]) is pure and tested here.
 
 use std::collections::{HashMap, HashSet};
-use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::stream::SelectAll;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use uuid::Uuid;
 
+use crate::backoff::error_chain;
 use crate::config::{AmqpConfig, RecordConfig};
 use crate::store::StoreError;
 use crate::store::recorded::{self, NewOutput, NewRecording};
@@ -73,13 +81,12 @@ const OUTPUTS_MAX_LENGTH: i64 = 10_000;
 const TAP_EXPIRES_MS: i64 = 3_600_000;
 /// How often the enabled workers are read again (new ones tapped, gone ones untapped).
 const REFRESH: Duration = Duration::from_secs(2);
-/// A batch is written when it has this many messages, or this long after its first.
-const BATCH_MAX: usize = 500;
-const BATCH_WAIT: Duration = Duration::from_millis(100);
-/// Per consumer: bounds what is in the daemon's memory at once.
-const PREFETCH: u16 = 1000;
-/// How many batches an output waits for its input to be written.
-const OUTPUT_TRIES: u8 = 3;
+/// How often the daemon declares its taps again (before they expire).
+pub(crate) const TAP_RENEW: Duration = Duration::from_secs(600);
+/// How long a read waits for a tap's next message before it takes what it has.
+const READ_IDLE: Duration = Duration::from_secs(2);
+/// The status page reads the taps at most this often (while it is open).
+pub(crate) const STATUS_READ_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a recording session ended.
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +203,8 @@ fn text_of(v: &Value) -> String {
     }
 }
 
-/// Records until `shutdown` is cancelled; a lost broker or database is
-/// logged and retried with capped backoff. Never returns early.
+/// Keeps the taps until `shutdown` is cancelled; a lost broker or database
+/// is logged and retried with capped backoff. Never returns early.
 pub(crate) async fn run(
     amqp: AmqpConfig,
     pool: PgPool,
@@ -222,35 +229,24 @@ async fn session(
         Err(e) => return e.into(),
     };
     let ended = match Taps::open(&connection, &amqp.exchange, config.keep, instance).await {
-        Ok(mut taps) => record(&mut taps, pool, config).await,
+        Ok(mut taps) => keep_taps(&mut taps, pool, config).await,
         Err(e) => e,
     };
     let _ = connection.close(200, "done".into()).await;
     ended
 }
 
-/// Where a delivery came from.
-#[derive(Clone, Copy, Debug)]
-enum Source {
-    Input(Uuid),
-    Output,
-}
-
-type Deliveries = Pin<Box<dyn Stream<Item = (Source, Result<Delivery, lapin::Error>)> + Send>>;
-
-/// The session's broker side: the consuming channel with one consumer per
-/// tap, and a channel for declarations (a refused declaration closes its
-/// channel; that must not take the consumers with it).
+/// The daemon's side: a channel for declarations (a refused declaration
+/// closes its channel; it is opened again when next needed).
 struct Taps<'c> {
     connection: &'c Connection,
     exchange: String,
     keep: i64,
     outputs: String,
-    consume: Channel,
     setup: Option<Channel>,
-    tapped: HashMap<Uuid, String>,
+    /// The tapped workers, and whether their next step was looked for.
+    tapped: HashMap<Uuid, bool>,
     bound: HashSet<String>,
-    streams: SelectAll<Deliveries>,
 }
 
 impl<'c> Taps<'c> {
@@ -260,33 +256,31 @@ impl<'c> Taps<'c> {
         keep: i64,
         instance: &str,
     ) -> Result<Self, RecordError> {
-        let consume = connection
-            .create_channel()
-            .await
-            .map_err(refused("open a channel"))?;
-        amqp::declare_exchange(&consume, exchange).await?;
-        consume
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .map_err(refused("set the prefetch"))?;
         let mut taps = Taps {
             connection,
             exchange: exchange.to_string(),
             keep,
             outputs: outputs_queue(instance),
-            consume,
             setup: None,
             tapped: HashMap::new(),
             bound: HashSet::new(),
-            streams: SelectAll::new(),
         };
-        let outputs = taps.outputs.clone();
-        taps.declare(&outputs, OUTPUTS_MAX_LENGTH).await?;
-        for key in [ERRORS_KEY, INVOKE_PATTERN] {
-            taps.bind(&outputs, key).await?;
-        }
-        taps.consume(&outputs, Source::Output).await?;
+        let channel = taps.setup().await?;
+        amqp::declare_exchange(&channel, exchange).await?;
+        taps.declare_outputs().await?;
         Ok(taps)
+    }
+
+    async fn declare_outputs(&mut self) -> Result<(), RecordError> {
+        let outputs = self.outputs.clone();
+        self.declare(&outputs, OUTPUTS_MAX_LENGTH).await?;
+        for key in [ERRORS_KEY, INVOKE_PATTERN] {
+            self.bind(&outputs, key).await?;
+        }
+        for key in self.bound.clone() {
+            self.bind(&outputs, &key).await?;
+        }
+        Ok(())
     }
 
     async fn setup(&mut self) -> Result<Channel, RecordError> {
@@ -303,17 +297,7 @@ impl<'c> Taps<'c> {
     }
 
     async fn declare(&mut self, queue: &str, max_length: i64) -> Result<(), RecordError> {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("classic".into()),
-        );
-        args.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("drop-head".into()),
-        );
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(TAP_EXPIRES_MS));
+        let args = tap_arguments(max_length);
         let transient = QueueDeclareOptions::default();
         let channel = self.setup().await?;
         if channel
@@ -356,23 +340,6 @@ impl<'c> Taps<'c> {
         Ok(())
     }
 
-    async fn consume(&mut self, queue: &str, source: Source) -> Result<String, RecordError> {
-        let consumer = self
-            .consume
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(refused("consume a recording tap"))?;
-        let tag = consumer.tag().to_string();
-        self.streams
-            .push(Box::pin(consumer.map(move |d| (source, d))));
-        Ok(tag)
-    }
-
     /// Whether the worker's own queue exists (a passive declare; its refusal
     /// closes the setup channel, which is opened again when next needed).
     async fn worker_queue_exists(&mut self, worker: Uuid) -> Result<bool, RecordError> {
@@ -393,19 +360,23 @@ impl<'c> Taps<'c> {
         Ok(found)
     }
 
-    /// Taps the enabled workers not tapped yet (whose queue exists), and
-    /// stops recording the others.
+    async fn tap(&mut self, worker: Uuid) -> Result<(), RecordError> {
+        let queue = tap_queue(worker);
+        self.declare(&queue, self.keep).await?;
+        self.bind(&queue, &worker.to_string()).await
+    }
+
+    /// Taps the enabled workers not tapped yet (whose queue exists), looks
+    /// for each one's next step once (so that its outputs are tapped
+    /// before anyone first asks), and stops recording the others.
     async fn refresh(&mut self, enabled: &[Uuid]) -> Result<(), RecordError> {
         for &worker in enabled {
             if self.tapped.contains_key(&worker) || !self.worker_queue_exists(worker).await? {
                 continue;
             }
-            let queue = tap_queue(worker);
-            self.declare(&queue, self.keep).await?;
-            self.bind(&queue, &worker.to_string()).await?;
-            let tag = self.consume(&queue, Source::Input(worker)).await?;
-            debug!(%worker, "recording the worker's messages");
-            self.tapped.insert(worker, tag);
+            self.tap(worker).await?;
+            debug!(%worker, "tapping the worker's messages");
+            self.tapped.insert(worker, false);
         }
         let wanted: HashSet<&Uuid> = enabled.iter().collect();
         let gone: Vec<Uuid> = self
@@ -415,12 +386,7 @@ impl<'c> Taps<'c> {
             .copied()
             .collect();
         for worker in gone {
-            if let Some(tag) = self.tapped.remove(&worker) {
-                let _ = self
-                    .consume
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
-            }
+            self.tapped.remove(&worker);
             self.setup()
                 .await?
                 .queue_delete(
@@ -430,12 +396,52 @@ impl<'c> Taps<'c> {
                 .await
                 .map_err(refused("delete a recording tap"))?;
         }
+        let unlooked: Vec<Uuid> = self
+            .tapped
+            .iter()
+            .filter(|(_, looked)| !**looked)
+            .map(|(w, _)| *w)
+            .collect();
+        for worker in unlooked {
+            if let Some(key) = self.peek_next_key(worker).await? {
+                self.follow(key).await?;
+                self.tapped.insert(worker, true);
+            }
+        }
         Ok(())
+    }
+
+    /// The next step the oldest message in a worker's tap names: one
+    /// message taken and put back (rejected with requeue: it keeps its
+    /// place). `None` while the tap is empty.
+    async fn peek_next_key(&mut self, worker: Uuid) -> Result<Option<String>, RecordError> {
+        let channel = self.setup().await?;
+        let got = channel
+            .basic_get(
+                tap_queue(worker).as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(refused("look at a recording tap"))?;
+        let Some(message) = got else {
+            return Ok(None);
+        };
+        let key = next_key(&message.delivery.data);
+        channel
+            .basic_reject(
+                message.delivery.delivery_tag,
+                BasicRejectOptions { requeue: true },
+            )
+            .await
+            .map_err(refused("put a message back into its recording tap"))?;
+        // A message naming no next step to follow still counts as looked at
+        // (an empty key, which `follow` skips).
+        Ok(Some(key.unwrap_or_default()))
     }
 
     /// Binds the outputs queue to a next step seen in a recorded message.
     async fn follow(&mut self, key: String) -> Result<(), RecordError> {
-        if self.bound.contains(&key) || self.bound.len() >= MAX_OUTPUT_KEYS {
+        if key.is_empty() || self.bound.contains(&key) || self.bound.len() >= MAX_OUTPUT_KEYS {
             return Ok(());
         }
         let outputs = self.outputs.clone();
@@ -443,145 +449,338 @@ impl<'c> Taps<'c> {
         self.bound.insert(key);
         Ok(())
     }
+
+    /// Declares every tap again: a declaration restarts its expiry, and
+    /// makes again (with its bindings) one the broker lost.
+    async fn renew(&mut self) -> Result<(), RecordError> {
+        self.declare_outputs().await?;
+        let workers: Vec<Uuid> = self.tapped.keys().copied().collect();
+        for worker in workers {
+            self.tap(worker).await?;
+            // Look at its next step again: the pipeline may have changed.
+            self.tapped.insert(worker, false);
+        }
+        Ok(())
+    }
 }
 
-/// The newest `keep` of each worker's inputs in a batch, in order: older
-/// ones would be pruned in the same transaction anyway.
-pub(crate) fn newest_per_worker(inputs: Vec<NewRecording>, keep: i64) -> Vec<NewRecording> {
-    let mut seen: HashMap<Uuid, i64> = HashMap::new();
-    let mut kept: Vec<NewRecording> = inputs
-        .into_iter()
-        .rev()
-        .filter(|r| {
-            let n = seen.entry(r.worker_id).or_default();
-            *n += 1;
-            *n <= keep
-        })
-        .collect();
-    kept.reverse();
-    kept
+/// The arguments of a tap: classic, bounded, oldest dropped first, gone an
+/// hour after its last use.
+fn tap_arguments(max_length: i64) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(TAP_EXPIRES_MS));
+    args
 }
 
-/// What is read and not yet written.
-#[derive(Default)]
-struct Batch {
-    inputs: Vec<NewRecording>,
-    outputs: Vec<(NewOutput, u8)>,
-    last_tag: Option<u64>,
-    started: Option<Instant>,
-}
-
-async fn record(taps: &mut Taps<'_>, pool: &PgPool, config: &RecordConfig) -> RecordError {
-    match record_until_error(taps, pool, config).await {
+async fn keep_taps(taps: &mut Taps<'_>, pool: &PgPool, config: &RecordConfig) -> RecordError {
+    match keep_taps_until_error(taps, pool, config).await {
         Ok(()) => RecordError::Closed,
         Err(e) => e,
     }
 }
 
-async fn record_until_error(
+async fn keep_taps_until_error(
     taps: &mut Taps<'_>,
     pool: &PgPool,
     config: &RecordConfig,
 ) -> Result<(), RecordError> {
     info!(
         keep = config.keep,
-        "recording each enabled worker's messages"
+        "tapping each enabled worker's messages (read when asked)"
     );
     let mut refresh = tokio::time::interval(REFRESH);
-    let mut batch = Batch::default();
+    let mut renew = tokio::time::interval(TAP_RENEW);
+    renew.tick().await;
     loop {
-        let flush_at = batch.started.map(|s| s + BATCH_WAIT);
-        // Cancel-safe arms: a tick, a delivery (nothing is taken off the
-        // stream unless this arm wins), a sleep.
         tokio::select! {
             _ = refresh.tick() => {
+                if !taps.connection.status().connected() {
+                    return Ok(());
+                }
                 let enabled = recorded::enabled_workers(pool).await?;
                 taps.refresh(&enabled).await?;
             }
-            next = taps.streams.next(), if !taps.streams.is_empty() => {
-                let Some((source, delivery)) = next else { return Ok(()) };
-                let delivery = delivery.map_err(refused("deliver a recorded message"))?;
-                take(taps, &mut batch, source, delivery).await?;
-                if batch.inputs.len() + batch.outputs.len() >= BATCH_MAX {
-                    flush(&taps.consume, pool, config, &mut batch).await?;
-                }
-            }
-            () = sleep_until(flush_at) => flush(&taps.consume, pool, config, &mut batch).await?,
+            _ = renew.tick() => taps.renew().await?,
         }
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// What reading the taps needs: the broker, the bound, whose outputs queue.
+/// `None` from [`Reader::from_config`] when recording is off.
+#[derive(Clone, Debug)]
+pub(crate) struct Reader {
+    pub amqp: AmqpConfig,
+    pub keep: i64,
+    pub instance: String,
+}
+
+impl Reader {
+    pub(crate) fn from_config(config: &crate::config::Config) -> Option<Reader> {
+        config.record.enabled.then(|| Reader {
+            amqp: config.amqp.clone(),
+            keep: config.record.keep,
+            instance: config.instance.clone(),
+        })
+    }
+
+    /// [`read`] with these settings.
+    pub(crate) async fn read(&self, pool: &PgPool, workers: &[Uuid]) -> Result<(), RecordError> {
+        read(&self.amqp, pool, self.keep, &self.instance, workers).await
     }
 }
 
-async fn take(
-    taps: &mut Taps<'_>,
-    batch: &mut Batch,
-    source: Source,
-    delivery: Delivery,
-) -> Result<(), RecordError> {
-    let now = Utc::now();
-    batch.started.get_or_insert_with(Instant::now);
-    batch.last_tag = Some(delivery.delivery_tag);
-    let routing_key = delivery.routing_key.as_str();
-    match source {
-        Source::Input(worker) => {
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str());
-            batch
-                .inputs
-                .push(read_input(worker, routing_key, id, &delivery.data, now));
-            if let Some(key) = next_key(&delivery.data) {
-                taps.follow(key).await?;
+/// The status page's reads of the taps: in the background (the page is
+/// served from the table as it is), one at a time, at most every
+/// [`STATUS_READ_EVERY`]: a page left open costs one read of each tap per
+/// interval, a page nobody looks at none.
+pub(crate) fn status_reads(reader: Reader, pool: PgPool) -> impl Fn() + Send + Sync + 'static {
+    let last: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    move || {
+        {
+            let Ok(mut last) = last.lock() else { return };
+            if last.is_some_and(|t| t.elapsed() < STATUS_READ_EVERY) {
+                return;
             }
+            *last = Some(std::time::Instant::now());
         }
-        Source::Output => {
-            if let Some(output) = read_output(routing_key, &delivery.data, now) {
-                batch.outputs.push((output, 0));
+        let (reader, pool) = (reader.clone(), pool.clone());
+        tokio::spawn(async move {
+            let read = async {
+                let workers = recorded::enabled_workers(&pool).await?;
+                reader.read(&pool, &workers).await
+            };
+            if let Err(e) = read.await {
+                debug!(
+                    "status page: cannot read the recording taps: {}",
+                    error_chain(&e)
+                );
             }
-        }
+        });
     }
-    Ok(())
 }
 
-/// Writes the inputs, matches the outputs (an unmatched one waits a few
-/// batches for its input), then acknowledges everything delivered so far.
-async fn flush(
-    consume: &Channel,
+/// Reads the taps of `workers` into the table, and the outputs queue of
+/// `instance` onto what was read: what `worker messages`, `worker try
+/// --last` and the status page do before they read the table. A worker
+/// with no tap (not enabled, or recording off) is skipped.
+pub(crate) async fn read(
+    amqp: &AmqpConfig,
     pool: &PgPool,
-    config: &RecordConfig,
-    batch: &mut Batch,
+    keep: i64,
+    instance: &str,
+    workers: &[Uuid],
 ) -> Result<(), RecordError> {
-    let newest = newest_per_worker(std::mem::take(&mut batch.inputs), config.keep);
-    recorded::insert(pool, &newest, config.keep).await?;
-    let outputs: Vec<NewOutput> = batch.outputs.iter().map(|(o, _)| o.clone()).collect();
-    let matched: HashSet<usize> = recorded::match_outputs(pool, &outputs)
-        .await?
-        .into_iter()
-        .collect();
-    let waiting = std::mem::take(&mut batch.outputs);
-    batch.outputs = waiting
-        .into_iter()
-        .enumerate()
-        .filter(|(i, (_, tries))| !matched.contains(i) && *tries + 1 < OUTPUT_TRIES)
-        .map(|(_, (o, tries))| (o, tries + 1))
-        .collect();
-    if let Some(tag) = batch.last_tag.take() {
-        let all = BasicAckOptions { multiple: true };
-        consume
-            .basic_ack(tag, all)
-            .await
-            .map_err(refused("acknowledge recorded messages"))?;
+    let connection = amqp::connect(amqp, "workerctl recorder (read)").await?;
+    let read = read_on(&connection, &amqp.exchange, pool, keep, instance, workers).await;
+    let _ = connection.close(200, "done".into()).await;
+    read
+}
+
+async fn read_on(
+    connection: &Connection,
+    exchange: &str,
+    pool: &PgPool,
+    keep: i64,
+    instance: &str,
+    workers: &[Uuid],
+) -> Result<(), RecordError> {
+    let most = usize::try_from(keep).unwrap_or(0);
+    let mut keys = HashSet::new();
+    for &worker in workers {
+        // One connection for the lock and the writes: a CLI's pool may
+        // have no other.
+        let mut lock = recorded::lock_tap(pool, worker).await?;
+        let Some(deliveries) = read_queue(connection, &tap_queue(worker), most).await? else {
+            continue;
+        };
+        let now = Utc::now();
+        let tap: Vec<NewRecording> = deliveries
+            .iter()
+            .map(|d| {
+                let id = d.properties.message_id().as_ref().map(|s| s.as_str());
+                read_input(worker, d.routing_key.as_str(), id, &d.data, arrival(d, now))
+            })
+            .collect();
+        keys.extend(tap.iter().filter_map(|r| next_key(&r.body)));
+        let mut stored = recorded::list_on(&mut lock, worker, keep).await?;
+        stored.reverse();
+        let stored: Vec<&[u8]> = stored.iter().map(|r| r.body.as_slice()).collect();
+        let bodies: Vec<&[u8]> = tap.iter().map(|r| r.body.as_slice()).collect();
+        let seen = seen_before(&stored, &bodies);
+        recorded::insert_on(&mut lock, &tap[seen..], keep).await?;
+        lock.commit().await.map_err(|source| StoreError::Query {
+            what: "end reading a recording tap",
+            source,
+        })?;
     }
-    batch.started = (!batch.outputs.is_empty()).then(Instant::now);
+    let outputs = outputs_queue(instance);
+    bind_outputs(connection, exchange, &outputs, keys).await?;
+    let Some(deliveries) = read_queue(connection, &outputs, OUTPUTS_MAX_LENGTH as usize).await?
+    else {
+        return Ok(());
+    };
+    let now = Utc::now();
+    let read: Vec<NewOutput> = deliveries
+        .iter()
+        .filter_map(|d| read_output(d.routing_key.as_str(), &d.data, arrival(d, now)))
+        .collect();
+    recorded::match_outputs(pool, &read).await?;
     Ok(())
+}
+
+/// Binds the outputs queue (if it exists: the daemon makes it) to next steps
+/// a read found, at most [`MAX_OUTPUT_KEYS`] at once.
+async fn bind_outputs(
+    connection: &Connection,
+    exchange: &str,
+    outputs: &str,
+    keys: HashSet<String>,
+) -> Result<(), RecordError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(refused("open a channel"))?;
+    for key in keys.into_iter().take(MAX_OUTPUT_KEYS) {
+        let bound = channel
+            .queue_bind(
+                outputs.into(),
+                exchange.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await;
+        if bound.is_err() {
+            // No outputs queue (recording is off in the daemon): nothing to bind.
+            return Ok(());
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// Every message in `queue` (at most `most`, and at most 65,535: the
+/// largest prefetch; a larger `record.keep` is read in its oldest 65,535),
+/// oldest first, left in place:
+/// taken by a consumer with a prefetch of the queue's length that
+/// acknowledges none, whose channel is then closed, so that the broker puts
+/// them back where they were. `None` if the queue does not exist.
+async fn read_queue(
+    connection: &Connection,
+    queue: &str,
+    most: usize,
+) -> Result<Option<Vec<Delivery>>, RecordError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(refused("open a channel"))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let Ok(declared) = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+    else {
+        return Ok(None);
+    };
+    let count = usize::try_from(declared.message_count())
+        .unwrap_or(usize::MAX)
+        .min(most)
+        .min(usize::from(u16::MAX));
+    let mut read = Vec::with_capacity(count);
+    if count > 0 {
+        let prefetch = u16::try_from(count).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(refused("set the prefetch of a tap read"))?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused("read a recording tap"))?;
+        while read.len() < count {
+            match tokio::time::timeout(READ_IDLE, consumer.next()).await {
+                Ok(Some(Ok(delivery))) => read.push(delivery),
+                Ok(Some(Err(e))) => return Err(refused("read a recording tap")(e).into()),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    // Closing the channel puts back every message it holds unacknowledged.
+    channel
+        .close(200, "read, left in place".into())
+        .await
+        .map_err(refused("put a tap's messages back"))?;
+    Ok(Some(read))
+}
+
+/// When a message arrived, as far as a read can tell: when it was
+/// published, if it says — the `timestamp` header (Unix ms) every message a
+/// worker runtime publishes carries (docs/compatibility.md §4), else the
+/// AMQP `timestamp` property (Unix s) — unless that is in the future; else
+/// now (it arrived at or before the read).
+fn arrival(delivery: &Delivery, now: DateTime<Utc>) -> DateTime<Utc> {
+    let header = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("timestamp"))
+        .and_then(header_millis);
+    let property = delivery
+        .properties
+        .timestamp()
+        .and_then(|s| i64::try_from(s).ok())
+        .and_then(|s| s.checked_mul(1000));
+    published_or_now(header.or(property), now)
+}
+
+/// An integer header's value.
+fn header_millis(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::Timestamp(s) => i64::try_from(*s).ok()?.checked_mul(1000),
+        _ => None,
+    }
+}
+
+/// The publish time (Unix ms) if there is one that is not in the future,
+/// else `now`.
+pub(crate) fn published_or_now(published_ms: Option<i64>, now: DateTime<Utc>) -> DateTime<Utc> {
+    published_ms
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
+        .filter(|t| *t <= now)
+        .unwrap_or(now)
+}
+
+/// How many of the tap's messages (oldest first) are the table's newest
+/// rows already (oldest first): the longest head of `tap` that is the tail
+/// of `stored`. A tap read twice holds, at its head, what the first read
+/// stored, minus what it dropped since.
+pub(crate) fn seen_before(stored: &[&[u8]], tap: &[&[u8]]) -> usize {
+    (1..=stored.len().min(tap.len()))
+        .rev()
+        .find(|&k| stored[stored.len() - k..] == tap[..k])
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -645,22 +844,32 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_keeps_only_the_newest_of_each_worker_in_order() {
-        let r = |w: &str, t: &str| {
-            read_input(
-                id(w),
-                w,
-                None,
-                format!("{{\"tracing_id\": \"{t}\"}}").as_bytes(),
-                now(),
-            )
-        };
-        let batch = vec![r(W1, "a"), r(W2, "b"), r(W1, "c"), r(W1, "d"), r(W2, "e")];
-        let kept: Vec<String> = newest_per_worker(batch, 2)
-            .into_iter()
-            .filter_map(|x| x.tracing_id)
-            .collect();
-        assert_eq!(kept, ["b", "c", "d", "e"]);
+    fn a_message_arrived_when_it_was_published_if_it_says_and_that_is_not_later() {
+        assert_eq!(
+            published_or_now(Some(4_000), now()).timestamp_millis(),
+            4_000
+        );
+        assert_eq!(published_or_now(Some(6_000), now()), now(), "in the future");
+        assert_eq!(published_or_now(None, now()), now());
+        assert_eq!(header_millis(&AMQPValue::LongLongInt(7)), Some(7));
+        assert_eq!(header_millis(&AMQPValue::Timestamp(2)), Some(2_000));
+        assert_eq!(header_millis(&AMQPValue::LongString("x".into())), None);
+    }
+
+    #[test]
+    fn a_read_stores_only_what_follows_the_tables_tail() {
+        let (a, b, c, d): (&[u8], &[u8], &[u8], &[u8]) = (b"a", b"b", b"c", b"d");
+        // Never read: everything is new.
+        assert_eq!(seen_before(&[], &[a, b]), 0);
+        // Read before, then the tap dropped `a` and got `c`, `d`.
+        assert_eq!(seen_before(&[a, b], &[b, c, d]), 1);
+        // Nothing new since.
+        assert_eq!(seen_before(&[a, b, c], &[a, b, c]), 3);
+        // The tap was made again (lost): nothing overlaps.
+        assert_eq!(seen_before(&[a, b], &[c, d]), 0);
+        // Two equal messages in a row: the longest overlap wins.
+        assert_eq!(seen_before(&[c, a, a], &[a, a, a]), 2);
+        assert_eq!(seen_before(&[a], &[a, a]), 1);
     }
 
     #[test]

@@ -18,8 +18,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use tracing::warn;
 use uuid::Uuid;
 
+use crate::backoff::error_chain;
 use crate::config::Config;
 use crate::model::{ContainerSpec, Hardening, Limits, Revision, WorkerId};
 use crate::runtime::docker::DockerRuntime;
@@ -66,6 +68,9 @@ pub(crate) struct Settings {
     pub limits: Limits,
     pub hardening: Hardening,
     pub endpoint_devices: String,
+    /// Reads the worker's tap before `--last` takes its newest recordings;
+    /// `None` when recording is off (the table is read as it is).
+    pub recorder: Option<crate::recorder::Reader>,
 }
 
 impl Settings {
@@ -77,6 +82,7 @@ impl Settings {
             limits: config.limits(),
             hardening: config.hardening(),
             endpoint_devices: config.endpoint_devices.clone(),
+            recorder: crate::recorder::Reader::from_config(config),
         }
     }
 }
@@ -280,7 +286,7 @@ pub(crate) async fn run(
         .current(request.worker.id)
         .await?
         .ok_or(DbError::UnknownId(request.worker.id))?;
-    let inputs = read_inputs(db, request.worker.id, &request.inputs).await?;
+    let inputs = read_inputs(db, settings, request.worker.id, &request.inputs).await?;
     let entrypoint = if current.entrypoint.is_empty() {
         "main.main".to_string()
     } else {
@@ -374,10 +380,21 @@ async fn run_container(
     Ok(answer.runs)
 }
 
-async fn read_inputs(db: &Db, worker: Uuid, choice: &Inputs) -> Result<Vec<Input>, TrialError> {
+async fn read_inputs(
+    db: &Db,
+    settings: &Settings,
+    worker: Uuid,
+    choice: &Inputs,
+) -> Result<Vec<Input>, TrialError> {
     let pool = db.pool();
     let inputs = match choice {
         Inputs::Last(n) => {
+            if let Some(reader) = &settings.recorder
+                && let Err(e) = reader.read(pool, &[worker]).await
+            {
+                // The table still holds what the last read stored.
+                warn!(%worker, "cannot read the worker's recording tap: {}", error_chain(&e));
+            }
             let mut recent = recorded::list(pool, worker, (*n).clamp(1, MAX_INPUTS))
                 .await
                 .map_err(TrialError::Store)?;

@@ -522,6 +522,7 @@ async fn code_endpoint_serves_enabled_workers_to_their_token_only(pool: PgPool) 
         reports: Arc::new(ReadyReports::new(Arc::default())),
         leadership: None,
         backend: Arc::new(workerctl::status_page::Backend::docker()),
+        read_taps: None,
     };
     let server = tokio::spawn(async move { axum::serve(listener, http::router(state)).await });
     let get = |path: String| async move {

@@ -285,7 +285,8 @@ async fn recording_keeps_the_newest_with_their_outputs_and_loses_no_pipeline_mes
 }
 
 /// Sends a message through the worker until one is recorded: the daemon
-/// taps a worker within a refresh (2 s) of its queue existing.
+/// taps a worker within a refresh (2 s) of its queue existing, and `worker
+/// messages` reads the tap into the table.
 async fn warm_up(
     cli: &Cli,
     daemon: &Daemon,
@@ -299,23 +300,192 @@ async fn warm_up(
         let body = message(id, next, "0", "warm-up");
         broker.publish(&id.to_string(), &body).await;
         next_body(downstream).await;
-        let recorded: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM workerctl_recorded_messages WHERE worker_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&cli.pool)
-        .await
-        .expect("count");
-        if recorded > 0 {
+        let out = cli
+            .run(&[
+                "worker",
+                "messages",
+                &id.to_string(),
+                "--last",
+                "1",
+                "--output",
+                "json",
+            ])
+            .await
+            .ok();
+        let listed: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON list");
+        if !listed.is_empty() {
             break;
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "never recorded: {}",
+            "never recorded: {}\n{}",
+            out.stderr,
             daemon.log()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A worker's tap, as the broker has it: (messages, consumers).
+async fn tap(broker: &Broker, worker: Uuid) -> (u32, u32) {
+    let channel = broker.connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = channel
+        .queue_declare(
+            format!("workerctl.record.{worker}").as_str().into(),
+            passive,
+            Default::default(),
+        )
+        .await
+        .expect("the tap exists");
+    let _ = channel.close(200, "done".into()).await;
+    (q.message_count(), q.consumer_count())
+}
+
+/// (id, tracing id) of what `worker messages` lists, newest first.
+async fn listed(cli: &Cli, worker: &str) -> Vec<(i64, String)> {
+    let out = cli
+        .run(&[
+            "worker", "messages", worker, "--last", "100", "--output", "json",
+        ])
+        .await
+        .ok();
+    let list: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON list");
+    list.iter()
+        .map(|m| {
+            (
+                m["id"].as_i64().unwrap_or(-1),
+                m["tracing_id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
+    let (cli, mut daemon) = recording(pool, 5).await;
+    let id = create(&cli, &mut daemon, "reader", CURRENT_PY).await;
+    let broker = Broker::open(&daemon).await;
+    let next = format!("next-{}", Uuid::new_v4().simple());
+    let mut downstream = broker.listen(&[&next]).await;
+    warm_up(&cli, &daemon, &broker, id, &next, &mut downstream).await;
+    for n in 1..=12 {
+        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+    }
+    for _ in 1..=12 {
+        next_body(&mut downstream).await;
+    }
+    assert_eq!(
+        tap(&broker, id).await,
+        (5, 0),
+        "between reads the tap holds the newest record.keep, and nobody consumes it"
+    );
+    let first = listed(&cli, "reader").await;
+    let traces: Vec<&str> = first.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(traces, ["t-12", "t-11", "t-10", "t-9", "t-8"]);
+    assert_eq!(
+        tap(&broker, id).await,
+        (5, 0),
+        "a read leaves the tap whole"
+    );
+    assert_eq!(
+        listed(&cli, "reader").await,
+        first,
+        "a second read stores nothing again"
+    );
+    for n in 13..=14 {
+        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+        next_body(&mut downstream).await;
+    }
+    let after = listed(&cli, "reader").await;
+    let traces: Vec<&str> = after.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(traces, ["t-14", "t-13", "t-12", "t-11", "t-10"]);
+    assert_eq!(
+        after[2..],
+        first[..3],
+        "what was read before keeps its row (and its arrival time)"
+    );
+    // The broker put every message back where it was: oldest first.
+    let channel = broker.connection.create_channel().await.expect("channel");
+    let mut order = Vec::new();
+    while let Some(got) = channel
+        .basic_get(
+            format!("workerctl.record.{id}").as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("get")
+    {
+        let body: Value = serde_json::from_slice(&got.delivery.data).expect("json");
+        order.push(body["tracing_id"].as_str().unwrap_or("").to_string());
+    }
+    let _ = channel.close(200, "done".into()).await;
+    assert_eq!(order, ["t-10", "t-11", "t-12", "t-13", "t-14"]);
+
+    // The status page, while it is read, has the taps read for it (in the
+    // background: a later view shows what an earlier one asked for).
+    broker
+        .publish(&id.to_string(), &message(id, &next, "15", "t-15"))
+        .await;
+    next_body(&mut downstream).await;
+    let url = format!("http://127.0.0.1:{}/api/workers", daemon.port);
+    let start = Instant::now();
+    loop {
+        let view: Value = reqwest::get(&url)
+            .await
+            .expect("answer")
+            .json()
+            .await
+            .expect("json");
+        if view["recent_messages"][0]["tracing_id"] == "t-15" {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the status page never showed t-15: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // A message that says when it was published (the `timestamp` header a
+    // worker runtime adds, Unix ms) arrived then; one that does not, when
+    // it was first read.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "timestamp".into(),
+        lapin::types::AMQPValue::LongLongInt(1_700_000_000_000),
+    );
+    broker
+        .channel
+        .basic_publish(
+            broker.exchange.as_str().into(),
+            id.to_string().as_str().into(),
+            Default::default(),
+            &message(id, &next, "16", "t-16"),
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("sent");
+    next_body(&mut downstream).await;
+    let out = cli
+        .run(&[
+            "worker", "messages", "reader", "--last", "2", "--output", "json",
+        ])
+        .await
+        .ok();
+    let list: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON list");
+    assert_eq!(list[0]["tracing_id"], "t-16");
+    assert_eq!(list[0]["received_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(list[1]["tracing_id"], "t-15");
+    assert_ne!(list[1]["received_at"], "2023-11-14T22:13:20Z");
+    let _ = broker.connection.close(200, "done".into()).await;
 }
 
 /// Publishes the fixture and waits until the daemon recorded all of it.

@@ -78,6 +78,7 @@ impl Server {
             reports: Arc::new(ReadyReports::new(Arc::default())),
             leadership: None,
             backend: Arc::new(backend),
+            read_taps: None,
         };
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await

@@ -1,8 +1,8 @@
 //! `workerctl_recorded_messages` (migrations/0032): the last messages each
 //! worker received, as received, with what each produced where it could be
-//! matched. The recorder (src/recorder.rs) inserts in batches and matches
-//! outputs; `workerctl worker messages`, `worker try` and the status page
-//! read. Plain SQL and row mapping: what to record is decided by the callers.
+//! matched. The recorder (src/recorder.rs) inserts what it reads from a
+//! worker's tap and matches outputs, each time one of `workerctl worker
+//! messages`, `worker try` or the status page asks; they then read here. Plain SQL and row mapping: what to record is decided by the callers.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -66,9 +66,48 @@ pub(crate) async fn enabled_workers(pool: &PgPool) -> Result<Vec<Uuid>, StoreErr
         .map_err(query_failed("list the enabled workers"))
 }
 
+/// Takes the lock that serialises the readers of one worker's tap (the
+/// daemon, `worker messages`, `worker try`), held until the returned
+/// transaction ends: two readers of one tap would each see part of it.
+pub(crate) async fn lock_tap(
+    pool: &PgPool,
+    worker: Uuid,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_failed("begin reading a recording tap"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("workerctl.record.{worker}"))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_failed("lock a recording tap"))?;
+    Ok(tx)
+}
+
 /// Stores a batch of inputs (one statement), then drops, for each worker in
 /// it, all but its newest `keep` (one statement).
 pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_failed("begin a recording batch"))?;
+    insert_on(&mut tx, batch, keep).await?;
+    tx.commit()
+        .await
+        .map_err(query_failed("commit recorded messages"))
+}
+
+/// [`insert`] on a connection (the reader's, which holds its tap's lock in
+/// a transaction).
+pub(crate) async fn insert_on(
+    conn: &mut sqlx::PgConnection,
+    batch: &[NewRecording],
+    keep: i64,
+) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -78,10 +117,6 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
     let ids: Vec<Option<String>> = batch.iter().map(|r| r.message_id.clone()).collect();
     let traces: Vec<Option<String>> = batch.iter().map(|r| r.tracing_id.clone()).collect();
     let bodies: Vec<Vec<u8>> = batch.iter().map(|r| r.body.clone()).collect();
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(query_failed("begin a recording batch"))?;
     sqlx::query(
         "INSERT INTO workerctl_recorded_messages
                 (worker_id, received_at, routing_key, message_id, tracing_id, body)
@@ -94,7 +129,7 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
     .bind(&ids)
     .bind(&traces)
     .bind(&bodies)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .map_err(query_failed("store recorded messages"))?;
     let mut distinct = workers;
@@ -110,12 +145,10 @@ pub async fn insert(pool: &PgPool, batch: &[NewRecording], keep: i64) -> Result<
     )
     .bind(&distinct)
     .bind(keep)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .map_err(query_failed("prune recorded messages"))?;
-    tx.commit()
-        .await
-        .map_err(query_failed("commit recorded messages"))
+    Ok(())
 }
 
 /// Attaches each output to the newest recording of its worker and tracing
@@ -168,11 +201,24 @@ pub(crate) async fn match_outputs(
 
 /// A worker's newest `last` recordings, newest first.
 pub async fn list(pool: &PgPool, worker: Uuid, last: i64) -> Result<Vec<Recording>, StoreError> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_failed("list recorded messages"))?;
+    list_on(&mut conn, worker, last).await
+}
+
+/// [`list`] on a connection.
+pub(crate) async fn list_on(
+    conn: &mut sqlx::PgConnection,
+    worker: Uuid,
+    last: i64,
+) -> Result<Vec<Recording>, StoreError> {
     let sql = format!("{SELECT} WHERE worker_id = $1 ORDER BY id DESC LIMIT $2");
     sqlx::query_as(&sql)
         .bind(worker)
         .bind(last)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(query_failed("list recorded messages"))
 }

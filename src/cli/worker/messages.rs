@@ -1,6 +1,6 @@
 //! `workerctl worker messages ID|NAME`: the messages the worker received
-//! lately, as the recorder stored them (src/recorder.rs), with what each
-//! produced; `--show N` prints one whole.
+//! lately, with what each produced: the worker's tap is read first (src/recorder.rs),
+//! then the table it was read into; `--show N` prints one whole.
 
 use chrono::{DateTime, Utc};
 use clap::Args;
@@ -46,6 +46,15 @@ pub(super) async fn run(config: &Config, a: MessagesArgs) -> Result<(), CliError
             Output::Table => print!("{}", show(&recording)),
         }
         return Ok(());
+    }
+    if let Some(reader) = crate::recorder::Reader::from_config(config)
+        && let Err(e) = reader.read(db.pool(), &[target.id]).await
+    {
+        eprintln!(
+            "cannot read worker {}'s recording tap ({}); showing what was read before",
+            target.name,
+            crate::backoff::error_chain(&e)
+        );
     }
     let recordings = recorded::list(db.pool(), target.id, a.last.max(0))
         .await
