@@ -20,6 +20,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -36,6 +37,8 @@ const ENTRYPOINT: [&str; 5] = ["tini", "--", "python", "-m", "dockerworker.trial
 const MAX_STDOUT: usize = 64 * 1024 * 1024;
 /// The last stderr lines kept, to say why a run failed.
 const STDERR_LINES: usize = 20;
+/// How long a removal the engine has begun (AutoRemove) is waited for.
+const REMOVAL_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrialRunError {
@@ -212,8 +215,16 @@ impl Drop for Removal {
 
 async fn remove(docker: &Docker, id: &str) {
     let force = RemoveContainerOptionsBuilder::default().force(true).build();
-    // Gone already (AutoRemove) is the usual answer.
-    let _ = docker.remove_container(id, Some(force)).await;
+    if docker.remove_container(id, Some(force)).await.is_err() {
+        // Gone already, or being removed by the engine (AutoRemove: 409,
+        // "removal already in progress"): wait until it is gone, so that
+        // no try container is left when a try has answered.
+        let removed = WaitContainerOptionsBuilder::default()
+            .condition("removed")
+            .build();
+        let mut gone = docker.wait_container(id, Some(removed));
+        let _ = tokio::time::timeout(REMOVAL_WAIT, gone.next()).await;
+    }
 }
 
 #[cfg(test)]
