@@ -31,7 +31,7 @@ use crate::model::{
     ContainerSpec, DesiredWorker, Intent, ManagedService, Revision, Rollout, Status, WorkerId,
     WorkerRow, WorkerService, intent_of,
 };
-use crate::model::{ImageState, NetworkState, Observed, QueueDepths};
+use crate::model::{ImageState, NetworkState, Observed, QueueDepths, SwarmNode, SwarmTask};
 use crate::plan::replicas::ScaleState;
 
 /// How often a pass looks again while a service converges (tasks start on
@@ -57,6 +57,13 @@ pub struct ServiceSnapshot {
     /// Why the tasks of a service that runs fewer than it wants fail, by
     /// service id, in Swarm's words.
     pub task_errors: HashMap<String, String>,
+    /// The swarm's nodes.
+    pub nodes: Vec<SwarmNode>,
+    /// The tasks listed: those of the services that lag or are watched,
+    /// and every task on a node that is not ready.
+    pub tasks: Vec<SwarmTask>,
+    /// The services the last pass watched (see [`ServicePlan::watch`]).
+    pub watched: BTreeSet<String>,
     pub depths: Option<QueueDepths>,
     pub depths_unknown: String,
     pub now_ms: i64,
@@ -134,6 +141,9 @@ pub struct ServicePlan {
     pub scale: BTreeMap<WorkerId, ScaleState>,
     /// When the next pass must run at the latest, Unix ms.
     pub wake_at_ms: Option<i64>,
+    /// Services whose tasks the next pass must list although they run
+    /// whole: some nodes lacked their image (see [`nodes`]).
+    pub watch: BTreeSet<String>,
 }
 
 impl ServicePlan {
@@ -162,8 +172,21 @@ pub(crate) fn plan_services(
     policy: &Policy,
 ) -> ServicePlan {
     let mut plan = ServicePlan::default();
+    // Tasks on a node that is not ready do not serve, though Swarm counts
+    // them as running until the node is back: neither does the planner.
+    let services: Vec<ManagedService> = snapshot
+        .services
+        .iter()
+        .map(|s| {
+            let lost = nodes::on_nodes(s, "", &snapshot.tasks, &snapshot.nodes).lost_tasks();
+            ManagedService {
+                running: s.running.saturating_sub(lost),
+                ..s.clone()
+            }
+        })
+        .collect();
     let mut by_worker: BTreeMap<WorkerId, Vec<&ManagedService>> = BTreeMap::new();
-    for s in &snapshot.services {
+    for s in &services {
         match s.worker_id {
             Some(id) => by_worker.entry(id).or_default().push(s),
             None => plan.remove(
@@ -261,6 +284,10 @@ impl Worker<'_> {
                 plan.scale.insert(id, *state);
             }
             plan.observed.push(observe(id, service, None));
+            // Still watched: this pass decides nothing about it.
+            if let Some(s) = service.filter(|s| self.snapshot.watched.contains(&s.id)) {
+                plan.watch.insert(s.id.clone());
+            }
             return;
         }
         // A second service of one worker (made by hand, or by another
@@ -464,20 +491,34 @@ impl Worker<'_> {
                 ),
             ),
             Rollout::Settled | Rollout::RolledBack { .. } => {
-                let status = self.settled(current, revision, plan);
+                let status = self.settled(current, &spec, plan);
                 self.scale(current, desired, status)
             }
         }
     }
 
     /// The status of a service at the current spec with no rollout going on.
+    /// Tasks on nodes that are not ready do not count as running.
     fn settled(
         &self,
         current: &ManagedService,
-        revision: Revision,
+        spec: &ContainerSpec,
         plan: &mut ServicePlan,
     ) -> Decision {
-        let (running, wanted) = (current.running, u64::from(current.replicas));
+        let revision = spec.revision;
+        let found = nodes::on_nodes(
+            current,
+            spec.service_image(),
+            &self.snapshot.tasks,
+            &self.snapshot.nodes,
+        );
+        // Already without the tasks lost with nodes (see `plan_services`).
+        let running = current.running;
+        let wanted = u64::from(current.replicas);
+        let image = (!found.without_image.is_empty()).then(|| {
+            plan.watch.insert(current.id.clone());
+            nodes::image_not_on_nodes(&self.template.image, &spec.image_id, &found.without_image)
+        });
         if wanted == 0 {
             return Decision::status(Status::Ready, scaled_to_zero(self.policy));
         }
@@ -488,15 +529,39 @@ impl Worker<'_> {
                 // that what is observed settles without waiting for an event.
                 plan.wake_at(self.snapshot.now_ms + CONVERGE_POLL_MS);
             }
-            return Decision::status(
-                Status::Ready,
-                format!(
-                    "running revision {revision} in {wanted} replica(s) of service {}",
-                    current.name
-                ),
+            let mut info = format!(
+                "running revision {revision} in {wanted} replica(s) of service {}",
+                current.name
             );
+            if !found.lost.is_empty() {
+                info.push_str(&format!(
+                    "; {}: they run on the other nodes now",
+                    nodes::nodes_lost(&found.lost)
+                ));
+            }
+            if let Some(image) = image {
+                info.push_str(&format!("; but {image}"));
+            }
+            return Decision::status(Status::Ready, info);
         }
         plan.wake_at(self.snapshot.now_ms + CONVERGE_POLL_MS);
+        if !found.lost.is_empty() {
+            let mut info = format!(
+                "{}: Swarm starts them again on the remaining nodes ({running} of {wanted} \
+                 replica(s) of revision {revision} running)",
+                nodes::nodes_lost(&found.lost)
+            );
+            if let Some(image) = image {
+                info.push_str(&format!("; {image}"));
+            }
+            return Decision::status(Status::Unknown, info);
+        }
+        if let Some(image) = image {
+            return Decision::status(
+                Status::Error,
+                format!("{running} of {wanted} replica(s) of revision {revision} running: {image}"),
+            );
+        }
         match self.snapshot.task_errors.get(&current.id) {
             Some(error) => Decision::status(
                 Status::Error,
@@ -623,5 +688,6 @@ fn observe(id: WorkerId, service: Option<&ManagedService>, desired: Option<u32>)
     }
 }
 
+mod nodes;
 #[cfg(test)]
 mod tests;

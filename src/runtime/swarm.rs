@@ -30,20 +30,22 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     HealthConfig, Limit, LocalNodeState, Mount, MountTmpfsOptions, MountType,
-    NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
-    ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
-    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum,
-    ServiceUpdateStatusStateEnum, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
-    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    NetworkAttachmentConfig, Node, Service, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, ServiceSpecRollbackConfig,
+    ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, ServiceUpdateStatusStateEnum, Task, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecLogDriver, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
-    ListServicesOptionsBuilder, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
+    ListNodesOptions, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
+    UpdateServiceOptionsBuilder,
 };
 use tracing::warn;
 
 use crate::model::{ContainerSpec, Labelled, labels};
-use crate::model::{ImageState, NetworkState};
+use crate::model::{ImageState, NetworkState, SwarmNode, SwarmTask, TaskReport};
 pub use crate::model::{ManagedService, Rollout, WorkerService};
 use crate::runtime::{ServiceRuntime, SwarmError};
 
@@ -238,6 +240,17 @@ impl SwarmRuntime {
         dockerworker.then_some(probe)
     }
 
+    async fn list_tasks(
+        &self,
+        filters: HashMap<&str, Vec<String>>,
+    ) -> Result<Vec<Task>, SwarmError> {
+        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+        self.api()
+            .list_tasks(Some(options))
+            .await
+            .map_err(SwarmError::Tasks)
+    }
+
     /// What a failed task's container said last, if it ran on this node
     /// (one call; a container elsewhere, or gone, says nothing).
     async fn last_words(&self, container: &str) -> Option<String> {
@@ -363,25 +376,39 @@ impl ServiceRuntime for SwarmRuntime {
         Ok(())
     }
 
-    /// Why the tasks of `services` fail, by service id: the latest task of
-    /// each that failed or was rejected, in Swarm's words. One API call for
-    /// all of them; none when `services` is empty.
-    async fn task_errors(
+    /// The swarm's nodes: one API call.
+    async fn nodes(&self) -> Result<Vec<SwarmNode>, SwarmError> {
+        let nodes = self
+            .api()
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(SwarmError::Nodes)?;
+        Ok(nodes.into_iter().filter_map(swarm_node).collect())
+    }
+
+    /// The tasks of `services`, and every task on `nodes`; why
+    /// the tasks of `services` fail, by service id (the latest task of each
+    /// that failed or was rejected, in Swarm's words). One API call per
+    /// list that is not empty.
+    async fn tasks(
         &self,
         services: &[&ManagedService],
-    ) -> Result<HashMap<String, String>, SwarmError> {
+        nodes: &[&str],
+    ) -> Result<TaskReport, SwarmError> {
+        let mut report = TaskReport::default();
+        if !nodes.is_empty() {
+            // Every service's tasks on those nodes: the planner looks at
+            // those of its own services only (a task names its service by id).
+            let filters = HashMap::from([("node", nodes.iter().map(|n| n.to_string()).collect())]);
+            let tasks = self.list_tasks(filters).await?;
+            report.tasks.extend(tasks.iter().filter_map(swarm_task));
+        }
         if services.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(report);
         }
         let ids: Vec<String> = services.iter().map(|s| s.id.clone()).collect();
-        let filters = HashMap::from([("service", ids)]);
-        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
-        let tasks = self
-            .api()
-            .list_tasks(Some(options))
-            .await
-            .map_err(SwarmError::Tasks)?;
-        let mut errors = HashMap::new();
+        let tasks = self.list_tasks(HashMap::from([("service", ids)])).await?;
+        report.tasks.extend(tasks.iter().filter_map(swarm_task));
         for (service, failed) in latest_task_errors(tasks) {
             let words = match &failed.container {
                 Some(id) => self.last_words(id).await,
@@ -391,9 +418,9 @@ impl ServiceRuntime for SwarmRuntime {
                 Some(words) => format!("{words} ({})", failed.error),
                 None => failed.error,
             };
-            errors.insert(service, error);
+            report.errors.insert(service, error);
         }
-        Ok(errors)
+        Ok(report)
     }
 
     /// Resolves an image tag on the manager to its id.
@@ -451,17 +478,9 @@ fn status_code(error: &DockerError) -> Option<u16> {
     }
 }
 
-/// The image a service runs. Pinned like a plain container's, to what the
-/// tag resolved to, so that a rebuilt tag rolls out: an image id, which
-/// Swarm never tries to pull (single node, or nodes loaded with the same
-/// image), unless the configured image is already a registry digest
-/// (`repo@sha256:…`), which every node can pull.
+/// The image a service runs: see [`ContainerSpec::service_image`].
 fn pinned_image(spec: &ContainerSpec) -> String {
-    if spec.image.contains('@') || spec.image_id.is_empty() {
-        spec.image.clone()
-    } else {
-        spec.image_id.clone()
-    }
+    spec.service_image().to_string()
 }
 
 fn nanos(d: Duration) -> i64 {
@@ -619,6 +638,42 @@ fn managed_service(service: Service) -> Option<ManagedService> {
         running: status.running_tasks.unwrap_or(0),
         desired_tasks: status.desired_tasks.unwrap_or(0),
         rollout: rollout_of(service.update_status),
+    })
+}
+
+/// A listed node in model terms; `None` for one without an id.
+fn swarm_node(node: Node) -> Option<SwarmNode> {
+    let status = node.status.unwrap_or_default();
+    Some(SwarmNode {
+        id: node.id?,
+        hostname: node
+            .description
+            .and_then(|d| d.hostname)
+            .unwrap_or_default(),
+        state: status
+            .state
+            .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+    })
+}
+
+/// A listed task in model terms; `None` for one of no service.
+fn swarm_task(task: &Task) -> Option<SwarmTask> {
+    let status = task.status.clone().unwrap_or_default();
+    let image = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.container_spec.as_ref())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    Some(SwarmTask {
+        service_id: task.service_id.clone()?,
+        node_id: task.node_id.clone().filter(|n| !n.is_empty()),
+        image,
+        state: status
+            .state
+            .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+        error: status.err.filter(|e| !e.is_empty()),
+        version: task.version.as_ref().and_then(|v| v.index).unwrap_or(0),
     })
 }
 
