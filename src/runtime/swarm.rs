@@ -23,6 +23,7 @@
 //! one call for every service and its task counts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -39,9 +40,12 @@ use bollard::models::{
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
-    ListNodesOptions, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
+    EventsOptionsBuilder, ListNodesOptions, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
     UpdateServiceOptionsBuilder,
 };
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::model::{ContainerSpec, Labelled, labels};
@@ -57,6 +61,10 @@ const SLOT_TEMPLATE: &str = "{{.Task.Slot}}";
 
 /// The worker's only writable place, as in `docker.rs`.
 const TMPFS_BYTES: i64 = 64 << 20;
+/// The pause before following node events again after the stream failed:
+/// doubled each time, up to the maximum.
+const NODE_EVENTS_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const NODE_EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Swarm restarts a task that exits; this long after it exited.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
 
@@ -178,6 +186,57 @@ impl SwarmRuntime {
             (other, _) => other.to_string(),
         };
         Err(SwarmError::NotManager { state })
+    }
+
+    /// Wakes `wake` whenever a node of the swarm changes (goes down, comes
+    /// back, is drained, joins or leaves), until `shutdown`. Tasks on other
+    /// nodes send no events to the manager's engine, but node changes do:
+    /// a lost node is seen as soon as the manager marks it down, not at the
+    /// next resync. The stream is made again, after a growing pause, when
+    /// it fails; `wake` is notified then, since events may have been missed.
+    pub async fn node_events(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            if failures > 0 {
+                let pause = crate::backoff::delay(
+                    NODE_EVENTS_BACKOFF_INITIAL,
+                    NODE_EVENTS_BACKOFF_MAX,
+                    failures - 1,
+                );
+                tokio::select! {
+                    // Cancel-safe: dropping a sleep loses nothing.
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => wake.notify_one(),
+                }
+            }
+            let filters = HashMap::from([("type", vec!["node".to_string()])]);
+            let options = EventsOptionsBuilder::default().filters(&filters).build();
+            let mut stream = self.api().events(Some(options));
+            let started = std::time::Instant::now();
+            loop {
+                let next = tokio::select! {
+                    // Cancel-safe: `next` on a stream loses no item when dropped.
+                    _ = shutdown.cancelled() => return,
+                    next = stream.next() => next,
+                };
+                match next {
+                    Some(Ok(event)) => {
+                        tracing::debug!(action = ?event.action, node = ?event.actor.and_then(|a| a.id), "swarm node event");
+                        wake.notify_one();
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "the swarm's node event stream failed; following it again");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            failures = if started.elapsed() > NODE_EVENTS_BACKOFF_MAX {
+                1
+            } else {
+                failures.saturating_add(1)
+            };
+        }
     }
 
     /// How many API calls this runtime has made.
