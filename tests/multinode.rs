@@ -436,7 +436,7 @@ impl Test {
     }
 }
 
-async fn start(pool: PgPool, code: &str) -> Test {
+async fn start(pool: PgPool, code: &str, image: &str) -> Test {
     let tag = Uuid::new_v4().simple().to_string();
     let instance = format!("n{}", &tag[..12]);
     let exchange = format!("pipeline.messages.test-{tag}");
@@ -528,7 +528,7 @@ async fn start(pool: PgPool, code: &str) -> Test {
         ..Config::default()
     };
     config.database_url = Secret::new(common::database_url(&pool));
-    config.docker.image = worker_image().into();
+    config.docker.image = image.into();
     config.docker.network = "host".into();
     config.docker.stop_timeout = Duration::from_secs(10);
     config.code_server.public_url = format!("http://{addr}");
@@ -566,7 +566,7 @@ async fn start(pool: PgPool, code: &str) -> Test {
 #[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
 async fn on_three_nodes_a_workers_tasks_spread_consume_roll_out_and_roll_back(pool: PgPool) {
     let nodes = Nodes::up(worker_image());
-    let mut t = start(pool, &usercode(1)).await;
+    let mut t = start(pool, &usercode(1), worker_image()).await;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
         t.status_with("ready", "running revision 1 in 3 replica(s)")
             .await;
@@ -642,7 +642,7 @@ async fn assert_spread_and_answering(t: &mut Test, version: u32) {
 #[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
 async fn a_node_lost_under_traffic_loses_no_message_and_its_tasks_return(pool: PgPool) {
     let nodes = Nodes::up(worker_image());
-    let mut t = start(pool, &slow_usercode(1)).await;
+    let mut t = start(pool, &slow_usercode(1), worker_image()).await;
     let mut victim = None;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
         t.status_with("ready", "running revision 1 in 3 replica(s)")
@@ -737,6 +737,103 @@ async fn a_node_lost_under_traffic_loses_no_message_and_its_tasks_return(pool: P
     }
     t.cleanup().await;
     drop(nodes);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A dockerworker image of its own id (one more label), built on the host
+/// for one test and removed after it.
+struct OwnImage(String);
+
+impl OwnImage {
+    fn build() -> OwnImage {
+        let tag = format!(
+            "workerctl-test/dockerworker-nodes:{}",
+            &Uuid::new_v4().simple().to_string()[..10]
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dockerfile = format!(
+            "FROM {}\nLABEL workerctl.test.image=\"{tag}\"\n",
+            worker_image()
+        );
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+        let dir = dir.path().to_str().expect("utf-8 path");
+        on_host(&["build", "-q", "-t", &tag, dir]);
+        OwnImage(tag)
+    }
+}
+
+impl Drop for OwnImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", &self.0]).output();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+#[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
+async fn an_image_missing_on_a_node_is_named_in_the_status_with_what_to_do(pool: PgPool) {
+    let nodes = Nodes::up(worker_image());
+    let image = OwnImage::build();
+    swarm_nodes(&["load", &image.0, "node-1", "node-2"]);
+    let mut t = start(pool, &usercode(1), &image.0).await;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        // Swarm places a task on node-3 (the one with the fewest), which
+        // rejects it, and places it again elsewhere: the status says so,
+        // and keeps saying so once all three run on nodes 1 and 2.
+        let said = t
+            .status_with_any(&format!("the image {} (sha256:", image.0))
+            .await;
+        eprintln!("{said}");
+        for part in [
+            "is not on node(s) node-3:",
+            "\"No such image\"",
+            "docker push REGISTRY/",
+            &format!("docker save {} | docker -H NODE load", image.0),
+        ] {
+            assert!(said.contains(part), "{part:?} not in {said}");
+        }
+        let ready = t
+            .status_with("ready", "running revision 1 in 3 replica(s)")
+            .await;
+        assert!(
+            ready.contains("but the image") && ready.contains("node(s) node-3"),
+            "still said once the tasks run elsewhere: {ready}"
+        );
+        let tasks = t.tasks_running();
+        assert!(
+            tasks.values().all(|node| node != "node-3"),
+            "a task on the node without the image: {tasks:?}"
+        );
+        let answers = t.round(1, 30).await;
+        assert_eq!(answers.len(), 30);
+
+        // What the status says to do: the image onto node-3. The next
+        // rollout places a task there (it has the fewest), and the status
+        // says nothing of images any more.
+        swarm_nodes(&["load", &image.0, "node-3"]);
+        t.save_code(&usercode(2)).await;
+        let start = Instant::now();
+        loop {
+            let (status, info) = t.status().await;
+            let on_three = t.tasks_running().values().any(|node| node == "node-3");
+            if status == "ready" && info.contains("running revision 2 in 3") && on_three {
+                assert!(!info.contains("image"), "{info}");
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no task of revision 2 on node-3 within {DEADLINE:?}: {status}: {info}; {:?}",
+                t.tasks_running()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_spread_and_answering(&mut t, 2).await;
+    }))
+    .await;
+    t.cleanup().await;
+    drop(nodes);
+    drop(image);
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
