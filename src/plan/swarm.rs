@@ -19,7 +19,12 @@
 //!   was rolled back is the one this daemon last asked for: the API keeps
 //!   no record of it that bollard reads);
 //! - while Swarm rolls out or rolls back, nothing is changed;
-//! - the replica count follows the scaler, also after a rollback.
+//! - the replica count follows the scaler, also after a rollback;
+//! - tasks on a node that is not ready are not counted as running, and the
+//!   status names the node while Swarm starts them again elsewhere; nodes
+//!   that lack the service's image are named with what to do, and the
+//!   service is watched (its tasks listed every pass) until they have it
+//!   ([`nodes`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -403,6 +408,17 @@ impl Worker<'_> {
     ) -> Decision {
         let hash = spec.hash();
         let revision = spec.revision;
+        // Looked at whatever the rollout's state: a service whose image
+        // some nodes lack stays watched through it.
+        let found = nodes::on_nodes(
+            current,
+            spec.service_image(),
+            &self.snapshot.tasks,
+            &self.snapshot.nodes,
+        );
+        if !found.without_image.is_empty() {
+            plan.watch.insert(current.id.clone());
+        }
         let is_current = current.spec_hash.as_deref() == Some(hash.as_str());
         // This daemon asked Swarm for this very spec, and Swarm undoes it.
         let ours = !is_current && self.snapshot.asked.get(&self.row.id) == Some(&hash);
@@ -491,7 +507,7 @@ impl Worker<'_> {
                 ),
             ),
             Rollout::Settled | Rollout::RolledBack { .. } => {
-                let status = self.settled(current, &spec, plan);
+                let status = self.settled(current, &spec, &found, plan);
                 self.scale(current, desired, status)
             }
         }
@@ -503,20 +519,14 @@ impl Worker<'_> {
         &self,
         current: &ManagedService,
         spec: &ContainerSpec,
+        found: &nodes::OnNodes,
         plan: &mut ServicePlan,
     ) -> Decision {
         let revision = spec.revision;
-        let found = nodes::on_nodes(
-            current,
-            spec.service_image(),
-            &self.snapshot.tasks,
-            &self.snapshot.nodes,
-        );
         // Already without the tasks lost with nodes (see `plan_services`).
         let running = current.running;
         let wanted = u64::from(current.replicas);
         let image = (!found.without_image.is_empty()).then(|| {
-            plan.watch.insert(current.id.clone());
             nodes::image_not_on_nodes(&self.template.image, &spec.image_id, &found.without_image)
         });
         if wanted == 0 {

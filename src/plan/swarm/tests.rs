@@ -632,6 +632,10 @@ fn a_service_some_nodes_lack_the_image_of_is_watched_until_they_have_it() {
     ];
     let plan = plan_services(&s, &template(), &policy());
     assert_eq!(plan.watch, BTreeSet::from([svc.id.clone()]));
+    // So it does while Swarm rolls it out.
+    s.services[0].rollout = Rollout::Updating;
+    assert_eq!(plan_services(&s, &template(), &policy()).watch, plan.watch);
+    s.services[0].rollout = Rollout::Settled;
     // A busy worker's service stays watched.
     s.busy.insert(Slot::Worker(id(1)));
     s.watched = plan.watch.clone();
