@@ -3,8 +3,8 @@
 //!
 //! 1. **A node killed → all replicas running again.** A worker with
 //!    `min = max = 3` (the real dockerworker, answering every message) and
-//!    a plain service of three `sleep` tasks (the same restart policy and
-//!    network; no health check) both have a task on a worker node, which is
+//!    a plain service of three `sleep` tasks (the same restart policy,
+//!    restart delay and network; no health check) both have a task on a worker node, which is
 //!    killed (`docker kill` of its container: every process at once) while
 //!    messages are published steadily (confirmed, `BENCH_NODES_RATE` a
 //!    second). Timed from the kill, polled every 100 ms on the manager:
@@ -19,8 +19,9 @@
 //!    worker's code saved (`UPDATE user_workers … revision + 1`, timed from
 //!    its commit), beside `docker service update --detach` of an identical
 //!    service (the worker's service spec, copied under another name and
-//!    instance label, so the daemon leaves it alone; the bump is a
-//!    container label). Done when exactly three task containers run,
+//!    instance label, so the daemon leaves it alone; the update sets the
+//!    environment the worker's service has by then, its code's revision
+//!    and digest, and a new container label). Done when exactly three task containers run,
 //!    counted on the three nodes' own engines, all of the new revision (or
 //!    label) and healthy. The order alternates round by round. The rollouts
 //!    also spread the tasks again over the nodes (Swarm does not rebalance
@@ -36,7 +37,9 @@
 //! end (taking turns with tests/multinode.rs through its lock file).
 //!
 //! Run: `scripts/bench --nodes` or `cargo bench --bench nodes`. Settings:
-//! BENCH_NODES_ROUNDS (3), BENCH_NODES_RATE (40 messages a second).
+//! BENCH_NODES_ROUNDS (3), BENCH_NODES_RATE (40 messages a second),
+//! BENCH_NODES_RESTART_DELAY_MS (`swarm.restart_delay`, default 5000: Swarm
+//! starts a task lost with its node only after it, as after an exit).
 //! docs/benchmarks.md records the figures.
 
 mod common;
@@ -154,6 +157,10 @@ fn usercode(version: u32) -> String {
 async fn run() -> Fallible<()> {
     let rounds = count("BENCH_NODES_ROUNDS", 3);
     let rate = count("BENCH_NODES_RATE", 40).max(1);
+    let restart_delay = Duration::from_millis(count(
+        "BENCH_NODES_RESTART_DELAY_MS",
+        Config::default().swarm.restart_delay.as_millis() as usize,
+    ) as u64);
     let turn = File::create(LOCK_FILE).map_err(|e| e.to_string())?;
     turn.lock().map_err(|e| e.to_string())?;
     swarm_nodes(&["down"])?;
@@ -165,11 +172,18 @@ async fn run() -> Fallible<()> {
         secs(up.elapsed())
     ));
     let db = Database::create("bench_nodes").await;
-    let outcome = measure(&db.pool, &db.url, rounds, rate).await;
+    let outcome = measure(&db.pool, &db.url, rounds, rate, restart_delay).await;
     db.drop().await;
     let _ = swarm_nodes(&["down"]);
     let (failovers, saves) = outcome?;
-    print(&failovers, &saves, rate, &load_before, &load_average());
+    print(
+        &failovers,
+        &saves,
+        rate,
+        restart_delay,
+        &load_before,
+        &load_average(),
+    );
     Ok(())
 }
 
@@ -199,6 +213,8 @@ struct Bench {
     nodes: Vec<Docker>,
     publisher: Channel,
     exchange: String,
+    /// The routing key of the step after the worker: the answers' queue.
+    next_key: String,
     answers: Arc<Mutex<BTreeMap<usize, usize>>>,
     next_n: usize,
     revision: u32,
@@ -209,6 +225,7 @@ async fn measure(
     url: &str,
     rounds: usize,
     rate: usize,
+    restart_delay: Duration,
 ) -> Fallible<(Vec<Failover>, Vec<Save>)> {
     let chain = |e: &dyn std::fmt::Display| e.to_string();
     let tag = Uuid::new_v4().simple().to_string();
@@ -319,6 +336,7 @@ async fn measure(
     config.amqp.url = Secret::new(broker.clone());
     config.amqp.exchange = exchange.clone();
     config.swarm.update_monitor = Duration::from_secs(3);
+    config.swarm.restart_delay = restart_delay;
     let client = |n: u32| {
         Docker::connect_with_http(
             &node_engine(n).replace("tcp://", "http://"),
@@ -349,6 +367,7 @@ async fn measure(
         nodes: vec![client(1)?, client(2)?, client(3)?],
         publisher,
         exchange,
+        next_key: next_key.clone(),
         answers,
         next_n: 0,
         revision: 1,
@@ -377,7 +396,7 @@ async fn measure(
             "--restart-condition",
             "any",
             "--restart-delay",
-            "5s",
+            &format!("{}ms", restart_delay.as_millis()),
             &busybox,
             "sleep",
             "1000000",
@@ -508,7 +527,7 @@ impl Bench {
             "received_at": now,
             "pipeline_id": Uuid::new_v4().to_string(),
             "step_index": 0,
-            "pipeline_steps": [self.worker.to_string(), "storage"],
+            "pipeline_steps": [self.worker.to_string(), self.next_key],
             "timestamp": now,
             "payload": base64::engine::general_purpose::STANDARD.encode(format!("reading {n}")),
             "metadata": {"n": n},
@@ -707,17 +726,26 @@ impl Bench {
         .await
     }
 
+    /// The reference service updated by the CLI to what the worker's
+    /// service runs now (its environment: the code's revision and digest)
+    /// and a new container label, so that every round rolls it out.
     async fn cli_update(&mut self, round: usize) -> Fallible<f64> {
-        let bump = format!("workerctl.bench.bump={round}");
-        let started = Instant::now();
-        manager(&[
+        let env = manager(&[
             "service",
-            "update",
-            "-d",
-            "--container-label-add",
-            &bump,
-            REFERENCE,
+            "inspect",
+            &self.service,
+            "--format",
+            "{{json .Spec.TaskTemplate.ContainerSpec.Env}}",
         ])?;
+        let env: Vec<String> = serde_json::from_str(&env).map_err(|e| e.to_string())?;
+        let bump = format!("workerctl.bench.bump={round}");
+        let mut args = vec!["service", "update", "-d", "--container-label-add", &bump];
+        for var in &env {
+            args.extend(["--env-add", var.as_str()]);
+        }
+        args.push(REFERENCE);
+        let started = Instant::now();
+        manager(&args)?;
         self.until_all(
             REFERENCE,
             "workerctl.bench.bump",
@@ -801,13 +829,22 @@ fn running_tasks(service: &str, but: Option<u32>) -> Fallible<usize> {
         .count())
 }
 
-fn print(failovers: &[Failover], saves: &[Save], rate: usize, before: &str, after: &str) {
+fn print(
+    failovers: &[Failover],
+    saves: &[Save],
+    rate: usize,
+    restart_delay: Duration,
+    before: &str,
+    after: &str,
+) {
     let opt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.2} s"));
     println!();
     println!("Load average (1/5/15 min) {before} at the start, {after} at the end.");
     println!();
     println!(
-        "A node killed under traffic ({rate} msg/s) → 3 replicas running again, from the kill:"
+        "A node killed under traffic ({rate} msg/s) → 3 replicas running again, from the kill \
+         (restart delay {:.1} s, both services):",
+        secs(restart_delay)
     );
     println!();
     println!(

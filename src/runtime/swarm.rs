@@ -65,14 +65,15 @@ const TMPFS_BYTES: i64 = 64 << 20;
 /// doubled each time, up to the maximum.
 const NODE_EVENTS_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const NODE_EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Swarm restarts a task that exits; this long after it exited.
-const RESTART_DELAY: Duration = Duration::from_secs(5);
 
 /// How services are rolled out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwarmOptions {
     /// Watch each updated task this long; a failure within it rolls back.
     pub update_monitor: Duration,
+    /// Swarm starts a task again this long after it exited or was lost
+    /// with its node.
+    pub restart_delay: Duration,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_timeout: Duration,
     /// What makes a task of a dockerworker image count as started in a
@@ -614,7 +615,7 @@ fn task_spec(
         }),
         restart_policy: Some(TaskSpecRestartPolicy {
             condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
-            delay: Some(nanos(RESTART_DELAY)),
+            delay: Some(nanos(options.restart_delay)),
             max_attempts: Some(0),
             window: Some(0),
         }),
@@ -804,6 +805,7 @@ mod tests {
     const NANOS_PER_SEC: i64 = 1_000_000_000;
     const OPTIONS: SwarmOptions = SwarmOptions {
         update_monitor: Duration::from_secs(10),
+        restart_delay: Duration::from_secs(5),
         stop_timeout: Duration::from_secs(10),
         readiness: None,
     };
