@@ -886,10 +886,10 @@ fn print(
     println!("A save → all 3 replicas healthy at the new revision across the nodes:");
     println!();
     println!(
-        "| round | first         | workerctl: dashboard save | docker service update (identical service) |"
+        "| round | first          | workerctl: dashboard save | docker service update (identical service) |"
     );
     println!(
-        "|-------|---------------|---------------------------|-------------------------------------------|"
+        "|-------|----------------|---------------------------|-------------------------------------------|"
     );
     for (i, s) in saves.iter().enumerate() {
         let first = if s.daemon_first {
@@ -898,14 +898,14 @@ fn print(
             "service update"
         };
         println!(
-            "| {:>5} | {first:<13} | {:>25} | {:>41} |",
+            "| {:>5} | {first:<14} | {:>25} | {:>41} |",
             i + 1,
             format!("{:.2} s", s.daemon),
             format!("{:.2} s", s.cli)
         );
     }
     println!(
-        "| median |              | {:>25} | {:>41} |",
+        "| median |               | {:>25} | {:>41} |",
         format!("{:.2} s", median(saves.iter().map(|s| s.daemon))),
         format!("{:.2} s", median(saves.iter().map(|s| s.cli)))
     );
