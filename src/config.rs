@@ -158,6 +158,11 @@ pub struct SwarmConfig {
     /// that fails (or turns unhealthy) within it rolls the update back.
     #[serde(with = "humantime_serde")]
     pub update_monitor: Duration,
+    /// How long after a task exits, or is lost with its node, Swarm starts
+    /// it again. Shorter: faster failover when a node is lost, and a
+    /// crashing worker restarted as often.
+    #[serde(with = "humantime_serde")]
+    pub restart_delay: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -333,6 +338,7 @@ impl Default for Config {
             },
             swarm: SwarmConfig {
                 update_monitor: Duration::from_secs(10),
+                restart_delay: Duration::from_secs(5),
             },
         }
     }
@@ -503,6 +509,7 @@ impl Config {
     pub fn swarm_options(&self) -> crate::runtime::swarm::SwarmOptions {
         crate::runtime::swarm::SwarmOptions {
             update_monitor: self.swarm.update_monitor,
+            restart_delay: self.swarm.restart_delay,
             stop_timeout: self.docker.stop_timeout,
             readiness: Some(crate::runtime::swarm::Probe::dockerworker_ready()),
         }

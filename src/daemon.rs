@@ -373,8 +373,8 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
     }
 
     /// What wakes the loop besides its tick and the ready reports: Postgres
-    /// notifications from the `user_workers` trigger, and Docker events of
-    /// managed containers.
+    /// notifications from the `user_workers` trigger, Docker events of
+    /// managed containers, and on the Swarm backend the swarm's node events.
     fn spawn_wake_sources(
         &self,
         wake: &Arc<Notify>,
@@ -394,5 +394,9 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
         }));
         let (rt, w, s) = (self.runtime.clone(), wake.clone(), shutdown.clone());
         tracker.spawn(async move { rt.events(w, s).await });
+        if let Some(swarm) = &self.swarm {
+            let (swarm, w, s) = (swarm.clone(), wake.clone(), shutdown.clone());
+            tracker.spawn(async move { swarm.node_events(w, s).await });
+        }
     }
 }

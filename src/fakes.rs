@@ -14,7 +14,7 @@ use crate::model::{
     ContainerSpec, Health, ManagedContainer, ManagedService, Owner, Revision, Rollout, RunState,
     WorkerId, WorkerRow, WorkerService,
 };
-use crate::model::{ImageState, NetworkState, Observed};
+use crate::model::{ImageState, NetworkState, Observed, SwarmNode, TaskReport};
 use crate::runtime::SwarmError;
 use crate::runtime::{ContainerRuntime, RuntimeError, ServiceRuntime};
 use crate::store::{Code, StatusUpdate, StoreError, WorkerStore};
@@ -342,14 +342,27 @@ impl ServiceRuntime for FakeSwarm {
         Ok(lock(&self.services).clone())
     }
 
-    async fn task_errors(
+    async fn nodes(&self) -> Result<Vec<SwarmNode>, SwarmError> {
+        self.count("nodes");
+        Ok(vec![SwarmNode {
+            id: "node1".into(),
+            hostname: "node-1".into(),
+            state: "ready".into(),
+        }])
+    }
+
+    async fn tasks(
         &self,
         services: &[&ManagedService],
-    ) -> Result<HashMap<String, String>, SwarmError> {
+        nodes: &[&str],
+    ) -> Result<TaskReport, SwarmError> {
         if !services.is_empty() {
             self.count("tasks");
         }
-        Ok(HashMap::new())
+        if !nodes.is_empty() {
+            self.count("tasks");
+        }
+        Ok(TaskReport::default())
     }
 
     async fn image(&self, _image: &str) -> Result<ImageState, SwarmError> {

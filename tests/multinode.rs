@@ -149,6 +149,45 @@ fn usercode(version: u32) -> String {
     )
 }
 
+/// Like [`usercode`], taking 50 ms a message: messages are in flight on
+/// every task when a node is lost.
+fn slow_usercode(version: u32) -> String {
+    format!(
+        "import socket\nimport time\n\ndef process(msg):\n    time.sleep(0.05)\n    msg.metadata[\"version\"] = {version}\n    msg.metadata[\"task\"] = socket.gethostname()\n    return msg\n"
+    )
+}
+
+/// Node `n`'s engine (1 is the manager).
+fn node_engine(n: u32) -> String {
+    format!("tcp://172.30.213.{}:2375", 10 + n)
+}
+
+/// The docker CLI against node `n`'s engine; `None` if it failed.
+fn on_node(n: u32, args: &[&str]) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["-H", &node_engine(n)])
+        .args(args)
+        .output()
+        .expect("the docker CLI runs");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The docker CLI against the host's engine (the nodes are its containers).
+fn on_host(args: &[&str]) {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 struct Test {
     pool: PgPool,
     amqp: Connection,
@@ -180,6 +219,22 @@ impl Test {
             assert!(
                 start.elapsed() < DEADLINE,
                 "no status {status} saying {fragment:?} within {DEADLINE:?}; last: {s}: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits until the status, whatever it is, says `fragment`.
+    async fn status_with_any(&self, fragment: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let (s, info) = self.status().await;
+            if info.contains(fragment) {
+                return format!("{s}: {info}");
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no status saying {fragment:?} within {DEADLINE:?}; last: {s}: {info}"
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -224,6 +279,77 @@ impl Test {
                 Some((slot, words.next()?.to_string()))
             })
             .collect()
+    }
+
+    /// The worker's service, by name.
+    fn service_name(&self) -> String {
+        let service = format!("label=workerctl.worker-id={}", self.worker);
+        on_manager(&[
+            "service",
+            "ls",
+            "--filter",
+            &service,
+            "--format",
+            "{{.Name}}",
+        ])
+    }
+
+    /// The worker's task containers that run, counted on each node's own
+    /// engine (not in the manager's books); a node that does not answer
+    /// counts none.
+    fn containers_running(&self) -> BTreeMap<u32, usize> {
+        let filter = format!(
+            "label=com.docker.swarm.service.name={}",
+            self.service_name()
+        );
+        (1..=3)
+            .map(|n| {
+                let ids = on_node(n, &["ps", "-q", "--filter", &filter]).unwrap_or_default();
+                (n, ids.lines().count())
+            })
+            .collect()
+    }
+
+    async fn save_entrypoint(&self, entrypoint: &str) {
+        sqlx::query(
+            "UPDATE user_workers SET entrypoint = $1, revision = revision + 1 WHERE id = $2",
+        )
+        .bind(entrypoint)
+        .bind(self.worker.0)
+        .execute(&self.pool)
+        .await
+        .expect("update the worker's entry point");
+    }
+
+    /// Collects answers until every message of `numbers` has one: the task
+    /// slots that answered each (a message the broker redelivered after
+    /// its task was lost may be answered twice).
+    async fn answers_to(
+        &mut self,
+        version: u32,
+        numbers: &BTreeSet<usize>,
+    ) -> BTreeMap<usize, Vec<String>> {
+        let mut answers: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        while !numbers.iter().all(|n| answers.contains_key(n)) {
+            let delivery = tokio::time::timeout(DEADLINE, self.next.next())
+                .await
+                .unwrap_or_else(|_| {
+                    let missing: Vec<_> = numbers
+                        .iter()
+                        .filter(|n| !answers.contains_key(n))
+                        .collect();
+                    panic!("messages {missing:?} not answered within {DEADLINE:?}")
+                })
+                .expect("the test consumer runs")
+                .expect("a delivery");
+            let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+            assert_eq!(body["metadata"]["version"], version, "{body}");
+            let n = body["metadata"]["n"].as_u64().expect("n") as usize;
+            let task = body["metadata"]["task"].as_str().expect("task");
+            let slot = task.rsplit('-').next().expect("a slot").to_string();
+            answers.entry(n).or_default().push(slot);
+        }
+        answers
     }
 
     async fn publish(&self, n: usize) {
@@ -310,7 +436,7 @@ impl Test {
     }
 }
 
-async fn start(pool: PgPool) -> Test {
+async fn start(pool: PgPool, code: &str, image: &str) -> Test {
     let tag = Uuid::new_v4().simple().to_string();
     let instance = format!("n{}", &tag[..12]);
     let exchange = format!("pipeline.messages.test-{tag}");
@@ -380,7 +506,7 @@ async fn start(pool: PgPool) -> Test {
          VALUES ($1, 'spread', '', 'enabled', 'python', 1, 1, 'unknown', '', $2, 'main.main')",
     )
     .bind(id)
-    .bind(sensorbucket_archive(&usercode(1)).expect("archive builds"))
+    .bind(sensorbucket_archive(code).expect("archive builds"))
     .execute(&pool)
     .await
     .expect("insert worker");
@@ -402,7 +528,7 @@ async fn start(pool: PgPool) -> Test {
         ..Config::default()
     };
     config.database_url = Secret::new(common::database_url(&pool));
-    config.docker.image = worker_image().into();
+    config.docker.image = image.into();
     config.docker.network = "host".into();
     config.docker.stop_timeout = Duration::from_secs(10);
     config.code_server.public_url = format!("http://{addr}");
@@ -438,9 +564,9 @@ async fn start(pool: PgPool) -> Test {
 
 #[sqlx::test(migrations = false)]
 #[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
-async fn on_three_nodes_a_workers_tasks_spread_consume_and_roll_out(pool: PgPool) {
+async fn on_three_nodes_a_workers_tasks_spread_consume_roll_out_and_roll_back(pool: PgPool) {
     let nodes = Nodes::up(worker_image());
-    let mut t = start(pool).await;
+    let mut t = start(pool, &usercode(1), worker_image()).await;
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
         t.status_with("ready", "running revision 1 in 3 replica(s)")
             .await;
@@ -453,6 +579,37 @@ async fn on_three_nodes_a_workers_tasks_spread_consume_and_roll_out(pool: PgPool
         t.status_with("ready", "running revision 2 in 3 replica(s)")
             .await;
         eprintln!("save rolled out over the nodes in {:?}", rollout.elapsed());
+        assert_spread_and_answering(&mut t, 2).await;
+
+        // A save that cannot start (no such module) is rolled back across
+        // the nodes. Messages published meanwhile are all answered, by
+        // revision 2: it never stopped serving.
+        let rollback = Instant::now();
+        t.save_entrypoint("crash.main").await;
+        let mut during = BTreeSet::new();
+        let mut n = 1_000;
+        loop {
+            let (status, info) = t.status().await;
+            if status == "error" && info.contains("revision 3 does not start") {
+                eprintln!("rolled back in {:?}: {info}", rollback.elapsed());
+                assert!(info.contains("Swarm rolled it back"), "{info}");
+                assert!(info.contains("revision 2 keeps serving"), "{info}");
+                break;
+            }
+            assert!(
+                rollback.elapsed() < DEADLINE,
+                "no rollback within {DEADLINE:?}; last: {status}: {info}"
+            );
+            t.publish(n).await;
+            during.insert(n);
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let answers = t.answers_to(2, &during).await;
+        eprintln!(
+            "{} messages published during the rollback, all answered",
+            answers.len()
+        );
         assert_spread_and_answering(&mut t, 2).await;
     }))
     .await;
@@ -479,4 +636,205 @@ async fn assert_spread_and_answering(t: &mut Test, version: u32) {
     assert_eq!(slots, running, "the tasks that answered vs those running");
     let numbers: BTreeSet<usize> = answers.iter().map(|(n, _)| *n).collect();
     assert_eq!(numbers.len(), 30, "each message answered once");
+}
+
+#[sqlx::test(migrations = false)]
+#[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
+async fn a_node_lost_under_traffic_loses_no_message_and_its_tasks_return(pool: PgPool) {
+    let nodes = Nodes::up(worker_image());
+    let mut t = start(pool, &slow_usercode(1), worker_image()).await;
+    let mut victim = None;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        t.status_with("ready", "running revision 1 in 3 replica(s)")
+            .await;
+        let tasks = t.tasks_running();
+        eprintln!("tasks (slot → node) {tasks:?}");
+        // A node holding a task, not the manager (one manager: losing it
+        // loses the swarm's control, a different failure).
+        let lost = tasks
+            .values()
+            .find(|node| *node != "node-1")
+            .expect("a task on a worker node")
+            .clone();
+        let number: u32 = lost.trim_start_matches("node-").parse().expect("node-N");
+
+        // Steady traffic; the node is killed (every process on it at once,
+        // as a crash) a third of the way in.
+        let published: BTreeSet<usize> = (0..300).collect();
+        let mut killed_at = None;
+        for &n in &published {
+            t.publish(n).await;
+            if n == 100 {
+                on_host(&["kill", &format!("workerctl-node-{number}")]);
+                victim = Some(number);
+                killed_at = Some(Instant::now());
+                eprintln!("killed {lost}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let killed_at = killed_at.expect("killed");
+        let said = t.status_with_any(&format!("node(s) {lost} not ready")).await;
+        eprintln!("status after {:?}: {said}", killed_at.elapsed());
+        let restored = t
+            .status_with("ready", "running revision 1 in 3 replica(s)")
+            .await;
+        eprintln!("status after {:?}: {restored}", killed_at.elapsed());
+        let answers = t.answers_to(1, &published).await;
+        let twice = answers.values().filter(|slots| slots.len() > 1).count();
+        eprintln!(
+            "all {} confirmed messages answered after {:?} ({twice} twice: redelivered after the loss)",
+            published.len(),
+            killed_at.elapsed()
+        );
+        let tasks = t.tasks_running();
+        assert_eq!(tasks.len(), 3, "three tasks run again: {tasks:?}");
+        assert!(
+            tasks.values().all(|node| *node != lost),
+            "a task runs on the lost node: {tasks:?}"
+        );
+
+        // The node comes back: its old task is stopped there, and once the
+        // swarm settles exactly three run, counted on the nodes themselves.
+        let rejoin = Instant::now();
+        on_host(&["start", &format!("workerctl-node-{number}")]);
+        victim = None;
+        let start = Instant::now();
+        let mut most = 0;
+        loop {
+            let ready = on_manager(&["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
+            let running = t.containers_running();
+            let total: usize = running.values().sum();
+            most = most.max(total);
+            if ready.lines().all(|l| l.ends_with(" Ready")) && on_node(number, &["info"]).is_some() && total == 3 {
+                let (status, info) = t.status().await;
+                if status == "ready" && !info.contains("not ready") {
+                    eprintln!("{lost} back after {:?}: {running:?}; most seen {most}", rejoin.elapsed());
+                    break;
+                }
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "not settled within {DEADLINE:?}: {ready}; containers {running:?}; {:?}",
+                t.status().await
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Settled: it stays at three, and all three answer.
+        for _ in 0..6 {
+            let running = t.containers_running();
+            assert_eq!(running.values().sum::<usize>(), 3, "after the rejoin: {running:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let answers = t.round(1, 30).await;
+        let slots: BTreeSet<&String> = answers.iter().map(|(_, slot)| slot).collect();
+        assert_eq!(slots.len(), 3, "three tasks answer: {answers:?}");
+    }))
+    .await;
+    if let Some(number) = victim {
+        let _ = Command::new("docker")
+            .args(["start", &format!("workerctl-node-{number}")])
+            .output();
+    }
+    t.cleanup().await;
+    drop(nodes);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A dockerworker image of its own id (one more label), built on the host
+/// for one test and removed after it.
+struct OwnImage(String);
+
+impl OwnImage {
+    fn build() -> OwnImage {
+        let tag = format!(
+            "workerctl-test/dockerworker-nodes:{}",
+            &Uuid::new_v4().simple().to_string()[..10]
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dockerfile = format!(
+            "FROM {}\nLABEL workerctl.test.image=\"{tag}\"\n",
+            worker_image()
+        );
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("write Dockerfile");
+        let dir = dir.path().to_str().expect("utf-8 path");
+        on_host(&["build", "-q", "-t", &tag, dir]);
+        OwnImage(tag)
+    }
+}
+
+impl Drop for OwnImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", &self.0]).output();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+#[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
+async fn an_image_missing_on_a_node_is_named_in_the_status_with_what_to_do(pool: PgPool) {
+    let nodes = Nodes::up(worker_image());
+    let image = OwnImage::build();
+    swarm_nodes(&["load", &image.0, "node-1", "node-2"]);
+    let mut t = start(pool, &usercode(1), &image.0).await;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        // Swarm places a task on node-3 (the one with the fewest), which
+        // rejects it, and places it again elsewhere: the status says so,
+        // and keeps saying so once all three run on nodes 1 and 2.
+        let said = t
+            .status_with_any(&format!("the image {} (sha256:", image.0))
+            .await;
+        eprintln!("{said}");
+        for part in [
+            "is not on node(s) node-3:",
+            "\"No such image\"",
+            "docker push REGISTRY/",
+            &format!("docker save {} | docker -H NODE load", image.0),
+        ] {
+            assert!(said.contains(part), "{part:?} not in {said}");
+        }
+        let ready = t
+            .status_with("ready", "running revision 1 in 3 replica(s)")
+            .await;
+        assert!(
+            ready.contains("but the image") && ready.contains("node(s) node-3"),
+            "still said once the tasks run elsewhere: {ready}"
+        );
+        let tasks = t.tasks_running();
+        assert!(
+            tasks.values().all(|node| node != "node-3"),
+            "a task on the node without the image: {tasks:?}"
+        );
+        let answers = t.round(1, 30).await;
+        assert_eq!(answers.len(), 30);
+
+        // What the status says to do: the image onto node-3. The next
+        // rollout places a task there (it has the fewest), and the status
+        // says nothing of images any more.
+        swarm_nodes(&["load", &image.0, "node-3"]);
+        t.save_code(&usercode(2)).await;
+        let start = Instant::now();
+        loop {
+            let (status, info) = t.status().await;
+            let on_three = t.tasks_running().values().any(|node| node == "node-3");
+            if status == "ready" && info.contains("running revision 2 in 3") && on_three {
+                assert!(!info.contains("image"), "{info}");
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no task of revision 2 on node-3 within {DEADLINE:?}: {status}: {info}; {:?}",
+                t.tasks_running()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_spread_and_answering(&mut t, 2).await;
+    }))
+    .await;
+    t.cleanup().await;
+    drop(nodes);
+    drop(image);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }

@@ -41,6 +41,7 @@ const SCRIPT: &str = r#"trap 'exit 0' TERM; case "$CODE_ENTRYPOINT" in broken.*)
 const MUST_HAPPEN: Duration = Duration::from_secs(180);
 const OPTIONS: SwarmOptions = SwarmOptions {
     update_monitor: Duration::from_secs(2),
+    restart_delay: Duration::from_secs(5),
     stop_timeout: Duration::from_secs(2),
     // The test image's own HEALTHCHECK gates.
     readiness: None,

@@ -16,7 +16,7 @@ pub(crate) use observed::{Demand, QueueDepth, QueueDepths};
 pub(crate) use scale::MAX_REPLICAS;
 pub use scale::ScaleBounds;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -347,6 +347,19 @@ impl ContainerSpec {
         hex::encode(&Sha256::digest(&json)[..8])
     }
 
+    /// The image a Swarm service of this spec runs: pinned, like a plain
+    /// container's, to what the tag resolved to (so that a rebuilt tag
+    /// rolls out): the image id, which Swarm never pulls (every node must
+    /// have the image), unless the configured image is a registry digest
+    /// (`repo@sha256:…`), which every node pulls.
+    pub fn service_image(&self) -> &str {
+        if self.image.contains('@') || self.image_id.is_empty() {
+            &self.image
+        } else {
+            &self.image_id
+        }
+    }
+
     /// The labels the container carries.
     pub fn labels(&self, instance: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -495,6 +508,48 @@ pub struct ManagedService {
     /// Tasks Swarm is trying to keep.
     pub desired_tasks: u64,
     pub rollout: Rollout,
+}
+
+/// A node of the swarm, as the manager sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwarmNode {
+    pub id: String,
+    pub hostname: String,
+    /// Swarm's word for its state: `ready`, `down`, `unknown`,
+    /// `disconnected`.
+    pub state: String,
+}
+
+impl SwarmNode {
+    pub fn is_ready(&self) -> bool {
+        self.state == "ready"
+    }
+}
+
+/// One task of a managed service, as the manager last heard of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwarmTask {
+    pub service_id: String,
+    /// The node it was placed on (a node id); none before it is placed.
+    pub node_id: Option<String>,
+    /// The image its container runs, as the service names it.
+    pub image: String,
+    /// Its state in Swarm's words: `running`, `rejected`, `failed`,
+    /// `shutdown`, ….
+    pub state: String,
+    /// What Swarm says went wrong, if anything.
+    pub error: Option<String>,
+    /// Swarm's version of the task: a later one is newer.
+    pub version: u64,
+}
+
+/// What the tasks of some services say, from one listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskReport {
+    pub tasks: Vec<SwarmTask>,
+    /// Why the tasks of a service fail, by service id: its newest failed or
+    /// rejected task, in Swarm's words (and its container's, if readable).
+    pub errors: HashMap<String, String>,
 }
 
 #[cfg(test)]

@@ -19,7 +19,12 @@
 //!   was rolled back is the one this daemon last asked for: the API keeps
 //!   no record of it that bollard reads);
 //! - while Swarm rolls out or rolls back, nothing is changed;
-//! - the replica count follows the scaler, also after a rollback.
+//! - the replica count follows the scaler, also after a rollback;
+//! - tasks on a node that is not ready are not counted as running, and the
+//!   status names the node while Swarm starts them again elsewhere; nodes
+//!   that lack the service's image are named with what to do, and the
+//!   service is watched (its tasks listed every pass) until they have it
+//!   ([`nodes`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,7 +36,7 @@ use crate::model::{
     ContainerSpec, DesiredWorker, Intent, ManagedService, Revision, Rollout, Status, WorkerId,
     WorkerRow, WorkerService, intent_of,
 };
-use crate::model::{ImageState, NetworkState, Observed, QueueDepths};
+use crate::model::{ImageState, NetworkState, Observed, QueueDepths, SwarmNode, SwarmTask};
 use crate::plan::replicas::ScaleState;
 
 /// How often a pass looks again while a service converges (tasks start on
@@ -57,6 +62,13 @@ pub struct ServiceSnapshot {
     /// Why the tasks of a service that runs fewer than it wants fail, by
     /// service id, in Swarm's words.
     pub task_errors: HashMap<String, String>,
+    /// The swarm's nodes.
+    pub nodes: Vec<SwarmNode>,
+    /// The tasks listed: those of the services that lag or are watched,
+    /// and every task on a node that is not ready.
+    pub tasks: Vec<SwarmTask>,
+    /// The services the last pass watched (see [`ServicePlan::watch`]).
+    pub watched: BTreeSet<String>,
     pub depths: Option<QueueDepths>,
     pub depths_unknown: String,
     pub now_ms: i64,
@@ -134,6 +146,9 @@ pub struct ServicePlan {
     pub scale: BTreeMap<WorkerId, ScaleState>,
     /// When the next pass must run at the latest, Unix ms.
     pub wake_at_ms: Option<i64>,
+    /// Services whose tasks the next pass must list although they run
+    /// whole: some nodes lacked their image (see [`nodes`]).
+    pub watch: BTreeSet<String>,
 }
 
 impl ServicePlan {
@@ -162,8 +177,21 @@ pub(crate) fn plan_services(
     policy: &Policy,
 ) -> ServicePlan {
     let mut plan = ServicePlan::default();
+    // Tasks on a node that is not ready do not serve, though Swarm counts
+    // them as running until the node is back: neither does the planner.
+    let services: Vec<ManagedService> = snapshot
+        .services
+        .iter()
+        .map(|s| {
+            let lost = nodes::on_nodes(s, "", &snapshot.tasks, &snapshot.nodes).lost_tasks();
+            ManagedService {
+                running: s.running.saturating_sub(lost),
+                ..s.clone()
+            }
+        })
+        .collect();
     let mut by_worker: BTreeMap<WorkerId, Vec<&ManagedService>> = BTreeMap::new();
-    for s in &snapshot.services {
+    for s in &services {
         match s.worker_id {
             Some(id) => by_worker.entry(id).or_default().push(s),
             None => plan.remove(
@@ -261,6 +289,10 @@ impl Worker<'_> {
                 plan.scale.insert(id, *state);
             }
             plan.observed.push(observe(id, service, None));
+            // Still watched: this pass decides nothing about it.
+            if let Some(s) = service.filter(|s| self.snapshot.watched.contains(&s.id)) {
+                plan.watch.insert(s.id.clone());
+            }
             return;
         }
         // A second service of one worker (made by hand, or by another
@@ -376,6 +408,17 @@ impl Worker<'_> {
     ) -> Decision {
         let hash = spec.hash();
         let revision = spec.revision;
+        // Looked at whatever the rollout's state: a service whose image
+        // some nodes lack stays watched through it.
+        let found = nodes::on_nodes(
+            current,
+            spec.service_image(),
+            &self.snapshot.tasks,
+            &self.snapshot.nodes,
+        );
+        if !found.without_image.is_empty() {
+            plan.watch.insert(current.id.clone());
+        }
         let is_current = current.spec_hash.as_deref() == Some(hash.as_str());
         // This daemon asked Swarm for this very spec, and Swarm undoes it.
         let ours = !is_current && self.snapshot.asked.get(&self.row.id) == Some(&hash);
@@ -464,20 +507,28 @@ impl Worker<'_> {
                 ),
             ),
             Rollout::Settled | Rollout::RolledBack { .. } => {
-                let status = self.settled(current, revision, plan);
+                let status = self.settled(current, &spec, &found, plan);
                 self.scale(current, desired, status)
             }
         }
     }
 
     /// The status of a service at the current spec with no rollout going on.
+    /// Tasks on nodes that are not ready do not count as running.
     fn settled(
         &self,
         current: &ManagedService,
-        revision: Revision,
+        spec: &ContainerSpec,
+        found: &nodes::OnNodes,
         plan: &mut ServicePlan,
     ) -> Decision {
-        let (running, wanted) = (current.running, u64::from(current.replicas));
+        let revision = spec.revision;
+        // Already without the tasks lost with nodes (see `plan_services`).
+        let running = current.running;
+        let wanted = u64::from(current.replicas);
+        let image = (!found.without_image.is_empty()).then(|| {
+            nodes::image_not_on_nodes(&self.template.image, &spec.image_id, &found.without_image)
+        });
         if wanted == 0 {
             return Decision::status(Status::Ready, scaled_to_zero(self.policy));
         }
@@ -488,15 +539,39 @@ impl Worker<'_> {
                 // that what is observed settles without waiting for an event.
                 plan.wake_at(self.snapshot.now_ms + CONVERGE_POLL_MS);
             }
-            return Decision::status(
-                Status::Ready,
-                format!(
-                    "running revision {revision} in {wanted} replica(s) of service {}",
-                    current.name
-                ),
+            let mut info = format!(
+                "running revision {revision} in {wanted} replica(s) of service {}",
+                current.name
             );
+            if !found.lost.is_empty() {
+                info.push_str(&format!(
+                    "; {}: they run on the other nodes now",
+                    nodes::nodes_lost(&found.lost)
+                ));
+            }
+            if let Some(image) = image {
+                info.push_str(&format!("; but {image}"));
+            }
+            return Decision::status(Status::Ready, info);
         }
         plan.wake_at(self.snapshot.now_ms + CONVERGE_POLL_MS);
+        if !found.lost.is_empty() {
+            let mut info = format!(
+                "{}: Swarm starts them again on the remaining nodes ({running} of {wanted} \
+                 replica(s) of revision {revision} running)",
+                nodes::nodes_lost(&found.lost)
+            );
+            if let Some(image) = image {
+                info.push_str(&format!("; {image}"));
+            }
+            return Decision::status(Status::Unknown, info);
+        }
+        if let Some(image) = image {
+            return Decision::status(
+                Status::Error,
+                format!("{running} of {wanted} replica(s) of revision {revision} running: {image}"),
+            );
+        }
         match self.snapshot.task_errors.get(&current.id) {
             Some(error) => Decision::status(
                 Status::Error,
@@ -623,5 +698,6 @@ fn observe(id: WorkerId, service: Option<&ManagedService>, desired: Option<u32>)
     }
 }
 
+mod nodes;
 #[cfg(test)]
 mod tests;

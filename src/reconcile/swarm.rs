@@ -1,7 +1,9 @@
 //! The Swarm backend: one replicated service per worker, rolled out by
 //! Swarm's own rolling update. A pass observes the services (one call), the
-//! image, the network, and the tasks of all services that run fewer than
-//! they want (one call, none while every service is whole);
+//! image, the network, the nodes (one call), and the tasks of all services
+//! that run fewer than they want or whose image some nodes lacked (one
+//! call, none while every service is whole), and of the nodes that are not
+//! ready (one call, none while every node is);
 //! [`plan_services`] decides; each step is one call to the swarm.
 //!
 //! What a pass leaves to the next: the scaler's decisions, and the spec
@@ -39,6 +41,8 @@ impl<R: ServiceRuntime> Services<R> {
 pub struct ServiceMemory {
     scale: BTreeMap<WorkerId, ScaleState>,
     asked: BTreeMap<WorkerId, String>,
+    /// Services whose tasks to list although they run whole.
+    watch: BTreeSet<String>,
 }
 
 impl<R: ServiceRuntime> Backend for Services<R> {
@@ -65,6 +69,11 @@ impl<R: ServiceRuntime> Backend for Services<R> {
             .network(&template.network)
             .await
             .map_err(PassError::Swarm)?;
+        let nodes = self.runtime.nodes().await.map_err(PassError::Swarm)?;
+        // Tasks are listed for the services that lag, whose rollout failed,
+        // or in which some nodes lacked the image last time; and every
+        // task on a node that is not ready (the services it held count
+        // them as running). Two calls at most, none while all is well.
         let lagging: Vec<_> = services
             .iter()
             .filter(|s| {
@@ -73,11 +82,17 @@ impl<R: ServiceRuntime> Backend for Services<R> {
                         s.rollout,
                         Rollout::Paused { .. } | Rollout::RolledBack { .. }
                     )
+                    || memory.watch.contains(&s.id)
             })
             .collect();
-        let task_errors = self
+        let not_ready: Vec<&str> = nodes
+            .iter()
+            .filter(|n| !n.is_ready())
+            .map(|n| n.id.as_str())
+            .collect();
+        let report = self
             .runtime
-            .task_errors(&lagging)
+            .tasks(&lagging, &not_ready)
             .await
             .map_err(PassError::Swarm)?;
         Ok(ServiceSnapshot {
@@ -89,7 +104,10 @@ impl<R: ServiceRuntime> Backend for Services<R> {
             failures: shared.failures,
             busy: shared.busy,
             asked: memory.asked.clone(),
-            task_errors,
+            watched: memory.watch.clone(),
+            task_errors: report.errors,
+            nodes,
+            tasks: report.tasks,
             depths: shared.depths,
             depths_unknown: shared.depths_unknown,
             now_ms: shared.now_ms,
@@ -100,9 +118,10 @@ impl<R: ServiceRuntime> Backend for Services<R> {
         plan_services(snapshot, &settings.template, &settings.policy)
     }
 
-    /// Keeps the scaler's decisions.
+    /// Keeps the scaler's decisions, and which services to watch.
     fn remember(&self, plan: &ServicePlan, memory: &mut ServiceMemory) {
         memory.scale = plan.scale.clone();
+        memory.watch = plan.watch.clone();
     }
 
     fn decisions(plan: ServicePlan) -> PassPlan<ServiceAction> {

@@ -10,12 +10,11 @@ pub mod docker;
 pub mod swarm;
 pub mod trial;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use crate::model::{ContainerSpec, ManagedContainer, ManagedService, WorkerService};
-use crate::model::{ImageState, NetworkState};
+use crate::model::{ImageState, NetworkState, SwarmNode, TaskReport};
 
 use bollard::errors::Error as DockerError;
 
@@ -95,6 +94,8 @@ pub enum SwarmError {
     List(#[source] DockerError),
     #[error("cannot list the tasks of services")]
     Tasks(#[source] DockerError),
+    #[error("cannot list the swarm's nodes")]
+    Nodes(#[source] DockerError),
     #[error("cannot inspect image {image}")]
     InspectImage {
         image: String,
@@ -201,18 +202,24 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 /// The reconciler's view of a service orchestrator (Docker Swarm, through a
 /// manager): one replicated service per worker, rolled out by the
 /// orchestrator itself. `list` is one API call for all managed services;
-/// `task_errors` one for all services that run fewer tasks than they want.
+/// `tasks` one for all services that run fewer tasks than they want (and one
+/// more while a node is not ready); `nodes` one.
 /// `swarm.rs` (bollard) is the one real implementation.
 pub trait ServiceRuntime: Send + Sync + 'static {
     /// Every service carrying this instance's label, with its task counts
     /// and where its last update stands.
     fn list(&self) -> impl Future<Output = Result<Vec<ManagedService>, SwarmError>> + Send;
 
-    /// Why the tasks of these services fail, by service id.
-    fn task_errors(
+    /// The swarm's nodes and their states: one API call.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<SwarmNode>, SwarmError>> + Send;
+
+    /// The tasks of these services, and every task on these nodes (ids), with why the services' tasks fail: one API call for
+    /// each list that is not empty.
+    fn tasks(
         &self,
         services: &[&ManagedService],
-    ) -> impl Future<Output = Result<HashMap<String, String>, SwarmError>> + Send;
+        nodes: &[&str],
+    ) -> impl Future<Output = Result<TaskReport, SwarmError>> + Send;
 
     /// Resolves an image tag (on the manager) to its id.
     fn image(&self, image: &str) -> impl Future<Output = Result<ImageState, SwarmError>> + Send;

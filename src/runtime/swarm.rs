@@ -23,6 +23,7 @@
 //! one call for every service and its task counts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,20 +31,25 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     HealthConfig, Limit, LocalNodeState, Mount, MountTmpfsOptions, MountType,
-    NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
-    ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
-    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum,
-    ServiceUpdateStatusStateEnum, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
-    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    NetworkAttachmentConfig, Node, Service, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, ServiceSpecRollbackConfig,
+    ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, ServiceUpdateStatusStateEnum, Task, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecLogDriver, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
-    ListServicesOptionsBuilder, ListTasksOptionsBuilder, UpdateServiceOptionsBuilder,
+    EventsOptionsBuilder, ListNodesOptions, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
+    UpdateServiceOptionsBuilder,
 };
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::model::{ContainerSpec, Labelled, labels};
-use crate::model::{ImageState, NetworkState};
+use crate::model::{ImageState, NetworkState, SwarmNode, SwarmTask, TaskReport};
 pub use crate::model::{ManagedService, Rollout, WorkerService};
 use crate::runtime::{ServiceRuntime, SwarmError};
 
@@ -55,14 +61,19 @@ const SLOT_TEMPLATE: &str = "{{.Task.Slot}}";
 
 /// The worker's only writable place, as in `docker.rs`.
 const TMPFS_BYTES: i64 = 64 << 20;
-/// Swarm restarts a task that exits; this long after it exited.
-const RESTART_DELAY: Duration = Duration::from_secs(5);
+/// The pause before following node events again after the stream failed:
+/// doubled each time, up to the maximum.
+const NODE_EVENTS_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const NODE_EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How services are rolled out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwarmOptions {
     /// Watch each updated task this long; a failure within it rolls back.
     pub update_monitor: Duration,
+    /// Swarm starts a task again this long after it exited or was lost
+    /// with its node.
+    pub restart_delay: Duration,
     /// SIGTERM, then this long, then SIGKILL.
     pub stop_timeout: Duration,
     /// What makes a task of a dockerworker image count as started in a
@@ -178,6 +189,57 @@ impl SwarmRuntime {
         Err(SwarmError::NotManager { state })
     }
 
+    /// Wakes `wake` whenever a node of the swarm changes (goes down, comes
+    /// back, is drained, joins or leaves), until `shutdown`. Tasks on other
+    /// nodes send no events to the manager's engine, but node changes do:
+    /// a lost node is seen as soon as the manager marks it down, not at the
+    /// next resync. The stream is made again, after a growing pause, when
+    /// it fails; `wake` is notified then, since events may have been missed.
+    pub async fn node_events(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            if failures > 0 {
+                let pause = crate::backoff::delay(
+                    NODE_EVENTS_BACKOFF_INITIAL,
+                    NODE_EVENTS_BACKOFF_MAX,
+                    failures - 1,
+                );
+                tokio::select! {
+                    // Cancel-safe: dropping a sleep loses nothing.
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => wake.notify_one(),
+                }
+            }
+            let filters = HashMap::from([("type", vec!["node".to_string()])]);
+            let options = EventsOptionsBuilder::default().filters(&filters).build();
+            let mut stream = self.api().events(Some(options));
+            let started = std::time::Instant::now();
+            loop {
+                let next = tokio::select! {
+                    // Cancel-safe: `next` on a stream loses no item when dropped.
+                    _ = shutdown.cancelled() => return,
+                    next = stream.next() => next,
+                };
+                match next {
+                    Some(Ok(event)) => {
+                        tracing::debug!(action = ?event.action, node = ?event.actor.and_then(|a| a.id), "swarm node event");
+                        wake.notify_one();
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "the swarm's node event stream failed; following it again");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            failures = if started.elapsed() > NODE_EVENTS_BACKOFF_MAX {
+                1
+            } else {
+                failures.saturating_add(1)
+            };
+        }
+    }
+
     /// How many API calls this runtime has made.
     pub fn api_calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
@@ -236,6 +298,17 @@ impl SwarmRuntime {
             }
         };
         dockerworker.then_some(probe)
+    }
+
+    async fn list_tasks(
+        &self,
+        filters: HashMap<&str, Vec<String>>,
+    ) -> Result<Vec<Task>, SwarmError> {
+        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+        self.api()
+            .list_tasks(Some(options))
+            .await
+            .map_err(SwarmError::Tasks)
     }
 
     /// What a failed task's container said last, if it ran on this node
@@ -363,25 +436,39 @@ impl ServiceRuntime for SwarmRuntime {
         Ok(())
     }
 
-    /// Why the tasks of `services` fail, by service id: the latest task of
-    /// each that failed or was rejected, in Swarm's words. One API call for
-    /// all of them; none when `services` is empty.
-    async fn task_errors(
+    /// The swarm's nodes: one API call.
+    async fn nodes(&self) -> Result<Vec<SwarmNode>, SwarmError> {
+        let nodes = self
+            .api()
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(SwarmError::Nodes)?;
+        Ok(nodes.into_iter().filter_map(swarm_node).collect())
+    }
+
+    /// The tasks of `services`, and every task on `nodes`; why
+    /// the tasks of `services` fail, by service id (the latest task of each
+    /// that failed or was rejected, in Swarm's words). One API call per
+    /// list that is not empty.
+    async fn tasks(
         &self,
         services: &[&ManagedService],
-    ) -> Result<HashMap<String, String>, SwarmError> {
+        nodes: &[&str],
+    ) -> Result<TaskReport, SwarmError> {
+        let mut report = TaskReport::default();
+        if !nodes.is_empty() {
+            // Every service's tasks on those nodes: the planner looks at
+            // those of its own services only (a task names its service by id).
+            let filters = HashMap::from([("node", nodes.iter().map(|n| n.to_string()).collect())]);
+            let tasks = self.list_tasks(filters).await?;
+            report.tasks.extend(tasks.iter().filter_map(swarm_task));
+        }
         if services.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(report);
         }
         let ids: Vec<String> = services.iter().map(|s| s.id.clone()).collect();
-        let filters = HashMap::from([("service", ids)]);
-        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
-        let tasks = self
-            .api()
-            .list_tasks(Some(options))
-            .await
-            .map_err(SwarmError::Tasks)?;
-        let mut errors = HashMap::new();
+        let tasks = self.list_tasks(HashMap::from([("service", ids)])).await?;
+        report.tasks.extend(tasks.iter().filter_map(swarm_task));
         for (service, failed) in latest_task_errors(tasks) {
             let words = match &failed.container {
                 Some(id) => self.last_words(id).await,
@@ -391,9 +478,9 @@ impl ServiceRuntime for SwarmRuntime {
                 Some(words) => format!("{words} ({})", failed.error),
                 None => failed.error,
             };
-            errors.insert(service, error);
+            report.errors.insert(service, error);
         }
-        Ok(errors)
+        Ok(report)
     }
 
     /// Resolves an image tag on the manager to its id.
@@ -451,17 +538,9 @@ fn status_code(error: &DockerError) -> Option<u16> {
     }
 }
 
-/// The image a service runs. Pinned like a plain container's, to what the
-/// tag resolved to, so that a rebuilt tag rolls out: an image id, which
-/// Swarm never tries to pull (single node, or nodes loaded with the same
-/// image), unless the configured image is already a registry digest
-/// (`repo@sha256:…`), which every node can pull.
+/// The image a service runs: see [`ContainerSpec::service_image`].
 fn pinned_image(spec: &ContainerSpec) -> String {
-    if spec.image.contains('@') || spec.image_id.is_empty() {
-        spec.image.clone()
-    } else {
-        spec.image_id.clone()
-    }
+    spec.service_image().to_string()
 }
 
 fn nanos(d: Duration) -> i64 {
@@ -536,7 +615,7 @@ fn task_spec(
         }),
         restart_policy: Some(TaskSpecRestartPolicy {
             condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
-            delay: Some(nanos(RESTART_DELAY)),
+            delay: Some(nanos(options.restart_delay)),
             max_attempts: Some(0),
             window: Some(0),
         }),
@@ -622,6 +701,42 @@ fn managed_service(service: Service) -> Option<ManagedService> {
     })
 }
 
+/// A listed node in model terms; `None` for one without an id.
+fn swarm_node(node: Node) -> Option<SwarmNode> {
+    let status = node.status.unwrap_or_default();
+    Some(SwarmNode {
+        id: node.id?,
+        hostname: node
+            .description
+            .and_then(|d| d.hostname)
+            .unwrap_or_default(),
+        state: status
+            .state
+            .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+    })
+}
+
+/// A listed task in model terms; `None` for one of no service.
+fn swarm_task(task: &Task) -> Option<SwarmTask> {
+    let status = task.status.clone().unwrap_or_default();
+    let image = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.container_spec.as_ref())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    Some(SwarmTask {
+        service_id: task.service_id.clone()?,
+        node_id: task.node_id.clone().filter(|n| !n.is_empty()),
+        image,
+        state: status
+            .state
+            .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+        error: status.err.filter(|e| !e.is_empty()),
+        version: task.version.as_ref().and_then(|v| v.index).unwrap_or(0),
+    })
+}
+
 /// A task that failed: Swarm's words, and its container, if it had one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FailedTask {
@@ -690,6 +805,7 @@ mod tests {
     const NANOS_PER_SEC: i64 = 1_000_000_000;
     const OPTIONS: SwarmOptions = SwarmOptions {
         update_monitor: Duration::from_secs(10),
+        restart_delay: Duration::from_secs(5),
         stop_timeout: Duration::from_secs(10),
         readiness: None,
     };

@@ -2,8 +2,8 @@
 //! case, the actions it must yield and the status it must show.
 
 use super::*;
-use crate::model::QueueDepth;
 use crate::model::ScaleBounds;
+use crate::model::{QueueDepth, SwarmNode, SwarmTask};
 use crate::plan::fixtures::{COOLDOWN_MS, IMAGE_ID, NOW, disabled, id, policy, row, template};
 use crate::plan::replicas::Lower;
 
@@ -57,9 +57,32 @@ fn snapshot(rows: Vec<WorkerRow>, services: Vec<ManagedService>) -> ServiceSnaps
         busy: BTreeSet::new(),
         asked: BTreeMap::new(),
         task_errors: HashMap::new(),
+        nodes: vec![],
+        tasks: vec![],
+        watched: BTreeSet::new(),
         depths: None,
         depths_unknown: "not read yet".into(),
         now_ms: NOW,
+    }
+}
+
+fn swarm_node(n: u32, state: &str) -> SwarmNode {
+    SwarmNode {
+        id: format!("id{n}"),
+        hostname: format!("node-{n}"),
+        state: state.into(),
+    }
+}
+
+/// A task of service `service` on node `n`, of the planner's image.
+fn task_of(service: &str, n: u32, state: &str, error: &str, version: u64) -> SwarmTask {
+    SwarmTask {
+        service_id: service.into(),
+        node_id: Some(format!("id{n}")),
+        image: IMAGE_ID.into(),
+        state: state.into(),
+        error: (!error.is_empty()).then(|| error.to_string()),
+        version,
     }
 }
 
@@ -450,6 +473,75 @@ fn cases() -> Vec<Case> {
             replicas: Some(3),
         },
     ];
+    // The swarm's nodes: node-3 down, holding `r1`'s one task; or nodes
+    // that lack the image.
+    let on_nodes = |running: u64, down: bool, tasks: Vec<SwarmTask>| ServiceSnapshot {
+        nodes: vec![
+            swarm_node(1, "ready"),
+            swarm_node(2, "ready"),
+            swarm_node(3, if down { "down" } else { "ready" }),
+        ],
+        tasks,
+        ..snapshot(vec![r1.clone()], vec![service_for(&r1, 1, running)])
+    };
+    let svc = service_for(&r1, 1, 1).id;
+    let lost = || task_of(&svc, 3, "running", "", 5);
+    let rejected = |n| task_of(&svc, n, "rejected", "No such image: sha256:image", 6);
+    cases.extend([
+        Case {
+            name: "a node went down with the only task: say so while Swarm starts it again",
+            snapshot: on_nodes(1, true, vec![lost()]),
+            actions: &[],
+            status: Some((
+                Status::Unknown,
+                "node(s) node-3 not ready, with 1 of its task(s): Swarm starts them again on \
+                 the remaining nodes (0 of 1 replica(s) of revision 1 running)",
+            )),
+            replicas: None,
+        },
+        Case {
+            name: "its task runs on another node again: ready, and the lost node named",
+            snapshot: on_nodes(2, true, vec![lost(), task_of(&svc, 2, "running", "", 8)]),
+            actions: &[],
+            status: Some((Status::Ready, "they run on the other nodes now")),
+            replicas: None,
+        },
+        Case {
+            name: "the node is back: its old task no longer counts as lost",
+            snapshot: on_nodes(1, false, vec![lost()]),
+            actions: &[],
+            status: Some((
+                Status::Ready,
+                "running revision 1 in 1 replica(s) of service",
+            )),
+            replicas: None,
+        },
+        Case {
+            name: "the image is missing on two nodes and nothing runs: an error saying what to do",
+            snapshot: on_nodes(0, false, vec![rejected(2), rejected(3)]),
+            actions: &[],
+            status: Some((
+                Status::Error,
+                "0 of 1 replica(s) of revision 1 running: the image \
+                 workerctl/dockerworker:latest (sha256:image) is not on node(s) node-2, node-3",
+            )),
+            replicas: None,
+        },
+        Case {
+            name: "the image is missing on two nodes, the task runs on the third: ready, but said",
+            snapshot: on_nodes(
+                1,
+                false,
+                vec![rejected(2), rejected(3), task_of(&svc, 1, "running", "", 9)],
+            ),
+            actions: &[],
+            status: Some((
+                Status::Ready,
+                "; but the image workerctl/dockerworker:latest",
+            )),
+            replicas: None,
+        },
+    ]);
     // A failed update waits out its backoff, then is tried again.
     let failed = |at_ms: i64| {
         let mut s = snapshot(vec![r2.clone()], vec![service_for(&r1, 1, 1)]);
@@ -526,6 +618,38 @@ fn the_swarm_planner_decides_per_worker_as_the_table_says() {
             (want, got) => panic!("{}: status {want:?}, got {got:?}", case.name),
         }
     }
+}
+
+#[test]
+fn a_service_some_nodes_lack_the_image_of_is_watched_until_they_have_it() {
+    let r1 = row(1, 1);
+    let svc = service_for(&r1, 1, 1);
+    let mut s = snapshot(vec![r1.clone()], vec![svc.clone()]);
+    s.nodes = vec![swarm_node(1, "ready"), swarm_node(2, "ready")];
+    s.tasks = vec![
+        task_of(&svc.id, 2, "rejected", "No such image: sha256:image", 5),
+        task_of(&svc.id, 1, "running", "", 6),
+    ];
+    let plan = plan_services(&s, &template(), &policy());
+    assert_eq!(plan.watch, BTreeSet::from([svc.id.clone()]));
+    // So it does while Swarm rolls it out.
+    s.services[0].rollout = Rollout::Updating;
+    assert_eq!(plan_services(&s, &template(), &policy()).watch, plan.watch);
+    s.services[0].rollout = Rollout::Settled;
+    // A busy worker's service stays watched.
+    s.busy.insert(Slot::Worker(id(1)));
+    s.watched = plan.watch.clone();
+    assert_eq!(plan_services(&s, &template(), &policy()).watch, s.watched);
+    // A task of the image ran on node-2 since.
+    s.busy.clear();
+    s.tasks.push(task_of(&svc.id, 2, "running", "", 7));
+    let plan = plan_services(&s, &template(), &policy());
+    assert!(plan.watch.is_empty(), "{:?}", plan.watch);
+    assert!(
+        !plan.verdicts[0].info.contains("image"),
+        "{}",
+        plan.verdicts[0].info
+    );
 }
 
 #[test]
