@@ -61,6 +61,9 @@ use common::worker_image;
 const GATEWAY: [u8; 4] = [172, 30, 213, 1];
 /// Node 1's engine, the swarm's manager.
 const MANAGER: &str = "tcp://172.30.213.11:2375";
+/// The registry of scripts/swarm-nodes, as the nodes reach it (plain HTTP,
+/// trusted by the nodes' engines only).
+const REGISTRY: &str = "172.30.213.10:5000";
 /// Held while a process uses the nodes (their names and subnet are fixed).
 const LOCK_FILE: &str = "/tmp/workerctl-swarm-nodes.lock";
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -834,6 +837,97 @@ async fn an_image_missing_on_a_node_is_named_in_the_status_with_what_to_do(pool:
     t.cleanup().await;
     drop(nodes);
     drop(image);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[sqlx::test(migrations = false)]
+#[ignore = "makes a three-node swarm (about a minute): cargo test --test multinode -- --ignored"]
+async fn an_image_in_a_registry_is_pinned_to_its_digest_and_pulled_by_every_node(pool: PgPool) {
+    let nodes = Nodes::up(worker_image());
+    // The image is pushed to the registry from the manager, and nodes 2 and
+    // 3 are left without it: they can only pull it.
+    let image = format!("{REGISTRY}/workerctl/dockerworker:multinode");
+    on_manager(&["tag", worker_image(), &image]);
+    on_manager(&["push", &image]);
+    for n in [2, 3] {
+        assert!(
+            on_node(n, &["rmi", worker_image()]).is_some(),
+            "node-{n} drops the image"
+        );
+    }
+    let mut t = start(pool, &usercode(1), &image).await;
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        t.status_with("ready", "running revision 1 in 3 replica(s)")
+            .await;
+        let pinned = on_manager(&[
+            "service",
+            "inspect",
+            "-f",
+            "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+            &t.service_name(),
+        ]);
+        assert!(
+            pinned.starts_with(&format!("{REGISTRY}/workerctl/dockerworker@sha256:")),
+            "the service runs the registry's digest: {pinned}"
+        );
+        assert_spread_and_answering(&mut t, 1).await;
+        // The nodes other than the manager that run a task pulled it.
+        let tasks = t.tasks_running();
+        let pulled: Vec<&String> = tasks.values().filter(|node| *node != "node-1").collect();
+        assert!(!pulled.is_empty(), "every task on the manager: {tasks:?}");
+        for node in pulled {
+            let n: u32 = node.trim_start_matches("node-").parse().expect("node-N");
+            let images = on_node(
+                n,
+                &[
+                    "image",
+                    "ls",
+                    "-q",
+                    &format!("{REGISTRY}/workerctl/dockerworker"),
+                ],
+            );
+            assert!(
+                images.is_some_and(|ids| !ids.is_empty()),
+                "{node} runs a task but has no image from the registry"
+            );
+        }
+
+        // A new image pushed under the same tag rolls out to every node.
+        let rebuilt = OwnImage::build();
+        swarm_nodes(&["load", &rebuilt.0, "node-1"]);
+        on_manager(&["tag", &rebuilt.0, &image]);
+        on_manager(&["push", &image]);
+        let start = Instant::now();
+        loop {
+            let now = on_manager(&[
+                "service",
+                "inspect",
+                "-f",
+                "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+                &t.service_name(),
+            ]);
+            let (status, info) = t.status().await;
+            if now != pinned && status == "ready" && info.contains("running revision 1 in 3") {
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the pushed image did not roll out within {DEADLINE:?}: {now}; {status}: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Where the new tasks land is Swarm's choice (a node that has the
+        // image pulls nothing): all three run and answer.
+        assert_eq!(t.tasks_running().len(), 3, "{:?}", t.tasks_running());
+        let numbers: BTreeSet<usize> = t.round(1, 30).await.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(numbers.len(), 30, "each message answered once");
+        drop(rebuilt);
+    }))
+    .await;
+    t.cleanup().await;
+    drop(nodes);
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }

@@ -350,8 +350,9 @@ impl ContainerSpec {
     /// The image a Swarm service of this spec runs: pinned, like a plain
     /// container's, to what the tag resolved to (so that a rebuilt tag
     /// rolls out): the image id, which Swarm never pulls (every node must
-    /// have the image), unless the configured image is a registry digest
-    /// (`repo@sha256:…`), which every node pulls.
+    /// have the image); for a tag in a registry ([`registry_of`]) the
+    /// `repo@sha256:…` digest its registry serves, which every node pulls;
+    /// a configured digest as it is.
     pub fn service_image(&self) -> &str {
         if self.image.contains('@') || self.image_id.is_empty() {
             &self.image
@@ -369,6 +370,27 @@ impl ContainerSpec {
             (labels::SPEC_HASH.to_string(), self.hash()),
             (labels::REPLICA.to_string(), self.replica.to_string()),
         ])
+    }
+}
+
+/// The registry an image reference names, if it names one: by Docker's
+/// rule, its first path component when that contains a `.` or a `:`, or is
+/// `localhost` (`registry:5000/team/worker:1` → `registry:5000`;
+/// `workerctl/dockerworker:latest` and `python:3.11` name none: they are
+/// Docker Hub's, or only local).
+pub fn registry_of(image: &str) -> Option<&str> {
+    let (first, _) = image.split_once('/')?;
+    (first.contains('.') || first.contains(':') || first == "localhost").then_some(first)
+}
+
+/// An image reference without its tag or digest: the repository
+/// (`registry:5000/team/worker:1` → `registry:5000/team/worker`).
+pub fn repository_of(image: &str) -> &str {
+    let name = image.split_once('@').map_or(image, |(name, _)| name);
+    match name.rsplit_once(':') {
+        // A colon after the last slash is a tag's; before it, a port's.
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => name,
     }
 }
 
@@ -555,6 +577,40 @@ pub struct TaskReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_reference_names_its_registry_and_its_repository() {
+        let cases = [
+            // reference, registry, repository
+            (
+                "workerctl/dockerworker:latest",
+                None,
+                "workerctl/dockerworker",
+            ),
+            ("python:3.11", None, "python"),
+            ("python", None, "python"),
+            (
+                "registry:5000/team/worker:1",
+                Some("registry:5000"),
+                "registry:5000/team/worker",
+            ),
+            (
+                "registry:5000/worker",
+                Some("registry:5000"),
+                "registry:5000/worker",
+            ),
+            (
+                "ghcr.io/team/worker@sha256:ab",
+                Some("ghcr.io"),
+                "ghcr.io/team/worker",
+            ),
+            ("localhost/worker:2", Some("localhost"), "localhost/worker"),
+        ];
+        for (image, registry, repository) in cases {
+            assert_eq!(registry_of(image), registry, "{image}");
+            assert_eq!(repository_of(image), repository, "{image}");
+        }
+    }
     use uuid::Uuid;
 
     fn row() -> WorkerRow {

@@ -252,6 +252,19 @@ fn image_missing(image: &str) -> String {
     )
 }
 
+/// Why no service can start on a swarm: the image is not there. A tag in a
+/// registry is what the nodes pull, so it must be in the registry.
+fn service_image_missing(image: &str) -> String {
+    match crate::model::registry_of(image) {
+        Some(registry) => format!(
+            "the worker image {image} is not in its registry {registry}, or the manager \
+             cannot reach that registry: push it there (docker push {image}), or set \
+             docker.image"
+        ),
+        None => image_missing(image),
+    }
+}
+
 /// Why no worker can start: the network is missing.
 fn network_missing(network: &str) -> String {
     format!(

@@ -29,8 +29,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    ActionFailure, Policy, Slot, SpecTemplate, Verdict, image_missing, network_missing, retry_at,
-    scale_decision, scaled_to_zero, with_depth_note,
+    ActionFailure, Policy, Slot, SpecTemplate, Verdict, network_missing, retry_at, scale_decision,
+    scaled_to_zero, service_image_missing, with_depth_note,
 };
 use crate::model::{
     ContainerSpec, DesiredWorker, Intent, ManagedService, Revision, Rollout, Status, WorkerId,
@@ -364,7 +364,7 @@ impl Worker<'_> {
             ImageState::Present { id } => id,
             ImageState::Missing => {
                 return (
-                    Decision::status(Status::Error, image_missing(&self.template.image)),
+                    Decision::status(Status::Error, service_image_missing(&self.template.image)),
                     desired,
                 );
             }

@@ -48,7 +48,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::model::{ContainerSpec, Labelled, labels};
+use crate::model::{ContainerSpec, Labelled, labels, registry_of, repository_of};
 use crate::model::{ImageState, NetworkState, SwarmNode, SwarmTask, TaskReport};
 pub use crate::model::{ManagedService, Rollout, WorkerService};
 use crate::runtime::{ServiceRuntime, SwarmError};
@@ -300,6 +300,27 @@ impl SwarmRuntime {
         dockerworker.then_some(probe)
     }
 
+    /// A registry's digest of `image`, asked through the manager's engine
+    /// (its registry settings and credentials apply); a tag the registry
+    /// does not have is missing.
+    async fn registry_image(&self, image: &str) -> Result<ImageState, SwarmError> {
+        match self.api().inspect_registry_image(image, None).await {
+            Ok(found) => Ok(match found.descriptor.digest {
+                Some(digest) => ImageState::Present {
+                    id: format!("{}@{digest}", repository_of(image)),
+                },
+                None => ImageState::Missing,
+            }),
+            // The engine answers 401/403/404 (or 500 with the registry's
+            // "manifest unknown") for a tag the registry does not have.
+            Err(e) if status_code(&e).is_some_and(|c| c < 500) => Ok(ImageState::Missing),
+            Err(source) => Err(SwarmError::InspectImage {
+                image: image.to_string(),
+                source,
+            }),
+        }
+    }
+
     async fn list_tasks(
         &self,
         filters: HashMap<&str, Vec<String>>,
@@ -483,8 +504,13 @@ impl ServiceRuntime for SwarmRuntime {
         Ok(report)
     }
 
-    /// Resolves an image tag on the manager to its id.
+    /// Resolves an image tag on the manager to its id; a tag in a registry
+    /// to the digest the registry serves for it now, which every node pulls
+    /// (as `docker service create` does).
     async fn image(&self, image: &str) -> Result<ImageState, SwarmError> {
+        if registry_of(image).is_some() {
+            return self.registry_image(image).await;
+        }
         match self.api().inspect_image(image).await {
             Ok(found) => Ok(ImageState::Present {
                 id: found.id.unwrap_or_default(),
