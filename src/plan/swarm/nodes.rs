@@ -94,10 +94,10 @@ pub(crate) fn image_not_on_nodes(image: &str, image_id: &str, nodes: &BTreeSet<S
     format!(
         "the image {image} ({short}) is not on node(s) {names}: Swarm rejects the tasks it \
          places there (\"No such image\") and runs them on the other nodes only. Push the \
-         image to a registry every node reaches and name it by digest (docker tag {image} \
-         REGISTRY/{name} && docker push REGISTRY/{name}, then docker.image = \
-         \"REGISTRY/{name}@sha256:…\" with the digest the push printed), or load it into \
-         those nodes (docker save {image} | docker -H NODE load)"
+         image to a registry every node reaches (docker tag {image} REGISTRY/{name} && \
+         docker push REGISTRY/{name}) and set docker.image = \"REGISTRY/{name}\": workerctl \
+         pins the digest the registry serves, which every node pulls; or load it into those \
+         nodes (docker save {image} | docker -H NODE load)"
     )
 }
 
@@ -282,7 +282,7 @@ mod tests {
             "workerctl/dockerworker:latest (sha256:41db7ba8095d)",
             "node(s) node-2, node-3",
             "docker push REGISTRY/dockerworker:latest",
-            "docker.image = \"REGISTRY/dockerworker:latest@sha256:",
+            "docker.image = \"REGISTRY/dockerworker:latest\": workerctl pins the digest",
             "docker save workerctl/dockerworker:latest | docker -H NODE load",
         ] {
             assert!(text.contains(part), "{part:?} not in {text}");
