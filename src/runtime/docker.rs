@@ -71,6 +71,32 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// Sends `signal`; whether the container is down within `wait`. A
+    /// stopped or vanished container is down.
+    async fn signal_and_wait(
+        &self,
+        id: &str,
+        signal: &str,
+        wait: Duration,
+    ) -> Result<bool, RuntimeError> {
+        let options = KillContainerOptionsBuilder::default()
+            .signal(signal)
+            .build();
+        match self.api().kill_container(id, Some(options)).await {
+            // 404: gone; 409: not running. Either way it is down.
+            Err(e) if matches!(status_code(&e), Some(404 | 409)) => return Ok(true),
+            other => other.map_err(|source| RuntimeError::Stop {
+                container: id.to_string(),
+                source,
+            })?,
+        }
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut exited = self.api().wait_container(id, Some(options));
+        Ok(tokio::time::timeout(wait, exited.next()).await.is_ok())
+    }
+
     /// One stop request: the container's stop signal, then SIGKILL after
     /// `timeout`. A stopped or vanished container is fine.
     async fn stop_once(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {
@@ -286,20 +312,19 @@ impl ContainerRuntime for DockerRuntime {
         // Each stop request sends the container's stop signal: a second one,
         // made while the first waits, is the signal again (see RESIGNAL).
         let first = self.stop_once(id, timeout);
+        if timeout <= RESIGNAL {
+            return first.await;
+        }
         tokio::pin!(first);
-        let again = match RESIGNAL < timeout {
-            true => RESIGNAL,
-            false => return first.await,
-        };
         tokio::select! {
             stopped = &mut first => return stopped,
-            _ = tokio::time::sleep(again) => {}
+            _ = tokio::time::sleep(RESIGNAL) => {}
         }
         debug!(
             container = id,
             "still running after its stop signal: sending it again"
         );
-        let (first, second) = tokio::join!(first, self.stop_once(id, timeout - again));
+        let (first, second) = tokio::join!(first, self.stop_once(id, timeout - RESIGNAL));
         first.and(second)
     }
 
@@ -309,39 +334,22 @@ impl ContainerRuntime for DockerRuntime {
         signal: &str,
         timeout: Duration,
     ) -> Result<(), RuntimeError> {
-        let started = Instant::now();
-        let mut resent = false;
-        loop {
-            let options = KillContainerOptionsBuilder::default()
-                .signal(signal)
-                .build();
-            match self.api().kill_container(id, Some(options)).await {
-                // 404: gone; 409: not running. Either way it is down.
-                Err(e) if matches!(status_code(&e), Some(404 | 409)) => return Ok(()),
-                other => other.map_err(|source| RuntimeError::Stop {
-                    container: id.to_string(),
-                    source,
-                })?,
-            }
-            let options = WaitContainerOptionsBuilder::default()
-                .condition("not-running")
-                .build();
-            let mut exited = self.api().wait_container(id, Some(options));
-            let left = timeout.saturating_sub(started.elapsed());
-            let wait = if resent { left } else { left.min(RESIGNAL) };
-            if tokio::time::timeout(wait, exited.next()).await.is_ok() {
-                return Ok(());
-            }
-            if resent || wait == left {
-                // It did not stop in time: what `docker stop` does after its grace period.
-                return self.stop_once(id, Duration::ZERO).await;
-            }
+        let first = RESIGNAL.min(timeout);
+        if self.signal_and_wait(id, signal, first).await? {
+            return Ok(());
+        }
+        let rest = timeout - first;
+        if !rest.is_zero() {
             debug!(
                 container = id,
                 signal, "still running after the signal: sending it again"
             );
-            resent = true;
+            if self.signal_and_wait(id, signal, rest).await? {
+                return Ok(());
+            }
         }
+        // It did not stop in time: what `docker stop` does after its grace period.
+        self.stop_once(id, Duration::ZERO).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
