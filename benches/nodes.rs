@@ -42,6 +42,9 @@
 //! starts a task lost with its node only after it, as after an exit).
 //! docs/benchmarks.md records the figures.
 
+#[path = "../tests/common/nodes.rs"]
+mod nodes;
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -62,6 +65,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use nodes::{GATEWAY, LOCK_FILE, node_engine};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -74,8 +78,6 @@ use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::swarm::SwarmRuntime;
 use workerctl::store::postgres::PgStore;
 
-const GATEWAY: [u8; 4] = [172, 30, 213, 1];
-const LOCK_FILE: &str = "/tmp/workerctl-swarm-nodes.lock";
 const WORKER_IMAGE: &str = "workerctl/dockerworker:latest";
 const BUSYBOX: &str = "workerctl/busybox:latest";
 const PLAIN: &str = "bench-plain";
@@ -96,10 +98,6 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-fn node_engine(n: u32) -> String {
-    format!("tcp://172.30.213.{}:2375", 10 + n)
 }
 
 /// The docker CLI; against node `n`'s engine if given.

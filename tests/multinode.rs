@@ -54,18 +54,11 @@ use workerctl::runtime::docker::DockerRuntime;
 use workerctl::runtime::swarm::SwarmRuntime;
 use workerctl::store::postgres::PgStore;
 
+use common::nodes::{GATEWAY, LOCK_FILE, REGISTRY, node_engine};
 use common::worker_image;
 
-/// The host, as the nodes reach it: the gateway of scripts/swarm-nodes'
-/// bridge (its default SWARM_NODES_SUBNET).
-const GATEWAY: [u8; 4] = [172, 30, 213, 1];
 /// Node 1's engine, the swarm's manager.
 const MANAGER: &str = "tcp://172.30.213.11:2375";
-/// The registry of scripts/swarm-nodes, as the nodes reach it (plain HTTP,
-/// trusted by the nodes' engines only).
-const REGISTRY: &str = "172.30.213.10:5000";
-/// Held while a process uses the nodes (their names and subnet are fixed).
-const LOCK_FILE: &str = "/tmp/workerctl-swarm-nodes.lock";
 const DEADLINE: Duration = Duration::from_secs(180);
 
 /// The three nodes, made for this test and removed when dropped.
@@ -158,11 +151,6 @@ fn slow_usercode(version: u32) -> String {
     format!(
         "import socket\nimport time\n\ndef process(msg):\n    time.sleep(0.05)\n    msg.metadata[\"version\"] = {version}\n    msg.metadata[\"task\"] = socket.gethostname()\n    return msg\n"
     )
-}
-
-/// Node `n`'s engine (1 is the manager).
-fn node_engine(n: u32) -> String {
-    format!("tcp://172.30.213.{}:2375", 10 + n)
 }
 
 /// The docker CLI against node `n`'s engine; `None` if it failed.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod amqp;
+pub(crate) mod nodes;
 pub(crate) mod swarm;
 
 use std::process::Command;
