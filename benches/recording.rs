@@ -104,7 +104,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Off => "recording off (floor)",
-            Mode::TapsOnly => "taps only, unread",
+            Mode::TapsOnly => "copy taps, unread",
             Mode::On => "recording on",
         }
     }
@@ -170,8 +170,16 @@ impl Bench {
                 broker.declare_taps(worker, &self.instance).await?;
             }
             daemon = self.daemon(mode == Mode::On);
+            // Recording on gives the worker WORKER_RECORD_KEEP (a worker
+            // runtime that records itself), so switching modes replaces its
+            // container: each round starts once that rollout is over.
+            self.settled(worker, mode == Mode::On).await?;
             if mode == Mode::On {
                 self.wait_for_tap(&broker, &mut outputs, worker).await?;
+            } else {
+                // One message through, so that the round starts on a consumer.
+                broker.publish(worker, "warm-up").await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), outputs.next()).await;
             }
             let cpu_before = cpu_ticks(daemon.0.id());
             let broker_before = broker_pid.map(cpu_ticks).unwrap_or(0);
@@ -223,6 +231,42 @@ impl Bench {
         let _ = broker.connection.close(200, "done".into()).await;
         report(&figures, n, rows, &trial, &load_start);
         Ok(())
+    }
+
+    /// Waits until the worker runs in one container, given
+    /// `WORKER_RECORD_KEEP` or not as `recording` says.
+    async fn settled(&self, worker: Uuid, recording: bool) -> Result<(), String> {
+        let start = Instant::now();
+        let filter = [
+            format!("label=workerctl.instance={}", self.instance),
+            format!("label=workerctl.worker-id={worker}"),
+        ];
+        loop {
+            let listed = Command::new("docker")
+                .args(["ps", "-q", "--filter", &filter[0], "--filter", &filter[1]])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            if let [id] = ids.as_slice() {
+                let env = Command::new("docker")
+                    .args(["inspect", "--format", "{{json .Config.Env}}", id])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if String::from_utf8_lossy(&env.stdout).contains("WORKER_RECORD_KEEP=") == recording
+                {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > DEADLINE {
+                return Err(format!(
+                    "the worker never settled in one container: {ids:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Publishes warm-up messages until the daemon's tap takes them: it

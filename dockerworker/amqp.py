@@ -73,6 +73,8 @@ class Delivery:
     message_id: str | None
     content_type: str | None
     headers: dict[str, Any]
+    # The key it was published with (the worker's id, for a pipeline message).
+    routing_key: str = ""
 
 
 class Listener(Protocol):
@@ -251,6 +253,7 @@ class Bridge:
             properties.message_id,
             properties.content_type,
             dict(headers) if headers else {},
+            method.routing_key,
         )
         self.listener.on_delivery(delivery)
 

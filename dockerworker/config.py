@@ -62,6 +62,8 @@ class Config:
     log_level: int = logging.INFO
     stats_interval_s: float = 10.0
     debug: bool = False
+    # Records its last `record_keep` messages for workerctl (`recording`); 0: off.
+    record_keep: int = 0
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -111,6 +113,7 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
         log_level=_log_level(env),
         stats_interval_s=_float(env, "WORKER_STATS_INTERVAL_S", 10.0),
         debug=debug,
+        record_keep=_int(env, "WORKER_RECORD_KEEP", 0, minimum=0, maximum=100_000),
         limits=Limits(
             max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", Limits.max_unpacked_bytes, minimum=1),
             max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", Limits.max_members, minimum=1),

@@ -25,6 +25,7 @@ from .codeload import UserCode
 from .config import Config
 from .health import Readiness
 from .pump import ProcessStuck, Pump, Stats
+from .recording import Recorder
 from .userthread import UserThread
 
 __all__ = ["BROKER_ERRORS", "BrokerLost", "ProcessStuck", "Session", "TopologyError", "run"]
@@ -39,11 +40,13 @@ async def run(config: Config, code: UserCode, readiness: Readiness, shutdown: as
     """Consume until `shutdown` is set, reconnecting with backoff whenever the broker goes away."""
     user_thread = UserThread()
     stats = Stats()
+    # One for the process: what a lost connection's pump had not sent yet, the next one sends.
+    recorder = Recorder(config.worker_id, config.record_keep) if config.record_keep > 0 else None
     reporter = asyncio.ensure_future(_report(stats, config.stats_interval_s)) if config.stats_interval_s > 0 else None
     delay = _FIRST_RECONNECT_DELAY_S
     try:
         while not shutdown.is_set():
-            session = Session(config, code, readiness, user_thread, stats)
+            session = Session(config, code, readiness, user_thread, stats, recorder)
             try:
                 await session.run(shutdown)
             except TopologyError:
@@ -69,12 +72,18 @@ class Session:
     """One connection's life: open, consume, pump, and a clean close."""
 
     def __init__(
-        self, config: Config, code: UserCode, readiness: Readiness, user_thread: UserThread, stats: Stats
+        self,
+        config: Config,
+        code: UserCode,
+        readiness: Readiness,
+        user_thread: UserThread,
+        stats: Stats,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
         self.readiness = readiness
         self.attached = False
-        self.pump = Pump(config, code, user_thread, stats)
+        self.pump = Pump(config, code, user_thread, stats, recorder)
         self.bridge = Bridge(config, self.pump)
 
     async def run(self, shutdown: asyncio.Event) -> None:

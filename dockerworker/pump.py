@@ -52,6 +52,7 @@ from .config import ERRORS_ROUTING_KEY, Config
 from .handover import Handover
 from .ledger import Ledger
 from .processing import Outcome, Verdict
+from .recording import BATCH_HEADER, FLUSH_S, Recorder, queue_of
 from .userthread import UserThread
 
 # How often the user thread is checked against the process timeout, while
@@ -140,11 +141,15 @@ class Stats:
 class Pump:
     """The message path of one connection; see the module's invariant."""
 
-    def __init__(self, config: Config, code: UserCode, user_thread: UserThread, stats: Stats) -> None:
+    def __init__(
+        self, config: Config, code: UserCode, user_thread: UserThread, stats: Stats, recorder: Recorder | None = None
+    ) -> None:
         self.config = config
         self.code = code
         self.user_thread = user_thread
         self.stats = stats
+        self.recorder = recorder
+        self._records_scheduled = False
         self.context = processing.Context(
             worker_id=config.worker_id,
             queue=config.queue,
@@ -224,12 +229,14 @@ class Pump:
         self.handover.end(deadline=time.monotonic() + grace_s)
 
     async def wait_confirms(self, timeout_s: float) -> None:
-        """Give unconfirmed publishes time to be confirmed, then send the last ack."""
+        """Give unconfirmed publishes time to be confirmed, then send the last
+        ack, and what the recording has not sent yet."""
         deadline = time.monotonic() + timeout_s
         while self.ledger.awaiting_confirm and self.lost is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.lost is None:
             self._flush()
+            self._send_records()
 
     def _finish(self) -> None:
         if self._finished is not None and not self._finished.done():
@@ -373,6 +380,7 @@ class Pump:
             self._publish_to_errors(delivery, outcome, started, Verdict.UNROUTABLE, reason)
         elif acked and not record.returned:
             self._settle(delivery, outcome, record.verdict, started, ack=True)
+            self._record(record)
         else:
             # The retry queue or `errors` refused it: hand the input back.
             refused = outcome.with_error(f"{record.kind.value} publish refused")
@@ -393,6 +401,41 @@ class Pump:
         tag = self.ledger.take_ack()
         if tag is not None and self.outlet is not None and self.lost is None:
             self.outlet.ack(tag, multiple=True)
+
+    # -- the recording (see `recording`) ----------------------------------------------
+
+    def _record(self, record: _Publish) -> None:
+        """A settled input and what it produced: kept, and sent within `FLUSH_S`."""
+        if self.recorder is None:
+            return
+        delivery = record.delivery
+        # A retry produced nothing yet: the input comes back, and is recorded again.
+        output = None if record.kind is PublishKind.RETRY else (record.routing_key, record.body)
+        self.recorder.add(delivery.routing_key, delivery.message_id, delivery.body, delivery.headers, output)
+        if not self._records_scheduled:
+            self._records_scheduled = True
+            asyncio.get_running_loop().call_later(FLUSH_S, self._send_records)
+
+    def _send_records(self) -> None:
+        self._records_scheduled = False
+        if self.recorder is None or self.outlet is None or self.lost is not None:
+            return
+        batch = self.recorder.batch()
+        if batch is None:
+            return
+        try:
+            # Not in the ledger: its confirm settles nothing. Through the
+            # default exchange; if workerctl is not recording, no queue takes it.
+            self.outlet.publish(
+                "",
+                queue_of(self.config.worker_id),
+                batch,
+                message_id=None,
+                headers={BATCH_HEADER: 1},
+                mandatory=False,
+            )
+        except BrokerLost:
+            pass  # best-effort: the messages themselves are safe
 
     # -- the log line ----------------------------------------------------------------
 

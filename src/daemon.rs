@@ -362,11 +362,17 @@ impl<S: WorkerStore, R: ContainerRuntime> Daemon<S, R> {
             ));
         }
         if config.record.enabled {
+            let (runtime, image) = (self.runtime.clone(), config.docker.image.clone());
+            let records_itself: recorder::RecordsItself = Arc::new(move || {
+                let (runtime, image) = (runtime.clone(), image.clone());
+                Box::pin(async move { runtime.records_itself(&image).await })
+            });
             tracker.spawn(recorder::run(
                 config.amqp.clone(),
                 self.store.pool().clone(),
                 config.record.clone(),
                 config.instance.clone(),
+                records_itself,
                 shutdown.clone(),
             ));
         }

@@ -61,7 +61,7 @@ use uuid::Uuid;
 use crate::backoff::error_chain;
 use crate::config::{AmqpConfig, RecordConfig};
 use crate::store::StoreError;
-use crate::store::recorded::{self, NewOutput, NewRecording};
+use crate::store::recorded::{self, NewOutput, NewRecording, Produced};
 use crate::triggers::amqp::{self, AmqpError, keep_session, refused};
 use crate::triggers::invoke::ERRORS_KEY;
 
@@ -115,7 +115,74 @@ pub(crate) fn read_input(
         message_id: message_id.map(str::to_string),
         tracing_id,
         body: body.to_vec(),
+        output: None,
     }
+}
+
+/// The header that marks a batch of records a worker runtime sent into its
+/// tap itself (dockerworker/recording.py), as opposed to a copy of a
+/// pipeline message.
+pub(crate) const BATCH_HEADER: &str = "x-workerctl-records";
+
+/// A batch of records, as a worker runtime that records itself sends it.
+#[derive(serde::Deserialize)]
+struct Batch {
+    records: Vec<BatchRecord>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchRecord {
+    received_ms: i64,
+    routing_key: String,
+    message_id: Option<String>,
+    body: String,
+    output: Option<BatchOutput>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchOutput {
+    routing_key: String,
+    body: String,
+    at_ms: i64,
+}
+
+/// The inputs in a batch of records, oldest first, each with what it
+/// produced. `None` if it is not a batch this reader understands (it is
+/// then skipped: a recording is best-effort). A time in the future is
+/// taken as `now`.
+pub(crate) fn read_batch(
+    worker: Uuid,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Option<Vec<NewRecording>> {
+    use base64::Engine as _;
+    let decode = |b: &str| base64::engine::general_purpose::STANDARD.decode(b).ok();
+    let batch: Batch = serde_json::from_slice(body).ok()?;
+    batch
+        .records
+        .into_iter()
+        .map(|r| {
+            let input = decode(&r.body)?;
+            let output = match r.output {
+                Some(o) => Some(Produced {
+                    body: decode(&o.body)?,
+                    routing_key: o.routing_key,
+                    at: published_or_now(Some(o.at_ms), now),
+                }),
+                None => None,
+            };
+            Some(NewRecording {
+                output,
+                ..read_input(
+                    worker,
+                    &r.routing_key,
+                    r.message_id.as_deref(),
+                    &input,
+                    published_or_now(Some(r.received_ms), now),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The routing key the worker will publish an input's result with
@@ -203,6 +270,13 @@ fn text_of(v: &Value) -> String {
     }
 }
 
+/// Whether the workers' image records its own traffic (`Some(true)`), does
+/// not (`Some(false)`), or cannot be told yet (`None`: the image is not
+/// there, the engine did not answer): asked when the recorder starts, again
+/// while it cannot be told, and at every [`TAP_RENEW`].
+pub(crate) type RecordsItself =
+    std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, Option<bool>> + Send + Sync>;
+
 /// Keeps the taps until `shutdown` is cancelled; a lost broker or database
 /// is logged and retried with capped backoff. Never returns early.
 pub(crate) async fn run(
@@ -210,10 +284,11 @@ pub(crate) async fn run(
     pool: PgPool,
     config: RecordConfig,
     instance: String,
+    records_itself: RecordsItself,
     shutdown: CancellationToken,
 ) {
     keep_session("traffic recorder", &shutdown, || {
-        session(&amqp, &pool, &config, &instance)
+        session(&amqp, &pool, &config, &instance, &records_itself)
     })
     .await;
 }
@@ -223,13 +298,16 @@ async fn session(
     pool: &PgPool,
     config: &RecordConfig,
     instance: &str,
+    records_itself: &RecordsItself,
 ) -> RecordError {
     let connection = match amqp::connect(amqp, "workerctl recorder").await {
         Ok(c) => c,
         Err(e) => return e.into(),
     };
-    let ended = match Taps::open(&connection, &amqp.exchange, config.keep, instance).await {
-        Ok(mut taps) => keep_taps(&mut taps, pool, config).await,
+    let known = records_itself().await;
+    let opened = Taps::open(&connection, &amqp.exchange, config.keep, instance, known).await;
+    let ended = match opened {
+        Ok(mut taps) => keep_taps(&mut taps, pool, config, records_itself).await,
         Err(e) => e,
     };
     let _ = connection.close(200, "done".into()).await;
@@ -244,6 +322,12 @@ struct Taps<'c> {
     keep: i64,
     outputs: String,
     setup: Option<Channel>,
+    /// Whether the workers' image records itself, as last told (`None`:
+    /// not yet). Unless it does, the taps are bound beside each worker's
+    /// queue and get a copy of every message, and the outputs queue a copy
+    /// of each next step's; if it does, the taps only take the batches the
+    /// workers send, and there is no outputs queue.
+    records_itself: Option<bool>,
     /// The tapped workers, and whether their next step was looked for.
     tapped: HashMap<Uuid, bool>,
     bound: HashSet<String>,
@@ -255,6 +339,7 @@ impl<'c> Taps<'c> {
         exchange: &str,
         keep: i64,
         instance: &str,
+        records_itself: Option<bool>,
     ) -> Result<Self, RecordError> {
         let mut taps = Taps {
             connection,
@@ -262,13 +347,59 @@ impl<'c> Taps<'c> {
             keep,
             outputs: outputs_queue(instance),
             setup: None,
+            records_itself,
             tapped: HashMap::new(),
             bound: HashSet::new(),
         };
         let channel = taps.setup().await?;
         amqp::declare_exchange(&channel, exchange).await?;
-        taps.declare_outputs().await?;
+        taps.keep_outputs().await?;
         Ok(taps)
+    }
+
+    /// Whether copies are taken: unless the workers record themselves.
+    fn copies(&self) -> bool {
+        self.records_itself != Some(true)
+    }
+
+    /// The outputs queue while copies are taken; none (deleted, with the
+    /// bindings an earlier daemon made) while the workers record themselves.
+    async fn keep_outputs(&mut self) -> Result<(), RecordError> {
+        if self.copies() {
+            return self.declare_outputs().await;
+        }
+        self.bound.clear();
+        self.setup()
+            .await?
+            .queue_delete(self.outputs.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(refused("delete the recording outputs queue"))?;
+        Ok(())
+    }
+
+    /// What the image check said: on a change, every tap is bound or
+    /// unbound, and the outputs queue made or deleted, to match.
+    async fn told(&mut self, records_itself: Option<bool>) -> Result<(), RecordError> {
+        let was = self.copies();
+        self.records_itself = records_itself.or(self.records_itself);
+        if self.copies() == was {
+            return Ok(());
+        }
+        info!(
+            copies = self.copies(),
+            "the workers' image {} its own traffic",
+            if self.copies() {
+                "does not record"
+            } else {
+                "records"
+            }
+        );
+        self.keep_outputs().await?;
+        let workers: Vec<Uuid> = self.tapped.keys().copied().collect();
+        for worker in workers {
+            self.tap(worker).await?;
+        }
+        Ok(())
     }
 
     async fn declare_outputs(&mut self) -> Result<(), RecordError> {
@@ -360,10 +491,25 @@ impl<'c> Taps<'c> {
         Ok(found)
     }
 
+    /// Declares a worker's tap, bound beside its queue while copies are
+    /// taken, unbound (if an earlier daemon bound it) while not.
     async fn tap(&mut self, worker: Uuid) -> Result<(), RecordError> {
         let queue = tap_queue(worker);
         self.declare(&queue, self.keep).await?;
-        self.bind(&queue, &worker.to_string()).await
+        if self.copies() {
+            return self.bind(&queue, &worker.to_string()).await;
+        }
+        self.setup()
+            .await?
+            .queue_unbind(
+                queue.as_str().into(),
+                self.exchange.as_str().into(),
+                worker.to_string().as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused("unbind a recording tap"))?;
+        Ok(())
     }
 
     /// Taps the enabled workers not tapped yet (whose queue exists), looks
@@ -399,7 +545,7 @@ impl<'c> Taps<'c> {
         let unlooked: Vec<Uuid> = self
             .tapped
             .iter()
-            .filter(|(_, looked)| !**looked)
+            .filter(|(_, looked)| !**looked && self.copies())
             .map(|(w, _)| *w)
             .collect();
         for worker in unlooked {
@@ -453,7 +599,7 @@ impl<'c> Taps<'c> {
     /// Declares every tap again: a declaration restarts its expiry, and
     /// makes again (with its bindings) one the broker lost.
     async fn renew(&mut self) -> Result<(), RecordError> {
-        self.declare_outputs().await?;
+        self.keep_outputs().await?;
         let workers: Vec<Uuid> = self.tapped.keys().copied().collect();
         for worker in workers {
             self.tap(worker).await?;
@@ -481,8 +627,13 @@ fn tap_arguments(max_length: i64) -> FieldTable {
     args
 }
 
-async fn keep_taps(taps: &mut Taps<'_>, pool: &PgPool, config: &RecordConfig) -> RecordError {
-    match keep_taps_until_error(taps, pool, config).await {
+async fn keep_taps(
+    taps: &mut Taps<'_>,
+    pool: &PgPool,
+    config: &RecordConfig,
+    records_itself: &RecordsItself,
+) -> RecordError {
+    match keep_taps_until_error(taps, pool, config, records_itself).await {
         Ok(()) => RecordError::Closed,
         Err(e) => e,
     }
@@ -492,10 +643,12 @@ async fn keep_taps_until_error(
     taps: &mut Taps<'_>,
     pool: &PgPool,
     config: &RecordConfig,
+    records_itself: &RecordsItself,
 ) -> Result<(), RecordError> {
     info!(
         keep = config.keep,
-        "tapping each enabled worker's messages (read when asked)"
+        copies = taps.copies(),
+        "recording each enabled worker's messages (read when asked)"
     );
     let mut refresh = tokio::time::interval(REFRESH);
     let mut renew = tokio::time::interval(TAP_RENEW);
@@ -506,10 +659,16 @@ async fn keep_taps_until_error(
                 if !taps.connection.status().connected() {
                     return Ok(());
                 }
+                if taps.records_itself.is_none() {
+                    taps.told(records_itself().await).await?;
+                }
                 let enabled = recorded::enabled_workers(pool).await?;
                 taps.refresh(&enabled).await?;
             }
-            _ = renew.tick() => taps.renew().await?,
+            _ = renew.tick() => {
+                taps.told(records_itself().await).await?;
+                taps.renew().await?;
+            }
         }
     }
 }
@@ -603,14 +762,22 @@ async fn read_on(
             continue;
         };
         let now = Utc::now();
-        let tap: Vec<NewRecording> = deliveries
-            .iter()
-            .map(|d| {
+        let mut tap: Vec<NewRecording> = Vec::with_capacity(deliveries.len());
+        for d in &deliveries {
+            if is_batch(d) {
+                match read_batch(worker, &d.data, now) {
+                    Some(records) => tap.extend(records),
+                    None => debug!(%worker, "skipped a batch of records that does not parse"),
+                }
+            } else {
                 let id = d.properties.message_id().as_ref().map(|s| s.as_str());
-                read_input(worker, d.routing_key.as_str(), id, &d.data, arrival(d, now))
-            })
-            .collect();
-        keys.extend(tap.iter().filter_map(|r| next_key(&r.body)));
+                let copy = read_input(worker, d.routing_key.as_str(), id, &d.data, arrival(d, now));
+                keys.extend(next_key(&copy.body));
+                tap.push(copy);
+            }
+        }
+        // A tap of batches holds `keep` batches: the newest `keep` records.
+        let tap = tap.split_off(tap.len().saturating_sub(most));
         let mut stored = recorded::list_on(&mut lock, worker, keep).await?;
         stored.reverse();
         let stored: Vec<&[u8]> = stored.iter().map(|r| r.body.as_slice()).collect();
@@ -732,6 +899,16 @@ async fn read_queue(
     Ok(Some(read))
 }
 
+/// Whether a tap's message is a batch of records its worker sent (the
+/// [`BATCH_HEADER`]) rather than a copy.
+fn is_batch(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(BATCH_HEADER))
+}
+
 /// When a message arrived, as far as a read can tell: when it was
 /// published, if it says — the `timestamp` header (Unix ms) every message a
 /// worker runtime publishes carries (docs/compatibility.md §4), else the
@@ -798,6 +975,69 @@ mod tests {
 
     fn id(s: &str) -> Uuid {
         Uuid::parse_str(s).expect("uuid")
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn a_batch_is_read_into_its_inputs_each_with_what_it_produced() {
+        let input = json!({"tracing_id": "t-1", "step_index": 0}).to_string();
+        let batch = json!({"worker": W1, "records": [
+            {"received_ms": 1_000, "routing_key": W1, "message_id": "m-1",
+             "body": b64(input.as_bytes()),
+             "output": {"routing_key": "next", "body": b64(b"out"), "at_ms": 2_000}},
+            {"received_ms": 9_000_000, "routing_key": W1, "message_id": null,
+             "body": b64(b"not json"), "output": null},
+        ]});
+        let read = read_batch(id(W1), batch.to_string().as_bytes(), now()).expect("a batch");
+        assert_eq!(read.len(), 2);
+        assert_eq!(
+            (read[0].tracing_id.as_deref(), read[0].message_id.as_deref()),
+            (Some("t-1"), Some("m-1"))
+        );
+        assert_eq!(
+            (
+                read[0].body.as_slice(),
+                read[0].received_at.timestamp_millis()
+            ),
+            (input.as_bytes(), 1_000)
+        );
+        let out = read[0].output.as_ref().expect("its output");
+        assert_eq!(
+            (
+                out.routing_key.as_str(),
+                out.body.as_slice(),
+                out.at.timestamp_millis()
+            ),
+            ("next", &b"out"[..], 2_000)
+        );
+        assert_eq!(
+            read[1].received_at,
+            now(),
+            "a time in the future is taken as now"
+        );
+        assert_eq!(
+            (read[1].tracing_id.as_ref(), read[1].output.as_ref()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_batch_this_reader_understands_is_none() {
+        let good = json!({"received_ms": 1, "routing_key": W1, "message_id": null, "body": b64(b"x"), "output": null});
+        for (body, why) in [
+            ("not json".to_string(), "not JSON"),
+            (json!({"worker": W1}).to_string(), "no records"),
+            (json!({"records": [{"received_ms": 1}]}).to_string(), "a record without its fields"),
+            (json!({"records": [good, {"received_ms": 1, "routing_key": W1, "message_id": null, "body": "%%", "output": null}]}).to_string(), "a body that is not base64"),
+        ] {
+            assert!(read_batch(id(W1), body.as_bytes(), now()).is_none(), "{why}");
+        }
+        let empty = json!({"worker": W1, "records": []}).to_string();
+        assert_eq!(read_batch(id(W1), empty.as_bytes(), now()), Some(vec![]));
     }
 
     #[test]

@@ -54,15 +54,19 @@ fn worker_image() -> String {
 
 /// A daemon recording at most `keep` messages per worker, with the write API on.
 async fn recording(pool: PgPool, keep: usize) -> (Cli, Daemon) {
+    recording_with(pool, keep, &worker_image()).await
+}
+
+/// [`recording`], its workers on `image`.
+async fn recording_with(pool: PgPool, keep: usize, image: &str) -> (Cli, Daemon) {
     let mut cli = Cli::new(pool).await;
     cli.set("WORKERCTL_API__TOKEN", TOKEN);
     cli.set("WORKERCTL_RECORD__KEEP", &keep.to_string());
     cli.set("WORKERCTL_DEAD_LETTERS__ENABLED", "false");
     let exchange = format!("pipeline.messages.rec-test-{}", Uuid::new_v4().simple());
     cli.set("WORKERCTL_AMQP__EXCHANGE", &exchange);
-    let image = worker_image();
-    cli.set("WORKERCTL_DOCKER__IMAGE", &image);
-    let mut daemon = Daemon::start(&mut cli, &image).await;
+    cli.set("WORKERCTL_DOCKER__IMAGE", image);
+    let mut daemon = Daemon::start(&mut cli, image).await;
     daemon
         .queues
         .push(format!("workerctl.record.outputs.{}", daemon.instance));
@@ -364,8 +368,60 @@ async fn listed(cli: &Cli, worker: &str) -> Vec<(i64, String)> {
         .collect()
 }
 
+/// The messages in a worker's tap, oldest first, left in place (taken
+/// unacknowledged, then the channel is closed): whether each is a batch of
+/// records its worker sent, and the tracing ids of those that are copies.
+async fn tap_contents(broker: &Broker, worker: Uuid) -> (Vec<bool>, Vec<String>) {
+    let channel = broker.connection.create_channel().await.expect("channel");
+    let (mut batches, mut copies) = (Vec::new(), Vec::new());
+    while let Some(got) = channel
+        .basic_get(
+            format!("workerctl.record.{worker}").as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("get")
+    {
+        let batch = got
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key("x-workerctl-records"));
+        if !batch {
+            let body: Value = serde_json::from_slice(&got.delivery.data).expect("json");
+            copies.push(body["tracing_id"].as_str().unwrap_or("").to_string());
+        }
+        batches.push(batch);
+    }
+    let _ = channel.close(200, "done".into()).await;
+    (batches, copies)
+}
+
+/// What `worker messages` lists once its newest is `newest`.
+async fn listed_until(
+    cli: &Cli,
+    daemon: &Daemon,
+    worker: &str,
+    newest: &str,
+) -> Vec<(i64, String)> {
+    let start = Instant::now();
+    loop {
+        let list = listed(cli, worker).await;
+        if list.first().is_some_and(|(_, t)| t == newest) {
+            return list;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{newest} was never listed: {list:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[sqlx::test(migrations = false)]
-async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
+async fn a_worker_that_records_itself_sends_batches_and_is_copied_nothing(pool: PgPool) {
     let (cli, mut daemon) = recording(pool, 5).await;
     let id = create(&cli, &mut daemon, "reader", CURRENT_PY).await;
     let broker = Broker::open(&daemon).await;
@@ -379,18 +435,18 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
     for _ in 1..=12 {
         next_body(&mut downstream).await;
     }
-    assert_eq!(
-        tap(&broker, id).await,
-        (5, 0),
-        "between reads the tap holds the newest record.keep, and nobody consumes it"
-    );
-    let first = listed(&cli, "reader").await;
+    let first = listed_until(&cli, &daemon, "reader", "t-12").await;
     let traces: Vec<&str> = first.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(traces, ["t-12", "t-11", "t-10", "t-9", "t-8"]);
+    let (batches, copies) = tap_contents(&broker, id).await;
+    assert!(
+        !batches.is_empty() && copies.is_empty(),
+        "the tap holds the worker's batches and no copy of a message: {batches:?} {copies:?}"
+    );
     assert_eq!(
         tap(&broker, id).await,
-        (5, 0),
-        "a read leaves the tap whole"
+        (u32::try_from(batches.len()).expect("few"), 0),
+        "a read leaves the tap whole, and nobody consumes it"
     );
     assert_eq!(
         listed(&cli, "reader").await,
@@ -402,7 +458,7 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
         broker.publish(&id.to_string(), &body).await;
         next_body(&mut downstream).await;
     }
-    let after = listed(&cli, "reader").await;
+    let after = listed_until(&cli, &daemon, "reader", "t-14").await;
     let traces: Vec<&str> = after.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(traces, ["t-14", "t-13", "t-12", "t-11", "t-10"]);
     assert_eq!(
@@ -410,22 +466,6 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
         first[..3],
         "what was read before keeps its row (and its arrival time)"
     );
-    // The broker put every message back where it was: oldest first.
-    let channel = broker.connection.create_channel().await.expect("channel");
-    let mut order = Vec::new();
-    while let Some(got) = channel
-        .basic_get(
-            format!("workerctl.record.{id}").as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: false },
-        )
-        .await
-        .expect("get")
-    {
-        let body: Value = serde_json::from_slice(&got.delivery.data).expect("json");
-        order.push(body["tracing_id"].as_str().unwrap_or("").to_string());
-    }
-    let _ = channel.close(200, "done".into()).await;
-    assert_eq!(order, ["t-10", "t-11", "t-12", "t-13", "t-14"]);
 
     // The status page, while it is read, has the taps read for it (in the
     // background: a later view shows what an earlier one asked for).
@@ -454,7 +494,7 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
 
     // A message that says when it was published (the `timestamp` header a
     // worker runtime adds, Unix ms) arrived then; one that does not, when
-    // it was first read.
+    // its worker took it.
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
         "timestamp".into(),
@@ -474,6 +514,7 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
         .await
         .expect("sent");
     next_body(&mut downstream).await;
+    listed_until(&cli, &daemon, "reader", "t-16").await;
     let out = cli
         .run(&[
             "worker", "messages", "reader", "--last", "2", "--output", "json",
@@ -485,6 +526,64 @@ async fn the_tap_is_read_only_when_asked_and_left_as_it_was(pool: PgPool) {
     assert_eq!(list[0]["received_at"], "2023-11-14T22:13:20Z");
     assert_eq!(list[1]["tracing_id"], "t-15");
     assert_ne!(list[1]["received_at"], "2023-11-14T22:13:20Z");
+    let _ = broker.connection.close(200, "done".into()).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_image_that_does_not_record_itself_is_tapped_and_read_in_place(pool: PgPool) {
+    let (cli, mut daemon) = recording_with(pool, 5, common::contract_worker_image()).await;
+    let id = create(
+        &cli,
+        &mut daemon,
+        "copied",
+        "def process(msg):\n    return msg\n",
+    )
+    .await;
+    let broker = Broker::open(&daemon).await;
+    let next = format!("next-{}", Uuid::new_v4().simple());
+    let mut downstream = broker.listen(&[&next]).await;
+    warm_up(&cli, &daemon, &broker, id, &next, &mut downstream).await;
+    for n in 1..=12 {
+        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+    }
+    for _ in 1..=12 {
+        next_body(&mut downstream).await;
+    }
+    assert_eq!(
+        tap(&broker, id).await,
+        (5, 0),
+        "between reads the tap holds the newest record.keep copies, and nobody consumes it"
+    );
+    let first = listed(&cli, "copied").await;
+    let traces: Vec<&str> = first.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(traces, ["t-12", "t-11", "t-10", "t-9", "t-8"]);
+    assert_eq!(
+        tap(&broker, id).await,
+        (5, 0),
+        "a read leaves the tap whole"
+    );
+    assert_eq!(
+        listed(&cli, "copied").await,
+        first,
+        "a second read stores nothing again"
+    );
+    for n in 13..=14 {
+        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+        next_body(&mut downstream).await;
+    }
+    let after = listed(&cli, "copied").await;
+    let traces: Vec<&str> = after.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(traces, ["t-14", "t-13", "t-12", "t-11", "t-10"]);
+    assert_eq!(
+        after[2..],
+        first[..3],
+        "what was read before keeps its row (and its arrival time)"
+    );
+    // The broker put every copy back where it was: oldest first.
+    let (_, copies) = tap_contents(&broker, id).await;
+    assert_eq!(copies, ["t-10", "t-11", "t-12", "t-13", "t-14"]);
     let _ = broker.connection.close(200, "done".into()).await;
 }
 

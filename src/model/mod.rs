@@ -44,6 +44,12 @@ pub mod labels {
     pub(crate) const RUNTIME: &str = "workerctl.runtime";
     /// The value of [`RUNTIME`] on the dockerworker image.
     pub(crate) const RUNTIME_DOCKERWORKER: &str = "dockerworker";
+    /// Set by an image whose runtime records its own traffic, given
+    /// `WORKER_RECORD_KEEP` (the dockerworker since it does): the recorder
+    /// then copies nothing of its workers' messages (`crate::recorder`).
+    pub(crate) const RECORDS: &str = "workerctl.records";
+    /// The value of [`RECORDS`]: it sends its records in batches.
+    pub(crate) const RECORDS_BATCHES: &str = "batches";
 
     /// The labels SensorBucket's own Docker controller puts on its worker
     /// containers (docs/compatibility.md §6): workerctl takes those over.

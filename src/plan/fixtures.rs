@@ -36,6 +36,7 @@ pub(crate) fn template() -> SpecTemplate {
             tmpfs: vec!["/tmp".into(), "/usercode".into()],
         },
         stop_signal: None,
+        record_keep: None,
     }
 }
 

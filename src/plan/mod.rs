@@ -43,6 +43,9 @@ pub struct SpecTemplate {
     pub hardening: Hardening,
     /// `docker.stop_signal`: `None` lets the runtime choose by the image.
     pub stop_signal: Option<String>,
+    /// `record.keep` while recording is on: a worker runtime that records
+    /// itself (`WORKER_RECORD_KEEP`, see `recorder`) keeps that many.
+    pub record_keep: Option<i64>,
 }
 
 impl SpecTemplate {
@@ -67,6 +70,9 @@ impl SpecTemplate {
             // Part of the spec (and its hash): turning debugging on or off
             // replaces the container, like a new revision.
             env.insert("WORKER_DEBUG".into(), "1".into());
+        }
+        if let Some(keep) = self.record_keep {
+            env.insert("WORKER_RECORD_KEEP".into(), keep.to_string());
         }
         if self.network == "host" {
             // Workers share the host's ports: a fixed health port would let

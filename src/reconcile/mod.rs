@@ -208,6 +208,7 @@ impl PassSettings {
                 limits: config.limits(),
                 hardening: config.hardening(),
                 stop_signal: config.docker.stop_signal.clone(),
+                record_keep: config.record.enabled.then_some(config.record.keep),
             },
             policy: Policy {
                 backoff_initial: config.reconcile.backoff_initial,

@@ -224,6 +224,20 @@ impl DockerRuntime {
         (declared.is_none() && !dockerworker).then(|| "SIGINT".to_string())
     }
 
+    /// Whether `image` records its own traffic (its [`labels::RECORDS`]
+    /// label); `None` when it cannot be told (not here, or the engine did
+    /// not answer).
+    pub(crate) async fn records_itself(&self, image: &str) -> Option<bool> {
+        let config = self.api().inspect_image(image).await.ok()?.config?;
+        Some(
+            config
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::RECORDS))
+                .is_some_and(|v| v == labels::RECORDS_BATCHES),
+        )
+    }
+
     /// Whether the container holding `name` belongs to this instance.
     /// `None` when it cannot be told (the holder vanished meanwhile, say).
     async fn name_is_ours(&self, name: &str) -> Option<bool> {

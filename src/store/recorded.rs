@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 
-/// One input message as the tap delivered it.
+/// One input message as the tap delivered it, or as its worker recorded it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewRecording {
     pub worker_id: Uuid,
@@ -20,6 +20,17 @@ pub struct NewRecording {
     pub message_id: Option<String>,
     pub tracing_id: Option<String>,
     pub body: Vec<u8>,
+    /// What it produced, when the worker recorded that itself (a copy in a
+    /// tap has none: outputs are matched to it later, [`match_outputs`]).
+    pub output: Option<Produced>,
+}
+
+/// What a worker published for a recorded input, and when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Produced {
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub at: DateTime<Utc>,
 }
 
 /// What a worker published for an input with `tracing_id`.
@@ -117,11 +128,21 @@ pub(crate) async fn insert_on(
     let ids: Vec<Option<String>> = batch.iter().map(|r| r.message_id.clone()).collect();
     let traces: Vec<Option<String>> = batch.iter().map(|r| r.tracing_id.clone()).collect();
     let bodies: Vec<Vec<u8>> = batch.iter().map(|r| r.body.clone()).collect();
+    let outputs = batch.iter().map(|r| r.output.as_ref());
+    let output_keys: Vec<Option<String>> = outputs
+        .clone()
+        .map(|o| o.map(|o| o.routing_key.clone()))
+        .collect();
+    let output_bodies: Vec<Option<Vec<u8>>> =
+        outputs.clone().map(|o| o.map(|o| o.body.clone())).collect();
+    let output_times: Vec<Option<DateTime<Utc>>> = outputs.map(|o| o.map(|o| o.at)).collect();
     sqlx::query(
         "INSERT INTO workerctl_recorded_messages
-                (worker_id, received_at, routing_key, message_id, tracing_id, body)
+                (worker_id, received_at, routing_key, message_id, tracing_id, body,
+                 output_key, output_body, output_at)
          SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
-                              $5::text[], $6::bytea[])",
+                              $5::text[], $6::bytea[], $7::text[], $8::bytea[],
+                              $9::timestamptz[])",
     )
     .bind(&workers)
     .bind(&times)
@@ -129,6 +150,9 @@ pub(crate) async fn insert_on(
     .bind(&ids)
     .bind(&traces)
     .bind(&bodies)
+    .bind(&output_keys)
+    .bind(&output_bodies)
+    .bind(&output_times)
     .execute(&mut *conn)
     .await
     .map_err(query_failed("store recorded messages"))?;
