@@ -9,11 +9,14 @@
 //!    publish → the last output on the next step (msg/s through the
 //!    worker, above the 5,000 msg/s asked about). Rounds cycle through
 //!    three modes: a daemon with `record.enabled = false` and no tap (the
-//!    floor); the same daemon with the taps the recorder would make
-//!    (input tap and outputs tap, declared and bound by the benchmark) but
-//!    nobody reading them (the broker's share of the cost); and a daemon
-//!    with recording on (the daemon is restarted between rounds; it adopts
-//!    the running container unchanged). `BENCH_RECORD_ROUNDS` (default 3)
+//!    floor); the same daemon with the copy taps the recorder makes for an
+//!    image that does not record itself (input tap and outputs tap,
+//!    declared and bound by the benchmark) but nobody reading them (what
+//!    the broker's copies cost); and a daemon with recording on (with the
+//!    dockerworker: the worker recording itself into an unbound tap). The
+//!    daemon is restarted between rounds; recording on or off changes the
+//!    worker's environment, so each round starts once its one container of
+//!    the mode runs and answered a warm-up. `BENCH_RECORD_ROUNDS` (default 3)
 //!    of each; medians and spread. Also the daemon's and the broker's CPU
 //!    time per 1,000 messages in each mode (from /proc; the broker is the
 //!    local `beam.smp`, or `BENCH_BROKER_PID`), and whether the table holds

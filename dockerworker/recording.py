@@ -3,7 +3,7 @@
 Owns: the bounded record of inputs and their outputs that workerctl's
 `worker messages` and `worker try --last` read, and its batches. workerctl
 keeps a worker's recent traffic in a bounded queue of its own,
-`workerctl.record.<worker id>` (docs/recording.md). For an image that does
+`workerctl.record.<worker id>` (README, "Recording"). For an image that does
 not record itself, the broker copies every message into it (a binding
 beside the worker's queue): one more enqueue per message, which costs the
 broker, and so the worker, a measurable share of its throughput at a few

@@ -2,22 +2,34 @@
 //! worker received, as received, and what each produced — the inputs
 //! `workerctl worker try` replays through new code.
 //!
-//! **How it taps.** Beside each enabled worker's own queue (`worker_<id>`,
-//! bound to the pipeline exchange with the worker's id) the daemon declares
-//! a *tap*: a classic, non-durable queue `workerctl.record.<id>` with the
-//! same binding, `x-max-length = record.keep` and `x-overflow = drop-head`,
-//! so the broker hands it a copy of every message the worker's queue gets
-//! and drops the oldest beyond the bound. The worker's queue, its consumers
-//! and the publisher's path are untouched: the tap is another queue the
-//! exchange routes to (classic and transient, so the copy costs no disk
-//! write and no raft round). A worker is tapped only once its own queue
-//! exists, or the tap would make messages routable that no worker queue
-//! takes (`worker invoke` and the scaler read "unroutable" as "never
-//! started").
+//! **How it taps.** Each enabled worker has a *tap*: a classic,
+//! non-durable queue `workerctl.record.<id>` with `x-max-length =
+//! record.keep` and `x-overflow = drop-head`, so it holds the newest
+//! `record.keep` of what reaches it. What reaches it depends on the
+//! workers' image (`docker.image`, its [`labels::RECORDS`] label, asked
+//! through [`RecordsItself`]):
 //!
-//! Outputs: one more bounded queue, `workerctl.record.outputs.<instance>`,
-//! bound to `errors`, to `workerctl.invoke.*` and to each next step a
-//! recorded message names (at most [`MAX_OUTPUT_KEYS`] keys).
+//! - **An image that records itself** (the dockerworker,
+//!   dockerworker/recording.py): given `WORKER_RECORD_KEEP`, the worker
+//!   keeps its last settled inputs with their outputs in memory and sends
+//!   the new ones, at most once a second, as one *batch* (header
+//!   [`BATCH_HEADER`]) into its tap through the default exchange. The tap
+//!   is bound to nothing, so the broker copies none of the pipeline's
+//!   messages, and there is no outputs queue.
+//! - **Any other image**: the tap is bound to the pipeline exchange with
+//!   the worker's id, beside the worker's own queue (`worker_<id>`), so the
+//!   broker hands it a copy of every message. The worker's queue, its
+//!   consumers and the publisher's path are untouched: the tap is another
+//!   queue the exchange routes to (classic and transient, so the copy costs
+//!   no disk write and no raft round). A worker is tapped only once its own
+//!   queue exists, or the tap would make messages routable that no worker
+//!   queue takes (`worker invoke` and the scaler read "unroutable" as
+//!   "never started"). Outputs: one more bounded queue,
+//!   `workerctl.record.outputs.<instance>`, bound to `errors`, to
+//!   `workerctl.invoke.*` and to each next step a recorded message names
+//!   (at most [`MAX_OUTPUT_KEYS`] keys).
+//!
+//! What each costs is measured in docs/benchmarks.md ("Recorded traffic").
 //!
 //! **Nobody consumes the taps.** A tap *is* the bounded buffer of the last
 //! `record.keep` messages, so it is read only when someone asks ([`read`]:
@@ -25,20 +37,20 @@
 //! most every [`STATUS_READ_EVERY`]): a consumer with a prefetch of the
 //! tap's length takes every message without acknowledging any, then closes
 //! its channel, and the broker puts them all back, in order, where they
-//! were. What was read is written to `workerctl_recorded_messages` (the
-//! messages not in the table yet, found by where the tap's head overlaps the
-//! table's tail), and each output in the outputs queue is attached to the
-//! newest recording of its worker with its tracing id. Between reads the
-//! daemon's only work is keeping the taps declared; the broker's is one more
-//! enqueue per message into a queue nobody reads (measured in
-//! docs/benchmarks.md). A message's arrival time is when it was published
-//! if it says (the `timestamp` header a worker runtime adds, or the AMQP
-//! `timestamp` property), else the time it was first read. Every tap
+//! were. What was read (a batch's records, or the copies) is written to
+//! `workerctl_recorded_messages` (the records not in the table yet, found
+//! by where the tap's head overlaps the table's tail), and each output in
+//! the outputs queue is attached to the newest recording of its worker with
+//! its tracing id. Between reads the daemon's only work is keeping the
+//! taps declared. A message's arrival time is when it was published if it
+//! says (the `timestamp` header a worker runtime adds, or the AMQP
+//! `timestamp` property), else when the worker took it (a batch) or when it
+//! was first read (a copy). Every tap
 //! expires an hour after it was last declared or read (the daemon declares
 //! it again every [`TAP_RENEW`]), so a daemon that is gone leaves none.
 //!
-//! The reading of deliveries ([`read_input`], [`read_output`],
-//! [`next_key`], [`seen_before`]) is pure and tested here.
+//! The reading of deliveries ([`read_input`], [`read_batch`],
+//! [`read_output`], [`next_key`], [`seen_before`]) is pure and tested here.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -60,6 +72,8 @@ use uuid::Uuid;
 
 use crate::backoff::error_chain;
 use crate::config::{AmqpConfig, RecordConfig};
+#[cfg(doc)]
+use crate::model::labels;
 use crate::store::StoreError;
 use crate::store::recorded::{self, NewOutput, NewRecording, Produced};
 use crate::triggers::amqp::{self, AmqpError, keep_session, refused};
