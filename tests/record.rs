@@ -530,6 +530,40 @@ async fn a_worker_that_records_itself_sends_batches_and_is_copied_nothing(pool: 
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_save_keeps_what_the_revision_before_it_recorded(pool: PgPool) {
+    let (cli, mut daemon) = recording(pool, 10).await;
+    let id = create(&cli, &mut daemon, "saved", CURRENT_PY).await;
+    let broker = Broker::open(&daemon).await;
+    let next = format!("next-{}", Uuid::new_v4().simple());
+    let mut downstream = broker.listen(&[&next]).await;
+    warm_up(&cli, &daemon, &broker, id, &next, &mut downstream).await;
+    for n in 1..=3 {
+        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+        next_body(&mut downstream).await;
+    }
+    // Nobody read the tap: what revision 1 recorded is only in its batches.
+    let code = cli.dir.path().join("candidate.py");
+    save(&code, CANDIDATE_PY.as_bytes());
+    cli.run(&["worker", "update", "saved", "--code", s(&code), "--wait"])
+        .await
+        .ok();
+    for n in 4..=5 {
+        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+        next_body(&mut downstream).await;
+    }
+    let list = listed_until(&cli, &daemon, "saved", "t-5").await;
+    let traces: Vec<&str> = list.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        traces[..5],
+        ["t-5", "t-4", "t-3", "t-2", "t-1"],
+        "{traces:?}"
+    );
+    let _ = broker.connection.close(200, "done".into()).await;
+}
+
+#[sqlx::test(migrations = false)]
 async fn an_image_that_does_not_record_itself_is_tapped_and_read_in_place(pool: PgPool) {
     let (cli, mut daemon) = recording_with(pool, 5, common::contract_worker_image()).await;
     let id = create(
