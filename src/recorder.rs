@@ -15,7 +15,10 @@
 //!   the new ones, at most once a second, as one *batch* (header
 //!   [`BATCH_HEADER`]) into its tap through the default exchange. The tap
 //!   is bound to nothing, so the broker copies none of the pipeline's
-//!   messages, and there is no outputs queue.
+//!   messages, and there is no outputs queue. The daemon takes the batches
+//!   into the table as they come ([`take_batches`]: a few rows a second
+//!   per busy worker, not one per message): left alone, a tap would hold
+//!   `record.keep` batches of up to `record.keep` records each.
 //! - **Any other image**: the tap is bound to the pipeline exchange with
 //!   the worker's id, beside the worker's own queue (`worker_<id>`), so the
 //!   broker hands it a copy of every message. The worker's queue, its
@@ -31,8 +34,8 @@
 //!
 //! What each costs is measured in docs/benchmarks.md ("Recorded traffic").
 //!
-//! **Nobody consumes the taps.** A tap *is* the bounded buffer of the last
-//! `record.keep` messages, so it is read only when someone asks ([`read`]:
+//! **Nobody consumes the copy taps.** A copy tap *is* the bounded buffer of
+//! the last `record.keep` messages, so it is read only when someone asks ([`read`]:
 //! `worker messages`, `worker try --last`, HTTP try, the status page at
 //! most every [`STATUS_READ_EVERY`]): a consumer with a prefetch of the
 //! tap's length takes every message without acknowledging any, then closes
@@ -59,8 +62,8 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
@@ -319,7 +322,15 @@ async fn session(
         Err(e) => return e.into(),
     };
     let known = records_itself().await;
-    let opened = Taps::open(&connection, &amqp.exchange, config.keep, instance, known).await;
+    let opened = Taps::open(
+        &connection,
+        pool,
+        &amqp.exchange,
+        config.keep,
+        instance,
+        known,
+    )
+    .await;
     let ended = match opened {
         Ok(mut taps) => keep_taps(&mut taps, pool, config, records_itself).await,
         Err(e) => e,
@@ -345,11 +356,24 @@ struct Taps<'c> {
     /// The tapped workers, and whether their next step was looked for.
     tapped: HashMap<Uuid, bool>,
     bound: HashSet<String>,
+    /// While the workers record themselves: the task taking each one's
+    /// batches into the table as they come ([`take_batches`]).
+    takers: HashMap<Uuid, tokio::task::JoinHandle<()>>,
+    pool: PgPool,
+}
+
+impl Drop for Taps<'_> {
+    fn drop(&mut self) {
+        for taker in self.takers.values() {
+            taker.abort();
+        }
+    }
 }
 
 impl<'c> Taps<'c> {
     async fn open(
         connection: &'c Connection,
+        pool: &PgPool,
         exchange: &str,
         keep: i64,
         instance: &str,
@@ -364,6 +388,8 @@ impl<'c> Taps<'c> {
             records_itself,
             tapped: HashMap::new(),
             bound: HashSet::new(),
+            takers: HashMap::new(),
+            pool: pool.clone(),
         };
         let channel = taps.setup().await?;
         amqp::declare_exchange(&channel, exchange).await?;
@@ -413,7 +439,7 @@ impl<'c> Taps<'c> {
         for worker in workers {
             self.tap(worker).await?;
         }
-        Ok(())
+        self.keep_takers().await
     }
 
     async fn declare_outputs(&mut self) -> Result<(), RecordError> {
@@ -547,6 +573,9 @@ impl<'c> Taps<'c> {
             .collect();
         for worker in gone {
             self.tapped.remove(&worker);
+            if let Some(taker) = self.takers.remove(&worker) {
+                taker.abort();
+            }
             self.setup()
                 .await?
                 .queue_delete(
@@ -567,6 +596,34 @@ impl<'c> Taps<'c> {
                 self.follow(key).await?;
                 self.tapped.insert(worker, true);
             }
+        }
+        self.keep_takers().await
+    }
+
+    /// While the workers record themselves, a task per tapped worker takes
+    /// its batches into the table as they come (one that ended, on an
+    /// error it logged, is started again); while copies are taken, none.
+    async fn keep_takers(&mut self) -> Result<(), RecordError> {
+        if self.copies() {
+            for (_, taker) in self.takers.drain() {
+                taker.abort();
+            }
+            return Ok(());
+        }
+        let idle: Vec<Uuid> = self
+            .tapped
+            .keys()
+            .filter(|w| self.takers.get(w).is_none_or(|t| t.is_finished()))
+            .copied()
+            .collect();
+        for worker in idle {
+            let channel = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(refused("open a channel"))?;
+            let taker = tokio::spawn(take_batches(channel, worker, self.pool.clone(), self.keep));
+            self.takers.insert(worker, taker);
         }
         Ok(())
     }
@@ -775,29 +832,10 @@ async fn read_on(
         let Some(deliveries) = read_queue(connection, &tap_queue(worker), most).await? else {
             continue;
         };
-        let now = Utc::now();
-        let mut tap: Vec<NewRecording> = Vec::with_capacity(deliveries.len());
-        for d in &deliveries {
-            if is_batch(d) {
-                match read_batch(worker, &d.data, now) {
-                    Some(records) => tap.extend(records),
-                    None => debug!(%worker, "skipped a batch of records that does not parse"),
-                }
-            } else {
-                let id = d.properties.message_id().as_ref().map(|s| s.as_str());
-                let copy = read_input(worker, d.routing_key.as_str(), id, &d.data, arrival(d, now));
-                keys.extend(next_key(&copy.body));
-                tap.push(copy);
-            }
-        }
-        // A tap of batches holds `keep` batches: the newest `keep` records.
+        let mut tap = recordings_of(worker, &deliveries, Utc::now(), &mut keys);
+        // Batches can hold more than `keep` records between them.
         let tap = tap.split_off(tap.len().saturating_sub(most));
-        let mut stored = recorded::list_on(&mut lock, worker, keep).await?;
-        stored.reverse();
-        let stored: Vec<&[u8]> = stored.iter().map(|r| r.body.as_slice()).collect();
-        let bodies: Vec<&[u8]> = tap.iter().map(|r| r.body.as_slice()).collect();
-        let seen = seen_before(&stored, &bodies);
-        recorded::insert_on(&mut lock, &tap[seen..], keep).await?;
+        store_new(&mut lock, worker, &tap, keep).await?;
         lock.commit().await.map_err(|source| StoreError::Query {
             what: "end reading a recording tap",
             source,
@@ -816,6 +854,98 @@ async fn read_on(
         .collect();
     recorded::match_outputs(pool, &read).await?;
     Ok(())
+}
+
+/// What a tap's messages hold, oldest first: each batch's records, and
+/// each copy; the next steps the copies name are added to `keys`.
+fn recordings_of(
+    worker: Uuid,
+    deliveries: &[Delivery],
+    now: DateTime<Utc>,
+    keys: &mut HashSet<String>,
+) -> Vec<NewRecording> {
+    let mut tap = Vec::with_capacity(deliveries.len());
+    for d in deliveries {
+        if is_batch(d) {
+            match read_batch(worker, &d.data, now) {
+                Some(records) => tap.extend(records),
+                None => debug!(%worker, "skipped a batch of records that does not parse"),
+            }
+        } else {
+            let id = d.properties.message_id().as_ref().map(|s| s.as_str());
+            let copy = read_input(worker, d.routing_key.as_str(), id, &d.data, arrival(d, now));
+            keys.extend(next_key(&copy.body));
+            tap.push(copy);
+        }
+    }
+    tap
+}
+
+/// Stores what of `tap` (oldest first) the table does not hold yet, in the
+/// transaction that holds the tap's lock.
+async fn store_new(
+    lock: &mut sqlx::PgConnection,
+    worker: Uuid,
+    tap: &[NewRecording],
+    keep: i64,
+) -> Result<(), RecordError> {
+    let mut stored = recorded::list_on(lock, worker, keep).await?;
+    stored.reverse();
+    let stored: Vec<&[u8]> = stored.iter().map(|r| r.body.as_slice()).collect();
+    let bodies: Vec<&[u8]> = tap.iter().map(|r| r.body.as_slice()).collect();
+    let seen = seen_before(&stored, &bodies);
+    recorded::insert_on(lock, &tap[seen..], keep).await?;
+    Ok(())
+}
+
+/// Takes a worker's batches into the table as they come, each under the
+/// tap's lock and acknowledged once stored, until the channel closes or an
+/// error (logged; the batch stays in the tap for the next taker, or a
+/// read). At most one batch a second comes from each of the worker's
+/// containers, so this costs the daemon a few rows a second, not a row per
+/// message; and it keeps the tap short: left alone, it would hold
+/// `record.keep` batches of up to `record.keep` records each.
+async fn take_batches(channel: Channel, worker: Uuid, pool: PgPool, keep: i64) {
+    let taken = async {
+        channel
+            .basic_qos(8, BasicQosOptions::default())
+            .await
+            .map_err(refused("set the prefetch of a recording tap"))?;
+        let mut batches = channel
+            .basic_consume(
+                tap_queue(worker).as_str().into(),
+                "workerctl-recorder".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused("take a worker's batches of records"))?;
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(refused("take a worker's batches of records"))?;
+            let records = recordings_of(
+                worker,
+                std::slice::from_ref(&batch),
+                Utc::now(),
+                &mut HashSet::new(),
+            );
+            let mut lock = recorded::lock_tap(&pool, worker).await?;
+            store_new(&mut lock, worker, &records, keep).await?;
+            lock.commit().await.map_err(|source| StoreError::Query {
+                what: "store a batch of records",
+                source,
+            })?;
+            batch
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(refused("acknowledge a batch of records"))?;
+        }
+        Ok::<(), RecordError>(())
+    };
+    if let Err(e) = taken.await {
+        debug!(%worker, "stopped taking the worker's batches: {}", error_chain(&e));
+    }
+    // Whatever it held unacknowledged goes back to the tap.
+    let _ = channel.close(200, "done".into()).await;
 }
 
 /// Binds the outputs queue (if it exists: the daemon makes it) to next steps

@@ -694,7 +694,7 @@ pub(crate) fn host_config(spec: &ContainerSpec) -> HostConfig {
                 .map(|path| (path.clone(), TMPFS_OPTIONS.to_string()))
                 .collect(),
         ),
-        // The worker image brings its own init (tini).
+        // The worker image brings its own init (dumb-init; tini before).
         init: Some(false),
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".into()),

@@ -681,7 +681,7 @@ fn container_spec(
         stop_signal: Some(spec.stop_signal.clone().unwrap_or_else(|| "SIGTERM".into())),
         stop_grace_period: Some(nanos(options.stop_timeout)),
         health_check: options.readiness.as_ref().map(Probe::health_config),
-        // The worker image brings its own init (tini).
+        // The worker image brings its own init (dumb-init; tini before).
         init: Some(false),
         ..Default::default()
     }
