@@ -17,7 +17,7 @@ not exist, workerctl is not recording and the broker drops it). At rest
 there is no timer and no batch; a stop sends what is left.
 
 Architecture Invariant: nothing here is in a message's path. `add` appends a
-tuple; the batch is built and published on the event-loop thread at most
+tuple (the oldest go beyond `keep` records or `MAX_BYTES` of bodies); the batch is built and published on the event-loop thread at most
 once a second, and only the newest `keep` records of it; a batch that cannot
 be published is dropped (the recording is best-effort, the messages are
 not).
@@ -46,6 +46,10 @@ import orjson
 BATCH_HEADER = "x-workerctl-records"
 # How long records wait before they are sent, at most.
 FLUSH_S = 1.0
+# The most body bytes (inputs and outputs) kept: beyond it the oldest
+# records go first, whatever `keep` says, so that a worker of large
+# messages does not spend its memory on its recording.
+MAX_BYTES = 8 * 1024 * 1024
 
 
 def queue_of(worker_id: str) -> str:
@@ -64,12 +68,15 @@ class Record(NamedTuple):
 
 
 class Recorder:
-    """The newest `keep` records, and how many of them were not sent yet."""
+    """The newest `keep` records (and at most `max_bytes` of bodies), and how
+    many of them were not sent yet."""
 
-    def __init__(self, worker_id: str, keep: int) -> None:
+    def __init__(self, worker_id: str, keep: int, max_bytes: int = MAX_BYTES) -> None:
         self.worker_id = worker_id
         self.keep = keep
-        self._records: deque[Record] = deque(maxlen=keep)
+        self.max_bytes = max_bytes
+        self._records: deque[Record] = deque()
+        self._bytes = 0
         self._unsent = 0
 
     @property
@@ -90,7 +97,11 @@ class Recorder:
         received_ms = stamp if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp > 0 else now_ms
         key, out = output if output is not None else (None, None)
         self._records.append(Record(received_ms, routing_key, message_id, body, key, out, now_ms))
-        self._unsent = min(self._unsent + 1, self.keep)
+        self._bytes += _size(body, out)
+        while len(self._records) > self.keep or (self._bytes > self.max_bytes and len(self._records) > 1):
+            dropped = self._records.popleft()
+            self._bytes -= _size(dropped.body, dropped.output_body)
+        self._unsent = min(self._unsent + 1, len(self._records))
 
     def batch(self) -> bytes | None:
         """The records not sent yet (the newest `keep` at most), as one batch; None if there are none."""
@@ -99,6 +110,10 @@ class Recorder:
         records = list(self._records)[-self._unsent :]
         self._unsent = 0
         return orjson.dumps({"worker": self.worker_id, "records": [_document(r) for r in records]})
+
+
+def _size(body: bytes, output: bytes | None) -> int:
+    return len(body) + (len(output) if output is not None else 0)
 
 
 def _document(record: Record) -> dict[str, Any]:

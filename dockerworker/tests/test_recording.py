@@ -52,6 +52,17 @@ def test_a_batch_holds_what_was_not_sent_yet_oldest_first_and_at_most_keep():
     assert (record["message_id"], record["output"]) == ("m-5", None)
 
 
+def test_large_messages_are_kept_within_the_byte_bound_newest_first():
+    recorder = Recorder(WORKER_ID, keep=100, max_bytes=2500)
+    for n in range(5):
+        recorder.add(WORKER_ID, f"m-{n}", b"x" * 1000, {}, None)
+    records = records_of(recorder.batch())
+    assert [r["message_id"] for r in records] == ["m-3", "m-4"], "the oldest went first"
+    recorder.add(WORKER_ID, "huge", b"x" * 10_000, {}, None)
+    [record] = records_of(recorder.batch())
+    assert record["message_id"] == "huge", "one record is kept even beyond the bound"
+
+
 @pytest.mark.parametrize(
     ("headers", "published"),
     [
