@@ -25,7 +25,7 @@ not).
 Batch format (JSON, header `x-workerctl-records: 1`; workerctl's reader is
 `src/recorder.rs`):
     {"worker": "<id>", "records": [
-        {"received_ms": <epoch ms>, "routing_key": "...", "message_id": "..." | null,
+        {"key": "<process>-<n>", "received_ms": <epoch ms>, "routing_key": "...", "message_id": "..." | null,
          "body": "<base64>",
          "output": {"routing_key": "...", "body": "<base64>", "at_ms": <epoch ms>} | null}, ...]}
 `received_ms` is the `timestamp` header the publisher set, if it did, else
@@ -35,6 +35,7 @@ the time the input was settled; records are oldest first.
 from __future__ import annotations
 
 import base64
+import os
 import time
 from collections import deque
 from typing import Any, NamedTuple
@@ -58,6 +59,7 @@ def queue_of(worker_id: str) -> str:
 
 
 class Record(NamedTuple):
+    key: str
     received_ms: int
     routing_key: str
     message_id: str | None
@@ -78,6 +80,10 @@ class Recorder:
         self._records: deque[Record] = deque()
         self._bytes = 0
         self._unsent = 0
+        # Each record's key: this process, and a number. workerctl stores a
+        # record once by it, however often its batch is read.
+        self._process = os.urandom(6).hex()
+        self._numbered = 0
 
     @property
     def unsent(self) -> int:
@@ -96,7 +102,9 @@ class Recorder:
         stamp = headers.get("timestamp") if headers else None
         received_ms = stamp if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp > 0 else now_ms
         key, out = output if output is not None else (None, None)
-        self._records.append(Record(received_ms, routing_key, message_id, body, key, out, now_ms))
+        self._numbered += 1
+        number = f"{self._process}-{self._numbered}"
+        self._records.append(Record(number, received_ms, routing_key, message_id, body, key, out, now_ms))
         self._bytes += _size(body, out)
         while len(self._records) > self.keep or (self._bytes > self.max_bytes and len(self._records) > 1):
             dropped = self._records.popleft()
@@ -125,6 +133,7 @@ def _document(record: Record) -> dict[str, Any]:
             "at_ms": record.at_ms,
         }
     return {
+        "key": record.key,
         "received_ms": record.received_ms,
         "routing_key": record.routing_key,
         "message_id": record.message_id,

@@ -70,7 +70,7 @@ use lapin::{Channel, Connection};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::error_chain;
@@ -133,6 +133,7 @@ pub(crate) fn read_input(
         tracing_id,
         body: body.to_vec(),
         output: None,
+        record_key: None,
     }
 }
 
@@ -149,6 +150,7 @@ struct Batch {
 
 #[derive(serde::Deserialize)]
 struct BatchRecord {
+    key: Option<String>,
     received_ms: i64,
     routing_key: String,
     message_id: Option<String>,
@@ -190,6 +192,7 @@ pub(crate) fn read_batch(
             };
             Some(NewRecording {
                 output,
+                record_key: r.key,
                 ..read_input(
                     worker,
                     &r.routing_key,
@@ -719,7 +722,7 @@ async fn keep_taps_until_error(
     info!(
         keep = config.keep,
         copies = taps.copies(),
-        "recording each enabled worker's messages (read when asked)"
+        "recording each enabled worker's messages"
     );
     let mut refresh = tokio::time::interval(REFRESH);
     let mut renew = tokio::time::interval(TAP_RENEW);
@@ -856,39 +859,82 @@ async fn read_on(
     Ok(())
 }
 
-/// What a tap's messages hold, oldest first: each batch's records, and
-/// each copy; the next steps the copies name are added to `keys`.
+/// What a tap's messages hold, oldest first: its copies if it holds any,
+/// else its batches' records; the next steps the copies name are added to
+/// `keys`. Copies win: a tap that holds both is bound beside the worker's
+/// queue (the daemon could not tell that the image records itself, or it
+/// just changed), so its copies are every message, and a batch would
+/// record some twice.
 fn recordings_of(
     worker: Uuid,
     deliveries: &[Delivery],
     now: DateTime<Utc>,
     keys: &mut HashSet<String>,
 ) -> Vec<NewRecording> {
-    let mut tap = Vec::with_capacity(deliveries.len());
-    for d in deliveries {
-        if is_batch(d) {
-            match read_batch(worker, &d.data, now) {
-                Some(records) => tap.extend(records),
-                None => debug!(%worker, "skipped a batch of records that does not parse"),
-            }
-        } else {
-            let id = d.properties.message_id().as_ref().map(|s| s.as_str());
-            let copy = read_input(worker, d.routing_key.as_str(), id, &d.data, arrival(d, now));
-            keys.extend(next_key(&copy.body));
-            tap.push(copy);
+    let read: Vec<TapMessage> = deliveries
+        .iter()
+        .map(|d| TapMessage {
+            batch: is_batch(d),
+            routing_key: d.routing_key.as_str(),
+            message_id: d.properties.message_id().as_ref().map(|s| s.as_str()),
+            body: &d.data,
+            arrival: arrival(d, now),
+        })
+        .collect();
+    recordings_in(worker, &read, now, keys)
+}
+
+/// A message of a tap, as [`recordings_in`] reads it.
+struct TapMessage<'a> {
+    batch: bool,
+    routing_key: &'a str,
+    message_id: Option<&'a str>,
+    body: &'a [u8],
+    arrival: DateTime<Utc>,
+}
+
+/// [`recordings_of`], on what it reads of each delivery.
+fn recordings_in(
+    worker: Uuid,
+    tap: &[TapMessage],
+    now: DateTime<Utc>,
+    keys: &mut HashSet<String>,
+) -> Vec<NewRecording> {
+    let (batches, copies): (Vec<&TapMessage>, Vec<&TapMessage>) = tap.iter().partition(|m| m.batch);
+    if !copies.is_empty() {
+        return copies
+            .into_iter()
+            .map(|m| {
+                let copy = read_input(worker, m.routing_key, m.message_id, m.body, m.arrival);
+                keys.extend(next_key(&copy.body));
+                copy
+            })
+            .collect();
+    }
+    let mut records = Vec::new();
+    for m in batches {
+        match read_batch(worker, m.body, now) {
+            Some(read) => records.extend(read),
+            None => warn!(%worker, "skipped a batch of records that does not parse"),
         }
     }
-    tap
+    records
 }
 
 /// Stores what of `tap` (oldest first) the table does not hold yet, in the
-/// transaction that holds the tap's lock.
+/// transaction that holds the tap's lock: records a worker made are stored
+/// by their key (once however often they are read), copies after where the
+/// tap's head overlaps the table's tail ([`seen_before`]).
 async fn store_new(
     lock: &mut sqlx::PgConnection,
     worker: Uuid,
     tap: &[NewRecording],
     keep: i64,
 ) -> Result<(), RecordError> {
+    if tap.iter().all(|r| r.record_key.is_some()) {
+        recorded::insert_on(lock, tap, keep).await?;
+        return Ok(());
+    }
     let mut stored = recorded::list_on(lock, worker, keep).await?;
     stored.reverse();
     let stored: Vec<&[u8]> = stored.iter().map(|r| r.body.as_slice()).collect();
@@ -899,16 +945,19 @@ async fn store_new(
 }
 
 /// Takes a worker's batches into the table as they come, each under the
-/// tap's lock and acknowledged once stored, until the channel closes or an
-/// error (logged; the batch stays in the tap for the next taker, or a
-/// read). At most one batch a second comes from each of the worker's
+/// tap's lock and acknowledged once stored, one at a time (so that a read
+/// of the tap meanwhile stores nothing out of order), until the channel
+/// closes or an error (logged; the batch goes back to the tap for the next
+/// taker, started within a refresh, or a read — and is dropped if it fails
+/// again, so that one batch the database refuses cannot stop the worker's
+/// recording). At most one batch a second comes from each of the worker's
 /// containers, so this costs the daemon a few rows a second, not a row per
 /// message; and it keeps the tap short: left alone, it would hold
 /// `record.keep` batches of up to `record.keep` records each.
 async fn take_batches(channel: Channel, worker: Uuid, pool: PgPool, keep: i64) {
     let taken = async {
         channel
-            .basic_qos(8, BasicQosOptions::default())
+            .basic_qos(1, BasicQosOptions::default())
             .await
             .map_err(refused("set the prefetch of a recording tap"))?;
         let mut batches = channel
@@ -928,12 +977,21 @@ async fn take_batches(channel: Channel, worker: Uuid, pool: PgPool, keep: i64) {
                 Utc::now(),
                 &mut HashSet::new(),
             );
-            let mut lock = recorded::lock_tap(&pool, worker).await?;
-            store_new(&mut lock, worker, &records, keep).await?;
-            lock.commit().await.map_err(|source| StoreError::Query {
-                what: "store a batch of records",
-                source,
-            })?;
+            let stored = async {
+                let mut lock = recorded::lock_tap(&pool, worker).await?;
+                store_new(&mut lock, worker, &records, keep).await?;
+                lock.commit().await.map_err(|source| StoreError::Query {
+                    what: "store a batch of records",
+                    source,
+                })?;
+                Ok::<(), RecordError>(())
+            };
+            if let Err(e) = stored.await {
+                if !batch.redelivered {
+                    return Err(e);
+                }
+                warn!(%worker, "dropped a batch of records that failed twice: {}", error_chain(&e));
+            }
             batch
                 .ack(BasicAckOptions::default())
                 .await
@@ -942,7 +1000,7 @@ async fn take_batches(channel: Channel, worker: Uuid, pool: PgPool, keep: i64) {
         Ok::<(), RecordError>(())
     };
     if let Err(e) = taken.await {
-        debug!(%worker, "stopped taking the worker's batches: {}", error_chain(&e));
+        warn!(%worker, "stopped taking the worker's batches (again within a refresh): {}", error_chain(&e));
     }
     // Whatever it held unacknowledged goes back to the tap.
     let _ = channel.close(200, "done".into()).await;
@@ -1130,7 +1188,7 @@ mod tests {
     fn a_batch_is_read_into_its_inputs_each_with_what_it_produced() {
         let input = json!({"tracing_id": "t-1", "step_index": 0}).to_string();
         let batch = json!({"worker": W1, "records": [
-            {"received_ms": 1_000, "routing_key": W1, "message_id": "m-1",
+                        {"key": "p-1", "received_ms": 1_000, "routing_key": W1, "message_id": "m-1",
              "body": b64(input.as_bytes()),
              "output": {"routing_key": "next", "body": b64(b"out"), "at_ms": 2_000}},
             {"received_ms": 9_000_000, "routing_key": W1, "message_id": null,
@@ -1148,6 +1206,10 @@ mod tests {
                 read[0].received_at.timestamp_millis()
             ),
             (input.as_bytes(), 1_000)
+        );
+        assert_eq!(
+            (read[0].record_key.as_deref(), read[1].record_key.as_deref()),
+            (Some("p-1"), None)
         );
         let out = read[0].output.as_ref().expect("its output");
         assert_eq!(
@@ -1167,6 +1229,60 @@ mod tests {
             (read[1].tracing_id.as_ref(), read[1].output.as_ref()),
             (None, None)
         );
+    }
+
+    #[test]
+    fn a_tap_holding_copies_is_read_for_its_copies_only_else_for_its_batches() {
+        let copy_body =
+            json!({"tracing_id": "c", "step_index": 0, "pipeline_steps": [W1, "next"]}).to_string();
+        let batch_body = json!({"records": [
+            {"key": "p-1", "received_ms": 1, "routing_key": W1, "message_id": null,
+             "body": b64(b"b"), "output": null},
+        ]})
+        .to_string();
+        let copy = || TapMessage {
+            batch: false,
+            routing_key: W1,
+            message_id: None,
+            body: copy_body.as_bytes(),
+            arrival: now(),
+        };
+        let batch = || TapMessage {
+            batch: true,
+            routing_key: "workerctl.record.x",
+            message_id: None,
+            body: batch_body.as_bytes(),
+            arrival: now(),
+        };
+        let bodies = |tap: &[TapMessage]| -> (Vec<Vec<u8>>, HashSet<String>) {
+            let mut keys = HashSet::new();
+            let read = recordings_in(id(W1), tap, now(), &mut keys);
+            (read.into_iter().map(|r| r.body).collect(), keys)
+        };
+        let next = HashSet::from(["next".to_string()]);
+        for (tap, want, want_keys, why) in [
+            (
+                vec![copy(), copy()],
+                vec![copy_body.as_bytes().to_vec(); 2],
+                next.clone(),
+                "copies",
+            ),
+            (
+                vec![batch(), batch()],
+                vec![b"b".to_vec(); 2],
+                HashSet::new(),
+                "batches",
+            ),
+            (
+                vec![batch(), copy(), batch()],
+                vec![copy_body.as_bytes().to_vec()],
+                next.clone(),
+                "both: the copies, each message once",
+            ),
+            (vec![], vec![], HashSet::new(), "nothing"),
+        ] {
+            assert_eq!(bodies(&tap), (want, want_keys), "{why}");
+        }
     }
 
     #[test]

@@ -566,7 +566,8 @@ async fn a_save_keeps_what_the_revision_before_it_recorded(pool: PgPool) {
         broker.publish(&id.to_string(), &body).await;
         next_body(&mut downstream).await;
     }
-    // Nobody read the tap: what revision 1 recorded is only in its batches.
+    // What revision 1 recorded reached the table through its batches only:
+    // nobody reads the tap meanwhile.
     let code = cli.dir.path().join("candidate.py");
     save(&code, CANDIDATE_PY.as_bytes());
     cli.run(&["worker", "update", "saved", "--code", s(&code), "--wait"])

@@ -47,6 +47,9 @@ def test_a_batch_holds_what_was_not_sent_yet_oldest_first_and_at_most_keep():
     assert records[0]["output"]["routing_key"] == "next"
     assert base64.b64decode(records[0]["output"]["body"]) == b"out-2"
     assert recorder.batch() is None, "each record is sent once"
+    keys = [r["key"] for r in records]
+    assert len(set(keys)) == 3 and all(k.endswith(f"-{n}") for k, n in zip(keys, (3, 4, 5))), keys
+    assert Recorder(WORKER_ID, keep=3)._process != recorder._process  # noqa: SLF001 (one per process)
     recorder.add(WORKER_ID, "m-5", b"in-5", {}, None)
     [record] = records_of(recorder.batch())
     assert (record["message_id"], record["output"]) == ("m-5", None)

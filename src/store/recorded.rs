@@ -23,6 +23,9 @@ pub struct NewRecording {
     /// What it produced, when the worker recorded that itself (a copy in a
     /// tap has none: outputs are matched to it later, [`match_outputs`]).
     pub output: Option<Produced>,
+    /// The key the worker runtime gave it, when it recorded it itself
+    /// (migrations/0034): stored once, however often it is read.
+    pub record_key: Option<String>,
 }
 
 /// What a worker published for a recorded input, and when.
@@ -136,13 +139,15 @@ pub(crate) async fn insert_on(
     let output_bodies: Vec<Option<Vec<u8>>> =
         outputs.clone().map(|o| o.map(|o| o.body.clone())).collect();
     let output_times: Vec<Option<DateTime<Utc>>> = outputs.map(|o| o.map(|o| o.at)).collect();
+    let record_keys: Vec<Option<String>> = batch.iter().map(|r| r.record_key.clone()).collect();
     sqlx::query(
         "INSERT INTO workerctl_recorded_messages
                 (worker_id, received_at, routing_key, message_id, tracing_id, body,
-                 output_key, output_body, output_at)
+                 output_key, output_body, output_at, record_key)
          SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
                               $5::text[], $6::bytea[], $7::text[], $8::bytea[],
-                              $9::timestamptz[])",
+                              $9::timestamptz[], $10::text[])
+         ON CONFLICT (worker_id, record_key) WHERE record_key IS NOT NULL DO NOTHING",
     )
     .bind(&workers)
     .bind(&times)
@@ -153,6 +158,7 @@ pub(crate) async fn insert_on(
     .bind(&output_keys)
     .bind(&output_bodies)
     .bind(&output_times)
+    .bind(&record_keys)
     .execute(&mut *conn)
     .await
     .map_err(query_failed("store recorded messages"))?;
