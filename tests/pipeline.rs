@@ -752,6 +752,32 @@ async fn a_worker_stopped_mid_stream_loses_no_message(pool: PgPool) {
 }
 
 /// The worker's status and its text.
+/// Polls the worker's status until `wanted(status, info)` holds and returns
+/// the info; on the deadline, fails with every status seen, in order.
+async fn status_until(
+    p: &Pipeline,
+    id: WorkerId,
+    what: &str,
+    wanted: impl Fn(&str, &str) -> bool,
+) -> String {
+    let start = Instant::now();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    loop {
+        let (status, info) = status_of(p, id).await;
+        if wanted(&status, &info) {
+            return info;
+        }
+        if seen.last() != Some(&(status.clone(), info.clone())) {
+            seen.push((status, info));
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for {what}; statuses seen: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn status_of(p: &Pipeline, id: WorkerId) -> (String, String) {
     sqlx::query_as("SELECT status, status_info FROM user_workers WHERE id = $1")
         .bind(id.0)
@@ -1121,9 +1147,8 @@ async fn sensorbucket_controllers_containers_are_replaced_start_first(pool: PgPo
             assert!(lost <= 1, "{lost} messages lost in the takeover");
             let after = versions_answering(p, id, sent, 20).await;
             assert!(after.iter().all(|(_, v)| *v == 2), "{after:?}");
-            let info = wait_for("the status to say what was taken over", async || {
-                let (status, info) = status_of(p, id).await;
-                (status == "ready" && info.contains("took over")).then_some(info)
+            let info = status_until(p, id, "the status to say what was taken over", |s, i| {
+                s == "ready" && i.contains("took over")
             })
             .await;
             assert!(info.contains("SensorBucket's controller"), "{info}");
@@ -1147,9 +1172,8 @@ async fn with_takeover_off_the_status_names_the_container_to_remove(pool: PgPool
         let id = worker_at(p, 2, 2).await;
         let theirs = sensorbucket_container(p, id, 1, &serve_code(&dict_versioned(1)).await);
         p.start_daemon().await;
-        let info = wait_for("an error naming the container", async || {
-            let (status, info) = status_of(p, id).await;
-            (status == "error" && info.contains("docker rm -f")).then_some(info)
+        let info = status_until(p, id, "an error naming the container", |s, i| {
+            s == "error" && i.contains("docker rm -f")
         })
         .await;
         assert!(info.contains(&format!("worker-{id}")), "{info}");
@@ -1184,9 +1208,8 @@ async fn a_controller_that_makes_its_containers_again_is_reported_not_fought(poo
             .await;
             // SensorBucket's controller, still on, makes it again.
             let again = sensorbucket_container(p, id, 1, &url);
-            let info = wait_for("the status to say it is still on", async || {
-                let (status, info) = status_of(p, id).await;
-                (status == "error" && info.contains("still runs")).then_some(info)
+            let info = status_until(p, id, "the status to say it is still on", |s, i| {
+                s == "error" && i.contains("still runs")
             })
             .await;
             assert!(info.contains("CTRL_TYPE"), "{info}");

@@ -529,17 +529,35 @@ impl DockerRuntime {
         shutdown: &CancellationToken,
         since: &mut i64,
     ) -> StreamEnd {
-        let filters = HashMap::from([
-            ("type", vec!["container".to_string()]),
-            ("label", vec![self.instance_filter()]),
-            ("event", WAKE_EVENTS.map(String::from).to_vec()),
-        ]);
         let from = format!("{}.{:09}", *since / 1_000_000_000, *since % 1_000_000_000);
-        let options = EventsOptionsBuilder::default()
-            .filters(&filters)
-            .since(&from)
-            .build();
-        let mut stream = self.api().events(Some(options));
+        // This instance's containers, and SensorBucket's controller's (which
+        // the planner takes over, or reports made again): two streams, as
+        // the engine matches every label filter of one.
+        let sensorbucket = format!(
+            "{}={}",
+            labels::sensorbucket::CONTROLLED_BY,
+            labels::sensorbucket::CONTROLLER
+        );
+        let follow = |label: String, events: &[&str]| {
+            let filters = HashMap::from([
+                ("type", vec!["container".to_string()]),
+                ("label", vec![label]),
+                ("event", events.iter().map(|e| e.to_string()).collect()),
+            ]);
+            let options = EventsOptionsBuilder::default()
+                .filters(&filters)
+                .since(&from)
+                .build();
+            self.api().events(Some(options))
+        };
+        // Theirs also when they start: a controller that is still on makes
+        // again the container workerctl replaced.
+        let mut theirs_events = WAKE_EVENTS.to_vec();
+        theirs_events.push("start");
+        let mut stream = futures::stream::select(
+            follow(self.instance_filter(), &WAKE_EVENTS),
+            follow(sensorbucket, &theirs_events),
+        );
         loop {
             let next = tokio::select! {
                 // Cancel-safe: `next` on a stream loses no item when dropped.
