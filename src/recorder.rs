@@ -832,7 +832,7 @@ async fn read_on(
         // One connection for the lock and the writes: a CLI's pool may
         // have no other.
         let mut lock = recorded::lock_tap(pool, worker).await?;
-        let Some(deliveries) = read_queue(connection, &tap_queue(worker), most).await? else {
+        let Some(deliveries) = read_queue(connection, &tap_queue(worker), most, true).await? else {
             continue;
         };
         let mut tap = recordings_of(worker, &deliveries, Utc::now(), &mut keys);
@@ -846,7 +846,8 @@ async fn read_on(
     }
     let outputs = outputs_queue(instance);
     bind_outputs(connection, exchange, &outputs, keys).await?;
-    let Some(deliveries) = read_queue(connection, &outputs, OUTPUTS_MAX_LENGTH as usize).await?
+    let Some(deliveries) =
+        read_queue(connection, &outputs, OUTPUTS_MAX_LENGTH as usize, false).await?
     else {
         return Ok(());
     };
@@ -932,7 +933,8 @@ async fn store_new(
     keep: i64,
 ) -> Result<(), RecordError> {
     if tap.iter().all(|r| r.record_key.is_some()) {
-        recorded::insert_on(lock, tap, keep).await?;
+        let stored = recorded::keys_on(lock, worker).await?;
+        recorded::insert_on(lock, &newer_than_stored(tap, &stored), keep).await?;
         return Ok(());
     }
     let mut stored = recorded::list_on(lock, worker, keep).await?;
@@ -944,13 +946,51 @@ async fn store_new(
     Ok(())
 }
 
+/// The keyed records of `tap` that come after every stored record of the
+/// same runtime process (a key is `<process>-<number>`, numbered in the
+/// order the process settled them): a batch stored before, or older than
+/// what is stored (read while no daemon took the batches, then taken), is
+/// not stored again as if it were the newest. A key that does not parse is
+/// kept (the unique key still stores it once).
+pub(crate) fn newer_than_stored(tap: &[NewRecording], stored: &[String]) -> Vec<NewRecording> {
+    fn split(key: &str) -> Option<(&str, u64)> {
+        let (process, number) = key.rsplit_once('-')?;
+        Some((process, number.parse().ok()?))
+    }
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for (process, number) in stored.iter().filter_map(|k| split(k)) {
+        let n = newest.entry(process).or_insert(number);
+        *n = (*n).max(number);
+    }
+    tap.iter()
+        .filter(|r| {
+            let parsed = r.record_key.as_deref().and_then(split);
+            parsed.is_none_or(|(process, number)| newest.get(process).is_none_or(|n| number > *n))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Whether storing failed because the database refused what was stored
+/// (storing it again would fail again), not because it could not be reached.
+fn refused_by_database(e: &RecordError) -> bool {
+    matches!(
+        e,
+        RecordError::Store(StoreError::Query {
+            source: sqlx::Error::Database(_),
+            ..
+        })
+    )
+}
+
 /// Takes a worker's batches into the table as they come, each under the
-/// tap's lock and acknowledged once stored, one at a time (so that a read
-/// of the tap meanwhile stores nothing out of order), until the channel
-/// closes or an error (logged; the batch goes back to the tap for the next
-/// taker, started within a refresh, or a read — and is dropped if it fails
-/// again, so that one batch the database refuses cannot stop the worker's
-/// recording). At most one batch a second comes from each of the worker's
+/// tap's lock and acknowledged once stored, one at a time, until the
+/// channel closes or an error (logged; the batch goes back to the tap for
+/// the next taker, started within a refresh). A batch the database refuses
+/// is dropped, so that it cannot stop the worker's recording; a copy left
+/// in the tap from before the workers recorded themselves is dropped too
+/// (the worker's own batches record that message). While a taker runs, a
+/// read leaves the tap to it ([`read_queue`]). At most one batch a second comes from each of the worker's
 /// containers, so this costs the daemon a few rows a second, not a row per
 /// message; and it keeps the tap short: left alone, it would hold
 /// `record.keep` batches of up to `record.keep` records each.
@@ -971,6 +1011,13 @@ async fn take_batches(channel: Channel, worker: Uuid, pool: PgPool, keep: i64) {
             .map_err(refused("take a worker's batches of records"))?;
         while let Some(batch) = batches.next().await {
             let batch = batch.map_err(refused("take a worker's batches of records"))?;
+            if !is_batch(&batch) {
+                batch
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(refused("acknowledge a batch of records"))?;
+                continue;
+            }
             let records = recordings_of(
                 worker,
                 std::slice::from_ref(&batch),
@@ -987,10 +1034,10 @@ async fn take_batches(channel: Channel, worker: Uuid, pool: PgPool, keep: i64) {
                 Ok::<(), RecordError>(())
             };
             if let Err(e) = stored.await {
-                if !batch.redelivered {
+                if !refused_by_database(&e) {
                     return Err(e);
                 }
-                warn!(%worker, "dropped a batch of records that failed twice: {}", error_chain(&e));
+                warn!(%worker, "dropped a batch of records the database refused: {}", error_chain(&e));
             }
             batch
                 .ack(BasicAckOptions::default())
@@ -1045,11 +1092,13 @@ async fn bind_outputs(
 /// oldest first, left in place:
 /// taken by a consumer with a prefetch of the queue's length that
 /// acknowledges none, whose channel is then closed, so that the broker puts
-/// them back where they were. `None` if the queue does not exist.
+/// them back where they were. `None` if the queue does not exist; nothing
+/// if `unless_taken` and someone consumes it (a daemon's taker).
 async fn read_queue(
     connection: &Connection,
     queue: &str,
     most: usize,
+    unless_taken: bool,
 ) -> Result<Option<Vec<Delivery>>, RecordError> {
     let channel = connection
         .create_channel()
@@ -1065,6 +1114,13 @@ async fn read_queue(
     else {
         return Ok(None);
     };
+    if unless_taken && declared.consumer_count() > 0 {
+        // A daemon takes this tap's batches as they come (`take_batches`):
+        // the table is current, and reading beside it would store out of
+        // order.
+        let _ = channel.close(200, "taken by a daemon".into()).await;
+        return Ok(Some(Vec::new()));
+    }
     let count = usize::try_from(declared.message_count())
         .unwrap_or(usize::MAX)
         .min(most)
@@ -1282,6 +1338,61 @@ mod tests {
             (vec![], vec![], HashSet::new(), "nothing"),
         ] {
             assert_eq!(bodies(&tap), (want, want_keys), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_keyed_record_is_stored_only_after_every_stored_one_of_its_process() {
+        let rec = |key: &str| NewRecording {
+            record_key: Some(key.to_string()),
+            ..read_input(id(W1), W1, None, key.as_bytes(), now())
+        };
+        let stored = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let kept = |tap: &[NewRecording], keys: &[String]| -> Vec<String> {
+            newer_than_stored(tap, keys)
+                .into_iter()
+                .filter_map(|r| r.record_key)
+                .collect()
+        };
+        for (tap, keys, want, why) in [
+            (
+                vec![rec("a-1"), rec("a-2")],
+                stored(&[]),
+                vec!["a-1", "a-2"],
+                "nothing stored",
+            ),
+            (
+                vec![rec("a-2"), rec("a-3")],
+                stored(&["a-1", "a-2"]),
+                vec!["a-3"],
+                "read before",
+            ),
+            (
+                vec![rec("a-1")],
+                stored(&["a-5"]),
+                vec![],
+                "older than what is stored (pruned since)",
+            ),
+            (
+                vec![rec("b-1"), rec("a-6")],
+                stored(&["a-5"]),
+                vec!["b-1", "a-6"],
+                "another process",
+            ),
+            (
+                vec![rec("a-10")],
+                stored(&["a-9"]),
+                vec!["a-10"],
+                "numbers, not text",
+            ),
+            (
+                vec![rec("odd"), rec("x-y")],
+                stored(&["a-1"]),
+                vec!["odd", "x-y"],
+                "keys that do not parse",
+            ),
+        ] {
+            assert_eq!(kept(&tap, &keys), want, "{why}");
         }
     }
 

@@ -548,7 +548,11 @@ impl DockerRuntime {
                 .filters(&filters)
                 .since(&from)
                 .build();
-            self.api().events(Some(options))
+            // An end marker: the first stream that ends ends both (`None`).
+            self.api()
+                .events(Some(options))
+                .map(Some)
+                .chain(futures::stream::iter([None]))
         };
         // Theirs also when they start: a controller that is still on makes
         // again the container workerctl replaced.
@@ -558,13 +562,15 @@ impl DockerRuntime {
             follow(self.instance_filter(), &WAKE_EVENTS),
             follow(sensorbucket, &theirs_events),
         );
+        // `next.flatten()` below: `None` is either stream's end marker (or,
+        // never reached, the end of both).
         loop {
             let next = tokio::select! {
                 // Cancel-safe: `next` on a stream loses no item when dropped.
                 _ = shutdown.cancelled() => return StreamEnd::Shutdown,
                 next = stream.next() => next,
             };
-            match next {
+            match next.flatten() {
                 Some(Ok(event)) => {
                     log_event(&event);
                     *since = event.time_nano.unwrap_or(*since).max(*since);

@@ -253,6 +253,22 @@ pub(crate) async fn list_on(
         .map_err(query_failed("list recorded messages"))
 }
 
+/// The keys of a worker's stored recordings that have one (those its
+/// runtime made itself), at most as many as it keeps.
+pub(crate) async fn keys_on(
+    conn: &mut sqlx::PgConnection,
+    worker: Uuid,
+) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT record_key FROM workerctl_recorded_messages
+          WHERE worker_id = $1 AND record_key IS NOT NULL",
+    )
+    .bind(worker)
+    .fetch_all(conn)
+    .await
+    .map_err(query_failed("list the keys of recorded messages"))
+}
+
 /// One recording of a worker.
 pub async fn get(pool: &PgPool, worker: Uuid, id: i64) -> Result<Option<Recording>, StoreError> {
     let sql = format!("{SELECT} WHERE worker_id = $1 AND id = $2");
