@@ -288,6 +288,24 @@ async fn recording_keeps_the_newest_with_their_outputs_and_loses_no_pipeline_mes
     );
 }
 
+/// Publishes `t-<n>` (payload n) for each `n` of `numbers` and waits until
+/// the next step has seen as many.
+async fn send_numbered(
+    broker: &Broker,
+    downstream: &mut lapin::Consumer,
+    id: Uuid,
+    next: &str,
+    numbers: std::ops::RangeInclusive<u32>,
+) {
+    for n in numbers.clone() {
+        let body = message(id, next, &n.to_string(), &format!("t-{n}"));
+        broker.publish(&id.to_string(), &body).await;
+    }
+    for _ in numbers {
+        next_body(downstream).await;
+    }
+}
+
 /// Sends a message through the worker until one is recorded: the daemon
 /// taps a worker within a refresh (2 s) of its queue existing, and `worker
 /// messages` reads the tap into the table.
@@ -450,13 +468,7 @@ async fn a_worker_that_records_itself_sends_batches_and_is_copied_nothing(pool: 
     let next = format!("next-{}", Uuid::new_v4().simple());
     let mut downstream = broker.listen(&[&next]).await;
     warm_up(&cli, &daemon, &broker, id, &next, &mut downstream).await;
-    for n in 1..=12 {
-        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
-        broker.publish(&id.to_string(), &body).await;
-    }
-    for _ in 1..=12 {
-        next_body(&mut downstream).await;
-    }
+    send_numbered(&broker, &mut downstream, id, &next, 1..=12).await;
     let first = listed_until(&cli, &daemon, "reader", "t-12").await;
     let traces: Vec<&str> = first.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(traces, ["t-12", "t-11", "t-10", "t-9", "t-8"]);
@@ -477,11 +489,7 @@ async fn a_worker_that_records_itself_sends_batches_and_is_copied_nothing(pool: 
         first,
         "a second read stores nothing again"
     );
-    for n in 13..=14 {
-        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
-        broker.publish(&id.to_string(), &body).await;
-        next_body(&mut downstream).await;
-    }
+    send_numbered(&broker, &mut downstream, id, &next, 13..=14).await;
     let after = listed_until(&cli, &daemon, "reader", "t-14").await;
     let traces: Vec<&str> = after.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(traces, ["t-14", "t-13", "t-12", "t-11", "t-10"]);
@@ -561,11 +569,7 @@ async fn a_save_keeps_what_the_revision_before_it_recorded(pool: PgPool) {
     let next = format!("next-{}", Uuid::new_v4().simple());
     let mut downstream = broker.listen(&[&next]).await;
     warm_up(&cli, &daemon, &broker, id, &next, &mut downstream).await;
-    for n in 1..=3 {
-        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
-        broker.publish(&id.to_string(), &body).await;
-        next_body(&mut downstream).await;
-    }
+    send_numbered(&broker, &mut downstream, id, &next, 1..=3).await;
     // What revision 1 recorded reached the table through its batches only:
     // nobody reads the tap meanwhile.
     let code = cli.dir.path().join("candidate.py");
@@ -573,11 +577,7 @@ async fn a_save_keeps_what_the_revision_before_it_recorded(pool: PgPool) {
     cli.run(&["worker", "update", "saved", "--code", s(&code), "--wait"])
         .await
         .ok();
-    for n in 4..=5 {
-        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
-        broker.publish(&id.to_string(), &body).await;
-        next_body(&mut downstream).await;
-    }
+    send_numbered(&broker, &mut downstream, id, &next, 4..=5).await;
     let list = listed_until(&cli, &daemon, "saved", "t-5").await;
     let traces: Vec<&str> = list.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(
@@ -602,13 +602,7 @@ async fn an_image_that_does_not_record_itself_is_tapped_and_read_in_place(pool: 
     let next = format!("next-{}", Uuid::new_v4().simple());
     let mut downstream = broker.listen(&[&next]).await;
     warm_up(&cli, &daemon, &broker, id, &next, &mut downstream).await;
-    for n in 1..=12 {
-        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
-        broker.publish(&id.to_string(), &body).await;
-    }
-    for _ in 1..=12 {
-        next_body(&mut downstream).await;
-    }
+    send_numbered(&broker, &mut downstream, id, &next, 1..=12).await;
     assert_eq!(
         tap(&broker, id).await,
         (5, 0),
@@ -627,11 +621,7 @@ async fn an_image_that_does_not_record_itself_is_tapped_and_read_in_place(pool: 
         first,
         "a second read stores nothing again"
     );
-    for n in 13..=14 {
-        let body = message(id, &next, &n.to_string(), &format!("t-{n}"));
-        broker.publish(&id.to_string(), &body).await;
-        next_body(&mut downstream).await;
-    }
+    send_numbered(&broker, &mut downstream, id, &next, 13..=14).await;
     let after = listed(&cli, "copied").await;
     let traces: Vec<&str> = after.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(traces, ["t-14", "t-13", "t-12", "t-11", "t-10"]);

@@ -135,13 +135,18 @@ def test_the_pump_sends_each_settled_input_with_its_output_in_one_batch_and_then
     pumping(test, recording_pump(keep=10))
 
 
+async def settle_one_then_stop(pump: Pump, outlet: ScriptedOutlet) -> None:
+    """One message through (result published, confirmed, input acked), then the stop's wait for confirms."""
+    pump.on_delivery(Delivery(1, json.dumps(pipeline_message()).encode(), "m-1", None, {}, WORKER_ID))
+    await until(lambda: len(outlet.published) == 1, "the result")
+    pump.on_confirm(1, multiple=False, acked=True)
+    await until(lambda: outlet.acks != [], "the ack")
+    await pump.wait_confirms(0.1)
+
+
 def test_a_pump_that_does_not_record_sends_no_batch() -> None:
     async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
-        pump.on_delivery(Delivery(1, json.dumps(pipeline_message()).encode(), "m-1", None, {}, WORKER_ID))
-        await until(lambda: len(outlet.published) == 1, "the result")
-        pump.on_confirm(1, multiple=False, acked=True)
-        await until(lambda: outlet.acks != [], "the ack")
-        await pump.wait_confirms(0.1)
+        await settle_one_then_stop(pump, outlet)
         assert [p.routing_key for p in outlet.published] == ["next"]
 
     pumping(test)
@@ -151,12 +156,8 @@ def test_a_stop_sends_what_was_not_sent_yet(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(pump_module, "FLUSH_S", 3600.0)
 
     async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
-        pump.on_delivery(Delivery(1, json.dumps(pipeline_message()).encode(), "m-1", None, {}, WORKER_ID))
-        await until(lambda: len(outlet.published) == 1, "the result")
-        pump.on_confirm(1, multiple=False, acked=True)
-        await until(lambda: outlet.acks != [], "the ack")
         # The timer would wait an hour: the stop's wait for confirms sends it.
-        await pump.wait_confirms(0.1)
+        await settle_one_then_stop(pump, outlet)
         assert [p.routing_key for p in outlet.published] == ["next", recording.queue_of(WORKER_ID)]
 
     pumping(test, recording_pump(keep=10))

@@ -51,6 +51,16 @@ pub mod labels {
     /// The value of [`RECORDS`]: it sends its records in batches.
     pub(crate) const RECORDS_BATCHES: &str = "batches";
 
+    /// Whether `labels` (an image's or a container's, as the engine gives
+    /// them) set `key` to `value`.
+    pub(crate) fn is(
+        labels: Option<&std::collections::HashMap<String, String>>,
+        key: &str,
+        value: &str,
+    ) -> bool {
+        labels.and_then(|l| l.get(key)).is_some_and(|v| v == value)
+    }
+
     /// The labels SensorBucket's own Docker controller puts on its worker
     /// containers (docs/compatibility.md §6): workerctl takes those over.
     pub mod sensorbucket {

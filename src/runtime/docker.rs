@@ -216,11 +216,11 @@ impl DockerRuntime {
         // An image that cannot be inspected fails the create anyway.
         let config = self.api().inspect_image(image).await.ok()?.config?;
         let declared = config.stop_signal.filter(|s| !s.is_empty());
-        let dockerworker = config
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(labels::RUNTIME))
-            .is_some_and(|v| v == labels::RUNTIME_DOCKERWORKER);
+        let dockerworker = labels::is(
+            config.labels.as_ref(),
+            labels::RUNTIME,
+            labels::RUNTIME_DOCKERWORKER,
+        );
         (declared.is_none() && !dockerworker).then(|| "SIGINT".to_string())
     }
 
@@ -229,13 +229,11 @@ impl DockerRuntime {
     /// not answer).
     pub(crate) async fn records_itself(&self, image: &str) -> Option<bool> {
         let config = self.api().inspect_image(image).await.ok()?.config?;
-        Some(
-            config
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(labels::RECORDS))
-                .is_some_and(|v| v == labels::RECORDS_BATCHES),
-        )
+        Some(labels::is(
+            config.labels.as_ref(),
+            labels::RECORDS,
+            labels::RECORDS_BATCHES,
+        ))
     }
 
     /// Whether the container holding `name` belongs to this instance.

@@ -287,11 +287,11 @@ impl SwarmRuntime {
     async fn probe_for(&self, image: &str) -> Option<&Probe> {
         let probe = self.options.readiness.as_ref()?;
         let dockerworker = match self.api().inspect_image(image).await {
-            Ok(found) => found
-                .config
-                .and_then(|c| c.labels)
-                .and_then(|l| l.get(labels::RUNTIME).cloned())
-                .is_some_and(|v| v == labels::RUNTIME_DOCKERWORKER),
+            Ok(found) => labels::is(
+                found.config.and_then(|c| c.labels).as_ref(),
+                labels::RUNTIME,
+                labels::RUNTIME_DOCKERWORKER,
+            ),
             Err(e) => {
                 warn!(%image, error = %e, "cannot inspect the image; no readiness probe");
                 false
