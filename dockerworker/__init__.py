@@ -13,11 +13,12 @@ Code map (one concern per module):
 - `devices`     the devices endpoint behind `Message.match_device`
 - `processing`  the decision for one message (`Verdict`), without AMQP (pure but for user code)
 - `messaging`   the connection lives: sessions, reconnect backoff, readiness, shutdown
-- `amqp`        the pika bridge: connect, declare, consume, publish, ack, as plain calls
+- `amqp`        the broker bridge (AMQP 0-9-1 on pamqp's codec): connect, declare, consume, publish, ack
 - `pump`        the message path: to the user thread, publishes, confirms, acks
 - `handover`    all that the event loop and the user thread share (deliveries in, results out)
 - `ledger`      which inputs may be acknowledged (pure bookkeeping)
-- `userthread`  the one thread user code runs on, off the event loop
+- `reactor`     the main thread's event loop (`selectors`): the socket, timers, calls from threads
+- `userthread`  the one thread user code runs on, off the reactor
 - `health`      `/healthz`, `/readyz`, the ready file the HEALTHCHECK tests, the ready report to `WORKER_READY_URL`
 - `minihttp`    the little HTTP the runtime speaks (code GET, ready POST, health answers) over plain sockets
 - `logs`        JSON log lines, named levels; capture of user prints per message
@@ -30,7 +31,7 @@ benchmarks (throughput beside the limit client, start → consuming, idle
 cost, the floors); `tests/`, its pytest suite.
 
 Architecture invariants: `processing` and `message` never touch AMQP; only
-`amqp` calls pika; an input is acknowledged only after the broker confirmed
+only `amqp` speaks AMQP; an input is acknowledged only after the broker confirmed
 the publish of its result (`pump`, `ledger`); user code runs on one thread,
 one message at a time.
 

@@ -1,20 +1,23 @@
-"""The pika bridge: one AMQP connection and one confirm-mode channel, as plain calls.
+"""The broker bridge: one AMQP 0-9-1 connection and one confirm-mode channel, as plain calls.
 
-Owns: everything that touches pika (its asyncio adapter): connecting,
-declaring the worker's topology, consuming, publishing, acknowledging,
-cancelling and closing, and turning pika's callbacks into calls on a
-`Listener`. It keeps no message bookkeeping: what a publish was for, and
-when an input may be acknowledged, is `ledger` and `pump`'s business.
+Owns: everything that speaks AMQP: connecting, declaring the worker's
+topology, consuming, publishing, acknowledging, cancelling and closing,
+heartbeats, and turning the broker's frames into calls on a `Listener`. The
+frames are encoded and decoded by pamqp; the socket is the `reactor`'s. It
+keeps no message bookkeeping: what a publish was for, and when an input may
+be acknowledged, is `ledger` and `pump`'s business.
+
+Why not pika: its package imports every adapter (asyncio's included), and
+with them ssl, decimal, platform and ast; with asyncio that was most of a
+worker's start (docs/benchmarks.md, "The start path"). A worker needs one
+channel and a dozen methods of it, which is what is here.
 
 Architecture Invariant: every method and every listener call runs on the
-event-loop thread. A publish returns its confirm number (1, 2, 3, ... on the
+reactor's thread. A publish returns its confirm number (1, 2, 3, ... on the
 channel), the number `Listener.on_confirm` later speaks of; once
 `Listener.on_lost` has been called, nothing more is delivered or confirmed,
-and `publish` raises `BrokerLost`.
-
-Also here: pika's plaintext transport sends each frame with its own
-`send()` (three per publish, one per ack); `coalesce_writes` makes it send
-what was written in one loop turn with one system call.
+and `publish` raises `BrokerLost`. What one reactor turn writes leaves in
+one `send()`.
 
 Topology (all idempotent): the durable topic exchange AMQP_XCHG; the durable
 quorum queue `worker_<id>` bound with routing key `<id>`; and the durable
@@ -24,27 +27,42 @@ exchange with routing key `<id>` when their per-message TTL runs out.
 
 from __future__ import annotations
 
-import asyncio
+import socket
+import struct
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import pika
-import pika.exceptions
-from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils import io_services_utils
-from pika.channel import Channel
-from pika.spec import Basic, BasicProperties
+from pamqp import body as amqp_body
+from pamqp import commands, exceptions as amqp_exceptions, frame, header, heartbeat
 
+from . import logs
 from .config import Config
+from .reactor import Reactor, Timer
 
 CONNECT_TIMEOUT_S = 10.0
 RPC_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
 _PERSISTENT = 2
+_CHANNEL = 1
 # Reply codes that mean our declarations clash with what exists: retrying
 # cannot help (ACCESS_REFUSED, RESOURCE_LOCKED, PRECONDITION_FAILED).
 _TOPOLOGY_REPLY_CODES = frozenset({403, 405, 406})
-# One send() carries at most this much of what is waiting.
-_MAX_COALESCED_BYTES = 256 * 1024
+_FRAME_MAX = 131072
+_READ_BYTES = 256 * 1024
+_FRAME_HEADER = struct.Struct(">BHI")
+_CLIENT_CAPABILITIES = {
+    "authentication_failure_close": True,
+    "basic.nack": True,
+    "connection.blocked": True,
+    "consumer_cancel_notify": True,
+    "publisher_confirms": True,
+}
+
+Basic = commands.Basic
+Connection = commands.Connection
+Channel = commands.Channel
 
 
 class TopologyError(Exception):
@@ -55,13 +73,7 @@ class BrokerLost(Exception):
     """The connection or channel is gone (or never came): reconnect."""
 
 
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    BrokerLost,
-    pika.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
+BROKER_ERRORS: tuple[type[BaseException], ...] = (BrokerLost, ConnectionError, OSError)
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ class Delivery:
 
 
 class Listener(Protocol):
-    """What the bridge reports, on the event-loop thread."""
+    """What the bridge reports, on the reactor's thread."""
 
     def on_delivery(self, delivery: Delivery) -> None: ...
 
@@ -95,79 +107,140 @@ class Listener(Protocol):
         closed it itself. Called once."""
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and as whom to connect, from an amqp:// or amqps:// URL."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str
+    password: str
+    vhost: str
+    heartbeat_s: int | None
+
+    @classmethod
+    def parse(cls, url: str) -> "Endpoint":
+        parts = urlsplit(url)
+        tls = parts.scheme == "amqps"
+        # As pika read it: no path, or "/" alone, is the default vhost "/".
+        vhost = unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
+        heartbeat_s = parse_qs(parts.query).get("heartbeat")
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or (5671 if tls else 5672),
+            tls=tls,
+            username=unquote(parts.username or "guest"),
+            password=unquote(parts.password or "guest"),
+            vhost=vhost,
+            heartbeat_s=int(heartbeat_s[0]) if heartbeat_s else None,
+        )
+
+
+class _Incoming:
+    """A delivery or a return whose header and body frames are still coming."""
+
+    __slots__ = ("method", "properties", "size", "parts", "received")
+
+    def __init__(self, method: Basic.Deliver | Basic.Return) -> None:
+        self.method = method
+        self.properties: Basic.Properties | None = None
+        self.size = 0
+        self.parts: list[bytes] = []
+        self.received = 0
+
+
 class Bridge:
     """One connection and one channel in confirm mode, for one `Listener`."""
 
-    def __init__(self, config: Config, listener: Listener) -> None:
+    def __init__(self, config: Config, listener: Listener, reactor: Reactor) -> None:
         self.config = config
         self.listener = listener
+        self.reactor = reactor
         self.lost = False
-        self._connection: AsyncioConnection | None = None
-        self._channel: Channel | None = None
-        self._consuming = False
-        self._reported = False
         # Set by `close`: the loss that follows is our own doing.
         self.closing = False
+        self._socket: socket.socket | None = None
+        self._in = bytearray()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._writer_waiting = False
+        self._consuming = False
+        self._reported = False
         self._consumer_tag: str | None = None
+        self._cancelled = False
+        self._closed = False
         self._publish_seq = 0
-        self._waiters: set[asyncio.Future[Any]] = set()
-        self._closed: asyncio.Future[Any] | None = None
+        self._frame_max = _FRAME_MAX
+        self._incoming: _Incoming | None = None
+        self._expected: tuple[type[Any], ...] = ()
+        self._reply: Any = None
+        self._error: Exception | None = None
+        self._heartbeat_s = 0
+        self._heartbeat_timer: Timer | None = None
+        self._received_at = self._sent_at = time.monotonic()
 
     # -- opening ------------------------------------------------------------------
 
-    async def open(self) -> None:
+    def open(self) -> None:
         """Connect, open the channel in confirm mode with the prefetch, declare the topology."""
-        self._connection = await self._connect()
-        connection = self._connection
-        (channel,) = await self._rpc(lambda done: connection.channel(on_open_callback=done))
-        self._channel = channel
-        channel.add_on_close_callback(self._on_channel_closed)
-        await self._rpc(lambda done: channel.confirm_delivery(self._on_confirm, callback=done))
-        await self._rpc(lambda done: channel.basic_qos(prefetch_count=self.config.prefetch, callback=done))
-        await self._declare(channel)
-        channel.add_on_return_callback(self._on_return)
-        channel.add_on_cancel_callback(self._on_cancelled)
+        endpoint = Endpoint.parse(self.config.amqp_url)
+        self._connect(endpoint)
+        self._handshake(endpoint)
+        self._call(Channel.Open(), Channel.OpenOk, channel=_CHANNEL)
+        self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
+        self._call(Basic.Qos(prefetch_count=self.config.prefetch), Basic.QosOk)
+        self._declare()
 
-    async def _connect(self) -> AsyncioConnection:
-        opened = self._waiter()
-        parameters = pika.URLParameters(self.config.amqp_url)
-        parameters.client_properties = {"connection_name": f"dockerworker {self.config.worker_id}"}
-        parameters.connection_attempts = 1  # retries are ours, with backoff
-        parameters.socket_timeout = CONNECT_TIMEOUT_S
-        AsyncioConnection(
-            parameters,
-            on_open_callback=lambda connection: _resolve(opened, connection),
-            on_open_error_callback=lambda _, error: _fail(opened, BrokerLost(f"cannot connect: {error!r}")),
-            on_close_callback=self._on_connection_closed,
-            custom_ioloop=asyncio.get_running_loop(),
-        )
-        connection: AsyncioConnection = await asyncio.wait_for(opened, timeout=CONNECT_TIMEOUT_S)
-        return connection
+    def _connect(self, endpoint: Endpoint) -> None:
+        try:
+            sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if endpoint.tls:
+                import ssl  # only for amqps://: most of a start's worth of imports otherwise
 
-    async def _declare(self, channel: Channel) -> None:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=endpoint.host)
+        except OSError as exc:
+            raise BrokerLost(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
+        sock.setblocking(False)
+        self._socket = sock
+        self.reactor.add_reader(sock, self._on_readable)
+        self._write(header.ProtocolHeader().marshal())
+
+    def _handshake(self, endpoint: Endpoint) -> None:
+        self._wait_for(Connection.Start)
+        properties: dict[str, Any] = {
+            "product": "dockerworker",
+            "connection_name": f"dockerworker {self.config.worker_id}",
+            "capabilities": _CLIENT_CAPABILITIES,
+        }
+        response = f"\0{endpoint.username}\0{endpoint.password}"
+        start_ok = Connection.StartOk(client_properties=properties, mechanism="PLAIN", response=response)
+        tune = self._call(start_ok, Connection.Tune, channel=0)
+        self._frame_max = min(tune.frame_max or _FRAME_MAX, _FRAME_MAX)
+        self._heartbeat_s = endpoint.heartbeat_s if endpoint.heartbeat_s is not None else tune.heartbeat
+        self._send(0, Connection.TuneOk(tune.channel_max or 2047, self._frame_max, self._heartbeat_s))
+        self._call(Connection.Open(virtual_host=endpoint.vhost), Connection.OpenOk, channel=0)
+        if self._heartbeat_s:
+            self._heartbeat_timer = self.reactor.call_later(self._heartbeat_s / 2, self._on_heartbeat_timer)
+
+    def _declare(self) -> None:
         config = self.config
-        await self._rpc(
-            lambda done: channel.exchange_declare(config.exchange, exchange_type="topic", durable=True, callback=done)
-        )
-        await self._rpc(
-            lambda done: channel.queue_declare(
-                config.queue, durable=True, arguments={"x-queue-type": "quorum"}, callback=done
-            )
-        )
-        await self._rpc(lambda done: channel.queue_bind(config.queue, config.exchange, config.routing_key, callback=done))
-        retry_arguments = {"x-dead-letter-exchange": config.exchange, "x-dead-letter-routing-key": config.routing_key}
-        await self._rpc(
-            lambda done: channel.queue_declare(config.retry_queue, durable=True, arguments=retry_arguments, callback=done)
-        )
+        self._call(commands.Exchange.Declare(exchange=config.exchange, exchange_type="topic", durable=True),
+                   commands.Exchange.DeclareOk)
+        quorum: dict[str, Any] = {"x-queue-type": "quorum"}
+        self._call(commands.Queue.Declare(queue=config.queue, durable=True, arguments=quorum),
+                   commands.Queue.DeclareOk)
+        self._call(commands.Queue.Bind(queue=config.queue, exchange=config.exchange, routing_key=config.routing_key),
+                   commands.Queue.BindOk)
+        retry_arguments: dict[str, Any] = {"x-dead-letter-exchange": config.exchange, "x-dead-letter-routing-key": config.routing_key}
+        self._call(commands.Queue.Declare(queue=config.retry_queue, durable=True, arguments=retry_arguments),
+                   commands.Queue.DeclareOk)
 
-    async def consume(self) -> None:
+    def consume(self) -> None:
         """Attach the consumer; deliveries go to `Listener.on_delivery` from now on."""
-        channel = self._channel_()
-
-        def start(done: Callable[..., None]) -> None:
-            self._consumer_tag = channel.basic_consume(self.config.queue, self._on_message, callback=done)
-
-        await self._rpc(start)
+        reply = self._call(Basic.Consume(queue=self.config.queue), Basic.ConsumeOk)
+        self._consumer_tag = reply.consumer_tag
         self._consuming = True
 
     # -- the per-message calls ------------------------------------------------------
@@ -185,183 +258,271 @@ class Bridge:
         expiration: str | None = None,
     ) -> int:
         """Publish a persistent message; return its confirm number."""
-        properties = BasicProperties(
-            message_id=message_id,
+        if self.lost or self.closing or self._socket is None:
+            raise BrokerLost("publish failed: no channel")
+        properties = Basic.Properties(
             content_type=content_type,
             headers=headers,
             delivery_mode=_PERSISTENT,
             expiration=expiration,
+            message_id=message_id,
         )
-        try:
-            self._channel_().basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
-        except (pika.exceptions.AMQPError, AssertionError) as exc:
-            raise BrokerLost(f"publish failed: {exc!r}") from exc
+        frames = [
+            frame.marshal(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), _CHANNEL),
+            frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL),
+        ]
+        step = self._frame_max - 8
+        for start in range(0, len(body), step):
+            frames.append(frame.marshal(amqp_body.ContentBody(body[start : start + step]), _CHANNEL))
+        self._write(b"".join(frames))
         self._publish_seq += 1
         return self._publish_seq
 
     def ack(self, tag: int, *, multiple: bool) -> None:
-        self._send(lambda channel: channel.basic_ack(tag, multiple=multiple))
+        self._send_if_open(Basic.Ack(delivery_tag=tag, multiple=multiple))
 
     def nack(self, tag: int) -> None:
         """Hand the input back to the queue."""
-        self._send(lambda channel: channel.basic_nack(tag, requeue=True))
+        self._send_if_open(Basic.Nack(delivery_tag=tag, requeue=True))
 
-    def _send(self, frame: Callable[[Channel], None]) -> None:
-        try:
-            frame(self._channel_())
-        except (BrokerLost, pika.exceptions.AMQPError):
-            pass  # the channel is gone: the broker requeues whatever was not acked
+    def _send_if_open(self, method: Any) -> None:
+        if not (self.lost or self.closing or self._socket is None):
+            self._send(_CHANNEL, method)
+        # otherwise the channel is gone: the broker requeues whatever was not acked
 
     # -- closing -----------------------------------------------------------------
 
-    async def cancel(self, timeout: float = 1.0) -> None:
-        """Stop deliveries (what is in hand stays in hand)."""
-        try:
-            channel = self._channel_()
-            await asyncio.wait_for(
-                self._rpc(lambda done: channel.basic_cancel(self._consumer_tag, callback=done)), timeout=timeout
-            )
-        except BROKER_ERRORS:
-            pass  # the close that follows stops deliveries as well
+    def cancel(self, timeout_s: float = 1.0) -> None:
+        """Stop deliveries (what is in hand stays in hand); waits up to `timeout_s` for the broker."""
+        if self.lost or self._consumer_tag is None:
+            return  # the close that follows stops deliveries as well
+        self._send(_CHANNEL, Basic.Cancel(consumer_tag=self._consumer_tag))
+        self.reactor.run_until(lambda: self._cancelled or self.lost, timeout_s)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Close the connection (unacknowledged inputs go back to the queue) and wait for it."""
         self.closing = True
-        connection = self._connection
-        if connection is None or connection.is_closed:
+        if self._socket is not None and not self.lost:
+            self._send(0, Connection.Close(reply_code=200, reply_text="worker stopping", class_id=0, method_id=0))
+            self.reactor.run_until(lambda: self._closed or self.lost, CLOSE_TIMEOUT_S)
+        self._lose(BrokerLost("connection closed by the worker"))
+        self._drop_socket()
+
+    # -- the broker's frames -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._socket
+        if sock is None:
             return
-        closed = self._waiter()
-        self._closed = closed
-        if not connection.is_closing:
-            connection.close()
         try:
-            await asyncio.wait_for(closed, timeout=2.0)
-        except BROKER_ERRORS:
+            while True:
+                data = sock.recv(_READ_BYTES)
+                if not data:
+                    self._fail(BrokerLost("connection closed by the broker (end of stream)"))
+                    return
+                self._in += data
+                if len(data) < _READ_BYTES:
+                    break
+        except (BlockingIOError, InterruptedError):
             pass
-        except asyncio.CancelledError:
+        except OSError as exc:
+            if type(exc).__name__ not in ("SSLWantReadError", "SSLWantWriteError"):
+                self._fail(BrokerLost(f"connection lost: {exc!r}"))
+                return
+        self._received_at = time.monotonic()
+        self._read_frames()
+
+    def _read_frames(self) -> None:
+        buffer = self._in
+        position = 0
+        try:
+            while len(buffer) - position >= 8 and self._socket is not None:
+                _, _, size = _FRAME_HEADER.unpack_from(buffer, position)
+                end = position + 8 + size
+                if len(buffer) < end:
+                    break
+                _, channel, value = frame.unmarshal(bytes(buffer[position:end]))
+                position = end
+                self._dispatch(channel, value)
+        except (amqp_exceptions.PAMQPException, ValueError, struct.error) as exc:
+            self._fail(BrokerLost(f"cannot read the broker's frames: {exc!r}"))
+            return
+        del buffer[:position]
+
+    def _dispatch(self, channel: int, value: Any) -> None:
+        incoming = self._incoming
+        if incoming is not None and isinstance(value, (header.ContentHeader, amqp_body.ContentBody)):
+            self._assemble(incoming, value)
+        elif isinstance(value, (Basic.Ack, Basic.Nack)):
+            if not self.lost:
+                self.listener.on_confirm(value.delivery_tag, bool(value.multiple), isinstance(value, Basic.Ack))
+        elif isinstance(value, (Basic.Deliver, Basic.Return)):
+            self._incoming = _Incoming(value)
+        elif isinstance(value, heartbeat.Heartbeat):
             pass
+        elif self._expected and isinstance(value, self._expected):
+            self._reply = value
+        elif isinstance(value, Basic.CancelOk):
+            self._cancelled = True
+        elif isinstance(value, Basic.Cancel):
+            # The broker cancelled our consumer (the queue was deleted): end the
+            # session so that the next one declares the queue again.
+            self._fail(BrokerLost("consumer cancelled by the broker"), close_connection=True)
+        elif isinstance(value, Channel.Close):
+            self._send(_CHANNEL, Channel.CloseOk())
+            reason = f"{value.reply_code} {value.reply_text}"
+            error: Exception
+            if not self._consuming and value.reply_code in _TOPOLOGY_REPLY_CODES:
+                error = TopologyError(f"the broker refused the worker's exchange or queues: {reason}")
+            else:
+                error = BrokerLost(f"channel closed by the broker: {reason}")
+            self._fail(error, close_connection=True)  # a fresh connection gets a fresh channel
+        elif isinstance(value, Connection.Close):
+            self._send(0, Connection.CloseOk())
+            self._fail(BrokerLost(f"connection closed by the broker: {value.reply_code} {value.reply_text}"))
+        elif isinstance(value, Connection.CloseOk):
+            self._closed = True
+        elif isinstance(value, Connection.Blocked):
+            logs.event("broker_blocked", level=logs.WARNING, reason=value.reason)
+        elif isinstance(value, Connection.Unblocked):
+            logs.event("broker_unblocked")
 
-    # -- pika's callbacks ------------------------------------------------------------
-
-    def _on_message(self, _channel: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-        if self.lost:
-            return
-        headers = properties.headers
-        delivery = Delivery(
-            method.delivery_tag,
-            body,
-            properties.message_id,
-            properties.content_type,
-            dict(headers) if headers else {},
-            method.routing_key,
-        )
-        self.listener.on_delivery(delivery)
-
-    def _on_confirm(self, frame: Any) -> None:
-        if self.lost:
-            return
-        method = frame.method
-        self.listener.on_confirm(method.delivery_tag, bool(method.multiple), isinstance(method, Basic.Ack))
-
-    def _on_return(self, _channel: Channel, method: Basic.Return, _properties: BasicProperties, body: bytes) -> None:
-        self.listener.on_return(method.routing_key, body)
-
-    def _on_connection_closed(self, _connection: AsyncioConnection, reason: BaseException) -> None:
-        if self._closed is not None:
-            _resolve(self._closed, None)
-        self._lose(BrokerLost(f"connection closed: {reason!r}"))
-
-    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
-        code = getattr(reason, "reply_code", None)
-        if not self._consuming and code in _TOPOLOGY_REPLY_CODES:
-            error: Exception = TopologyError(f"the broker refused the worker's exchange or queues: {reason!r}")
+    def _assemble(self, incoming: _Incoming, value: header.ContentHeader | amqp_body.ContentBody) -> None:
+        if isinstance(value, header.ContentHeader):
+            incoming.properties, incoming.size = value.properties, value.body_size
         else:
-            error = BrokerLost(f"channel closed: {reason!r}")
-        self._lose(error)
-        self._close_connection()  # a fresh connection gets a fresh channel
+            incoming.parts.append(value.value)
+            incoming.received += len(value.value)
+        if incoming.properties is None or incoming.received < incoming.size:
+            return
+        self._incoming = None
+        body = incoming.parts[0] if len(incoming.parts) == 1 else b"".join(incoming.parts)
+        method = incoming.method
+        if isinstance(method, Basic.Return):
+            self.listener.on_return(method.routing_key or "", body)
+        elif not self.lost:
+            properties = incoming.properties
+            self.listener.on_delivery(
+                Delivery(
+                    method.delivery_tag or 0,
+                    body,
+                    properties.message_id,
+                    properties.content_type,
+                    dict(properties.headers) if properties.headers else {},
+                    method.routing_key or "",
+                )
+            )
 
-    def _on_cancelled(self, *_: Any) -> None:
-        # The broker cancelled our consumer (the queue was deleted): end the
-        # session so that the next one declares the queue again.
-        self._lose(BrokerLost("consumer cancelled by the broker"))
-        self._close_connection()
+    # -- heartbeats --------------------------------------------------------------------
+
+    def _on_heartbeat_timer(self) -> None:
+        if self._socket is None:
+            return
+        now, interval = time.monotonic(), self._heartbeat_s
+        if now - self._received_at > 2 * interval:
+            self._fail(BrokerLost(f"no frame from the broker for {now - self._received_at:.0f}s (heartbeat {interval}s)"))
+            return
+        if now - self._sent_at >= interval / 2:
+            self._write(heartbeat.Heartbeat.marshal())
+        self._heartbeat_timer = self.reactor.call_later(interval / 2, self._on_heartbeat_timer)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _send(self, channel: int, method: Any) -> None:
+        self._write(frame.marshal(method, channel))
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled and not self._writer_waiting:
+            self._flush_scheduled = True
+            self.reactor.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what was written since the last turn, in one `send()`."""
+        self._flush_scheduled = False
+        sock = self._socket
+        if sock is None or not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            if type(exc).__name__ not in ("SSLWantReadError", "SSLWantWriteError"):
+                self._fail(BrokerLost(f"connection lost: {exc!r}"))
+                return
+            sent = 0
+        self._sent_at = time.monotonic()
+        if sent < len(data):
+            self._out.insert(0, data[sent:])
+            if not self._writer_waiting:
+                self._writer_waiting = True
+                self.reactor.add_writer(sock, self._on_writable)
+        elif self._writer_waiting:
+            self._writer_waiting = False
+            self.reactor.remove_writer(sock)
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    # -- waiting for a reply -------------------------------------------------------------
+
+    def _call(self, method: Any, reply: type[Any], *, channel: int = _CHANNEL) -> Any:
+        """Send `method` and run the reactor until its reply comes."""
+        self._send(channel, method)
+        return self._wait_for(reply)
+
+    def _wait_for(self, reply: type[Any]) -> Any:
+        if self.lost:
+            raise self._error or BrokerLost("connection closed")
+        self._expected, self._reply = (reply,), None
+        try:
+            answered = self.reactor.run_until(lambda: self._reply is not None or self.lost, RPC_TIMEOUT_S)
+        finally:
+            self._expected = ()
+        if self.lost:
+            raise self._error or BrokerLost("connection closed")
+        if not answered:
+            self._fail(BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s"))
+            raise BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")
+        return self._reply
+
+    # -- losing the connection ----------------------------------------------------------
+
+    def _fail(self, error: Exception, *, close_connection: bool = False) -> None:
+        """The connection or channel is gone, or must go: tell the listener, once, and drop the socket.
+
+        With `close_connection` (the channel is gone, the connection not) the
+        broker is told first; an answer it is owed (a CloseOk) goes out too."""
+        self._lose(error)
+        if close_connection and self._socket is not None and not self._closed:
+            self._send(0, Connection.Close(reply_code=200, reply_text="channel gone", class_id=0, method_id=0))
+        self._drop_socket()
 
     def _lose(self, error: Exception) -> None:
-        for waiter in list(self._waiters):
-            _fail(waiter, error)
         if self._reported:
             return
         self._reported = self.lost = True
+        self._error = error
         # Before the consumer is attached the caller sees the error itself.
         self.listener.on_lost(error, expected=self.closing or not self._consuming)
 
-    def _close_connection(self) -> None:
-        connection = self._connection
-        if connection is not None and not (connection.is_closed or connection.is_closing):
-            connection.close()
-
-    # -- small helpers -----------------------------------------------------------------
-
-    def _waiter(self) -> asyncio.Future[Any]:
-        """A future that fails if the connection or channel goes away first."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.add(future)
-        future.add_done_callback(self._waiters.discard)
-        return future
-
-    async def _rpc(self, start: Callable[[Callable[..., None]], Any]) -> tuple[Any, ...]:
-        """Start a callback-style pika call and wait for its callback's arguments."""
-        if self.lost:
-            raise BrokerLost("connection closed")
-        future = self._waiter()
-        start(lambda *args: _resolve(future, args))
-        result: tuple[Any, ...] = await asyncio.wait_for(future, timeout=RPC_TIMEOUT_S)
-        return result
-
-    def _channel_(self) -> Channel:
-        if self._channel is None or self.lost or self.closing:
-            raise BrokerLost("no channel")
-        return self._channel
-
-
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
-def coalesce_writes() -> None:
-    """Make pika's plaintext transport join its waiting frames into one `send()`.
-
-    pika queues every frame as its own buffer and sends them one by one: a
-    publish is three system calls, an ack one more. Joined, all that one
-    turn of the event loop wrote goes out in one, which measurably lowers
-    the CPU per message (see docs/benchmarks.md). The SSL transport is left
-    alone: an SSL write that must be retried has to be given the same buffer.
-    """
-    transport = io_services_utils._AsyncPlaintextTransport
-    if getattr(transport, "_dockerworker_coalesces", False):
-        return
-    produce = io_services_utils._AsyncTransportBase._produce
-
-    def coalescing_produce(self: Any) -> None:
-        buffers = self._tx_buffers
-        if len(buffers) > 1:
-            joined: list[bytes] = []
-            size = 0
-            while buffers and size < _MAX_COALESCED_BYTES:
-                chunk = buffers.popleft()
-                joined.append(chunk)
-                size += len(chunk)
-            buffers.appendleft(b"".join(joined))
-        produce(self)
-
-    transport._produce = coalescing_produce
-    transport._dockerworker_coalesces = True
-
-
-coalesce_writes()
+    def _drop_socket(self) -> None:
+        sock, self._socket = self._socket, None
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        if sock is None:
+            return
+        self.reactor.remove_reader(sock)
+        if self._writer_waiting:
+            self.reactor.remove_writer(sock)
+            self._writer_waiting = False
+        if self._out:
+            try:  # what the broker is owed (a CloseOk, our Close); best effort
+                sock.send(b"".join(self._out))
+            except OSError:
+                pass
+            self._out.clear()
+        sock.close()

@@ -19,7 +19,7 @@ An unreachable broker is not fatal: the worker retries with backoff.
 
 Start-up, in order: config → health endpoint (and the ready reporter, with
 WORKER_READY_URL) → the code download starts on a thread of its own → the
-AMQP side (pika, asyncio: the bulk of the runtime's imports) is imported
+AMQP side (`messaging` and what it imports: pamqp, the reactor) is imported
 while the download waits on the network → the archive is unpacked and the
 user's module imported, on the main thread (user code may expect it) →
 consume. The consumer attaches only once the code is loaded, so a broken
@@ -33,17 +33,13 @@ import enum
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from . import codefetch, codeload, config as config_module, logs
 from .codeload import UserCode
 from .config import Config, ConfigError
 from .health import READY_FILE_REFRESH_S, HealthServer, Readiness, ReadyFile, ReadyReporter, runtime_file
-
-if TYPE_CHECKING:
-    # At run time asyncio (like `messaging`) is imported only once the code
-    # download is under way: it is the largest import of the start path.
-    import asyncio
+from .reactor import Reactor
 
 
 class ExitCode(enum.IntEnum):
@@ -66,9 +62,10 @@ def run(env: Mapping[str, str]) -> int:
         return ExitCode.CONFIG
     logs.setup(level=config.log_level)
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    reactor = Reactor()
+    _install_signal_handlers(stop, reactor)
     try:
-        return _run_configured(config, stop)
+        return _run_configured(config, stop, reactor)
     except Exception:
         logging.getLogger("dockerworker").exception("internal_error")
         return ExitCode.INTERNAL
@@ -88,7 +85,7 @@ def _record_health_port(port: int) -> None:
         logs.event("health_port_unrecorded", level=logging.WARNING, error=str(exc))
 
 
-def _run_configured(config: Config, stop: threading.Event) -> int:
+def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> int:
     readiness = Readiness()
     try:
         health = HealthServer(readiness, config.health_port).start()
@@ -104,8 +101,6 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
         return ExitCode.CONFIG
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
     download = _Download(config, stop).start()
-    import asyncio  # noqa: F811 (see TYPE_CHECKING above)
-
     from . import messaging  # noqa: F401  (imported while the download is on the wire)
 
     try:
@@ -119,7 +114,7 @@ def _run_configured(config: Config, stop: threading.Event) -> int:
 
         debug.announce(debug_port)
     readiness.set(code_loaded=True)
-    return asyncio.run(_consume(config, code, readiness, ready_file, stop))
+    return _consume(config, code, readiness, ready_file, stop, reactor)
 
 
 def _start_debugging() -> int | None:
@@ -202,54 +197,21 @@ def _load_code(config: Config, archive: bytes | None) -> UserCode | None:
     return code
 
 
-async def _consume(
-    config: Config, code: UserCode, readiness: Readiness, ready_file: ReadyFile, stop: threading.Event
+def _consume(
+    config: Config, code: UserCode, readiness: Readiness, ready_file: ReadyFile, stop: threading.Event, reactor: Reactor
 ) -> int:
-    import asyncio  # noqa: F811
-
+    """Consume until a signal; the exit code for how it ended."""
     from . import messaging
 
     if config.debug:
         from . import debug
 
         debug.untrace_this_thread()
-    shutdown = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _on_signal, shutdown, signum)
     if stop.is_set():
         return ExitCode.OK
-    _refresh_every(loop, ready_file, READY_FILE_REFRESH_S)
-    consumer = asyncio.create_task(messaging.run(config, code, readiness, shutdown))
-    stopping = asyncio.create_task(shutdown.wait())
-    await asyncio.wait({consumer, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    return await _finish(consumer, stopping, config.shutdown_grace_s)
-
-
-def _refresh_every(loop: asyncio.AbstractEventLoop, ready_file: ReadyFile, interval_s: float) -> None:
-    """Touch the ready file from the event loop every `interval_s`, for as
-    long as the loop turns: the liveness the HEALTHCHECK reads from its age.
-    One timer, no task; it dies with the loop."""
-
-    def refresh() -> None:
-        ready_file.refresh()
-        loop.call_later(interval_s, refresh)
-
-    loop.call_later(interval_s, refresh)
-
-
-async def _finish(consumer: asyncio.Task[None], stopping: asyncio.Task[bool], grace_s: float) -> int:
-    """Give the consumer the grace period to finish, then report how it ended."""
-    import asyncio  # noqa: F811
-
-    from . import messaging
-
-    stopping.cancel()
+    _refresh_every(reactor, ready_file, READY_FILE_REFRESH_S)
     try:
-        # A hard cap: a `process` that never returns must not hold the exit.
-        await asyncio.wait_for(consumer, timeout=grace_s + 2.0)
-    except asyncio.TimeoutError:
-        logs.event("shutdown_timeout", level=logging.WARNING, grace_s=grace_s)
+        messaging.run(config, code, readiness, reactor, stop)
     except messaging.TopologyError as exc:
         logs.event("broker_topology_error", level=logging.ERROR, error=str(exc))
         return ExitCode.BROKER_TOPOLOGY
@@ -260,18 +222,26 @@ async def _finish(consumer: asyncio.Task[None], stopping: asyncio.Task[bool], gr
     return ExitCode.OK
 
 
-def _on_signal(shutdown: asyncio.Event, signum: int) -> None:
-    if not shutdown.is_set():
-        logs.event("shutdown_requested", signal=signal.Signals(signum).name)
-    shutdown.set()
+def _refresh_every(reactor: Reactor, ready_file: ReadyFile, interval_s: float) -> None:
+    """Touch the ready file from the reactor every `interval_s`, for as
+    long as it turns: the liveness the HEALTHCHECK reads from its age.
+    One timer; it stops with the reactor."""
+
+    def refresh() -> None:
+        ready_file.refresh()
+        reactor.call_later(interval_s, refresh)
+
+    reactor.call_later(interval_s, refresh)
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    # Before the event loop exists (download, import), a signal only sets
-    # this flag; the download's backoff sleeps wake on it.
+def _install_signal_handlers(stop: threading.Event, reactor: Reactor) -> None:
+    # A signal sets the flag and wakes the reactor (the download's backoff
+    # sleeps wake on the flag too); nothing else runs in the handler.
     def handler(signum: int, _frame: object) -> None:
-        logs.event("shutdown_requested", signal=signal.Signals(signum).name)
+        if not stop.is_set():
+            logs.event("shutdown_requested", signal=signal.Signals(signum).name)
         stop.set()
+        reactor.wake()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)

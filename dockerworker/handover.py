@@ -1,6 +1,6 @@
 """Deliveries to the user thread and results back, with no task, future or wake-up per message.
 
-Owns: everything the event-loop thread and the user thread share. One job
+Owns: everything the reactor's thread and the user thread share. One job
 on the user thread (`serve`) takes deliveries from a `queue.SimpleQueue`
 and leaves each result in a deque; the loop takes the results whenever it
 runs (the pump does so on every confirm and delivery), and the thread wakes
@@ -9,7 +9,7 @@ the loop only when it is about to wait, or when results pile up.
 Architecture Invariant: the state shared between the two threads is this
 class's and nothing else: `_inbox` (loop → thread), `_done` (thread → loop),
 and the flags `_signalled`, `_abandoned` and `current`. Every other method
-runs on the event-loop thread; `serve` and what it calls (user code) on the
+runs on the reactor's thread; `serve` and what it calls (user code) on the
 user thread. Results come out in delivery order.
 
 Must not do: publish, acknowledge or decide (that is `pump`).
@@ -17,7 +17,6 @@ Must not do: publish, acknowledge or decide (that is `pump`).
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterator
 from . import processing
 from .amqp import Delivery
 from .processing import Context, Outcome
+from .reactor import Reactor
 
 # Results the user thread leaves before it wakes the loop (if no confirm or
 # delivery has had the loop take them first).
@@ -35,9 +35,12 @@ _WAKE_AFTER = 16
 class Handover:
     """The inbox of one pump's user-thread job, and the results it leaves."""
 
-    def __init__(self, function: Callable[[Any], Any], context: Context, on_results: Callable[[], None]) -> None:
+    def __init__(
+        self, function: Callable[[Any], Any], context: Context, reactor: Reactor, on_results: Callable[[], None]
+    ) -> None:
         self.function = function
         self.context = context
+        self.reactor = reactor
         self.on_results = on_results  # the loop's side of a wake-up
         self._inbox: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._arrived: list[Delivery] = []
@@ -45,11 +48,10 @@ class Handover:
         self._done: deque[tuple[Delivery, Outcome, float]] = deque()
         self._signalled = False
         self._abandoned = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Loop side: deliveries given whose results have not been taken yet,
         # and who waits for the next delivery (the pump's watchdog, idle).
         self.in_hand = 0
-        self._given: asyncio.Future[None] | None = None
+        self._given: Callable[[], None] | None = None
         # Set by the user thread: the message it is on, and since when
         # (time.monotonic()); None between messages.
         self.current: tuple[Delivery, float] | None = None
@@ -67,13 +69,12 @@ class Handover:
         """
         self._arrived.append(delivery)
         self.in_hand += 1
-        if self._given is not None:
-            if not self._given.done():
-                self._given.set_result(None)
-            self._given = None
         if not self._hand_over_scheduled:
             self._hand_over_scheduled = True
-            asyncio.get_running_loop().call_soon(self._hand_over)
+            self.reactor.call_soon(self._hand_over)
+        given, self._given = self._given, None
+        if given is not None:
+            given()
 
     def end(self, deadline: float) -> None:
         """Process what was given so far until `deadline`, then end the job."""
@@ -97,10 +98,9 @@ class Handover:
             self.in_hand -= 1
             yield done.popleft()
 
-    async def given(self) -> None:
-        """Returns at the next delivery given (the loop's side)."""
-        self._given = asyncio.get_running_loop().create_future()
-        await self._given
+    def when_given(self, callback: Callable[[], None]) -> None:
+        """Call `callback` at the next delivery given (the loop's side)."""
+        self._given = callback
 
     def _hand_over(self) -> None:
         self._hand_over_scheduled = False
@@ -114,7 +114,7 @@ class Handover:
 
     # -- the user thread's side ---------------------------------------------------------
 
-    def serve(self, loop: asyncio.AbstractEventLoop) -> None:
+    def serve(self) -> None:
         """On the user thread: process deliveries in order until ended or abandoned."""
         inbox, done, function, context = self._inbox, self._done, self.function, self.context
         while not self._given_up():
@@ -134,9 +134,9 @@ class Handover:
             if not self._signalled and (inbox.empty() or len(done) >= _WAKE_AFTER):
                 self._signalled = True
                 try:
-                    loop.call_soon_threadsafe(self._on_signal)
-                except RuntimeError:
-                    return  # the loop is closed
+                    self.reactor.call_soon_threadsafe(self._on_signal)
+                except OSError:
+                    return  # the reactor is closed
 
     def _given_up(self) -> bool:
         # A method, not the attribute: the loop sets it while `serve` runs.

@@ -113,9 +113,6 @@ def setup(level: int = INFO, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pika logs every step of a failed (re)connection, up to ERROR; the
-    # runtime logs the outcome itself, once, with the reason.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def _install_routers() -> None:

@@ -1,9 +1,10 @@
 """Consuming the worker's queue for as long as the worker runs: sessions and reconnects.
 
-Owns: the loop of connection lives (one `Session` each), the backoff between
+Owns: the loop of connection lives (one `Session` each), run as plain code
+that drives the `reactor` until what it waits for happens; the backoff between
 them, readiness (`consumer_attached`), the shutdown sequence, and the
 periodic `messages` summary line. One session wires an `amqp.Bridge` (the
-pika side) to a `pump.Pump` (the message path and its acknowledgements).
+broker side) to a `pump.Pump` (the message path and its acknowledgements).
 
 Architecture Invariant: the rule that makes the runtime lossless, **an input
 is acknowledged only after the broker confirmed the publish of its result**,
@@ -11,12 +12,12 @@ is kept by `pump` and `ledger`; this module only opens, closes and
 reconnects, and a close never acknowledges anything that was not confirmed
 (unacknowledged inputs go back to the queue with the connection).
 
-Must not do: call pika (that is `amqp`), touch a message (that is `pump`).
+Must not do: speak AMQP (that is `amqp`), touch a message (that is `pump`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 
 from . import logs
@@ -25,6 +26,7 @@ from .codeload import UserCode
 from .config import Config
 from .health import Readiness
 from .pump import ProcessStuck, Pump, Stats
+from .reactor import Reactor
 from .recording import Recorder
 from .userthread import UserThread
 
@@ -34,21 +36,27 @@ _FIRST_RECONNECT_DELAY_S = 0.5
 _MAX_RECONNECT_DELAY_S = 30.0
 # Without a shutdown, what a lost session waits for its confirms.
 _LOST_CONFIRM_WAIT_S = 1.0
+# Beyond the grace period, what a stop waits for a `process` still running
+# before it closes anyway (its input goes back to the queue).
+_STOP_SLACK_S = 2.0
 
 
-async def run(config: Config, code: UserCode, readiness: Readiness, shutdown: asyncio.Event) -> None:
-    """Consume until `shutdown` is set, reconnecting with backoff whenever the broker goes away."""
+def run(config: Config, code: UserCode, readiness: Readiness, reactor: Reactor, shutdown: threading.Event) -> None:
+    """Consume until `shutdown` is set, reconnecting with backoff whenever the broker goes away.
+
+    Whoever sets `shutdown` wakes the reactor (`Reactor.wake`)."""
     user_thread = UserThread()
     stats = Stats()
     # One for the process: what a lost connection's pump had not sent yet, the next one sends.
     recorder = Recorder(config.worker_id, config.record_keep) if config.record_keep > 0 else None
-    reporter = asyncio.ensure_future(_report(stats, config.stats_interval_s)) if config.stats_interval_s > 0 else None
+    if config.stats_interval_s > 0:
+        _report(reactor, stats, config.stats_interval_s)
     delay = _FIRST_RECONNECT_DELAY_S
     try:
         while not shutdown.is_set():
-            session = Session(config, code, readiness, user_thread, stats, recorder)
+            session = Session(config, code, readiness, user_thread, stats, reactor, recorder)
             try:
-                await session.run(shutdown)
+                session.run(shutdown)
             except TopologyError:
                 raise
             except BROKER_ERRORS as exc:
@@ -60,11 +68,9 @@ async def run(config: Config, code: UserCode, readiness: Readiness, shutdown: as
                 delay = _FIRST_RECONNECT_DELAY_S  # it worked for a while: start the backoff again
             if shutdown.is_set():
                 break
-            await _sleep_unless(shutdown, delay)
+            reactor.run_until(shutdown.is_set, delay)
             delay = min(delay * 2, _MAX_RECONNECT_DELAY_S)
     finally:
-        if reporter is not None:
-            reporter.cancel()
         _log_stats(stats, None)
 
 
@@ -78,51 +84,66 @@ class Session:
         readiness: Readiness,
         user_thread: UserThread,
         stats: Stats,
+        reactor: Reactor,
         recorder: Recorder | None = None,
     ) -> None:
         self.config = config
         self.readiness = readiness
+        self.reactor = reactor
         self.attached = False
-        self.pump = Pump(config, code, user_thread, stats, recorder)
-        self.bridge = Bridge(config, self.pump)
+        self.pump = Pump(config, code, user_thread, stats, reactor, recorder)
+        self.bridge = Bridge(config, self.pump, reactor)
 
-    async def run(self, shutdown: asyncio.Event) -> None:
+    def run(self, shutdown: threading.Event) -> None:
+        pump, reactor = self.pump, self.reactor
         try:
-            await self.bridge.open()
-            await self.bridge.consume()
+            self.bridge.open()
+            self.bridge.consume()
             self.attached = True
             self.readiness.set(consumer_attached=True)
             logs.event("consuming", queue=self.config.queue, exchange=self.config.exchange, prefetch=self.config.prefetch)
-            watcher = asyncio.ensure_future(self._stop_on(shutdown))
+            pump.start(self.bridge)
             try:
-                await self.pump.run(self.bridge)
+                reactor.run_until(lambda: pump.finished or shutdown.is_set())
+                if shutdown.is_set() and not pump.finished:
+                    self._stop()
+                pump.finish()  # raises ProcessStuck once its message is published to `errors`
             finally:
-                watcher.cancel()
                 self.readiness.set(consumer_attached=False)
                 grace = self.config.shutdown_grace_s / 2 if shutdown.is_set() else _LOST_CONFIRM_WAIT_S
-                await self.pump.wait_confirms(grace)
+                pump.wait_confirms(grace)
         finally:
             self.readiness.set(consumer_attached=False)
-            await self.bridge.close()
+            self.bridge.close()
 
-    async def _stop_on(self, shutdown: asyncio.Event) -> None:
+    def _stop(self) -> None:
         """On shutdown: stop deliveries, then let the pump finish what it holds."""
-        await shutdown.wait()
         self.readiness.set(consumer_attached=False)
-        await self.bridge.cancel()
-        self.pump.stop(grace_s=self.config.shutdown_grace_s / 2)
+        self.bridge.cancel()
+        grace_s = self.config.shutdown_grace_s / 2
+        self.pump.stop(grace_s=grace_s)
+        if not self.reactor.run_until(lambda: self.pump.finished, grace_s + _STOP_SLACK_S):
+            # A `process` that never returns must not hold the exit: its
+            # input, and what came after it, go back to the queue with the close.
+            logs.event("shutdown_timeout", level=logs.WARNING, grace_s=self.config.shutdown_grace_s)
+            self.pump.handover.abandon()
 
 
-async def _report(stats: Stats, interval_s: float) -> None:
+def _report(reactor: Reactor, stats: Stats, interval_s: float) -> None:
     """One `messages` line with the count per outcome, `interval_s` after the
     first message counted since the last line. An idle worker's reporter
-    sleeps until a message comes, rather than waking every `interval_s` to
-    find nothing to say."""
-    while True:
-        await stats.counted()
+    has no timer: it waits until a message comes, rather than waking every
+    `interval_s` to find nothing to say."""
+
+    def counted() -> None:
         started = time.monotonic()
-        await asyncio.sleep(interval_s)
+        reactor.call_later(interval_s, lambda: report(started))
+
+    def report(started: float) -> None:
         _log_stats(stats, time.monotonic() - started)
+        stats.when_counted(counted)
+
+    stats.when_counted(counted)
 
 
 def _log_stats(stats: Stats, interval_s: float | None) -> None:
@@ -134,10 +155,3 @@ def _log_stats(stats: Stats, interval_s: float | None) -> None:
     if interval_s:
         fields.update(per_s=round(total / interval_s, 1), interval_s=round(interval_s, 1))
     logs.event("messages", logs.INFO, total=total, **fields)
-
-
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
-        pass

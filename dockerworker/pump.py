@@ -18,7 +18,7 @@ so at most `prefetch` publishes await a confirm.
 Throughput comes from pipelining, not from parallel user code: `process`
 runs for one message at a time, in arrival order, on one thread; each result
 is published the next time the loop runs, and the next message is taken
-without waiting for confirms. Every method runs on the event-loop thread;
+without waiting for confirms. Every method runs on the reactor's thread;
 what the user thread shares with it is all in `handover`.
 
 A `process` that has not returned after `process_timeout_s` cannot be
@@ -27,13 +27,12 @@ where the thread was, the messages before it are settled as usual, and the
 pump ends with `ProcessStuck` so that the worker exits and is restarted; the
 messages after it go back to the queue unacknowledged.
 
-Must not do: call pika (that is `amqp`), decide what user code's result
+Must not do: speak AMQP (that is `amqp`), decide what user code's result
 means (that is `processing`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import os
@@ -41,7 +40,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import orjson
 
@@ -52,6 +51,7 @@ from .config import ERRORS_ROUTING_KEY, Config
 from .handover import Handover
 from .ledger import Ledger
 from .processing import Outcome, Verdict
+from .reactor import Reactor, Timer
 from .recording import BATCH_HEADER, FLUSH_S, Recorder, queue_of
 from .userthread import UserThread
 
@@ -116,35 +116,42 @@ class Stats:
 
     def __init__(self) -> None:
         self.counts: Counter[Verdict] = Counter()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: Callable[[], None] | None = None
 
     def add(self, verdict: Verdict) -> None:
         self.counts[verdict] += 1
-        if self._waiter is not None:
-            if not self._waiter.done():
-                self._waiter.set_result(None)
-            self._waiter = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter()
 
     def take(self) -> Counter[Verdict]:
         counts, self.counts = self.counts, Counter()
         return counts
 
-    async def counted(self) -> None:
-        """Returns once a message has been counted since the last `take`
-        (at once if one has): an idle worker's reporter sleeps here."""
+    def when_counted(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once a message has been counted since the last
+        `take` (at once if one has): an idle worker's reporter waits here,
+        with no timer."""
         if self.counts:
-            return
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._waiter
+            callback()
+        else:
+            self._waiter = callback
 
 
 class Pump:
     """The message path of one connection; see the module's invariant."""
 
     def __init__(
-        self, config: Config, code: UserCode, user_thread: UserThread, stats: Stats, recorder: Recorder | None = None
+        self,
+        config: Config,
+        code: UserCode,
+        user_thread: UserThread,
+        stats: Stats,
+        reactor: Reactor,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
+        self.reactor = reactor
         self.code = code
         self.user_thread = user_thread
         self.stats = stats
@@ -162,11 +169,13 @@ class Pump:
         self.lost: Exception | None = None
         self._flush_scheduled = False
         # All that the user thread shares with the loop is in there.
-        self.handover = Handover(code.function, self.context, on_results=self._take_done)
+        self.handover = Handover(code.function, self.context, reactor, on_results=self._take_done)
         self._stuck: Delivery | None = None
-        # Resolved when `run` must return: the job ended, the broker went
-        # away, or the watchdog gave up on a message.
-        self._finished: asyncio.Future[None] | None = None
+        # Set when the pump must end: the job ended, the broker went away, or
+        # the watchdog gave up on a message; `failure` when the job raised.
+        self.finished = False
+        self.failure: BaseException | None = None
+        self._watchdog: Timer | None = None
 
     # -- the Listener side (called by the bridge) -------------------------------------
 
@@ -202,54 +211,50 @@ class Pump:
 
     # -- the loop ------------------------------------------------------------------
 
-    async def run(self, outlet: Outlet) -> None:
-        """Process messages in arrival order until stopped or disconnected.
+    def start(self, outlet: Outlet) -> None:
+        """Process messages in arrival order until stopped or disconnected
+        (`finished`; then `finish`).
 
         One job on the user thread (`Handover.serve`) takes deliveries as
         they come and leaves their results; the loop publishes them whenever
         it runs (a confirm, a delivery, or the user thread's wake-up).
         """
         self.outlet = outlet
-        loop = asyncio.get_running_loop()
-        self._finished = finished = loop.create_future()
-        job = self.user_thread.submit(self.handover.serve, loop)
-        job.add_done_callback(self._on_job_done)
-        watchdog = asyncio.ensure_future(self._watchdog()) if self.config.process_timeout_s > 0 else None
-        try:
-            await finished
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
+        self.user_thread.submit(self.handover.serve, done=self._on_job_done, reactor=self.reactor)
+        if self.config.process_timeout_s > 0:
+            self._watch()
+
+    def finish(self) -> None:
+        """After `finished`: publish what is left; raise what ended the pump
+        (an internal error, or `ProcessStuck` after sending its message to `errors`)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._take_done()
+        if self.failure is not None:
+            raise self.failure
         if self._stuck is not None and self.lost is None:
             self._give_up_on(self._stuck)
 
     def stop(self, grace_s: float) -> None:
-        """Finish what is in hand within `grace_s`, then return from `run`."""
+        """Finish what is in hand within `grace_s`, then become `finished`."""
         self.handover.end(deadline=time.monotonic() + grace_s)
 
-    async def wait_confirms(self, timeout_s: float) -> None:
+    def wait_confirms(self, timeout_s: float) -> None:
         """Give unconfirmed publishes time to be confirmed, then send the last
         ack, and what the recording has not sent yet."""
-        deadline = time.monotonic() + timeout_s
-        while self.ledger.awaiting_confirm and self.lost is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        self.reactor.run_until(lambda: not self.ledger.awaiting_confirm or self.lost is not None, timeout_s)
         if self.lost is None:
             self._flush()
             self._send_records()
 
     def _finish(self) -> None:
-        if self._finished is not None and not self._finished.done():
-            self._finished.set_result(None)
+        self.finished = True
 
-    def _on_job_done(self, job: asyncio.Future[Any]) -> None:
-        finished = self._finished
-        if finished is None or finished.done():
+    def _on_job_done(self, _result: Any, error: BaseException | None) -> None:
+        if self.finished:
             return
-        if not job.cancelled() and job.exception() is not None:
-            finished.set_exception(job.exception())  # type: ignore[arg-type]  # an internal error
-        else:
-            finished.set_result(None)
+        self.failure = error  # an internal error
+        self.finished = True
 
     def _take_done(self) -> None:
         """Publish the results the user thread has left, in delivery order."""
@@ -262,21 +267,25 @@ class Pump:
 
     # -- the process timeout ----------------------------------------------------------
 
-    async def _watchdog(self) -> None:
-        limit = self.config.process_timeout_s
-        while True:
-            if not self.handover.in_hand:
-                await self.handover.given()  # nothing to watch: no timer while idle
-                continue
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            current = self.handover.current
-            if current is not None and time.monotonic() - current[1] > limit:
-                # The thread may finish this message any moment now; it is
-                # given up on regardless, and takes no other.
-                self._stuck = current[0]
-                self.handover.abandon()
-                self._finish()
-                return
+    def _watch(self) -> None:
+        """Check the user thread against the process timeout every
+        `WATCH_INTERVAL_S` while it has messages in hand; while idle, no
+        timer: the next delivery starts the watch again."""
+        self._watchdog = None
+        if self.finished:
+            return
+        if not self.handover.in_hand:
+            self.handover.when_given(self._watch)
+            return
+        current = self.handover.current
+        if current is not None and time.monotonic() - current[1] > self.config.process_timeout_s:
+            # The thread may finish this message any moment now; it is
+            # given up on regardless, and takes no other.
+            self._stuck = current[0]
+            self.handover.abandon()
+            self._finish()
+            return
+        self._watchdog = self.reactor.call_later(WATCH_INTERVAL_S, self._watch)
 
     def _give_up_on(self, delivery: Delivery) -> None:
         """Send the message `process` hangs on to `errors`, then end the pump."""
@@ -393,7 +402,7 @@ class Pump:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Runs after the other settles of the same confirm batch.
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.reactor.call_soon(self._flush)
         self._log(delivery, outcome, verdict, started)
 
     def _flush(self) -> None:
@@ -414,7 +423,7 @@ class Pump:
         self.recorder.add(delivery.routing_key, delivery.message_id, delivery.body, delivery.headers, output)
         if not self._records_scheduled:
             self._records_scheduled = True
-            asyncio.get_running_loop().call_later(FLUSH_S, self._send_records)
+            self.reactor.call_later(FLUSH_S, self._send_records)
 
     def _send_records(self) -> None:
         self._records_scheduled = False

@@ -8,7 +8,7 @@ no user code, no `Message`, no log line, no user thread, no retry or error
 paths. The body is parsed, `step_index` advanced and the result serialised
 (what routing to the next step needs), with orjson, as the dockerworker
 parses and serialises. It writes
-to the socket as the dockerworker does (`amqp.coalesce_writes`: the frames
+to the socket as the dockerworker does (`coalesce_writes` below: the frames
 of one loop turn in one `send()`), so that the difference between the two
 is what the dockerworker does per message, not how pika writes.
 
@@ -34,11 +34,44 @@ from typing import Any
 import orjson
 import pika
 from pika.adapters.select_connection import SelectConnection
+from pika.adapters.utils import io_services_utils
 from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
-from ..amqp import coalesce_writes
+# One send() carries at most this much of what is waiting.
+_MAX_COALESCED_BYTES = 256 * 1024
+
+
+def coalesce_writes() -> None:
+    """Make pika's plaintext transport join its waiting frames into one `send()`.
+
+    pika queues every frame as its own buffer and sends them one by one: a
+    publish is three system calls, an ack one more. Joined, all that one
+    turn of the event loop wrote goes out in one, which measurably lowers
+    the CPU per message (see docs/benchmarks.md). The SSL transport is left
+    alone: an SSL write that must be retried has to be given the same buffer.
+    """
+    transport = io_services_utils._AsyncPlaintextTransport
+    if getattr(transport, "_dockerworker_coalesces", False):
+        return
+    produce = io_services_utils._AsyncTransportBase._produce
+
+    def coalescing_produce(self: Any) -> None:
+        buffers = self._tx_buffers
+        if len(buffers) > 1:
+            joined: list[bytes] = []
+            size = 0
+            while buffers and size < _MAX_COALESCED_BYTES:
+                chunk = buffers.popleft()
+                joined.append(chunk)
+                size += len(chunk)
+            buffers.appendleft(b"".join(joined))
+        produce(self)
+
+    transport._produce = coalescing_produce
+    transport._dockerworker_coalesces = True
+
 
 
 class LimitClient:
