@@ -134,6 +134,10 @@ class Reactor:
         else:
             self._selector.modify(fd, _events(handlers), handlers)
 
+    def timers(self) -> int:
+        """How many timers are pending: what will wake an otherwise idle loop."""
+        return sum(1 for _, _, timer in self._timers if not timer.cancelled)
+
     # -- running ---------------------------------------------------------------------------
 
     def run_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool:

@@ -7,13 +7,12 @@ broker by calling the pump's listener methods (`on_confirm`, `on_return`,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -23,6 +22,7 @@ from dockerworker.codeload import UserCode
 from dockerworker.config import Config
 from dockerworker.processing import Verdict
 from dockerworker.pump import ProcessStuck, Pump, Stats
+from dockerworker.reactor import Reactor
 from dockerworker.userthread import UserThread
 
 from .support import pipeline_message
@@ -90,48 +90,50 @@ def make_pump(function: Callable[[Any], Any] = identity, **config: Any) -> Pump:
     )
     settings.update(config)
     code = UserCode(function, "usercode", "process", Path("/nonexistent"))
-    return Pump(Config(**settings), code, UserThread(), Stats())
+    return Pump(Config(**settings), code, UserThread(), Stats(), Reactor())
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+def until(pump: Pump, condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Run the pump's reactor until `condition` holds; it is checked at least
+    every 2 ms, since the user thread changes some of what it reads."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not pump.reactor.run_until(condition, 0.002):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
-def pumping(test: Callable[[Pump, ScriptedOutlet], Awaitable[None]], pump: Pump | None = None) -> None:
+def idle(pump: Pump, seconds: float) -> None:
+    """Run the pump's reactor for `seconds`."""
+    pump.reactor.run_until(lambda: False, seconds)
+
+
+def pumping(test: Callable[[Pump, ScriptedOutlet], None], pump: Pump | None = None) -> None:
     """Run `test` with a pump that is running against a scripted outlet."""
-
-    async def main() -> None:
-        the_pump = pump or make_pump()
-        outlet = ScriptedOutlet()
-        task = asyncio.ensure_future(the_pump.run(outlet))
-        try:
-            await test(the_pump, outlet)
-        finally:
-            if not task.done():
-                the_pump.on_lost(BrokerLost("test over"), expected=True)
-            await asyncio.gather(task, return_exceptions=True)
-
-    asyncio.run(main())
+    the_pump = pump or make_pump()
+    outlet = ScriptedOutlet()
+    the_pump.start(outlet)
+    try:
+        test(the_pump, outlet)
+    finally:
+        if not the_pump.finished:
+            the_pump.on_lost(BrokerLost("test over"), expected=True)
+        the_pump.reactor.close()
 
 
 def test_an_input_is_acknowledged_only_after_the_confirm_of_its_result():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         pump.on_delivery(delivery(1))
-        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        until(pump, lambda: len(outlet.published) == 1, "the result's publish")
 
         [result] = outlet.published
         assert (result.exchange, result.routing_key, result.mandatory) == ("pipeline.messages", "next", True)
         assert json.loads(result.body)["step_index"] == 1
         assert isinstance(result.headers["timestamp"], int)
-        await asyncio.sleep(0.05)
+        idle(pump, 0.05)
         assert outlet.acks == []
 
         pump.on_confirm(1, multiple=False, acked=True)
-        await until(lambda: outlet.acks != [], "the ack")
+        until(pump, lambda: outlet.acks != [], "the ack")
         assert outlet.acks == [(1, True)]
         assert pump.stats.counts == {Verdict.FORWARDED: 1}
 
@@ -139,28 +141,28 @@ def test_an_input_is_acknowledged_only_after_the_confirm_of_its_result():
 
 
 def test_acks_go_out_in_delivery_order_as_one_multiple_ack_per_run():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         for tag in (1, 2, 3):
             pump.on_delivery(delivery(tag))
-        await until(lambda: len(outlet.published) == 3, "three publishes")
+        until(pump, lambda: len(outlet.published) == 3, "three publishes")
 
         pump.on_confirm(3, multiple=False, acked=True)  # the youngest first
-        await asyncio.sleep(0.02)
+        idle(pump, 0.02)
         assert outlet.acks == []
         pump.on_confirm(2, multiple=True, acked=True)
-        await until(lambda: outlet.acks != [], "the ack")
+        until(pump, lambda: outlet.acks != [], "the ack")
         assert outlet.acks == [(3, True)]
 
     pumping(test)
 
 
 def test_a_result_the_broker_refuses_goes_to_the_retry_queue_and_is_acked_after_that_confirm():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         pump.on_delivery(delivery(1))
-        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        until(pump, lambda: len(outlet.published) == 1, "the result's publish")
 
         pump.on_confirm(1, multiple=False, acked=False)
-        await until(lambda: len(outlet.published) == 2, "the retry publish")
+        until(pump, lambda: len(outlet.published) == 2, "the retry publish")
         retry = outlet.published[1]
         assert (retry.exchange, retry.routing_key, retry.expiration) == ("", f"worker_{WORKER_ID}.retry", "5000")
         assert retry.headers[processing.ATTEMPT_HEADER] == 2
@@ -168,7 +170,7 @@ def test_a_result_the_broker_refuses_goes_to_the_retry_queue_and_is_acked_after_
         assert outlet.acks == []
 
         pump.on_confirm(2, multiple=False, acked=True)
-        await until(lambda: outlet.acks != [], "the ack")
+        until(pump, lambda: outlet.acks != [], "the ack")
         assert outlet.acks == [(1, True)]
         assert pump.stats.counts == {Verdict.RETRY: 1}
 
@@ -176,52 +178,52 @@ def test_a_result_the_broker_refuses_goes_to_the_retry_queue_and_is_acked_after_
 
 
 def test_a_returned_result_is_reported_on_errors_as_unroutable():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         pump.on_delivery(delivery(1, pipeline_steps=["me", "nobody-home"]))
-        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        until(pump, lambda: len(outlet.published) == 1, "the result's publish")
         result = outlet.published[0]
 
         pump.on_return(result.routing_key, result.body)
         pump.on_confirm(1, multiple=False, acked=True)
-        await until(lambda: len(outlet.published) == 2, "the error publish")
+        until(pump, lambda: len(outlet.published) == 2, "the error publish")
         error = outlet.published[1]
         assert (error.routing_key, error.mandatory) == ("errors", False)
         assert "nobody-home" in json.loads(error.body)["error"]
         assert outlet.acks == []
 
         pump.on_confirm(2, multiple=False, acked=True)
-        await until(lambda: outlet.acks != [], "the ack")
+        until(pump, lambda: outlet.acks != [], "the ack")
         assert pump.stats.counts == {Verdict.UNROUTABLE: 1}
 
     pumping(test)
 
 
 def test_an_error_publish_the_broker_refuses_hands_the_input_back():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         pump.on_delivery(delivery(1, pipeline_steps=["me", "nobody-home"]))
-        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        until(pump, lambda: len(outlet.published) == 1, "the result's publish")
         pump.on_return(outlet.published[0].routing_key, outlet.published[0].body)
         pump.on_confirm(1, multiple=False, acked=True)
-        await until(lambda: len(outlet.published) == 2, "the error publish")
+        until(pump, lambda: len(outlet.published) == 2, "the error publish")
 
         pump.on_confirm(2, multiple=False, acked=False)
-        await until(lambda: outlet.nacks != [], "the nack")
+        until(pump, lambda: outlet.nacks != [], "the nack")
         assert outlet.nacks == [1]
         assert pump.stats.counts == {Verdict.REQUEUED: 1}
-        await asyncio.sleep(0.02)
+        idle(pump, 0.02)
         assert outlet.acks == []  # the broker no longer knows tag 1: acking it would close the channel
 
     pumping(test)
 
 
 def test_a_lost_connection_acknowledges_nothing_and_ends_the_pump():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         pump.on_delivery(delivery(1))
-        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        until(pump, lambda: len(outlet.published) == 1, "the result's publish")
 
         pump.on_lost(BrokerLost("connection closed"), expected=False)
         pump.on_confirm(1, multiple=False, acked=True)  # too late: the broker requeued it
-        await asyncio.sleep(0.02)
+        idle(pump, 0.02)
 
         assert outlet.acks == []
         assert pump.stats.counts == {Verdict.REQUEUED: 1}
@@ -230,10 +232,10 @@ def test_a_lost_connection_acknowledges_nothing_and_ends_the_pump():
 
 
 def test_a_publish_on_a_closed_channel_leaves_the_input_to_the_broker():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         outlet.refuse_publishes = True
         pump.on_delivery(delivery(1))
-        await until(lambda: pump.stats.counts[Verdict.REQUEUED] == 1, "the requeued verdict")
+        until(pump, lambda: pump.stats.counts[Verdict.REQUEUED] == 1, "the requeued verdict")
 
         assert pump.ledger.awaiting_confirm == 0
         assert outlet.acks == []
@@ -248,23 +250,19 @@ def test_stop_finishes_what_is_in_hand_then_returns():
         release.wait(5)
         return msg
 
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
-        run = asyncio.ensure_future(pump.run(outlet))
-        for tag in (1, 2):
-            pump.on_delivery(delivery(tag))
-        pump.stop(grace_s=5)
-        release.set()
-        await asyncio.wait_for(run, timeout=5)
+    pump, outlet = make_pump(slow), ScriptedOutlet()
+    pump.start(outlet)
+    for tag in (1, 2):
+        pump.on_delivery(delivery(tag))
+    pump.stop(grace_s=5)
+    release.set()
+    until(pump, lambda: pump.finished, "the pump to finish")
+    pump.finish()
 
-        assert [p.routing_key for p in outlet.published] == ["next", "next"]
-        pump.on_confirm(2, multiple=True, acked=True)
-        await pump.wait_confirms(1.0)
-        assert outlet.acks == [(2, True)]
-
-    async def main() -> None:
-        await test(make_pump(slow), ScriptedOutlet())
-
-    asyncio.run(main())
+    assert [p.routing_key for p in outlet.published] == ["next", "next"]
+    pump.on_confirm(2, multiple=True, acked=True)
+    pump.wait_confirms(1.0)
+    assert outlet.acks == [(2, True)]
 
 
 def test_a_process_that_hangs_goes_to_errors_and_ends_the_pump_with_process_stuck():
@@ -275,40 +273,32 @@ def test_a_process_that_hangs_goes_to_errors_and_ends_the_pump_with_process_stuc
             hang.wait(30)
         return msg
 
-    async def main() -> None:
-        pump = make_pump(hangs, process_timeout_s=0.2)
-        outlet = ScriptedOutlet()
-        pump.on_delivery(delivery(1))
-        pump.on_delivery(delivery(2, metadata={"hang": True}))
-        pump.on_delivery(delivery(3))
-        with pytest.raises(ProcessStuck, match="did not return within 0.2s for message m-2"):
-            await asyncio.wait_for(pump.run(outlet), timeout=5)
-        hang.set()
+    pump, outlet = make_pump(hangs, process_timeout_s=0.2), ScriptedOutlet()
+    pump.on_delivery(delivery(1))
+    pump.on_delivery(delivery(2, metadata={"hang": True}))
+    pump.on_delivery(delivery(3))
+    pump.start(outlet)
+    until(pump, lambda: pump.finished, "the watchdog to give up")
+    with pytest.raises(ProcessStuck, match="did not return within 0.2s for message m-2"):
+        pump.finish()
+    hang.set()
 
-        assert [p.routing_key for p in outlet.published] == ["next", "errors"]
-        error = json.loads(outlet.published[1].body)
-        assert error["received_by_worker"]["metadata"] == {"hang": True}
-        assert pump.ledger.in_hand == 2  # message 3 is never taken: the broker requeues it
-
-    asyncio.run(main())
-
-
-def _timers() -> list[asyncio.TimerHandle]:
-    """The loop's pending timers (CPython's event loop keeps them in `_scheduled`)."""
-    scheduled: list[asyncio.TimerHandle] = getattr(asyncio.get_running_loop(), "_scheduled")
-    return [timer for timer in scheduled if not timer.cancelled()]
+    assert [p.routing_key for p in outlet.published] == ["next", "errors"]
+    error = json.loads(outlet.published[1].body)
+    assert error["received_by_worker"]["metadata"] == {"hang": True}
+    assert pump.ledger.in_hand == 2  # message 3 is never taken: the broker requeues it
 
 
 def test_an_idle_pump_sets_no_timer_and_its_watchdog_wakes_with_a_message():
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
-        await asyncio.sleep(0.01)  # the watchdog is waiting
-        assert _timers() == [], "nothing to watch: nothing scheduled"
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        idle(pump, 0.01)  # the watchdog is waiting
+        assert pump.reactor.timers() == 0, "nothing to watch: nothing scheduled"
 
         pump.on_delivery(delivery(1))
-        await until(lambda: len(outlet.published) == 1, "the result's publish")
+        until(pump, lambda: len(outlet.published) == 1, "the result's publish")
         pump.on_confirm(1, multiple=False, acked=True)
-        await until(lambda: pump.handover.in_hand == 0, "the message settled")
-        await until(lambda: _timers() == [], "the watchdog asleep again", timeout=2.0)
+        until(pump, lambda: pump.handover.in_hand == 0, "the message settled")
+        until(pump, lambda: pump.reactor.timers() == 0, "the watchdog asleep again", timeout=2.0)
 
     pumping(test, make_pump(process_timeout_s=60.0))
 
@@ -316,14 +306,10 @@ def test_an_idle_pump_sets_no_timer_and_its_watchdog_wakes_with_a_message():
 def test_the_messages_summary_waits_for_a_message_then_its_interval():
     from dockerworker import messaging
 
-    async def main() -> None:
-        stats = Stats()
-        reporter = asyncio.ensure_future(messaging._report(stats, 60.0))
-        await asyncio.sleep(0.01)
-        assert _timers() == [], "an idle worker's summary sets no timer"
-        stats.add(Verdict.FORWARDED)
-        await until(lambda: len(_timers()) == 1, "the interval starts with the first message")
-        reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
-
-    asyncio.run(main())
+    reactor, stats = Reactor(), Stats()
+    messaging._report(reactor, stats, 60.0)
+    reactor.run_until(lambda: False, 0.01)
+    assert reactor.timers() == 0, "an idle worker's summary sets no timer"
+    stats.add(Verdict.FORWARDED)
+    assert reactor.timers() == 1, "the interval starts with the first message"
+    reactor.close()

@@ -21,6 +21,7 @@ from dockerworker.amqp import Delivery
 from dockerworker.codeload import UserCode
 from dockerworker.config import Config, ConfigError, load
 from dockerworker.pump import Pump, Stats
+from dockerworker.reactor import Reactor
 from dockerworker.recording import BATCH_HEADER, Recorder
 from dockerworker.userthread import UserThread
 
@@ -99,7 +100,7 @@ def recording_pump(keep: int) -> Pump:
         worker_id=WORKER_ID, amqp_url="amqp://unused", exchange="pipeline.messages", code_url=None, record_keep=keep
     )
     code = UserCode(identity, "usercode", "process", Path("/nonexistent"))
-    return Pump(config, code, UserThread(), Stats(), Recorder(WORKER_ID, keep))
+    return Pump(config, code, UserThread(), Stats(), Reactor(), Recorder(WORKER_ID, keep))
 
 
 def test_the_pump_sends_each_settled_input_with_its_output_in_one_batch_and_then_rests(
@@ -107,14 +108,14 @@ def test_the_pump_sends_each_settled_input_with_its_output_in_one_batch_and_then
 ) -> None:
     monkeypatch.setattr(pump_module, "FLUSH_S", 0.01)
 
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         for tag in (1, 2):
             body = json.dumps(pipeline_message(tracing_id=f"t-{tag}")).encode()
             pump.on_delivery(Delivery(tag, body, f"m-{tag}", "application/json", {}, WORKER_ID))
-        await until(lambda: len(outlet.published) == 2, "both results")
+        until(pump, lambda: len(outlet.published) == 2, "both results")
         assert outlet.published[0].routing_key == "next"
         pump.on_confirm(2, multiple=True, acked=True)
-        await until(lambda: len(outlet.published) == 3, "the batch")
+        until(pump, lambda: len(outlet.published) == 3, "the batch")
 
         batch = outlet.published[2]
         assert (batch.exchange, batch.routing_key) == ("", recording.queue_of(WORKER_ID))
@@ -135,18 +136,18 @@ def test_the_pump_sends_each_settled_input_with_its_output_in_one_batch_and_then
     pumping(test, recording_pump(keep=10))
 
 
-async def settle_one_then_stop(pump: Pump, outlet: ScriptedOutlet) -> None:
+def settle_one_then_stop(pump: Pump, outlet: ScriptedOutlet) -> None:
     """One message through (result published, confirmed, input acked), then the stop's wait for confirms."""
     pump.on_delivery(Delivery(1, json.dumps(pipeline_message()).encode(), "m-1", None, {}, WORKER_ID))
-    await until(lambda: len(outlet.published) == 1, "the result")
+    until(pump, lambda: len(outlet.published) == 1, "the result")
     pump.on_confirm(1, multiple=False, acked=True)
-    await until(lambda: outlet.acks != [], "the ack")
-    await pump.wait_confirms(0.1)
+    until(pump, lambda: outlet.acks != [], "the ack")
+    pump.wait_confirms(0.1)
 
 
 def test_a_pump_that_does_not_record_sends_no_batch() -> None:
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
-        await settle_one_then_stop(pump, outlet)
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        settle_one_then_stop(pump, outlet)
         assert [p.routing_key for p in outlet.published] == ["next"]
 
     pumping(test)
@@ -155,9 +156,9 @@ def test_a_pump_that_does_not_record_sends_no_batch() -> None:
 def test_a_stop_sends_what_was_not_sent_yet(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pump_module, "FLUSH_S", 3600.0)
 
-    async def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
         # The timer would wait an hour: the stop's wait for confirms sends it.
-        await settle_one_then_stop(pump, outlet)
+        settle_one_then_stop(pump, outlet)
         assert [p.routing_key for p in outlet.published] == ["next", recording.queue_of(WORKER_ID)]
 
     pumping(test, recording_pump(keep=10))

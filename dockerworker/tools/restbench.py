@@ -4,8 +4,9 @@ Owns: nothing the runtime uses. One run prints, each beside the floors
 measured in the same run:
 
 1. **Floors**: a busybox container, start → exit; `python -c pass` in the
-   worker image; `python -c "import asyncio, pika"` in the worker image and,
-   with `--before`, in an older one. Each as the engine times it (`StartedAt`
+   worker image; `python -c` of the start path's imports (the runtime's
+   `app`, `__main__` and `messaging` with all they import) in the worker
+   image and, with `--before`, in an older one. Each as the engine times it (`StartedAt`
    → `FinishedAt`) and from the `docker run` call to `FinishedAt`.
 2. **Start → consuming** of the worker image (`startbench`: `docker run` with
    workerctl's flags, until the ready report arrives), median and p90, from
@@ -58,6 +59,8 @@ from .startbench import DEFAULT_AMQP_URL, DEFAULT_API, TRIVIAL_CODE, StartBench,
 DEFAULT_DATABASE_URL = "postgres://workerctl:workerctl@127.0.0.1:5432/workerctl"
 BUSYBOX = "workerctl/busybox:latest"
 _FLOOR_RUNS = 10
+# Everything a worker imports before it consumes, user code aside.
+START_PATH_IMPORTS = "import dockerworker.__main__, dockerworker.app, dockerworker.messaging"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +95,10 @@ def _start(args: argparse.Namespace, amqp_url: str) -> None:
     floors = [
         ("busybox start → exit", _floor(BUSYBOX, ["true"], entrypoint=None)),
         ("python -c pass", _floor(args.image, ["-c", "pass"])),
-        ("python -c 'import asyncio, pika'", _floor(args.image, ["-c", "import asyncio, pika"])),
+        ("the start path's imports", _floor(args.image, ["-c", START_PATH_IMPORTS])),
     ]
     if args.before:
-        floors.append((f"  the same in {args.before}", _floor(args.before, ["-c", "import asyncio, pika"])))
+        floors.append((f"  the same in {args.before}", _floor(args.before, ["-c", START_PATH_IMPORTS])))
     for label, (engine, from_run) in floors:
         print(f"floor  {label:42s} {_stats(engine)}   (docker run → exit {_stats(from_run)})", flush=True)
     bench = StartBench(amqp_url, DEFAULT_API, "report")
