@@ -40,3 +40,10 @@ Exit codes of `run` (see `app.ExitCode`): 0 clean shutdown, 1 internal error,
 refused the topology, 6 `process` did not return within
 WORKER_PROCESS_TIMEOUT_S.
 """
+
+from . import modindex as _modindex
+
+# In the image, the start path's modules come from an index built with it
+# (one open each instead of a search of sys.path); `app` removes the finder
+# before user code is imported. Elsewhere there is no index: nothing changes.
+_modindex.install()

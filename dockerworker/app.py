@@ -30,12 +30,13 @@ follow from the attach.
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import signal
 import threading
 from typing import Mapping
 
-from . import codefetch, codeload, config as config_module, logs
+from . import codefetch, codeload, config as config_module, logs, modindex
 from .codeload import UserCode
 from .config import Config, ConfigError
 from .health import READY_FILE_REFRESH_S, HealthServer, Readiness, ReadyFile, ReadyReporter, runtime_file
@@ -103,6 +104,9 @@ def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> 
     download = _Download(config, stop).start()
     from . import messaging  # noqa: F401  (imported while the download is on the wire)
 
+    # The runtime's imports are done: user code imports as Python always does.
+    modindex.uninstall()
+
     try:
         code = _load_code(config, download.result())
     except _Fatal as fatal:
@@ -114,6 +118,10 @@ def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> 
 
         debug.announce(debug_port)
     readiness.set(code_loaded=True)
+    # The collector was off for the start (`__main__`): what the start made
+    # lives as long as the process, so it is kept out of later collections.
+    gc.freeze()
+    gc.enable()
     return _consume(config, code, readiness, ready_file, stop, reactor)
 
 

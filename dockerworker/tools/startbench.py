@@ -77,14 +77,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def bytecode_check(image: str) -> tuple[int, int]:
     """(modules loaded from .pyc, modules compiled from source) when the runtime's start path is imported."""
-    command = [
-        "docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--entrypoint", "python", image,
-        "-v", "-c", "import dockerworker.__main__, dockerworker.messaging",
-    ]  # fmt: skip
-    verbose = subprocess.run(command, capture_output=True, text=True, check=True).stderr
-    loaded = [line for line in verbose.splitlines() if line.startswith("# code object from ")]
+    # Modules served from the start path's index (dockerworker.modindex, in
+    # images that have one) do not show in -v's lines: the index says.
+    script = (
+        "import dockerworker.__main__, dockerworker.app, dockerworker.messaging\n"
+        "import sys\n"
+        "index = sys.modules.get('dockerworker.modindex')\n"
+        "print('indexed', len(getattr(index, 'served', [])), len(getattr(index, 'compiled', [])))"
+    )
+    command = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--entrypoint", "python", image, "-v", "-c", script]
+    run = subprocess.run(command, capture_output=True, text=True, check=True)
+    loaded = [line for line in run.stderr.splitlines() if line.startswith("# code object from ")]
     from_bytecode = sum(line.rstrip("'").endswith(".pyc") for line in loaded)
-    return from_bytecode, len(loaded) - from_bytecode
+    indexed = [line.split() for line in run.stdout.splitlines() if line.startswith("indexed ")]
+    served, compiled = (int(indexed[-1][1]), int(indexed[-1][2])) if indexed else (0, 0)
+    return from_bytecode + served, len(loaded) - from_bytecode + compiled
 
 
 def _parser() -> argparse.ArgumentParser:
