@@ -52,6 +52,9 @@ _TOPOLOGY_REPLY_CODES = frozenset({403, 405, 406})
 _FRAME_MAX = 131072
 _READ_BYTES = 256 * 1024
 _FRAME_HEADER = struct.Struct(">BHI")
+_METHOD_INDEX = struct.Struct(">I")
+_FRAME_METHOD, _FRAME_HEADER_TYPE, _FRAME_BODY = 1, 2, 3
+_FRAME_END = 0xCE
 _CLIENT_CAPABILITIES = {
     "authentication_failure_close": True,
     "basic.nack": True,
@@ -172,6 +175,9 @@ class Bridge:
         self._closed = False
         self._publish_seq = 0
         self._frame_max = _FRAME_MAX
+        # Basic.Publish frames by (exchange, routing key, mandatory): a worker
+        # publishes to a handful of destinations, the same bytes each time.
+        self._publish_frames: dict[tuple[str, str, bool], bytes] = {}
         self._incoming: _Incoming | None = None
         self._expected: tuple[type[Any], ...] = ()
         self._reply: Any = None
@@ -267,10 +273,14 @@ class Bridge:
             expiration=expiration,
             message_id=message_id,
         )
-        frames = [
-            frame.marshal(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), _CHANNEL),
-            frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL),
-        ]
+        key = (exchange, routing_key, mandatory)
+        method = self._publish_frames.get(key)
+        if method is None:
+            if len(self._publish_frames) >= 64:
+                self._publish_frames.clear()
+            method = frame.marshal(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), _CHANNEL)
+            self._publish_frames[key] = method
+        frames = [method, frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL)]
         step = self._frame_max - 8
         for start in range(0, len(body), step):
             frames.append(frame.marshal(amqp_body.ContentBody(body[start : start + step]), _CHANNEL))
@@ -333,33 +343,49 @@ class Bridge:
         self._read_frames()
 
     def _read_frames(self) -> None:
+        """Decode every whole frame received so far.
+
+        The frame's envelope (type, channel, size, end octet) is read here, so
+        that a body frame's payload goes to the message as it is, and a
+        method or header frame is decoded by pamqp's class for it: no
+        intermediate object per frame (every message is three frames)."""
         buffer = self._in
         position = 0
         try:
             while len(buffer) - position >= 8 and self._socket is not None:
-                _, _, size = _FRAME_HEADER.unpack_from(buffer, position)
+                frame_type, channel, size = _FRAME_HEADER.unpack_from(buffer, position)
                 end = position + 8 + size
                 if len(buffer) < end:
                     break
-                _, channel, value = frame.unmarshal(bytes(buffer[position:end]))
+                if buffer[end - 1] != _FRAME_END:
+                    raise ValueError(f"frame of type {frame_type} does not end with 0xCE")
+                payload = bytes(buffer[position + 7 : end - 1])
                 position = end
-                self._dispatch(channel, value)
-        except (amqp_exceptions.PAMQPException, ValueError, struct.error) as exc:
+                if frame_type == _FRAME_BODY:
+                    if self._incoming is not None:
+                        self._assemble_body(self._incoming, payload)
+                elif frame_type == _FRAME_HEADER_TYPE:
+                    content = header.ContentHeader()
+                    content.unmarshal(payload)
+                    if self._incoming is not None:
+                        self._assemble_header(self._incoming, content)
+                elif frame_type == _FRAME_METHOD:
+                    (index,) = _METHOD_INDEX.unpack_from(payload)
+                    method = commands.INDEX_MAPPING[index]()
+                    method.unmarshal(payload[4:])
+                    self._dispatch(channel, method)
+                # a heartbeat (type 8): its arrival is all it says
+        except (amqp_exceptions.PAMQPException, KeyError, ValueError, struct.error) as exc:
             self._fail(BrokerLost(f"cannot read the broker's frames: {exc!r}"))
             return
         del buffer[:position]
 
     def _dispatch(self, channel: int, value: Any) -> None:
-        incoming = self._incoming
-        if incoming is not None and isinstance(value, (header.ContentHeader, amqp_body.ContentBody)):
-            self._assemble(incoming, value)
-        elif isinstance(value, (Basic.Ack, Basic.Nack)):
+        if isinstance(value, (Basic.Ack, Basic.Nack)):
             if not self.lost:
                 self.listener.on_confirm(value.delivery_tag, bool(value.multiple), isinstance(value, Basic.Ack))
         elif isinstance(value, (Basic.Deliver, Basic.Return)):
             self._incoming = _Incoming(value)
-        elif isinstance(value, heartbeat.Heartbeat):
-            pass
         elif self._expected and isinstance(value, self._expected):
             self._reply = value
         elif isinstance(value, Basic.CancelOk):
@@ -387,14 +413,19 @@ class Bridge:
         elif isinstance(value, Connection.Unblocked):
             logs.event("broker_unblocked")
 
-    def _assemble(self, incoming: _Incoming, value: header.ContentHeader | amqp_body.ContentBody) -> None:
-        if isinstance(value, header.ContentHeader):
-            incoming.properties, incoming.size = value.properties, value.body_size
-        else:
-            incoming.parts.append(value.value)
-            incoming.received += len(value.value)
-        if incoming.properties is None or incoming.received < incoming.size:
-            return
+    def _assemble_header(self, incoming: _Incoming, content: header.ContentHeader) -> None:
+        incoming.properties, incoming.size = content.properties, content.body_size
+        if incoming.size == 0:
+            self._deliver(incoming)
+
+    def _assemble_body(self, incoming: _Incoming, payload: bytes) -> None:
+        incoming.parts.append(payload)
+        incoming.received += len(payload)
+        if incoming.properties is not None and incoming.received >= incoming.size:
+            self._deliver(incoming)
+
+    def _deliver(self, incoming: _Incoming) -> None:
+        assert incoming.properties is not None, "a content header came first"
         self._incoming = None
         body = incoming.parts[0] if len(incoming.parts) == 1 else b"".join(incoming.parts)
         method = incoming.method

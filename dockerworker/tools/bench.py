@@ -74,6 +74,8 @@ _READY_TIMEOUT_S = 60.0
 # This folder, and where the worker image's `dockerworker` package would keep it.
 TOOLS_DIR = Path(__file__).resolve().parent
 _IMAGE_TOOLS_DIR = "/opt/dockerworker/dockerworker/tools"
+# The limit client's containers (pika is in this one; scripts/build-images).
+LIMIT_CLIENT_IMAGE = os.environ.get("BENCH_LIMIT_IMAGE", "workerctl/contract-worker:latest")
 _STALL_TIMEOUT_S = 30.0
 # Enough for a window of a second or more with every worker busy.
 _MIN_PER_WORKER = 4_000
@@ -490,8 +492,13 @@ class _Container(_Worker):
         ]
         env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
         name = f"dockerworker-bench-{env['WORKER_ID']}"
-        # The tools are not in the image: the limit client comes from this checkout.
-        tools = ["-v", f"{TOOLS_DIR}:{_IMAGE_TOOLS_DIR}:ro"] if module.startswith("dockerworker.tools.") else []
+        # The tools are not in the image: the limit client comes from this
+        # checkout, and runs on the contract image (the worker image's Python
+        # and venv, with pika added: the dockerworker itself does not use it).
+        tools: list[str] = []
+        if module.startswith("dockerworker.tools."):
+            image = LIMIT_CLIENT_IMAGE
+            tools = ["-v", f"{TOOLS_DIR}:{_IMAGE_TOOLS_DIR}:ro", "-e", "PYTHONPATH=/opt/dockerworker", "--user", "10001:10001"]
         entry = ["--entrypoint", "tini", image, "--", "python", "-m", module, *args]
         run = subprocess.run(["docker", "run", "-d", "--name", name, *hardening, *tools, *env_args, *entry],
                              capture_output=True, text=True, check=False)
