@@ -41,9 +41,10 @@ refused the topology, 6 `process` did not return within
 WORKER_PROCESS_TIMEOUT_S.
 """
 
-from . import modindex as _modindex
+from . import bundle as _bundle
 
-# In the image, the start path's modules come from an index built with it
-# (one open each instead of a search of sys.path); `app` removes the finder
-# before user code is imported. Elsewhere there is no index: nothing changes.
-_modindex.install()
+# In the image, the start path's modules come from one file built with it
+# (`bundle`: one open instead of a search of sys.path and an open per
+# module); `app` removes the finder before user code is imported. Elsewhere
+# there is no bundle: nothing changes.
+_bundle.install()

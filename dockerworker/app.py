@@ -36,7 +36,7 @@ import signal
 import threading
 from typing import Mapping
 
-from . import codefetch, codeload, config as config_module, logs, modindex
+from . import bundle, codefetch, codeload, config as config_module, logs
 from .codeload import UserCode
 from .config import Config, ConfigError
 from .health import READY_FILE_REFRESH_S, HealthServer, Readiness, ReadyFile, ReadyReporter, runtime_file
@@ -105,7 +105,7 @@ def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> 
     from . import messaging  # noqa: F401  (imported while the download is on the wire)
 
     # The runtime's imports are done: user code imports as Python always does.
-    modindex.uninstall()
+    bundle.uninstall()
 
     try:
         code = _load_code(config, download.result())

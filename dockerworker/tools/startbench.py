@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def bytecode_check(image: str) -> tuple[int, int]:
     """(modules loaded from .pyc, modules compiled from source) when the runtime's start path is imported."""
-    # Modules served from the start path's index (dockerworker.modindex, in
-    # images that have one) do not show in -v's lines: the index says.
+    # Modules served from the start path's bundle (dockerworker.bundle, in
+    # images that have one) do not show in -v's lines: the bundle says.
     script = (
         "import dockerworker.__main__, dockerworker.app, dockerworker.messaging\n"
         "import sys\n"
-        "index = sys.modules.get('dockerworker.modindex')\n"
+        "index = sys.modules.get('dockerworker.bundle')\n"
         "print('indexed', len(getattr(index, 'served', [])), len(getattr(index, 'compiled', [])))"
     )
     command = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--entrypoint", "python", image, "-v", "-c", script]
