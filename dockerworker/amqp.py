@@ -30,8 +30,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import body as amqp_body
@@ -79,8 +78,7 @@ class BrokerLost(Exception):
 BROKER_ERRORS: tuple[type[BaseException], ...] = (BrokerLost, ConnectionError, OSError)
 
 
-@dataclass(frozen=True)
-class Delivery:
+class Delivery(NamedTuple):
     """One message as the broker delivered it."""
 
     tag: int
@@ -110,8 +108,7 @@ class Listener(Protocol):
         closed it itself. Called once."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """Where and as whom to connect, from an amqp:// or amqps:// URL."""
 
     host: str

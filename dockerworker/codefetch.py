@@ -17,8 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urljoin
 
 import orjson
@@ -44,8 +43,7 @@ class Interrupted(Exception):
     """Shutdown was requested while waiting to retry the download."""
 
 
-@dataclass(frozen=True)
-class FetchPolicy:
+class FetchPolicy(NamedTuple):
     attempts: int = 10
     timeout_s: float = 10.0
     first_delay_s: float = _FIRST_DELAY_S
@@ -85,8 +83,7 @@ class _Retryable(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     status: int
     body: bytes
 

@@ -20,9 +20,8 @@ import stat
 import sys
 import traceback
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import logs
 from .config import DEFAULT_ENTRYPOINT, Limits
@@ -36,8 +35,7 @@ class CodeInvalid(Exception):
     """The archive or the code in it cannot be run (exit code 4)."""
 
 
-@dataclass(frozen=True)
-class UserCode:
+class UserCode(NamedTuple):
     """The loaded user function and where it came from."""
 
     function: Callable[[Any], Any]

@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 DEFAULT_ENTRYPOINT = "main.main"
@@ -28,16 +27,17 @@ class ConfigError(Exception):
     """The environment does not describe a runnable worker (exit code 2)."""
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Bounds on what an unpacked code archive may contain."""
 
     max_unpacked_bytes: int = 50 * 1024 * 1024
     max_members: int = 1000
 
 
-@dataclass(frozen=True)
-class Config:
+_DEFAULT_LIMITS = Limits()
+
+
+class Config(NamedTuple):
     """Everything the runtime needs to know, as one typed value."""
 
     worker_id: str
@@ -64,7 +64,7 @@ class Config:
     debug: bool = False
     # Records its last `record_keep` messages for workerctl (`recording`); 0: off.
     record_keep: int = 0
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = _DEFAULT_LIMITS
 
     @property
     def queue(self) -> str:
@@ -115,8 +115,8 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
         debug=debug,
         record_keep=_int(env, "WORKER_RECORD_KEEP", 0, minimum=0, maximum=100_000),
         limits=Limits(
-            max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", Limits.max_unpacked_bytes, minimum=1),
-            max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", Limits.max_members, minimum=1),
+            max_unpacked_bytes=_int(env, "WORKER_CODE_MAX_BYTES", _DEFAULT_LIMITS.max_unpacked_bytes, minimum=1),
+            max_members=_int(env, "WORKER_CODE_MAX_MEMBERS", _DEFAULT_LIMITS.max_members, minimum=1),
         ),
     )
 

@@ -29,8 +29,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -38,7 +37,6 @@ import orjson
 from . import logs, minihttp
 
 
-@dataclass
 class Readiness:
     """What readiness is made of; written by the runtime, read by the server thread.
 
@@ -48,10 +46,14 @@ class Readiness:
     must return at once.
     """
 
-    code_loaded: bool = False
-    consumer_attached: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _listeners: list[Callable[[bool], None]] = field(default_factory=list, repr=False)
+    def __init__(self, code_loaded: bool = False, consumer_attached: bool = False) -> None:
+        self.code_loaded = code_loaded
+        self.consumer_attached = consumer_attached
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[bool], None]] = []
+
+    def __repr__(self) -> str:
+        return f"Readiness(code_loaded={self.code_loaded}, consumer_attached={self.consumer_attached})"
 
     def set(self, *, code_loaded: bool | None = None, consumer_attached: bool | None = None) -> None:
         with self._lock:
@@ -178,8 +180,7 @@ class HealthServer:
 Post = Callable[[str, float], int]
 
 
-@dataclass(frozen=True)
-class ReportPolicy:
+class ReportPolicy(NamedTuple):
     attempts: int = 5
     first_delay_s: float = 0.05
     timeout_s: float = 2.0

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urlsplit
 
 # The most of an answer's or a request's head read; more is a protocol error.
@@ -30,8 +29,7 @@ class HttpError(OSError):
     """The peer spoke something that is not the HTTP expected (an OSError: callers treat it as a failed request)."""
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     status: int
     headers: dict[str, str]  # names in lower case
     body: bytes

@@ -32,8 +32,7 @@ import enum
 import json
 import time
 import traceback
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from . import logs
 from .config import ERRORS_ROUTING_KEY
@@ -73,8 +72,7 @@ class Verdict(enum.StrEnum):
     REQUEUED = "requeued"
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(NamedTuple):
     """The fixed facts processing needs about this worker."""
 
     worker_id: str
@@ -84,8 +82,7 @@ class Context:
     devices_endpoint: str | None = None
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """Where a processed message goes next, and why."""
 
     verdict: Verdict
@@ -102,7 +99,7 @@ class Outcome:
 
     def with_error(self, error: str) -> "Outcome":
         """The same outcome, with `error` as the reason in its log line."""
-        return replace(self, error=error)
+        return self._replace(error=error)
 
 
 def attempt_of(headers: Mapping[str, Any]) -> int:

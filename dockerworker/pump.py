@@ -39,7 +39,6 @@ import os
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import orjson
@@ -96,19 +95,31 @@ class Outlet(Protocol):
     def nack(self, tag: int) -> None: ...
 
 
-@dataclass
 class _Publish:
     """A publish waiting for its confirm, and the input it settles."""
 
-    delivery: Delivery
-    outcome: Outcome
-    started: float
-    kind: PublishKind
-    verdict: Verdict
-    routing_key: str
-    body: bytes
-    mandatory: bool
-    returned: bool = False
+    __slots__ = ("delivery", "outcome", "started", "kind", "verdict", "routing_key", "body", "mandatory", "returned")
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        started: float,
+        kind: PublishKind,
+        verdict: Verdict,
+        routing_key: str,
+        body: bytes,
+        mandatory: bool,
+    ) -> None:
+        self.delivery = delivery
+        self.outcome = outcome
+        self.started = started
+        self.kind = kind
+        self.verdict = verdict
+        self.routing_key = routing_key
+        self.body = body
+        self.mandatory = mandatory
+        self.returned = False  # a return came for it (unroutable)
 
 
 class Stats:
