@@ -71,9 +71,12 @@ class _BundleLoader:
             return f.read()
 
     def get_code(self, fullname: str) -> Any:
-        if _current(self.pyc, self.path):
+        # The bytes are let go once read: the module keeps its loader for
+        # as long as the process lives. (A second call compiles the source.)
+        pyc, self.pyc = self.pyc, b""
+        if _current(pyc, self.path):
             served.append(fullname)
-            return marshal.loads(memoryview(self.pyc)[16:])
+            return marshal.loads(memoryview(pyc)[16:])
         compiled.append(fullname)
         with open(self.path, "rb") as f:
             return compile(f.read(), self.path, "exec", dont_inherit=True)
@@ -81,6 +84,8 @@ class _BundleLoader:
 
 def _current(pyc: bytes, source: str) -> bool:
     """Whether a timestamp-based `.pyc` was compiled from `source` as it is now."""
+    if len(pyc) < 16:
+        return False
     try:
         st = os.stat(source)
     except OSError:
