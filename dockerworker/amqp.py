@@ -161,6 +161,7 @@ class Bridge:
         # Set by `close`: the loss that follows is our own doing.
         self.closing = False
         self._socket: socket.socket | None = None
+        self._tls = False
         self._in = bytearray()
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -207,6 +208,7 @@ class Bridge:
             raise BrokerLost(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
         sock.setblocking(False)
         self._socket = sock
+        self._tls = endpoint.tls
         self.reactor.add_reader(sock, self._on_readable)
         self._write(header.ProtocolHeader().marshal())
 
@@ -328,7 +330,8 @@ class Bridge:
                     self._fail(BrokerLost("connection closed by the broker (end of stream)"))
                     return
                 self._in += data
-                if len(data) < _READ_BYTES:
+                # A TLS socket may hold decrypted records the selector cannot see.
+                if len(data) < _READ_BYTES and not (self._tls and sock.pending()):  # type: ignore[attr-defined]
                     break
         except (BlockingIOError, InterruptedError):
             pass
