@@ -40,11 +40,3 @@ Exit codes of `run` (see `app.ExitCode`): 0 clean shutdown, 1 internal error,
 refused the topology, 6 `process` did not return within
 WORKER_PROCESS_TIMEOUT_S.
 """
-
-from . import bundle as _bundle
-
-# In the image, the start path's modules come from one file built with it
-# (`bundle`: one open instead of a search of sys.path and an open per
-# module); `app` removes the finder before user code is imported. Elsewhere
-# there is no bundle: nothing changes.
-_bundle.install()

@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         # collection on the way would scan them again. `app` turns it back on
         # once the code is loaded.
         gc.disable()
+        from . import bundle
+
+        # In the image, the start path's modules come from one file made with
+        # it (`bundle`: one open instead of a search of sys.path and an open
+        # per module); `app` removes the finder before user code is
+        # imported. Elsewhere there is no bundle: nothing changes.
+        bundle.install()
         from . import app
 
         return app.run(os.environ)

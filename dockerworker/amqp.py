@@ -30,11 +30,11 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import body as amqp_body
-from pamqp import commands, exceptions as amqp_exceptions, frame, header, heartbeat
+from pamqp import commands, encode, exceptions as amqp_exceptions, frame, header, heartbeat
 
 from . import logs
 from .config import Config
@@ -66,6 +66,24 @@ Basic = commands.Basic
 Connection = commands.Connection
 Channel = commands.Channel
 
+_pamqp_table_value = encode.encode_table_value
+
+
+def _table_value(value: Any) -> bytes:
+    """A header value as pika (and the broker's other clients) encode it:
+    pamqp writes a float as a 32-bit `f`, losing precision, and refuses
+    `bytes`, which is what it decodes a header that is not UTF-8 into. A
+    header the worker passes on keeps both."""
+    if isinstance(value, float):
+        return b"d" + encode.double(value)
+    if isinstance(value, bytes):
+        return b"x" + encode.byte_array(bytearray(value))
+    return _pamqp_table_value(value)
+
+
+# pamqp's table encoders look the function up by name at each call.
+encode.encode_table_value = _table_value
+
 
 class TopologyError(Exception):
     """The broker refused our declarations (exit code 5): e.g. `worker_<id>` exists with other arguments."""
@@ -73,6 +91,15 @@ class TopologyError(Exception):
 
 class BrokerLost(Exception):
     """The connection or channel is gone (or never came): reconnect."""
+
+
+class Stopped(BrokerLost):
+    """The worker is stopping: the connection being opened was given up."""
+
+
+class Unpublishable(Exception):
+    """A message that cannot be encoded as AMQP (e.g. a routing key over 255 bytes):
+    publishing it again cannot help."""
 
 
 BROKER_ERRORS: tuple[type[BaseException], ...] = (BrokerLost, ConnectionError, OSError)
@@ -118,6 +145,8 @@ class Endpoint(NamedTuple):
     password: str
     vhost: str
     heartbeat_s: int | None
+    # Query options of the URL this client does not act on (pika's ssl_options, ...).
+    ignored: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, url: str) -> "Endpoint":
@@ -125,7 +154,8 @@ class Endpoint(NamedTuple):
         tls = parts.scheme == "amqps"
         # As pika read it: no path, or "/" alone, is the default vhost "/".
         vhost = unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
-        heartbeat_s = parse_qs(parts.query).get("heartbeat")
+        options = parse_qs(parts.query)
+        heartbeat_s = options.get("heartbeat")
         return cls(
             host=parts.hostname or "localhost",
             port=parts.port or (5671 if tls else 5672),
@@ -134,6 +164,7 @@ class Endpoint(NamedTuple):
             password=unquote(parts.password or "guest"),
             vhost=vhost,
             heartbeat_s=int(heartbeat_s[0]) if heartbeat_s else None,
+            ignored=frozenset(options) - {"heartbeat"},
         )
 
 
@@ -153,10 +184,14 @@ class _Incoming:
 class Bridge:
     """One connection and one channel in confirm mode, for one `Listener`."""
 
-    def __init__(self, config: Config, listener: Listener, reactor: Reactor) -> None:
+    def __init__(
+        self, config: Config, listener: Listener, reactor: Reactor, abort: Callable[[], bool] = lambda: False
+    ) -> None:
         self.config = config
         self.listener = listener
         self.reactor = reactor
+        # While opening: give up when this says so (a shutdown).
+        self.abort = abort
         self.lost = False
         # Set by `close`: the loss that follows is our own doing.
         self.closing = False
@@ -189,6 +224,11 @@ class Bridge:
     def open(self) -> None:
         """Connect, open the channel in confirm mode with the prefetch, declare the topology."""
         endpoint = Endpoint.parse(self.config.amqp_url)
+        if endpoint.ignored:
+            logs.event(
+                "amqp_url_options_ignored", level=logs.WARNING, options=sorted(endpoint.ignored),
+                supported=["heartbeat"],
+            )
         self._connect(endpoint)
         self._handshake(endpoint)
         self._call(Channel.Open(), Channel.OpenOk, channel=_CHANNEL)
@@ -265,21 +305,25 @@ class Bridge:
         """Publish a persistent message; return its confirm number."""
         if self.lost or self.closing or self._socket is None:
             raise BrokerLost("publish failed: no channel")
-        properties = Basic.Properties(
-            content_type=content_type,
-            headers=headers,
-            delivery_mode=_PERSISTENT,
-            expiration=expiration,
-            message_id=message_id,
-        )
-        key = (exchange, routing_key, mandatory)
-        method = self._publish_frames.get(key)
-        if method is None:
-            if len(self._publish_frames) >= 64:
-                self._publish_frames.clear()
-            method = frame.marshal(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), _CHANNEL)
-            self._publish_frames[key] = method
-        frames = [method, frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL)]
+        try:
+            properties = Basic.Properties(
+                content_type=content_type,
+                headers=headers,
+                delivery_mode=_PERSISTENT,
+                expiration=expiration,
+                message_id=message_id,
+            )
+            key = (exchange, routing_key, mandatory)
+            method = self._publish_frames.get(key)
+            if method is None:
+                if len(self._publish_frames) >= 64:
+                    self._publish_frames.clear()
+                publish = Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                method = frame.marshal(publish, _CHANNEL)
+                self._publish_frames[key] = method
+            frames = [method, frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL)]
+        except (TypeError, ValueError, struct.error, amqp_exceptions.PAMQPException) as exc:
+            raise Unpublishable(f"cannot encode a publish to {exchange!r} with routing key {routing_key!r}: {exc}") from exc
         step = self._frame_max - 8
         for start in range(0, len(body), step):
             frames.append(frame.marshal(amqp_body.ContentBody(body[start : start + step]), _CHANNEL))
@@ -308,12 +352,12 @@ class Bridge:
         self._send(_CHANNEL, Basic.Cancel(consumer_tag=self._consumer_tag))
         self.reactor.run_until(lambda: self._cancelled or self.lost, timeout_s)
 
-    def close(self) -> None:
-        """Close the connection (unacknowledged inputs go back to the queue) and wait for it."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close the connection (unacknowledged inputs go back to the queue) and wait up to `timeout_s` for it."""
         self.closing = True
         if self._socket is not None and not self.lost:
             self._send(0, Connection.Close(reply_code=200, reply_text="worker stopping", class_id=0, method_id=0))
-            self.reactor.run_until(lambda: self._closed or self.lost, CLOSE_TIMEOUT_S)
+            self.reactor.run_until(lambda: self._closed or self.lost, timeout_s)
         self._lose(BrokerLost("connection closed by the worker"))
         self._drop_socket()
 
@@ -327,6 +371,7 @@ class Bridge:
             while True:
                 data = sock.recv(_READ_BYTES)
                 if not data:
+                    self._read_frames()  # what came before the end: a Connection.Close's reason, confirms
                     self._fail(BrokerLost("connection closed by the broker (end of stream)"))
                     return
                 self._in += data
@@ -510,11 +555,16 @@ class Bridge:
             raise self._error or BrokerLost("connection closed")
         self._expected, self._reply = (reply,), None
         try:
-            answered = self.reactor.run_until(lambda: self._reply is not None or self.lost, RPC_TIMEOUT_S)
+            answered = self.reactor.run_until(
+                lambda: self._reply is not None or self.lost or self.abort(), RPC_TIMEOUT_S
+            )
         finally:
             self._expected = ()
         if self.lost:
             raise self._error or BrokerLost("connection closed")
+        if self._reply is None and self.abort():
+            self._fail(Stopped("stopped while connecting"))
+            raise Stopped("stopped while connecting")
         if not answered:
             self._fail(BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s"))
             raise BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")

@@ -64,7 +64,8 @@ def run(env: Mapping[str, str]) -> int:
     logs.setup(level=config.log_level)
     stop = threading.Event()
     reactor = Reactor()
-    _install_signal_handlers(stop, reactor)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        reactor.add_signal_handler(signum, lambda signum: _on_signal(stop, signum))
     try:
         return _run_configured(config, stop, reactor)
     except Exception:
@@ -101,7 +102,7 @@ def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> 
     if config.debug and debug_port is None:
         return ExitCode.CONFIG
     logs.event("starting", worker_id=config.worker_id, revision=config.revision, health_port=health.port)
-    download = _Download(config, stop).start()
+    download = _Download(config, stop, reactor).start()
     from . import messaging  # noqa: F401  (imported while the download is on the wire)
 
     # The runtime's imports are done: user code imports as Python always does.
@@ -118,10 +119,7 @@ def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> 
 
         debug.announce(debug_port)
     readiness.set(code_loaded=True)
-    # The collector was off for the start (`__main__`): what the start made
-    # lives as long as the process, so it is kept out of later collections.
-    gc.freeze()
-    gc.enable()
+    gc.enable()  # off for the start (`__main__`)
     return _consume(config, code, readiness, ready_file, stop, reactor)
 
 
@@ -150,8 +148,9 @@ class _Download:
     main thread.
     """
 
-    def __init__(self, config: Config, stop: threading.Event) -> None:
+    def __init__(self, config: Config, stop: threading.Event, reactor: Reactor) -> None:
         assert config.code_url is not None
+        self._reactor = reactor
         self._url = config.code_url
         self._sha256 = config.code_sha256
         self._policy = codefetch.FetchPolicy(attempts=config.code_fetch_attempts, timeout_s=config.code_fetch_timeout_s)
@@ -172,14 +171,17 @@ class _Download:
             self._error = exc
         finally:
             self._done.set()
+            self._reactor.wake()
 
     def result(self) -> bytes | None:
-        """The archive; None when stopped meanwhile. Raises `_Fatal` when the download failed."""
-        while not self._done.wait(timeout=0.1):
-            if self._stop.is_set():
-                # Even in the middle of a request that has not timed out yet:
-                # the thread is a daemon, and is left behind.
-                return None
+        """The archive; None when stopped meanwhile. Raises `_Fatal` when the download failed.
+
+        Runs the reactor meanwhile: a signal's callback runs there."""
+        self._reactor.run_until(lambda: self._done.is_set() or self._stop.is_set())
+        if not self._done.is_set():
+            # Even in the middle of a request that has not timed out yet:
+            # the thread is a daemon, and is left behind.
+            return None
         if isinstance(self._error, codefetch.Interrupted):
             return None
         if isinstance(self._error, codefetch.CodeFetchError):
@@ -242,14 +244,9 @@ def _refresh_every(reactor: Reactor, ready_file: ReadyFile, interval_s: float) -
     reactor.call_later(interval_s, refresh)
 
 
-def _install_signal_handlers(stop: threading.Event, reactor: Reactor) -> None:
-    # A signal sets the flag and wakes the reactor (the download's backoff
-    # sleeps wake on the flag too); nothing else runs in the handler.
-    def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set():
-            logs.event("shutdown_requested", signal=signal.Signals(signum).name)
-        stop.set()
-        reactor.wake()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
+def _on_signal(stop: threading.Event, signum: int) -> None:
+    """SIGTERM or SIGINT, on the reactor's thread: stop (the download's
+    backoff sleeps and every wait of the connection's life look at `stop`)."""
+    if not stop.is_set():
+        logs.event("shutdown_requested", signal=signal.Signals(signum).name)
+    stop.set()

@@ -19,7 +19,9 @@ from, the rule Python itself applies to a `.pyc` (`stat` of the source);
 otherwise it is compiled from that source. The finder only serves modules
 the bundle names, and only while the runtime starts: `app` uninstalls it
 before user code is imported, so user code imports exactly as Python always
-does (its own modules shadow what they shadow).
+does (its own modules shadow what they shadow). It is installed for the
+container's command only (`__main__`), not for `run-once`, try mode or the
+tools.
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ def install(bundle_file: str = BUNDLE_FILE) -> bool:
 def uninstall() -> None:
     """From now on modules are found as Python always finds them (and the bundle's memory is freed)."""
     global _installed
-    if _installed is not None and _installed in sys.meta_path:
-        sys.meta_path.remove(_installed)
+    if _installed is not None:
+        # A new list, not a change to the one another thread's import may be walking.
+        sys.meta_path = [finder for finder in sys.meta_path if finder is not _installed]
     _installed = None
 
 

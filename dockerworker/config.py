@@ -91,7 +91,7 @@ def load(env: Mapping[str, str], *, need_code_url: bool = True) -> Config:
     return Config(
         worker_id=_worker_id(env),
         amqp_url=_amqp_url(_required(env, "AMQP_HOST")),
-        exchange=_optional(env, "AMQP_XCHG") or DEFAULT_EXCHANGE,
+        exchange=_exchange(env),
         code_url=code_url,
         entrypoint=_entrypoint(env),
         devices_endpoint=_optional(env, "ENDPOINT_DEVICES"),
@@ -151,6 +151,19 @@ def _amqp_url(raw: str) -> str:
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ConfigError(f"AMQP_HOST must be an amqp:// or amqps:// URL, got scheme {parts.scheme!r}")
     return raw
+
+
+# The exchange names the AMQP client's codec (pamqp) accepts: at most 127 of these characters.
+_EXCHANGE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]{1,127}")
+
+
+def _exchange(env: Mapping[str, str]) -> str:
+    value = _optional(env, "AMQP_XCHG") or DEFAULT_EXCHANGE
+    if not _EXCHANGE_NAME.fullmatch(value):
+        raise ConfigError(
+            f"AMQP_XCHG must be at most 127 letters, digits and -_.:@#,/+ or spaces, got {value!r}"
+        )
+    return value
 
 
 def _entrypoint(env: Mapping[str, str]) -> str:

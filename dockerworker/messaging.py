@@ -21,7 +21,7 @@ import threading
 import time
 
 from . import logs
-from .amqp import BROKER_ERRORS, Bridge, BrokerLost, TopologyError
+from .amqp import BROKER_ERRORS, CLOSE_TIMEOUT_S, Bridge, BrokerLost, Stopped, TopologyError
 from .codeload import UserCode
 from .config import Config
 from .health import Readiness
@@ -36,9 +36,13 @@ _FIRST_RECONNECT_DELAY_S = 0.5
 _MAX_RECONNECT_DELAY_S = 30.0
 # Without a shutdown, what a lost session waits for its confirms.
 _LOST_CONFIRM_WAIT_S = 1.0
-# Beyond the grace period, what a stop waits for a `process` still running
-# before it closes anyway (its input goes back to the queue).
-_STOP_SLACK_S = 2.0
+# A shutdown's steps all end within WORKER_SHUTDOWN_GRACE_S of the signal:
+# stopping deliveries takes at most a quarter of it (and 1 s), closing the
+# connection the last `_CLOSE_S`, and the confirms of what was finished at
+# least the `_CONFIRMS_S` before that; `process` has the rest, and the inputs
+# it did not finish go back to the queue with the close.
+_CLOSE_S = 0.5
+_CONFIRMS_S = 0.5
 
 
 def run(config: Config, code: UserCode, readiness: Readiness, reactor: Reactor, shutdown: threading.Event) -> None:
@@ -57,6 +61,8 @@ def run(config: Config, code: UserCode, readiness: Readiness, reactor: Reactor, 
             session = Session(config, code, readiness, user_thread, stats, reactor, recorder)
             try:
                 session.run(shutdown)
+            except Stopped:
+                break
             except TopologyError:
                 raise
             except BROKER_ERRORS as exc:
@@ -92,41 +98,49 @@ class Session:
         self.reactor = reactor
         self.attached = False
         self.pump = Pump(config, code, user_thread, stats, reactor, recorder)
-        self.bridge = Bridge(config, self.pump, reactor)
+        self.bridge: Bridge | None = None
+        # Set by a shutdown: when everything must be done.
+        self.deadline: float | None = None
 
     def run(self, shutdown: threading.Event) -> None:
         pump, reactor = self.pump, self.reactor
+        self.bridge = bridge = Bridge(self.config, pump, reactor, abort=shutdown.is_set)
         try:
-            self.bridge.open()
-            self.bridge.consume()
+            bridge.open()
+            bridge.consume()
             self.attached = True
             self.readiness.set(consumer_attached=True)
             logs.event("consuming", queue=self.config.queue, exchange=self.config.exchange, prefetch=self.config.prefetch)
-            pump.start(self.bridge)
+            pump.start(bridge)
             try:
                 reactor.run_until(lambda: pump.finished or shutdown.is_set())
                 if shutdown.is_set() and not pump.finished:
-                    self._stop()
+                    self._stop(bridge)
                 pump.finish()  # raises ProcessStuck once its message is published to `errors`
             finally:
                 self.readiness.set(consumer_attached=False)
-                grace = self.config.shutdown_grace_s / 2 if shutdown.is_set() else _LOST_CONFIRM_WAIT_S
-                pump.wait_confirms(grace)
+                pump.wait_confirms(self._left(_CLOSE_S) if self.deadline is not None else _LOST_CONFIRM_WAIT_S)
         finally:
             self.readiness.set(consumer_attached=False)
-            self.bridge.close()
+            bridge.close(timeout_s=_CLOSE_S if self.deadline is not None else CLOSE_TIMEOUT_S)
 
-    def _stop(self) -> None:
-        """On shutdown: stop deliveries, then let the pump finish what it holds."""
+    def _stop(self, bridge: Bridge) -> None:
+        """On shutdown: stop deliveries, then let the pump finish what it holds, all within the grace period."""
+        grace_s = self.config.shutdown_grace_s
+        self.deadline = time.monotonic() + grace_s
         self.readiness.set(consumer_attached=False)
-        self.bridge.cancel()
-        grace_s = self.config.shutdown_grace_s / 2
-        self.pump.stop(grace_s=grace_s)
-        if not self.reactor.run_until(lambda: self.pump.finished, grace_s + _STOP_SLACK_S):
+        bridge.cancel(timeout_s=min(1.0, grace_s / 4))
+        self.pump.stop(grace_s=self._left(_CLOSE_S + _CONFIRMS_S))
+        if not self.reactor.run_until(lambda: self.pump.finished, self._left(_CLOSE_S + _CONFIRMS_S)):
             # A `process` that never returns must not hold the exit: its
             # input, and what came after it, go back to the queue with the close.
-            logs.event("shutdown_timeout", level=logs.WARNING, grace_s=self.config.shutdown_grace_s)
+            logs.event("shutdown_timeout", level=logs.WARNING, grace_s=grace_s)
             self.pump.handover.abandon()
+
+    def _left(self, keep_s: float) -> float:
+        """The seconds until the shutdown's deadline, less `keep_s` for the steps after this one."""
+        assert self.deadline is not None, "set by _stop"
+        return max(0.0, self.deadline - keep_s - time.monotonic())
 
 
 def _report(reactor: Reactor, stats: Stats, interval_s: float) -> None:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Protocol
 import orjson
 
 from . import logs, processing
-from .amqp import BrokerLost, Delivery
+from .amqp import BrokerLost, Delivery, Unpublishable
 from .codeload import UserCode
 from .config import ERRORS_ROUTING_KEY, Config
 from .handover import Handover
@@ -98,7 +98,10 @@ class Outlet(Protocol):
 class _Publish:
     """A publish waiting for its confirm, and the input it settles."""
 
-    __slots__ = ("delivery", "outcome", "started", "kind", "verdict", "routing_key", "body", "mandatory", "returned")
+    __slots__ = (
+        "delivery", "outcome", "started", "kind", "verdict", "routing_key", "body", "mandatory", "returned",
+        "headers_passed_on",
+    )
 
     def __init__(
         self,
@@ -120,6 +123,7 @@ class _Publish:
         self.body = body
         self.mandatory = mandatory
         self.returned = False  # a return came for it (unroutable)
+        self.headers_passed_on = True  # False: an `errors` publish without the input's headers
 
 
 class Stats:
@@ -385,7 +389,31 @@ class Pump:
             # The channel is already gone: the broker redelivers the input.
             self._log(record.delivery, record.outcome.with_error(str(exc)), Verdict.REQUEUED, record.started)
             return
+        except Unpublishable as exc:
+            self._unpublishable(record, exc)
+            return
         self.ledger.published(seq, record)
+
+    def _unpublishable(self, record: _Publish, error: Unpublishable) -> None:
+        """A publish AMQP cannot carry (a routing key over 255 bytes, say):
+        sending it again would fail again, so the message goes to `errors`
+        with the reason; failing that, with none of its headers; and if even
+        that cannot be sent, it is acknowledged and logged, not redelivered
+        for ever."""
+        delivery, outcome, started = record.delivery, record.outcome, record.started
+        if record.kind is not PublishKind.ERRORS:
+            self._publish_to_errors(delivery, outcome, started, Verdict.UNROUTABLE, str(error))
+        elif record.headers_passed_on:
+            bare = _Publish(delivery, outcome, started, PublishKind.ERRORS, record.verdict, ERRORS_ROUTING_KEY,
+                            record.body, False)
+            bare.headers_passed_on = False
+            self._publish(bare, self.config.exchange, {processing.ATTEMPT_HEADER: outcome.attempt})
+        else:
+            logs.event(
+                "message_dropped", level=logs.ERROR, error=str(error), message_id=delivery.message_id,
+                body=logs.clip(delivery.body.decode("utf-8", errors="replace")),
+            )
+            self._settle(delivery, outcome.with_error(str(error)), Verdict.DEAD_LETTERED, started, ack=True)
 
     def _confirmed(self, record: _Publish, acked: bool) -> None:
         delivery, outcome, started = record.delivery, record.outcome, record.started

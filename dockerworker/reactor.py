@@ -14,9 +14,12 @@ a heap give exactly these.
 
 Architecture Invariant: callbacks run only on the thread inside `run_until`,
 in the order they were scheduled (timers in the order they fall due); only
-`call_soon_threadsafe` and `wake` may be called from another thread, and
-only `wake` from a signal handler (the other takes a lock the interrupted
-thread may hold). A callback's exception ends `run_until` and reaches its
+`call_soon_threadsafe` and `wake` may be called from another thread. A
+signal's callback (`add_signal_handler`) runs on the loop thread too: the
+handler itself only notes the signal and wakes the loop, so it cannot
+deadlock on a lock the interrupted code holds (a log line's, say), and the
+interpreter writes to the loop's wake-up socket whichever thread the signal
+reached. A callback's exception ends `run_until` and reaches its
 caller: nothing is swallowed.
 
 The sequence of a connection's life stays plain code: `run_until(condition,
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -66,6 +70,8 @@ class Reactor:
         self._wake_in.setblocking(False)
         self._wake_out.setblocking(False)
         self._handlers: dict[int, list[Callback | None]] = {}
+        self._signals: deque[int] = deque()
+        self._signal_callbacks: dict[int, Callable[[int], None]] = {}
         self.add_reader(self._wake_in, self._drain_wake)
 
     # -- scheduling ------------------------------------------------------------------------
@@ -96,6 +102,16 @@ class Reactor:
             self._wake_out.send(b"\0")
         except OSError:
             pass  # the buffer is full (a wake-up is pending anyway) or the reactor is closed
+
+    def add_signal_handler(self, signum: int, callback: Callable[[int], None]) -> None:
+        """Run `callback(signum)` on the loop thread when `signum` arrives (main thread only)."""
+        self._signal_callbacks[signum] = callback
+        signal.set_wakeup_fd(self._wake_out.fileno(), warn_on_full_buffer=False)
+        signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)  # a deque's append takes no lock
+        self.wake()
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -185,8 +201,15 @@ class Reactor:
             self._woken = False
             calls, self._from_threads = self._from_threads, []
         self._ready.extend(calls)
+        while self._signals:
+            signum = self._signals.popleft()
+            callback = self._signal_callbacks.get(signum)
+            if callback is not None:
+                self._ready.append(_bind(callback, (signum,)))
 
     def close(self) -> None:
+        if self._signal_callbacks:
+            signal.set_wakeup_fd(-1)
         self._selector.close()
         self._wake_in.close()
         self._wake_out.close()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import pytest
-from dockerworker.amqp import Bridge, BrokerLost, Delivery, Endpoint, TopologyError
+from dockerworker.amqp import Bridge, BrokerLost, Delivery, Endpoint, TopologyError, Unpublishable
 from dockerworker.config import Config
 from dockerworker.reactor import Reactor
 
@@ -195,6 +195,36 @@ def test_a_body_larger_than_a_frame_goes_out_in_frames_and_comes_back_whole(brok
     with_bridge(config, test)
 
 
+def test_headers_keep_their_double_floats_and_bytes_through_the_broker(broker: Broker):
+    config = config_for(broker)
+    headers = {"precise": 0.1, "not-utf8": b"\xff\xfe", "nested": {"half": 1.5}, "list": [2.25]}
+
+    def test(bridge: Bridge, recorder: Recorder) -> None:
+        bridge.consume()
+        bridge.publish(config.exchange, config.routing_key, b"{}", message_id="h", headers=headers, mandatory=True)
+        until(bridge, lambda: len(recorder.deliveries) == 1, "the delivery")
+        got = recorder.deliveries[0].headers
+        assert got["precise"] == 0.1  # a 64-bit double, not a 32-bit float
+        assert bytes(got["not-utf8"]) == b"\xff\xfe"
+        assert (got["nested"], got["list"]) == ({"half": 1.5}, [2.25])
+        # and what was received can be published again as it is
+        bridge.publish(config.exchange, "nowhere", b"{}", message_id="h2", headers=got, mandatory=False)
+
+    with_bridge(config, test)
+
+
+def test_a_routing_key_amqp_cannot_carry_is_unpublishable_and_the_channel_stays(broker: Broker):
+    config = config_for(broker)
+
+    def test(bridge: Bridge, recorder: Recorder) -> None:
+        with pytest.raises(Unpublishable, match="routing key"):
+            bridge.publish(config.exchange, "k" * 300, b"{}", message_id=None, headers={}, mandatory=True)
+        assert bridge.publish(config.exchange, "next", b"{}", message_id=None, headers={}, mandatory=False) == 1
+        until(bridge, lambda: recorder.confirmed(1), "the confirm of the next publish")
+
+    with_bridge(config, test)
+
+
 def test_wrong_credentials_are_a_lost_broker_with_the_reason(broker: Broker):
     parts = urlsplit(AMQP_URL)
     wrong = parts._replace(netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port or 5672}").geturl()
@@ -212,6 +242,7 @@ def test_wrong_credentials_are_a_lost_broker_with_the_reason(broker: Broker):
         ("amqp://u:p%40ss@mq:5673/%2f", ("mq", 5673, False, "u", "p@ss", "/", None)),
         ("amqp://u:p@mq/sensorbucket?heartbeat=10", ("mq", 5672, False, "u", "p", "sensorbucket", 10)),
         ("amqps://u:p@mq", ("mq", 5671, True, "u", "p", "/", None)),
+        ("amqp://u:p@mq/?heartbeat=5&ssl_options=x", ("mq", 5672, False, "u", "p", "/", 5)),
     ],
 )
 def test_an_amqp_url_names_the_endpoint_as_pika_read_it(url: str, expected: tuple[Any, ...]) -> None:
@@ -220,6 +251,7 @@ def test_an_amqp_url_names_the_endpoint_as_pika_read_it(url: str, expected: tupl
         endpoint.host, endpoint.port, endpoint.tls, endpoint.username, endpoint.password, endpoint.vhost,
         endpoint.heartbeat_s,
     ) == expected
+    assert endpoint.ignored == ({"ssl_options"} if "ssl_options" in url else set())
 
 
 class CountingSocket:

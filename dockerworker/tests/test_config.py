@@ -79,6 +79,8 @@ def test_a_bare_broker_host_becomes_an_amqp_url():
         ({"WORKER_HEALTH_PORT": "http"}, "must be an integer"),
         ({"WORKER_PREFETCH": "0"}, "between 1"),
         ({"WORKER_SHUTDOWN_GRACE_S": "-1"}, "must not be negative"),
+        ({"AMQP_XCHG": "pipeline messages\u00e9"}, "AMQP_XCHG must be at most 127"),
+        ({"AMQP_XCHG": "x" * 128}, "AMQP_XCHG must be at most 127"),
     ],
 )
 def test_a_malformed_environment_is_a_config_error_that_names_the_variable(change, message):

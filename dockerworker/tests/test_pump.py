@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from dockerworker import processing
-from dockerworker.amqp import BrokerLost, Delivery
+from dockerworker.amqp import BrokerLost, Delivery, Unpublishable
 from dockerworker.codeload import UserCode
 from dockerworker.config import Config
 from dockerworker.processing import Verdict
@@ -49,6 +49,8 @@ class ScriptedOutlet:
     acks: list[tuple[int, bool]] = field(default_factory=list)
     nacks: list[int] = field(default_factory=list)
     refuse_publishes: bool = False
+    # Routing keys AMQP could not carry: publishing to one raises Unpublishable.
+    unencodable: set[str] = field(default_factory=set)
 
     def publish(
         self,
@@ -64,6 +66,8 @@ class ScriptedOutlet:
     ) -> int:
         if self.refuse_publishes:
             raise BrokerLost("publish failed: the channel is closed")
+        if routing_key in self.unencodable or ("x-unencodable" in headers and routing_key == "errors"):
+            raise Unpublishable(f"cannot encode a publish with routing key {routing_key!r}")
         seq = len(self.published) + 1
         self.published.append(Published(seq, exchange, routing_key, body, headers, mandatory, expiration))
         return seq
@@ -313,3 +317,38 @@ def test_the_messages_summary_waits_for_a_message_then_its_interval():
     stats.add(Verdict.FORWARDED)
     assert reactor.timers() == 1, "the interval starts with the first message"
     reactor.close()
+
+
+def test_a_result_amqp_cannot_carry_goes_to_errors_with_the_reason_and_the_input_is_acked():
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        long_key = "s" * 300
+        outlet.unencodable.add(long_key)
+        pump.on_delivery(delivery(1, pipeline_steps=["me", long_key]))
+        until(pump, lambda: len(outlet.published) == 1, "the error publish")
+
+        [error] = outlet.published
+        assert (error.routing_key, error.mandatory) == ("errors", False)
+        assert "cannot encode" in json.loads(error.body)["error"]
+        pump.on_confirm(1, multiple=False, acked=True)
+        until(pump, lambda: outlet.acks != [], "the ack")
+        assert pump.stats.counts == {Verdict.UNROUTABLE: 1}
+
+    pumping(test)
+
+
+def test_headers_errors_cannot_carry_are_left_off_and_a_message_nothing_can_carry_is_acked_not_looped():
+    def test(pump: Pump, outlet: ScriptedOutlet) -> None:
+        outlet.unencodable.add("next")
+        pump.on_delivery(Delivery(1, json.dumps(pipeline_message()).encode(), "m-1", None, {"x-unencodable": 1}))
+        until(pump, lambda: len(outlet.published) == 1, "the bare error publish")
+        [error] = outlet.published
+        assert error.routing_key == "errors" and "x-unencodable" not in error.headers
+        assert outlet.acks == []
+
+        outlet.unencodable.add("errors")  # now nothing goes out at all
+        pump.on_delivery(Delivery(2, json.dumps(pipeline_message()).encode(), "m-2", None, {"x-unencodable": 1}))
+        pump.on_confirm(1, multiple=False, acked=True)
+        until(pump, lambda: (2, True) in outlet.acks, "the ack of both")
+        assert pump.stats.counts == {Verdict.UNROUTABLE: 1, Verdict.DEAD_LETTERED: 1}
+
+    pumping(test)

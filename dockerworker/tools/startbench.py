@@ -80,6 +80,11 @@ def bytecode_check(image: str) -> tuple[int, int]:
     # Modules served from the start path's bundle (dockerworker.bundle, in
     # images that have one) do not show in -v's lines: the bundle says.
     script = (
+        "try:\n"
+        "    from dockerworker import bundle\n"
+        "    bundle.install()\n"
+        "except ImportError:\n"
+        "    pass\n"
         "import dockerworker.__main__, dockerworker.app, dockerworker.messaging\n"
         "import sys\n"
         "index = sys.modules.get('dockerworker.bundle')\n"
