@@ -8,7 +8,7 @@ the loop only when it is about to wait, or when results pile up.
 
 Architecture Invariant: the state shared between the two threads is this
 class's and nothing else: `_inbox` (loop → thread), `_done` (thread → loop),
-and the flags `_signalled`, `_abandoned` and `current`. Every other method
+and the flags `_signalled`, `_abandoned`, `current` and `progress_at`. Every other method
 runs on the reactor's thread; `serve` and what it calls (user code) on the
 user thread. Results come out in delivery order.
 
@@ -55,6 +55,10 @@ class Handover:
         # Set by the user thread: the message it is on, and since when
         # (time.monotonic()); None between messages.
         self.current: tuple[Delivery, float] | None = None
+        # When a message was last taken or finished by the thread, or given
+        # to an idle handover (time.monotonic()): how long the thread has
+        # made no progress on what it was given.
+        self.progress_at = time.monotonic()
         # After it the thread takes no further message.
         self.deadline: float | None = None
 
@@ -68,6 +72,8 @@ class Handover:
         the loop is still parsing frames.
         """
         self._arrived.append(delivery)
+        if not self.in_hand:
+            self.progress_at = time.monotonic()
         self.in_hand += 1
         if not self._hand_over_scheduled:
             self._hand_over_scheduled = True
@@ -124,8 +130,10 @@ class Handover:
                 return  # what is still in the inbox goes back to the queue on close
             started = time.perf_counter()
             self.current = (delivery, time.monotonic())
+            self.progress_at = self.current[1]
             outcome = processing.handle(delivery.body, delivery.headers, function, context)
             self.current = None
+            self.progress_at = time.monotonic()
             if self._given_up():
                 return  # the session is over, or the watchdog gave up on this one
             done.append((delivery, outcome, started))

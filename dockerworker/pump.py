@@ -186,6 +186,9 @@ class Pump:
         # All that the user thread shares with the loop is in there.
         self.handover = Handover(code.function, self.context, reactor, on_results=self._take_done)
         self._stuck: Delivery | None = None
+        # The thread never took this pump's messages: it is still in a
+        # `process` of an earlier connection's (see `_watch`).
+        self._stuck_before = False
         # Set when the pump must end: the job ended, the broker went away, or
         # the watchdog gave up on a message; `failure` when the job raised.
         self.finished = False
@@ -249,6 +252,11 @@ class Pump:
             raise self.failure
         if self._stuck is not None and self.lost is None:
             self._give_up_on(self._stuck)
+        if self._stuck_before:
+            raise ProcessStuck(
+                f"process() has not returned for more than {self.config.process_timeout_s:g}s, on a message of a "
+                "connection that is gone (the broker requeued it); restarting to get the worker's thread back"
+            )
 
     def stop(self, grace_s: float) -> None:
         """Finish what is in hand within `grace_s`, then become `finished`."""
@@ -292,11 +300,19 @@ class Pump:
         if not self.handover.in_hand:
             self.handover.when_given(self._watch)
             return
-        current = self.handover.current
-        if current is not None and time.monotonic() - current[1] > self.config.process_timeout_s:
+        current, now, limit = self.handover.current, time.monotonic(), self.config.process_timeout_s
+        if current is not None and now - current[1] > limit:
             # The thread may finish this message any moment now; it is
             # given up on regardless, and takes no other.
             self._stuck = current[0]
+            self.handover.abandon()
+            self._finish()
+            return
+        if current is None and now - self.handover.progress_at > limit + WATCH_INTERVAL_S:
+            # Messages in hand, and the thread has taken none of them: it is
+            # still in the `process` of a connection that is gone (whose
+            # message the broker has requeued), and must be got back.
+            self._stuck_before = True
             self.handover.abandon()
             self._finish()
             return

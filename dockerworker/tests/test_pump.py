@@ -352,3 +352,33 @@ def test_headers_errors_cannot_carry_are_left_off_and_a_message_nothing_can_carr
         assert pump.stats.counts == {Verdict.UNROUTABLE: 1, Verdict.DEAD_LETTERED: 1}
 
     pumping(test)
+
+
+def test_a_process_still_hung_from_a_lost_connection_ends_the_next_pump_with_process_stuck():
+    hang = threading.Event()
+
+    def hangs(msg: Any) -> Any:
+        hang.wait(30)
+        return msg
+
+    settings: dict[str, Any] = dict(
+        worker_id=WORKER_ID, amqp_url="amqp://unused", exchange="pipeline.messages", code_url=None,
+        process_timeout_s=0.2,
+    )
+    code = UserCode(hangs, "usercode", "process", Path("/nonexistent"))
+    thread, reactor = UserThread(), Reactor()
+    first = Pump(Config(**settings), code, thread, Stats(), reactor)
+    first.start(ScriptedOutlet())
+    first.on_delivery(delivery(1))
+    until(first, lambda: first.handover.current is not None, "the thread to hang on message 1")
+    first.on_lost(BrokerLost("connection lost"), expected=False)  # the broker requeues message 1
+    first.finish()
+
+    second, outlet = Pump(Config(**settings), code, thread, Stats(), reactor), ScriptedOutlet()
+    second.start(outlet)
+    second.on_delivery(delivery(2))
+    until(second, lambda: second.finished, "the watchdog to see the thread is still hung")
+    with pytest.raises(ProcessStuck, match="connection that is gone"):
+        second.finish()
+    hang.set()
+    assert outlet.published == [] and outlet.acks == []  # message 2 goes back with the close
