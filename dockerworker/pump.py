@@ -308,7 +308,8 @@ class Pump:
             self.handover.abandon()
             self._finish()
             return
-        if current is None and now - self.handover.progress_at > limit + WATCH_INTERVAL_S:
+        stopping = self.handover.deadline is not None  # what the thread did not take by then stays untaken
+        if current is None and not stopping and now - self.handover.progress_at > limit + WATCH_INTERVAL_S:
             # Messages in hand, and the thread has taken none of them: it is
             # still in the `process` of a connection that is gone (whose
             # message the broker has requeued), and must be got back.
