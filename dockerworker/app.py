@@ -119,7 +119,11 @@ def _run_configured(config: Config, stop: threading.Event, reactor: Reactor) -> 
 
         debug.announce(debug_port)
     readiness.set(code_loaded=True)
-    gc.enable()  # off for the start (`__main__`)
+    # The collector was off for the start (`__main__`). What the start made
+    # lives as long as the process: frozen, it is not scanned again, and the
+    # first collection is not one over every object of the start.
+    gc.freeze()
+    gc.enable()
     return _consume(config, code, readiness, ready_file, stop, reactor)
 
 
