@@ -535,13 +535,10 @@ class Bridge:
             self._out.insert(0, data[sent:])
             if not self._writer_waiting:
                 self._writer_waiting = True
-                self.reactor.add_writer(sock, self._on_writable)
+                self.reactor.add_writer(sock, self._flush)
         elif self._writer_waiting:
             self._writer_waiting = False
             self.reactor.remove_writer(sock)
-
-    def _on_writable(self) -> None:
-        self._flush()
 
     # -- waiting for a reply -------------------------------------------------------------
 
@@ -555,19 +552,19 @@ class Bridge:
             raise self._error or BrokerLost("connection closed")
         self._expected, self._reply = (reply,), None
         try:
-            answered = self.reactor.run_until(
+            self.reactor.run_until(
                 lambda: self._reply is not None or self.lost or self.abort(), RPC_TIMEOUT_S
             )
         finally:
             self._expected = ()
+        if not self.lost and self._reply is None:
+            self._fail(
+                Stopped("stopped while connecting")
+                if self.abort()
+                else BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")
+            )
         if self.lost:
             raise self._error or BrokerLost("connection closed")
-        if self._reply is None and self.abort():
-            self._fail(Stopped("stopped while connecting"))
-            raise Stopped("stopped while connecting")
-        if not answered:
-            self._fail(BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s"))
-            raise BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")
         return self._reply
 
     # -- losing the connection ----------------------------------------------------------

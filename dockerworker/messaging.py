@@ -98,13 +98,12 @@ class Session:
         self.reactor = reactor
         self.attached = False
         self.pump = Pump(config, code, user_thread, stats, reactor, recorder)
-        self.bridge: Bridge | None = None
         # Set by a shutdown: when everything must be done.
         self.deadline: float | None = None
 
     def run(self, shutdown: threading.Event) -> None:
         pump, reactor = self.pump, self.reactor
-        self.bridge = bridge = Bridge(self.config, pump, reactor, abort=shutdown.is_set)
+        bridge = Bridge(self.config, pump, reactor, abort=shutdown.is_set)
         try:
             bridge.open()
             bridge.consume()

@@ -53,14 +53,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from ..bundle import START_PATH
 from .idlebench import Idle, measure_fleet
 from .startbench import DEFAULT_AMQP_URL, DEFAULT_API, TRIVIAL_CODE, StartBench, _free_port, _sensorbucket_zip
 
 DEFAULT_DATABASE_URL = "postgres://workerctl:workerctl@127.0.0.1:5432/workerctl"
 BUSYBOX = "workerctl/busybox:latest"
 _FLOOR_RUNS = 10
-# Everything a worker imports before it consumes, user code aside.
-START_PATH_IMPORTS = "import dockerworker.__main__, dockerworker.app, dockerworker.messaging"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +94,10 @@ def _start(args: argparse.Namespace, amqp_url: str) -> None:
     floors = [
         ("busybox start → exit", _floor(BUSYBOX, ["true"], entrypoint=None)),
         ("python -c pass", _floor(args.image, ["-c", "pass"])),
-        ("the start path's imports", _floor(args.image, ["-c", START_PATH_IMPORTS])),
+        ("the start path's imports", _floor(args.image, ["-c", START_PATH])),
     ]
     if args.before:
-        floors.append((f"  the same in {args.before}", _floor(args.before, ["-c", START_PATH_IMPORTS])))
+        floors.append((f"  the same in {args.before}", _floor(args.before, ["-c", START_PATH])))
     for label, (engine, from_run) in floors:
         print(f"floor  {label:42s} {_stats(engine)}   (docker run → exit {_stats(from_run)})", flush=True)
     bench = StartBench(amqp_url, DEFAULT_API, "report")

@@ -53,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
+from ..bundle import START_PATH
+
 DEFAULT_AMQP_URL = "amqp://workerctl:workerctl@127.0.0.1:5672/%2f"
 DEFAULT_API = "http://workerctl:workerctl@127.0.0.1:15672"
 TRIVIAL_CODE = "def process(msg):\n    return msg\n"
@@ -85,7 +87,7 @@ def bytecode_check(image: str) -> tuple[int, int]:
         "    bundle.install()\n"
         "except ImportError:\n"
         "    pass\n"
-        "import dockerworker.__main__, dockerworker.app, dockerworker.messaging\n"
+        f"{START_PATH}\n"
         "import sys\n"
         "index = sys.modules.get('dockerworker.bundle')\n"
         "print('indexed', len(getattr(index, 'served', [])), len(getattr(index, 'compiled', [])))"
