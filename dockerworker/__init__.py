@@ -23,6 +23,7 @@ Code map (one concern per module):
 - `minihttp`    the little HTTP the runtime speaks (code GET, ready POST, health answers) over plain sockets
 - `logs`        JSON log lines, named levels; capture of user prints per message
 - `app`         the container's command: wiring, signals, exit codes
+- `bundle`      the start path's compiled modules in one file made with the image, served until user code loads
 - `harness`     `run-once`: one message through user code, no broker
 - `trial`       try mode (`python -m dockerworker.trial`): recorded messages through two codes, no broker
 
