@@ -5,13 +5,14 @@ argparse (with gettext and locale) and the harness are imported only for
 the rest, so that a container's start does not pay for them.
 """
 
-from __future__ import annotations
-
+# Imported before the start path's bundle is installed (`bundle`), so it
+# imports only what the interpreter has loaded already: no `typing`, no
+# `from __future__`.
 import gc
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing's, without importing typing (mypy takes it as True)
 if TYPE_CHECKING:
     import argparse
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     return app.run(os.environ)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> "argparse.ArgumentParser":
     import argparse  # noqa: F811
 
     from .config import DEFAULT_ENTRYPOINT

@@ -30,6 +30,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections import deque
 from typing import Any, Callable, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -212,8 +213,10 @@ class Bridge:
         # publishes to a handful of destinations, the same bytes each time.
         self._publish_frames: dict[tuple[str, str, bool], bytes] = {}
         self._incoming: _Incoming | None = None
-        self._expected: tuple[type[Any], ...] = ()
-        self._reply: Any = None
+        # The replies still owed to our calls, in the order they were sent,
+        # and those that came and were not yet taken.
+        self._awaited: deque[type[Any]] = deque()
+        self._replies: deque[Any] = deque()
         self._error: Exception | None = None
         self._heartbeat_s = 0
         self._heartbeat_timer: Timer | None = None
@@ -231,10 +234,15 @@ class Bridge:
             )
         self._connect(endpoint)
         self._handshake(endpoint)
-        self._call(Channel.Open(), Channel.OpenOk, channel=_CHANNEL)
-        self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
-        self._call(Basic.Qos(prefetch_count=self.config.prefetch), Basic.QosOk)
-        self._declare()
+        # The channel's set-up and the topology in one write: the broker
+        # answers a channel's methods in order, and a refusal closes the
+        # channel, so the first reply that is not the one owed ends the open.
+        self._calls(
+            (Channel.Open(), Channel.OpenOk),
+            (commands.Confirm.Select(), commands.Confirm.SelectOk),
+            (Basic.Qos(prefetch_count=self.config.prefetch), Basic.QosOk),
+            *self._topology(),
+        )
 
     def _connect(self, endpoint: Endpoint) -> None:
         try:
@@ -269,18 +277,20 @@ class Bridge:
         if self._heartbeat_s:
             self._heartbeat_timer = self.reactor.call_later(self._heartbeat_s / 2, self._on_heartbeat_timer)
 
-    def _declare(self) -> None:
+    def _topology(self) -> list[tuple[Any, type[Any]]]:
+        """The declarations of the worker's exchange and queues, each with its reply."""
         config = self.config
-        self._call(commands.Exchange.Declare(exchange=config.exchange, exchange_type="topic", durable=True),
-                   commands.Exchange.DeclareOk)
         quorum: dict[str, Any] = {"x-queue-type": "quorum"}
-        self._call(commands.Queue.Declare(queue=config.queue, durable=True, arguments=quorum),
-                   commands.Queue.DeclareOk)
-        self._call(commands.Queue.Bind(queue=config.queue, exchange=config.exchange, routing_key=config.routing_key),
-                   commands.Queue.BindOk)
         retry_arguments: dict[str, Any] = {"x-dead-letter-exchange": config.exchange, "x-dead-letter-routing-key": config.routing_key}
-        self._call(commands.Queue.Declare(queue=config.retry_queue, durable=True, arguments=retry_arguments),
-                   commands.Queue.DeclareOk)
+        return [
+            (commands.Exchange.Declare(exchange=config.exchange, exchange_type="topic", durable=True),
+             commands.Exchange.DeclareOk),
+            (commands.Queue.Declare(queue=config.queue, durable=True, arguments=quorum), commands.Queue.DeclareOk),
+            (commands.Queue.Bind(queue=config.queue, exchange=config.exchange, routing_key=config.routing_key),
+             commands.Queue.BindOk),
+            (commands.Queue.Declare(queue=config.retry_queue, durable=True, arguments=retry_arguments),
+             commands.Queue.DeclareOk),
+        ]  # fmt: skip
 
     def consume(self) -> None:
         """Attach the consumer; deliveries go to `Listener.on_delivery` from now on."""
@@ -431,8 +441,9 @@ class Bridge:
                 self.listener.on_confirm(value.delivery_tag, bool(value.multiple), isinstance(value, Basic.Ack))
         elif isinstance(value, (Basic.Deliver, Basic.Return)):
             self._incoming = _Incoming(value)
-        elif self._expected and isinstance(value, self._expected):
-            self._reply = value
+        elif self._awaited and isinstance(value, self._awaited[0]):
+            self._awaited.popleft()
+            self._replies.append(value)
         elif isinstance(value, Basic.CancelOk):
             self._cancelled = True
         elif isinstance(value, Basic.Cancel):
@@ -547,25 +558,32 @@ class Bridge:
         self._send(channel, method)
         return self._wait_for(reply)
 
+    def _calls(self, *calls: tuple[Any, type[Any]]) -> list[Any]:
+        """Send the methods of one channel in one write, then take their replies in order."""
+        for method, reply in calls:
+            self._send(_CHANNEL, method)
+            self._awaited.append(reply)
+        return [self._take(reply) for _, reply in calls]
+
     def _wait_for(self, reply: type[Any]) -> Any:
-        if self.lost:
-            raise self._error or BrokerLost("connection closed")
-        self._expected, self._reply = (reply,), None
-        try:
-            self.reactor.run_until(
-                lambda: self._reply is not None or self.lost or self.abort(), RPC_TIMEOUT_S
-            )
-        finally:
-            self._expected = ()
-        if not self.lost and self._reply is None:
+        self._awaited.append(reply)
+        return self._take(reply)
+
+    def _take(self, reply: type[Any]) -> Any:
+        """The next reply owed, `reply`; runs the reactor until it comes."""
+        if not self.lost:
+            self.reactor.run_until(lambda: bool(self._replies) or self.lost or self.abort(), RPC_TIMEOUT_S)
+        if not self.lost and not self._replies:
             self._fail(
                 Stopped("stopped while connecting")
                 if self.abort()
                 else BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")
             )
         if self.lost:
+            self._awaited.clear()
+            self._replies.clear()
             raise self._error or BrokerLost("connection closed")
-        return self._reply
+        return self._replies.popleft()
 
     # -- losing the connection ----------------------------------------------------------
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dockerworker import bundle
+
 
 def _package(root: Path) -> None:
     """A package `bunpkg` (with a submodule) and a module `bunmod`, compiled beside their sources."""
@@ -93,6 +95,107 @@ def test_a_bundle_made_by_another_interpreter_is_not_used(tmp_path: Path) -> Non
     import marshal
 
     index = tmp_path / "start.bundle"
-    index.write_bytes(marshal.dumps(("cpython-27", {"json": ("/nonexistent.pyc", "/nonexistent.py", "")})))
+    modules = {"json": (b"", "/nonexistent.py", "")}
+    index.write_bytes(marshal.dumps(("cpython-27", modules, {}, frozenset())))
     out = _run(tmp_path, f"from dockerworker import bundle\nprint(bundle.install({str(index)!r}))\n")
     assert out.strip() == "False"
+
+
+def test_a_module_the_start_path_did_not_find_is_not_looked_for_while_the_bundle_is_installed(tmp_path: Path) -> None:
+    _package(tmp_path)
+    index = tmp_path / "start.bundle"
+    _run(
+        tmp_path,
+        "from dockerworker import bundle\n"
+        f"bundle.build('import bunmod\\ntry:\\n    import bunabsent\\nexcept ImportError:\\n    pass', {str(index)!r})\n",
+    )
+    # It appears later: the start path does not see it, user code (after uninstall) does.
+    (tmp_path / "bunabsent.py").write_text("WHO = 'there now'\n")
+
+    out = _run(
+        tmp_path,
+        "from dockerworker import bundle\n"
+        f"bundle.install({str(index)!r})\n"
+        "try:\n"
+        "    import bunabsent\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print('not found:', exc.name)\n"
+        "bundle.uninstall()\n"
+        "import bunabsent\n"
+        "print(bunabsent.WHO)\n",
+    )
+    assert out.splitlines() == ["not found: bunabsent", "there now"]
+
+
+def test_an_extension_module_is_loaded_from_where_the_bundle_says_while_it_is_there(tmp_path: Path) -> None:
+    index = tmp_path / "start.bundle"
+    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import _decimal', {str(index)!r})\n")
+    # With no directory on the path that holds it, only the bundle can find it.
+    out = _run(
+        tmp_path,
+        "import sys\n"
+        "from dockerworker import bundle\n"
+        f"bundle.install({str(index)!r})\n"
+        "sys.path[:] = [p for p in sys.path if 'lib-dynload' not in p]\n"
+        "import _decimal\n"
+        "print(type(_decimal.__spec__.loader).__name__, _decimal.__file__ == _decimal.__spec__.origin)\n",
+    )
+    assert out.strip() == "ExtensionFileLoader True"
+
+
+def test_an_extension_module_whose_library_is_gone_is_left_to_the_path(tmp_path: Path) -> None:
+    import marshal
+
+    index = tmp_path / "start.bundle"
+    extensions = {"_decimal": str(tmp_path / "gone.so")}
+    index.write_bytes(marshal.dumps((sys.implementation.cache_tag, {}, extensions, frozenset())))
+    out = _run(
+        tmp_path,
+        "from dockerworker import bundle\n"
+        f"bundle.install({str(index)!r})\n"
+        "import _decimal\n"
+        "print(_decimal.__file__ != " + repr(extensions["_decimal"]) + ")\n",
+    )
+    assert out.strip() == "True"
+
+
+def test_a_lazy_module_runs_on_first_use(tmp_path: Path) -> None:
+    index = tmp_path / "start.bundle"
+    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import textwrap', {str(index)!r})\n")
+    out = _run(
+        tmp_path,
+        "from dockerworker import bundle\n"
+        f"bundle.install({str(index)!r})\n"
+        "import textwrap\n"
+        "print('textwrap' in bundle.served, textwrap.dedent('  x'), 'textwrap' in bundle.served)\n",
+    )
+    assert out.strip() == "False x True"
+
+
+def test_the_start_path_and_unpacking_an_archive_leave_the_lazy_modules_unrun(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("main.py", "def process(message):\n    return message\n")
+    (tmp_path / "code.zip").write_bytes(archive.getvalue())
+    (tmp_path / "code").mkdir()
+    index = tmp_path / "start.bundle"
+    _run(tmp_path, f"from dockerworker import bundle\nbundle.build(bundle._BUNDLED, {str(index)!r})\n")
+
+    out = _run(
+        tmp_path,
+        "import sys\n"
+        "from dockerworker import bundle\n"
+        f"bundle.install({str(index)!r})\n"
+        f"{bundle.START_PATH}\n"
+        "from pathlib import Path\n"
+        "from dockerworker import codeload, config\n"
+        f"codeload.unpack(Path({str(tmp_path / 'code.zip')!r}).read_bytes(), Path({str(tmp_path / 'code')!r}), config.Limits())\n"
+        "print(sorted(n for n in bundle.LAZY if n in bundle.served))\n"
+        "print(sorted(n for n in bundle.LAZY if n in sys.modules))\n",
+    )
+    ran, imported = out.splitlines()
+    assert ran == "[]"
+    assert imported == str(sorted(bundle.LAZY)), "the start path no longer imports all of bundle.LAZY: the list is out of date"

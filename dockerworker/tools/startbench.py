@@ -111,11 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The runtime's start-up log events, in the order they happen; each is timed
+# from the container's start (`startbench` prints their medians, where an
+# image logs them).
+PHASES = ("starting", "code_loaded", "consuming")
+
+
 @dataclass
 class Timing:
     run_to_ready_s: float
     start_to_ready_s: float
     cpu_s: float | None
+    # Seconds from the container's start to each of PHASES it logged.
+    phases_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,10 +178,11 @@ class StartBench:
                 ready_at = _poll_readyz(health_port, lambda: _exited(name))
             cpu_s = container_cpu_s(container_id)
             started_wall = _started_at(name)
+            phases = {event: at - started_wall for event, at in _logged_phases(name).items()}
         finally:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
         ready_wall = time.time() - (time.monotonic() - ready_at)
-        return Timing(ready_at - started, ready_wall - started_wall, cpu_s)
+        return Timing(ready_at - started, ready_wall - started_wall, cpu_s, phases)
 
     def close(self) -> None:
         for worker_id in [target.worker_id for target in self._targets] + self._other_workers:
@@ -209,6 +218,21 @@ def _docker_run(name: str, image: str, env: dict[str, str], extra: list[str] | N
     if run.returncode != 0:
         raise RuntimeError(f"docker run of {image} failed (is it built? scripts/build-images): {run.stderr}")
     return run.stdout.strip()
+
+
+def _logged_phases(name: str) -> dict[str, float]:
+    """The wall-clock time of each of PHASES in the container's log (its `ts`)."""
+    run = subprocess.run(["docker", "logs", name], capture_output=True, text=True, check=False)
+    phases: dict[str, float] = {}
+    for line in (run.stdout + run.stderr).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") in PHASES and "ts" in record:
+            stamp = str(record["ts"]).replace("Z", "+00:00")
+            phases.setdefault(str(record["event"]), datetime.fromisoformat(stamp).timestamp())
+    return phases
 
 
 def container_cpu_s(container_id: str) -> float | None:
@@ -364,6 +388,11 @@ def _report(results: dict[str, list[Timing]], probe: str) -> str:
         start = [t.start_to_ready_s * 1000 for t in timings]
         cpu = [t.cpu_s * 1000 for t in timings if t.cpu_s is not None]
         lines.append(f"| `{image}` | {len(timings)} | {_spread(run)} | {_spread(start)} | {_spread(cpu) if cpu else 'n/a'} |")
+    lines += ["", "start → each logged event, median ms (where every run logged it):"]
+    for image, timings in results.items():
+        logged = [p for p in PHASES if all(p in t.phases_s for t in timings)]
+        medians = ", ".join(f"{p} {statistics.median(t.phases_s[p] * 1000 for t in timings):.0f}" for p in logged)
+        lines.append(f"- `{image}`: {medians or 'none logged'}")
     return "\n".join(lines)
 
 
