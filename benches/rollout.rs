@@ -11,7 +11,10 @@
 //! **container start → consuming** for the same image: `docker run -d` with
 //! the flags and environment of the worker's own container (only
 //! `WORKER_READY_URL` points at a listener of this benchmark) until the
-//! container's ready report arrives; 10 runs after one warm-up.
+//! container's ready report arrives; 10 runs after one warm-up. And the
+//! floor both are read against, in the same run: `python -c pass` in the
+//! same image with the same flags, `docker run -d` → the engine's
+//! FinishedAt (and StartedAt → FinishedAt); BENCH_FLOORS runs (10).
 //!
 //! (b) **A worker stuck in its grace period.** A second daemon, with
 //! `docker.stop_timeout = 15s`, on a busybox stand-in image (as in
@@ -26,7 +29,7 @@
 //! (`AMQP_URL`), Docker and the images of scripts/build-images. It creates
 //! the database `bench_rollout_<random>` and drops it at the end, and removes
 //! its containers, queues and exchange, also when a measurement fails.
-//! Settings: BENCH_SAVES (20), BENCH_STARTS (10), BENCH_ROUNDS (5), and
+//! Settings: BENCH_SAVES (20), BENCH_STARTS (10), BENCH_FLOORS (10), BENCH_ROUNDS (5), and
 //! RUST_LOG for the daemons' log (default warnings only).
 
 mod common;
@@ -90,11 +93,12 @@ async fn run() -> ExitCode {
     let b = Arc::new(Bench::set_up().await);
     let body = b.clone();
     let outcome = tokio::spawn(async move {
-        let (saves, starts) = saves_and_starts(&body).await;
+        let (saves, (starts, floors)) = saves_and_starts(&body).await;
         let (free, stuck, overlapped) = grace_period(&body).await;
         Results {
             saves,
             starts,
+            floors,
             free,
             stuck,
             overlapped,
@@ -432,7 +436,11 @@ fn versioned(v: usize) -> String {
     format!("def process(msg):\n    msg.metadata[\"version\"] = {v}\n    return msg\n")
 }
 
-async fn saves_and_starts(b: &Bench) -> (Vec<f64>, Vec<(f64, f64)>) {
+/// Per run, ms from `docker run` and from the engine's StartedAt to what
+/// was awaited (a ready report, an exit).
+type Timed = Vec<(f64, f64)>;
+
+async fn saves_and_starts(b: &Bench) -> (Vec<f64>, (Timed, Timed)) {
     let (saves, grace) = (
         count("BENCH_SAVES", 20),
         Config::default().docker.stop_timeout,
@@ -511,8 +519,9 @@ async fn publish_every(
 
 /// `docker run -d` of the worker container's own image, flags and
 /// environment, but its ready report comes to a listener of ours: per run,
-/// ms from `docker run` and from the engine's StartedAt to the report.
-async fn start_to_consuming(b: &Bench, worker_container: &str) -> Vec<(f64, f64)> {
+/// ms from `docker run` and from the engine's StartedAt to the report. Then
+/// the floor: `python -c pass` in that image with those flags, to its exit.
+async fn start_to_consuming(b: &Bench, worker_container: &str) -> (Timed, Timed) {
     let runs = count("BENCH_STARTS", 10);
     let inspected: Value = serde_json::from_str(&docker(["inspect", worker_container]).await)
         .expect("docker inspect prints JSON");
@@ -549,9 +558,10 @@ async fn start_to_consuming(b: &Bench, worker_container: &str) -> Vec<(f64, f64)
         .as_str()
         .filter(|u| !u.is_empty())
         .map(|u| ("--user", u.to_string()));
-    for (flag, value) in opts.chain(caps).chain(tmpfs).chain(user).chain(env) {
+    for (flag, value) in opts.chain(caps).chain(tmpfs).chain(user) {
         flags.extend([flag.to_string(), value]);
     }
+    let env: Vec<String> = env.flat_map(|(flag, e)| [flag.to_string(), e]).collect();
     if hc["ReadonlyRootfs"] == true {
         flags.push("--read-only".into());
     }
@@ -578,7 +588,7 @@ async fn start_to_consuming(b: &Bench, worker_container: &str) -> Vec<(f64, f64)
         let name = format!("{}-start-{k}", b.instance("a"));
         let mut args: Vec<String> = ["run", "-d", "--name", &name].map(String::from).into();
         args.extend(["--label".into(), format!("{BENCH_LABEL}={}", b.tag)]);
-        args.extend(flags.iter().cloned());
+        args.extend(flags.iter().chain(&env).cloned());
         args.extend([
             "--env".into(),
             format!("WORKER_READY_URL=http://{addr}/ready?run={k}"),
@@ -607,6 +617,36 @@ async fn start_to_consuming(b: &Bench, worker_container: &str) -> Vec<(f64, f64)
     }
     stop.cancel();
     let _ = server.await;
+    let floors = python_pass(b, &image, &flags).await;
+    (out, floors)
+}
+
+/// `python -c pass` in `image` with the worker container's `flags` (not its
+/// environment): per run, ms from `docker run` and from StartedAt to FinishedAt.
+async fn python_pass(b: &Bench, image: &str, flags: &[String]) -> Timed {
+    let runs = count("BENCH_FLOORS", 10);
+    let mut out = Vec::new();
+    for k in 0..=runs {
+        let name = format!("{}-floor-{k}", b.instance("a"));
+        let mut args: Vec<String> = ["run", "-d", "--name", &name].map(String::from).into();
+        args.extend(["--label".into(), format!("{BENCH_LABEL}={}", b.tag)]);
+        args.extend(flags.iter().cloned());
+        args.extend(["--entrypoint", "python", image, "-c", "pass"].map(String::from));
+        let called = SystemTime::now();
+        docker(&args).await;
+        docker(["wait", &name]).await;
+        let format = "{{.State.StartedAt}} {{.State.FinishedAt}}";
+        let stamps = docker(["inspect", "--format", format, &name]).await;
+        docker(["rm", "-f", &name]).await;
+        let mut stamps = stamps.split_whitespace().map(engine_time);
+        let (Some(Some(started)), Some(Some(finished))) = (stamps.next(), stamps.next()) else {
+            panic!("docker inspect of {name}: no StartedAt and FinishedAt");
+        };
+        let since = |t: SystemTime| finished.duration_since(t).map_or(f64::NAN, ms);
+        if k > 0 {
+            out.push((since(called), since(started)));
+        }
+    }
     out
 }
 
@@ -665,7 +705,8 @@ async fn time_create(b: &Bench) -> Create {
 
 struct Results {
     saves: Vec<f64>,
-    starts: Vec<(f64, f64)>,
+    starts: Timed,
+    floors: Timed,
     free: Vec<Create>,
     stuck: Vec<Create>,
     overlapped: usize,
@@ -683,11 +724,25 @@ impl Results {
         println!(
             "\nrollouts: save → live ({cpus} CPUs; load average {load_before} at the start, {load_after} at the end)"
         );
-        row("save → answered by new code", &self.saves, String::new());
+        let (floor_run, floor_started) = (firsts(&self.floors), seconds(&self.floors));
+        let note = format!(
+            "  docker run -d → exit; StartedAt → exit {:.0} ms",
+            median(&floor_started)
+        );
+        row("floor: python -c pass in the image", &floor_run, note);
+        let beside =
+            |v: &[f64]| format!("  = the floor + {:.0} ms", median(v) - median(&floor_run));
+        row(
+            "save → answered by new code",
+            &self.saves,
+            beside(&self.saves),
+        );
         let (run, started) = (firsts(&self.starts), seconds(&self.starts));
         let note = format!(
-            "  docker run -d → ready report; StartedAt → ready {:.0} ms",
-            median(&started)
+            "{}; docker run -d → ready report; StartedAt → ready {:.0} ms = the floor + {:.0} ms",
+            beside(&run),
+            median(&started),
+            median(&started) - median(&floor_started)
         );
         row("container start → consuming", &run, note);
         let (free, stuck) = (firsts(&self.free), firsts(&self.stuck));
