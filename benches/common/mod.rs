@@ -102,9 +102,12 @@ where
         eprintln!("the {name} benchmark runs with `cargo bench --bench {name}` (scripts/bench)");
         return std::process::ExitCode::SUCCESS;
     }
-    // sqlx calls a DROP DATABASE … WITH (FORCE) over 1 s "slow": not news.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
+    // sqlx calls a DROP DATABASE … WITH (FORCE) over 1 s "slow": not news;
+    // lapin logs each channel the broker closes (a passive declare of a
+    // queue not there yet): the daemon's own default filter leaves it out.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,sqlx::query=error,lapin::channel=off")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

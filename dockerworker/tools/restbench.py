@@ -251,7 +251,9 @@ class DaemonFleet:
             "WORKERCTL_AMQP__EXCHANGE": self.exchange,
             "WORKERCTL_CODE_SERVER__LISTEN": f"127.0.0.1:{port}",
             "WORKERCTL_CODE_SERVER__PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
+            # Warnings only, and without lapin's line for each channel the broker
+            # closes (the daemon's default filter leaves them out too).
+            "WORKERCTL_LOG__FILTER": os.environ.get("RUST_LOG", "warn,lapin::channel=off"),
         }
         env.pop("WORKERCTL_CONFIG", None)
         return subprocess.Popen([self.binary, "run"], env=env, stdout=subprocess.DEVNULL, stderr=log)
