@@ -634,7 +634,12 @@ async fn python_pass(b: &Bench, image: &str, flags: &[String]) -> Timed {
         args.extend(["--entrypoint", "python", image, "-c", "pass"].map(String::from));
         let called = SystemTime::now();
         docker(&args).await;
-        docker(["wait", &name]).await;
+        let exit = docker(["wait", &name]).await;
+        assert_eq!(
+            exit.trim(),
+            "0",
+            "python -c pass in {image} exited with {exit}"
+        );
         let format = "{{.State.StartedAt}} {{.State.FinishedAt}}";
         let stamps = docker(["inspect", "--format", format, &name]).await;
         docker(["rm", "-f", &name]).await;

@@ -236,7 +236,8 @@ class Bridge:
         self._handshake(endpoint)
         # The channel's set-up and the topology in one write: the broker
         # answers a channel's methods in order, and a refusal closes the
-        # channel, so the first reply that is not the one owed ends the open.
+        # channel (Channel.Close), which ends the open as it did one call
+        # at a time.
         self._calls(
             (Channel.Open(), Channel.OpenOk),
             (commands.Confirm.Select(), commands.Confirm.SelectOk),
@@ -572,7 +573,12 @@ class Bridge:
     def _take(self, reply: type[Any]) -> Any:
         """The next reply owed, `reply`; runs the reactor until it comes."""
         if not self.lost:
-            self.reactor.run_until(lambda: bool(self._replies) or self.lost or self.abort(), RPC_TIMEOUT_S)
+            try:
+                self.reactor.run_until(lambda: bool(self._replies) or self.lost or self.abort(), RPC_TIMEOUT_S)
+            except BaseException:
+                self._awaited.clear()
+                self._replies.clear()
+                raise
         if not self.lost and not self._replies:
             self._fail(
                 Stopped("stopped while connecting")

@@ -20,9 +20,11 @@ Architecture Invariant: a module is served from the bundle only if its
 source still has the modification time and size its `.pyc` was compiled
 from, the rule Python itself applies to a `.pyc` (`stat` of the source);
 otherwise it is compiled from that source. An extension module is loaded
-from where the bundle says only while that file is there. A module the
-start path did not find when the image was built is not looked for again:
-the same code on the same files does the same imports. The finder only serves modules
+from where the bundle says only while that file is there. A module an
+`import` of the start path did not find when the image was built is not
+looked for again while the finder is installed: those are the standard
+library's imports of other platforms' modules (`nt`, `_winapi`), which a
+Linux image does not gain. The finder only serves modules
 the bundle names, and only while the runtime starts: `app` uninstalls it
 before user code is imported, so user code imports exactly as Python always
 does (its own modules shadow what they shadow). It is installed for the
@@ -59,14 +61,17 @@ _BUNDLED = START_PATH + ", encodings.idna"
 LAZY = frozenset({
     "bz2", "lzma",  # zipfile's and shutil's other compression methods (archives are deflated)
     "shutil",       # zipfile's own extraction (codeload extracts by itself)
-    "calendar",     # pamqp's timestamp values (and `locale` with it)
     "copy",         # dataclasses' asdict/replace (orjson imports dataclasses)
-    "ipaddress",    # urllib.parse's bracketed IPv6 hosts
-    "textwrap",     # traceback's exception groups
 })  # fmt: skip
-# (Only a module the start path imports once stays unrun: a second `import`
-# statement looks at the module's `__spec__`, and that runs it. `tokenize`,
-# which linecache and inspect both import, cannot be lazy.)
+# Only modules no thread of the runtime uses: in 3.11 a lazy module's first
+# use takes no lock, and a second thread using it meanwhile finds it half
+# run (3.12 added the lock). So not `calendar` (pamqp's timestamps, on the
+# reactor's thread), `ipaddress` (urllib.parse's IPv6 hosts, in every
+# thread that parses a URL) or `textwrap` (traceback's exception groups),
+# though the start path imports them unused too. And only a module the
+# start path imports once stays unrun: a second `import` statement looks at
+# the module's `__spec__`, which runs it (`tokenize`, which linecache and
+# inspect both import, cannot be lazy).
 
 # One entry: the .pyc's bytes, the source's path, the package's directory ("" for a module).
 Entry = tuple[bytes, str, str]
@@ -153,8 +158,7 @@ class BundleFinder:
         loader = _BundleLoader(fullname, entry)
         served_by: "Loader" = loader
         if fullname in LAZY:
-            # (Imported here: the typing and contextlib it needs come from the bundle by now.
-            # A lazy module's first use runs its code on the thread that uses it.)
+            # (Imported where it is needed: `python -m` has imported it already.)
             from importlib.util import LazyLoader
 
             served_by = LazyLoader(loader)
@@ -179,13 +183,19 @@ class BundleFinder:
 
 
 class _Absent:
-    """Last on `sys.meta_path` while `build` runs: notes each module no finder found."""
+    """Last on `sys.meta_path` while `build` runs: notes each module an
+    `import` looked for and no finder found. A probe (`importlib.util.find_spec`,
+    which answers None for a missing module) is not noted: the finder would
+    raise for it instead."""
 
     def __init__(self) -> None:
         self.names: set[str] = set()
 
     def find_spec(self, fullname: str, path: "Sequence[str] | None" = None, target: "Any" = None) -> None:
-        self.names.add(fullname)
+        # The import system's frames: this, its `_find_spec`, and the
+        # caller of that, which is `_find_and_load_unlocked` for an import.
+        if sys._getframe(2).f_code.co_name == "_find_and_load_unlocked":
+            self.names.add(fullname)
 
 
 _installed: BundleFinder | None = None
@@ -207,7 +217,8 @@ def install(bundle_file: str = BUNDLE_FILE) -> bool:
 
 
 def uninstall() -> None:
-    """From now on modules are found as Python always finds them (and the bundle's memory is freed)."""
+    """From now on modules are found as Python always finds them (and the bundle is let go, but
+    for the bytes of the lazy modules not run yet)."""
     global _installed
     if _installed is not None:
         # A new list, not a change to the one another thread's import may be walking.
@@ -230,8 +241,9 @@ def build(statement: str = _BUNDLED, out: str = BUNDLE_FILE) -> int:
     extensions: dict[str, str] = {}
     for name, module in sorted(sys.modules.items()):
         spec = getattr(module, "__spec__", None)
-        if spec is not None and isinstance(spec.loader, ExtensionFileLoader) and spec.origin:
-            extensions[name] = spec.origin
+        if spec is not None and isinstance(spec.loader, ExtensionFileLoader):
+            if spec.origin and not spec.submodule_search_locations:
+                extensions[name] = spec.origin
             continue
         if spec is None or not spec.has_location or not (spec.origin or "").endswith(".py"):
             continue

@@ -108,8 +108,9 @@ class Session:
             bridge.open()
             bridge.consume()
             self.attached = True
-            self.readiness.set(consumer_attached=True)
+            # Logged first: what reads the log after the ready report finds it there.
             logs.event("consuming", queue=self.config.queue, exchange=self.config.exchange, prefetch=self.config.prefetch)
+            self.readiness.set(consumer_attached=True)
             pump.start(bridge)
             try:
                 reactor.run_until(lambda: pump.finished or shutdown.is_set())

@@ -161,15 +161,29 @@ def test_an_extension_module_whose_library_is_gone_is_left_to_the_path(tmp_path:
 
 def test_a_lazy_module_runs_on_first_use(tmp_path: Path) -> None:
     index = tmp_path / "start.bundle"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import textwrap', {str(index)!r})\n")
+    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import copy', {str(index)!r})\n")
     out = _run(
         tmp_path,
         "from dockerworker import bundle\n"
         f"bundle.install({str(index)!r})\n"
-        "import textwrap\n"
-        "print('textwrap' in bundle.served, textwrap.dedent('  x'), 'textwrap' in bundle.served)\n",
+        "import copy\n"
+        "print('copy' in bundle.served, copy.copy([1]), 'copy' in bundle.served)\n",
     )
-    assert out.strip() == "False x True"
+    assert out.strip() == "False [1] True"
+
+
+def test_a_probe_for_a_missing_module_is_not_taken_for_an_import_of_one(tmp_path: Path) -> None:
+    index = tmp_path / "start.bundle"
+    statement = "import importlib.util\nimportlib.util.find_spec('bunprobe')\ntry:\n    import bunabsent\nexcept ImportError:\n    pass"
+    _run(tmp_path, f"from dockerworker import bundle\nbundle.build({statement!r}, {str(index)!r})\n")
+    out = _run(
+        tmp_path,
+        "import importlib.util\n"
+        "from dockerworker import bundle\n"
+        f"bundle.install({str(index)!r})\n"
+        "print(sorted(n for n in bundle._installed.bundle.absent if n.startswith('bun')), importlib.util.find_spec('bunprobe'))\n",
+    )
+    assert out.strip() == "['bunabsent'] None"
 
 
 def test_the_start_path_and_unpacking_an_archive_leave_the_lazy_modules_unrun(tmp_path: Path) -> None:
