@@ -1068,6 +1068,28 @@ fn dict_versioned(v: u32) -> String {
 }
 
 /// Whether a container of that id still exists.
+fn running(container: &str) -> bool {
+    let out = Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Running}}", container])
+        .output();
+    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "true")
+}
+
+/// A stopped container's state and the end of its log, for a failure message.
+fn stopped_container(container: &str) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output();
+        out.map_or_else(
+            |e| format!("(docker: {e})"),
+            |o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned(),
+        )
+    };
+    let format = "{{.State.Status}} (exit code {{.State.ExitCode}}) {{.State.Error}}";
+    let state = run(&["inspect", "--format", format, container]);
+    let log = run(&["logs", "--tail", "30", container]);
+    format!("container {container} stopped: {state}\n{log}")
+}
+
 fn exists(container: &str) -> bool {
     Command::new("docker")
         .args(["inspect", "--format", "{{.Id}}", container])
@@ -1127,6 +1149,8 @@ async fn sensorbucket_controllers_containers_are_replaced_start_first(pool: PgPo
             let untouched =
                 sensorbucket_container(p, WorkerId(stranger), 1, "http://127.0.0.1:9/none");
             wait_for("SensorBucket's container to consume", async || {
+                // It is not restarted: one that exited says why, at once.
+                assert!(running(&theirs), "{}", stopped_container(&theirs));
                 (p.consumers_on(&format!("worker_{id}")).await? > 0).then_some(())
             })
             .await;
