@@ -244,6 +244,14 @@ impl Bench {
         format!("rollout{}{phase}", &self.tag[..10])
     }
 
+    /// `docker run -d` of a container `name`, labelled for the clean-up, with `flags`.
+    fn docker_run(&self, name: &str, flags: &[String]) -> Vec<String> {
+        let mut args: Vec<String> = ["run", "-d", "--name", name].map(String::from).into();
+        args.extend(["--label".into(), format!("{BENCH_LABEL}={}", self.tag)]);
+        args.extend(flags.iter().cloned());
+        args
+    }
+
     /// The daemon as `workerctl run` assembles it: the defaults but for the
     /// image, the host network and the stop grace period.
     async fn daemon(&self, phase: &str, image: &str, grace: Duration) -> Daemon {
@@ -586,9 +594,8 @@ async fn start_to_consuming(b: &Bench, worker_container: &str) -> (Timed, Timed)
     let mut out = Vec::new();
     for k in 0..=runs {
         let name = format!("{}-start-{k}", b.instance("a"));
-        let mut args: Vec<String> = ["run", "-d", "--name", &name].map(String::from).into();
-        args.extend(["--label".into(), format!("{BENCH_LABEL}={}", b.tag)]);
-        args.extend(flags.iter().chain(&env).cloned());
+        let mut args = b.docker_run(&name, &flags);
+        args.extend(env.iter().cloned());
         args.extend([
             "--env".into(),
             format!("WORKER_READY_URL=http://{addr}/ready?run={k}"),
@@ -628,9 +635,7 @@ async fn python_pass(b: &Bench, image: &str, flags: &[String]) -> Timed {
     let mut out = Vec::new();
     for k in 0..=runs {
         let name = format!("{}-floor-{k}", b.instance("a"));
-        let mut args: Vec<String> = ["run", "-d", "--name", &name].map(String::from).into();
-        args.extend(["--label".into(), format!("{BENCH_LABEL}={}", b.tag)]);
-        args.extend(flags.iter().cloned());
+        let mut args = b.docker_run(&name, flags);
         args.extend(["--entrypoint", "python", image, "-c", "pass"].map(String::from));
         let called = SystemTime::now();
         docker(&args).await;

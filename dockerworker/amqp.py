@@ -571,24 +571,23 @@ class Bridge:
         return self._take(reply)
 
     def _take(self, reply: type[Any]) -> Any:
-        """The next reply owed, `reply`; runs the reactor until it comes."""
-        if not self.lost:
-            try:
+        """The next reply owed, `reply`; runs the reactor until it comes.
+        A wait that ends otherwise leaves nothing owed behind."""
+        try:
+            if not self.lost:
                 self.reactor.run_until(lambda: bool(self._replies) or self.lost or self.abort(), RPC_TIMEOUT_S)
-            except BaseException:
-                self._awaited.clear()
-                self._replies.clear()
-                raise
-        if not self.lost and not self._replies:
-            self._fail(
-                Stopped("stopped while connecting")
-                if self.abort()
-                else BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")
-            )
-        if self.lost:
+            if not self.lost and not self._replies:
+                self._fail(
+                    Stopped("stopped while connecting")
+                    if self.abort()
+                    else BrokerLost(f"no {reply.__name__} from the broker within {RPC_TIMEOUT_S:g}s")
+                )
+            if self.lost:
+                raise self._error or BrokerLost("connection closed")
+        except BaseException:
             self._awaited.clear()
             self._replies.clear()
-            raise self._error or BrokerLost("connection closed")
+            raise
         return self._replies.popleft()
 
     # -- losing the connection ----------------------------------------------------------

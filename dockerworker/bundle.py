@@ -168,7 +168,6 @@ class BundleFinder:
         spec.has_location = True
         return spec
 
-
     def _other_spec(self, fullname: str) -> ModuleSpec | None:
         """An extension module's spec, or ModuleNotFoundError for one the start path
         never found; None (the path finder's turn) for anything else."""

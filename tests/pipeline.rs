@@ -1067,7 +1067,7 @@ fn dict_versioned(v: u32) -> String {
     format!("def process(msg):\n    msg[\"metadata\"][\"version\"] = {v}\n    return msg\n")
 }
 
-/// Whether a container of that id still exists.
+/// Whether a container of that id is running.
 fn running(container: &str) -> bool {
     let out = Command::new("docker")
         .args(["inspect", "--format", "{{.State.Running}}", container])
@@ -1090,6 +1090,7 @@ fn stopped_container(container: &str) -> String {
     format!("container {container} stopped: {state}\n{log}")
 }
 
+/// Whether a container of that id still exists.
 fn exists(container: &str) -> bool {
     Command::new("docker")
         .args(["inspect", "--format", "{{.Id}}", container])

@@ -30,6 +30,13 @@ def _run(root: Path, script: str) -> str:
     ).stdout
 
 
+def _build(root: Path, statement: str) -> Path:
+    """A bundle of what `statement` imports, made in a fresh interpreter; its path."""
+    index = root / "start.bundle"
+    _run(root, f"from dockerworker import bundle\nbundle.build({statement!r}, {str(index)!r})\n")
+    return index
+
+
 def test_bundled_modules_come_from_their_pyc_with_their_source_as_file(tmp_path: Path) -> None:
     _package(tmp_path)
     index = tmp_path / "start.bundle"
@@ -53,8 +60,7 @@ def test_bundled_modules_come_from_their_pyc_with_their_source_as_file(tmp_path:
 
 def test_a_module_whose_source_changed_since_is_compiled_from_its_source(tmp_path: Path) -> None:
     _package(tmp_path)
-    index = tmp_path / "start.bundle"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import bunmod, bunpkg', {str(index)!r})\n")
+    index = _build(tmp_path, "import bunmod, bunpkg")
     source = tmp_path / "bunmod.py"
     source.write_text("WHO = 'changed since'\n")
     os.utime(source, (source.stat().st_atime, source.stat().st_mtime + 10))
@@ -72,8 +78,7 @@ def test_a_module_whose_source_changed_since_is_compiled_from_its_source(tmp_pat
 
 def test_after_uninstall_a_module_that_shadows_a_bundled_one_wins_as_on_the_path(tmp_path: Path) -> None:
     _package(tmp_path)
-    index = tmp_path / "start.bundle"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import bunmod', {str(index)!r})\n")
+    index = _build(tmp_path, "import bunmod")
     user = tmp_path / "user"
     user.mkdir()
     (user / "bunmod.py").write_text("WHO = 'user'\n")
@@ -103,12 +108,7 @@ def test_a_bundle_made_by_another_interpreter_is_not_used(tmp_path: Path) -> Non
 
 def test_a_module_the_start_path_did_not_find_is_not_looked_for_while_the_bundle_is_installed(tmp_path: Path) -> None:
     _package(tmp_path)
-    index = tmp_path / "start.bundle"
-    _run(
-        tmp_path,
-        "from dockerworker import bundle\n"
-        f"bundle.build('import bunmod\\ntry:\\n    import bunabsent\\nexcept ImportError:\\n    pass', {str(index)!r})\n",
-    )
+    index = _build(tmp_path, "import bunmod\ntry:\n    import bunabsent\nexcept ImportError:\n    pass")
     # It appears later: the start path does not see it, user code (after uninstall) does.
     (tmp_path / "bunabsent.py").write_text("WHO = 'there now'\n")
 
@@ -128,8 +128,7 @@ def test_a_module_the_start_path_did_not_find_is_not_looked_for_while_the_bundle
 
 
 def test_an_extension_module_is_loaded_from_where_the_bundle_says_while_it_is_there(tmp_path: Path) -> None:
-    index = tmp_path / "start.bundle"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import _decimal', {str(index)!r})\n")
+    index = _build(tmp_path, "import _decimal")
     # With no directory on the path that holds it, only the bundle can find it.
     out = _run(
         tmp_path,
@@ -160,8 +159,7 @@ def test_an_extension_module_whose_library_is_gone_is_left_to_the_path(tmp_path:
 
 
 def test_a_lazy_module_runs_on_first_use(tmp_path: Path) -> None:
-    index = tmp_path / "start.bundle"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build('import copy', {str(index)!r})\n")
+    index = _build(tmp_path, "import copy")
     out = _run(
         tmp_path,
         "from dockerworker import bundle\n"
@@ -173,9 +171,8 @@ def test_a_lazy_module_runs_on_first_use(tmp_path: Path) -> None:
 
 
 def test_a_probe_for_a_missing_module_is_not_taken_for_an_import_of_one(tmp_path: Path) -> None:
-    index = tmp_path / "start.bundle"
     statement = "import importlib.util\nimportlib.util.find_spec('bunprobe')\ntry:\n    import bunabsent\nexcept ImportError:\n    pass"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build({statement!r}, {str(index)!r})\n")
+    index = _build(tmp_path, statement)
     out = _run(
         tmp_path,
         "import importlib.util\n"
@@ -195,8 +192,7 @@ def test_the_start_path_and_unpacking_an_archive_leave_the_lazy_modules_unrun(tm
         zf.writestr("main.py", "def process(message):\n    return message\n")
     (tmp_path / "code.zip").write_bytes(archive.getvalue())
     (tmp_path / "code").mkdir()
-    index = tmp_path / "start.bundle"
-    _run(tmp_path, f"from dockerworker import bundle\nbundle.build(bundle._BUNDLED, {str(index)!r})\n")
+    index = _build(tmp_path, bundle._BUNDLED)
 
     out = _run(
         tmp_path,
